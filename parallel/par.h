@@ -44,6 +44,69 @@ void par_placement_free(par_placement *pl);
 /* The expert map of rank r for kern_experts_params: map[e] = local slot or -1; [E] int32. */
 moe_status par_placement_expert_map(const par_placement *pl, int32_t rank, int32_t *map);
 
+/* ------------------------------------------------------------------------------------------
+ * Communicators. One per worker process (rank r of W), used by its step loop only.
+ *   host backend: ZeroMQ over ipc:// between the workers of one host (CPU workers);
+ *   NCCL backend: GPU workers (device buffers, a CUDA stream), in parallel/nccl.
+ * Every operation has a deadline; a peer that does not answer in time gives MOE_ERR_TIMEOUT,
+ * and after par_comm_abort every operation fails at once with MOE_ERR_SHUTDOWN. Sequence
+ * numbers tie the messages of one operation together, so a late message of an aborted step is
+ * recognized and dropped, never taken for the next step's.
+ * ---------------------------------------------------------------------------------------- */
+typedef struct par_comm par_comm_t; /* opaque */
+
+typedef enum par_comm_kind {
+    PAR_COMM_HOST = 0,
+    PAR_COMM_NCCL = 1
+} par_comm_kind;
+
+typedef struct par_comm_host_params {
+    int32_t rank;
+    int32_t world_size;
+    const char *endpoint_dir; /* folder for the ipc:// endpoints ("comm-<rank>"), same for all ranks */
+    void *zmq_ctx;            /* a ZeroMQ context to use (NULL: the communicator makes its own) */
+    void *interrupt_socket;   /* optional ZeroMQ socket polled while waiting: readable -> the wait
+                                 returns MOE_ERR_SHUTDOWN so the caller can read its control message */
+} par_comm_host_params;
+
+moe_status par_comm_host_init(par_comm_t **out, const par_comm_host_params *p);
+void par_comm_free(par_comm_t *c);
+par_comm_kind par_comm_get_kind(const par_comm_t *c);
+int32_t par_comm_rank(const par_comm_t *c);
+int32_t par_comm_world_size(const par_comm_t *c);
+
+/*
+ * Gather with per-rank sizes to `root`: every rank sends `send_bytes` bytes; the root receives
+ * rank q's bytes into recv[q] (recv_bytes[q] bytes, which must equal what q sends: a mismatch
+ * is MOE_ERR_PROTOCOL). The root's own part is copied locally. recv/recv_bytes are read only on
+ * the root. `seq` must increase by one per operation on every rank. `stream`: a cudaStream_t
+ * for the NCCL backend (buffers in device memory), ignored by the host backend.
+ */
+moe_status par_comm_gatherv(par_comm_t *c, uint64_t seq, const void *send, size_t send_bytes, void *const *recv,
+                            const size_t *recv_bytes, int32_t root, int32_t timeout_ms, void *stream);
+
+/* Marks the communicator failed: waits in progress return, later operations fail at once. */
+void par_comm_abort(par_comm_t *c);
+
+/* ------------------------------------------------------------------------------------------
+ * The combine plan of one step: which (token, slot) pairs each rank computes, in canonical
+ * order (token-major, then slot), and where each lands in the [T, K, H] slot tensor. Every
+ * rank builds the same plan from the step's routing, so sizes need no exchange.
+ * ---------------------------------------------------------------------------------------- */
+typedef struct par_combine_plan {
+    int32_t world_size;
+    int64_t n_tokens; /* T */
+    int32_t top_k;    /* K */
+    int64_t *n_pairs; /* [W]: pairs computed by each rank */
+    int64_t **pairs;  /* [W][n_pairs[r]]: flat slot index t*K + k, ascending */
+    int64_t *n_rows;  /* [W]: tokens with at least one pair on rank r */
+} par_combine_plan;
+
+/* ids [T*K] are global expert ids (checked: 0 <= id < E, else MOE_ERR_INVALID_ARG). */
+moe_status par_combine_plan_init(par_combine_plan *plan, const par_placement *pl, const int32_t *ids,
+                                 int64_t n_tokens, int32_t top_k);
+void par_combine_plan_free(par_combine_plan *plan);
+
 #ifdef __cplusplus
 }
 #endif

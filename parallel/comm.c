@@ -1,0 +1,50 @@
+/*
+ * comm.c: the backend-independent front of the communicators: argument checks, the abort
+ * flag, accessors. Owned by the worker's step loop thread; par_comm_abort may be called from
+ * any thread (it only sets an atomic flag and lets the backend wake its waits).
+ */
+#include <stdlib.h>
+
+#include "parallel/comm_impl.h"
+
+par_comm_kind par_comm_get_kind(const par_comm_t *c) { return c->kind; }
+int32_t par_comm_rank(const par_comm_t *c) { return c->rank; }
+int32_t par_comm_world_size(const par_comm_t *c) { return c->world_size; }
+
+void par_comm_free(par_comm_t *c) {
+    if (!c)
+        return;
+    c->ops->free(c);
+}
+
+void par_comm_abort(par_comm_t *c) {
+    if (!c)
+        return;
+    atomic_store(&c->aborted, 1);
+    if (c->ops->abort)
+        c->ops->abort(c);
+}
+
+moe_status par_comm_gatherv(par_comm_t *c, uint64_t seq, const void *send, size_t send_bytes, void *const *recv,
+                            const size_t *recv_bytes, int32_t root, int32_t timeout_ms, void *stream) {
+    MOE_REQUIRE(c, MOE_ERR_INVALID_ARG, "gatherv: NULL communicator");
+    MOE_REQUIRE(root >= 0 && root < c->world_size, MOE_ERR_INVALID_ARG, "gatherv: root %d not in [0, %d)",
+                (int)root, (int)c->world_size);
+    MOE_REQUIRE(send || send_bytes == 0, MOE_ERR_INVALID_ARG, "gatherv: NULL send buffer");
+    if (c->rank == root) {
+        MOE_REQUIRE(recv && recv_bytes, MOE_ERR_INVALID_ARG, "gatherv: root needs receive buffers");
+        for (int32_t q = 0; q < c->world_size; q++)
+            MOE_REQUIRE(recv[q] || recv_bytes[q] == 0, MOE_ERR_INVALID_ARG, "gatherv: NULL receive buffer of rank %d",
+                        (int)q);
+        MOE_REQUIRE(recv_bytes[root] == send_bytes, MOE_ERR_INVALID_ARG,
+                    "gatherv: root sends %zu bytes but expects %zu from itself", send_bytes, recv_bytes[root]);
+    }
+    MOE_REQUIRE(timeout_ms > 0, MOE_ERR_INVALID_ARG, "gatherv: timeout %d ms", (int)timeout_ms);
+    if (atomic_load(&c->aborted))
+        return moe_fail(MOE_ERR_SHUTDOWN, "communicator aborted");
+    moe_status st = c->ops->gatherv(c, seq, send, send_bytes, recv, recv_bytes, root, timeout_ms, stream);
+    if (st != MOE_OK && st != MOE_ERR_SHUTDOWN && st != MOE_ERR_INVALID_ARG)
+        MOE_WARN(MOE_SUB_PAR, "rank %d: gatherv seq %llu failed: %s: %s", (int)c->rank, (unsigned long long)seq,
+                 moe_status_str(st), moe_errmsg());
+    return st;
+}
