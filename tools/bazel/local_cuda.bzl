@@ -53,7 +53,7 @@ def _local_cuda_impl(rctx):
         build.append("""
 cc_library(
     name = "cuda_headers",
-    hdrs = glob(["cuda/include/**/*.h", "cuda/include/**/*.hpp", "cuda/include/**/*.cuh"]),
+    hdrs = glob(["cuda/include/**"]),
     includes = ["cuda/include"],
 )
 
