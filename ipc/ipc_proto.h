@@ -46,6 +46,7 @@ typedef enum ipc_op {
     IPC_OP_STATS = 0x03,
     IPC_OP_SUBMIT = 0x04,
     IPC_OP_CLIENT_LAST_ = 0x04,
+    IPC_OP_CLIENT_MAX = 0x7f, /* error replies may carry any op up to this one */
     IPC_OP_INTERNAL_FIRST = 0x80
 } ipc_op;
 
@@ -148,7 +149,8 @@ void ipc_reply_init(ipc_msg *m, uint16_t op, uint64_t request_id);
 /* A SUBMIT reply carrying y [T, H]. */
 moe_status ipc_submit_reply_init(ipc_msg *m, uint64_t request_id, const moe_tensor *y);
 /* An error reply: status < 0 and a TEXT section (the message, truncated to IPC_MAX_TEXT bytes
- * at a UTF-8 character boundary; `text` must stay alive until encoded). */
+ * at a UTF-8 character boundary; `text` must stay alive until encoded). Op 0 (a message whose
+ * op could not be read) becomes IPC_OP_PING so that any client can decode the reply. */
 moe_status ipc_error_init(ipc_msg *m, uint16_t op, uint64_t request_id, moe_status status, const char *text);
 
 /* Bytes the encoding of m takes. */

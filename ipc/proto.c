@@ -220,7 +220,7 @@ moe_status ipc_error_init(ipc_msg *m, uint16_t op, uint64_t request_id, moe_stat
     static const char not_utf8[] = "(the error message was not valid UTF-8)";
     MOE_REQUIRE(m, MOE_ERR_INVALID_ARG, "ipc_error_init: NULL message");
     MOE_REQUIRE(status < 0, MOE_ERR_INVALID_ARG, "ipc_error_init: status %d is not an error", (int)status);
-    ipc_reply_init(m, op, request_id);
+    ipc_reply_init(m, op ? op : IPC_OP_PING, request_id);
     m->status = status;
     if (!text || !*text)
         text = moe_status_str(status);
@@ -576,7 +576,10 @@ moe_status ipc_decode(const void *buf, size_t len, const ipc_limits *lim_in, ipc
     m.timeout_ms = rd32(p + 56);
 
     bool internal = m.op >= IPC_OP_INTERNAL_FIRST;
-    if (m.op == 0 || (m.op > IPC_OP_CLIENT_LAST_ && !internal))
+    /* An error reply may name any client op (0x01..0x7f): a server answers ops it does not
+     * know (a newer client's) with an error that an older client can still read. */
+    bool error_reply = (m.flags & IPC_FLAG_REPLY) && m.status < 0 && !internal;
+    if (m.op == 0 || (m.op > IPC_OP_CLIENT_LAST_ && !internal && !error_reply))
         return moe_fail(MOE_ERR_PROTOCOL, "unknown op 0x%04x", (unsigned)m.op);
     if (internal && !lim.allow_internal)
         return moe_fail(MOE_ERR_PROTOCOL, "op 0x%04x is reserved for the engine's internal messages", (unsigned)m.op);

@@ -177,6 +177,7 @@ static void test_roundtrip_ops(void **state) {
     (void)state;
     ipc_msg m, d;
     void *buf;
+    size_t len;
     for (uint16_t op = IPC_OP_PING; op <= IPC_OP_SUBMIT; op++) {
         if (op == IPC_OP_SUBMIT)
             continue;
@@ -222,6 +223,20 @@ static void test_roundtrip_ops(void **state) {
     const ipc_section *t = ipc_msg_find(&d, IPC_SEC_TEXT);
     assert_non_null(t);
     assert_int_equal(t->nbytes, strlen("expert id 99 out of range"));
+    moe_free(buf);
+    /* An error reply to an op this side does not know (a newer client's) still decodes. */
+    assert_int_equal(ipc_error_init(&m, 0x33, 79, MOE_ERR_PROTOCOL, "unknown op 0x0033"), MOE_OK);
+    roundtrip(&m, IPC_ACCEPT_REPLIES, &d, &buf);
+    assert_int_equal(d.op, 0x33);
+    moe_free(buf);
+    assert_int_equal(ipc_error_init(&m, 0, 80, MOE_ERR_PROTOCOL, "not a moe-engine message"), MOE_OK);
+    assert_int_equal(m.op, IPC_OP_PING);
+    /* but a successful reply of an unknown op does not */
+    ipc_reply_init(&m, 0x33, 81);
+    assert_int_equal(ipc_encode_alloc(&m, &buf, &len), MOE_OK);
+    ipc_limits rl = ipc_limits_default();
+    rl.accept = IPC_ACCEPT_REPLIES;
+    assert_int_equal(ipc_decode(buf, len, &rl, &d), MOE_ERR_PROTOCOL);
     moe_free(buf);
 }
 
