@@ -1,0 +1,49 @@
+/*
+ * cpu_gemm.h: private to kernels/cpu. The matrix product of the fast CPU backend: a packed
+ * panel of 16 weight rows times a few activation rows, with one fixed order of operations.
+ *
+ * Why not OpenBLAS: kern.h promises that a row's result never depends on the other rows of
+ * the batch. OpenBLAS 0.3.21's sgemm (Zen kernels, one thread) gives a row different bits
+ * depending on M and on the row's position in the batch (about a quarter of the rows of our
+ * probe differ; tests/kernels/test_kernels.c keeps that probe as a test when built against
+ * OpenBLAS). So the products here are our own, with the order of operations written in the C:
+ *
+ *   out[m][j] = ((((+0.0f + a[m][0] * p[0][j]) + a[m][1] * p[1][j]) + ...) + a[m][kd-1] * p[kd-1][j])
+ *
+ * each product rounded to fp32, then each sum rounded to fp32 (no fused multiply-add: the
+ * library is built with -ffp-contract=off and the vector code uses separate multiplies and
+ * adds). That is exactly the loop of the reference backend (cpu_ref.c: acc += w * v), so the two
+ * CPU backends give the same bits, every lane of a vector computes the same thing a scalar
+ * would, and a row's result depends on nothing but its own data: not on M, the row's
+ * position, the panel it shares, the tile shape, or the thread that runs it.
+ *
+ * Speed comes from register blocking (4 rows x 16 columns = 8 accumulator vectors), the packed
+ * panel (contiguous 16-float lines, one per k), and AVX2 where the CPU has it (chosen at run
+ * time; the SSE2 path computes the same bits, more slowly). On AMD Zen the separate multiply
+ * and add issue on separate pipes, so they cost the same as an FMA would.
+ *
+ * Threads: pure functions; any thread.
+ */
+#ifndef KERN_CPU_GEMM_H
+#define KERN_CPU_GEMM_H
+
+#include <stdint.h>
+
+#include "engine/base/moe_base.h"
+
+#define CPU_NR 16 /* columns of a packed panel (weight rows) */
+#define CPU_MR 4  /* activation rows per register tile */
+
+/* Packs nr (1..16) rows of a row-major matrix of dtype dt, starting at `b` with row stride ldb
+ * (elements), columns [0, kd), into p[k * 16 + j] as fp32 (exact conversion); lanes j >= nr are
+ * zero. p must be 32-byte aligned and hold kd * 16 floats. */
+void cpu_pack_panel(moe_dtype dt, const void *b, int64_t ldb, int32_t nr, int64_t kd, float *p);
+
+/* out[m * 16 + j] = the fixed-order product above of row a_rows[m] (fp32, kd long) and panel
+ * column j, for m < mr (1..CPU_MR). */
+void cpu_gemm_tile(const float *const *a_rows, int32_t mr, const float *p, int64_t kd, float *out);
+
+/* Which code path cpu_gemm_tile and cpu_pack_panel use on this CPU ("avx2" or "sse2"). */
+const char *cpu_gemm_isa(void);
+
+#endif /* KERN_CPU_GEMM_H */
