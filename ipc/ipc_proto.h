@@ -189,8 +189,9 @@ bool ipc_utf8_valid(const void *s, size_t n);
  * CURVE key files (keys.c; needs libzmq). Z85 text, 40 characters a key.
  *   public key file ("NAME.pub"):  one line, the Z85 public key
  *   secret key file ("NAME.key"):  lines "public <Z85>" and "secret <Z85>" (mode 0600)
- *   allow-list file:               one Z85 public key per line; '#' starts a comment; blank
- *                                  lines ignored; a line may be "NAME.pub"'s content verbatim
+ *   allow-list file:               one Z85 public key per line (optionally "public <key>");
+ *                                  '#' at the start of a line or after a blank starts a comment
+ *                                  (Z85 keys may contain '#'); blank lines ignored
  * ---------------------------------------------------------------------------------------- */
 #define IPC_Z85_KEY_LEN 40
 

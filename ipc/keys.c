@@ -72,7 +72,7 @@ done:
     return st;
 }
 
-/* Splits off the next line, strips comments ('#') and surrounding blanks; NULL at the end. */
+/* Splits off the next line, strips comments and surrounding blanks; NULL at the end. */
 static char *next_line(char **cursor, int *lineno) {
     char *s = *cursor;
     if (!s || !*s)
@@ -85,9 +85,14 @@ static char *next_line(char **cursor, int *lineno) {
         *cursor = s + strlen(s);
     }
     (*lineno)++;
-    char *hash = strchr(s, '#');
-    if (hash)
-        *hash = '\0';
+    /* '#' is a Z85 character too: it starts a comment only at the start of the line or after
+     * a blank, never inside a key. */
+    for (char *h = s; *h; h++) {
+        if (*h == '#' && (h == s || h[-1] == ' ' || h[-1] == '\t')) {
+            *h = '\0';
+            break;
+        }
+    }
     while (*s == ' ' || *s == '\t' || *s == '\r')
         s++;
     size_t n = strlen(s);
