@@ -1,8 +1,9 @@
 /*
  * cuda_none.c: the CUDA backend's table when this build has no CUDA toolkit (the repository
- * rule found no nvcc). Every context creation fails with a message that says so; nothing else
- * can be reached.
+ * rule found no nvcc). Every context creation fails with a message that says so, and the
+ * kern_cuda.h knobs answer MOE_ERR_UNSUPPORTED; nothing else can be reached.
  */
+#include "kernels/cuda/kern_cuda.h"
 #include "kernels/kern_impl.h"
 
 static moe_status none_init(kern_ctx_t *ctx) {
@@ -25,3 +26,36 @@ const kern_backend_ops kern_cuda_ops = {
     .init = none_init,
     .supports = none_supports,
 };
+
+static moe_status not_built(void) { return moe_fail(MOE_ERR_UNSUPPORTED, "the CUDA backend was not built"); }
+
+moe_status kern_cuda_reserve(kern_ctx_t *ctx, int64_t max_tokens, int32_t top_k, int64_t hidden, int64_t inter,
+                             int32_t n_local, int64_t shared_inter) {
+    (void)ctx, (void)max_tokens, (void)top_k, (void)hidden, (void)inter, (void)n_local, (void)shared_inter;
+    return not_built();
+}
+
+moe_status kern_cuda_set_path(kern_ctx_t *ctx, kern_cuda_path path) {
+    (void)ctx, (void)path;
+    return not_built();
+}
+
+kern_cuda_path kern_cuda_get_path(const kern_ctx_t *ctx) {
+    (void)ctx;
+    return KERN_CUDA_PATH_AUTO;
+}
+
+moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn) {
+    (void)ctx, (void)nwg, (void)bn;
+    return not_built();
+}
+
+int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap) {
+    (void)path, (void)out, (void)cap;
+    return 0;
+}
+
+void *kern_cuda_stream(kern_ctx_t *ctx) {
+    (void)ctx;
+    return NULL;
+}

@@ -1,0 +1,366 @@
+/*
+ * cuda_misc.cu: the small kernels around the grouped products: the alignment of (token, slot)
+ * pairs by expert (with the device-side checks of ids, the expert map and the weights), the
+ * fixed-order sum over slots, the zero fill of slot mode, the weight-on-input scaling and the
+ * shared-expert gate.
+ *
+ * Determinism: integer atomics only (counts and ranks in the alignment; the order of rows
+ * inside an expert may change between runs, which changes no output bit since every row is
+ * computed on its own). No floating-point atomics anywhere: the sum over slots is one thread
+ * per output element walking k = 0 .. K-1 from +0.0.
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "kernels/cuda/kern_cuda_impl.h"
+
+/* ---- errors -------------------------------------------------------------------------- */
+static __device__ void kc_record(kc_errsink err, int32_t code, int32_t token, int32_t slot, int32_t value,
+                                 float fvalue) {
+    if (!err.rec)
+        return;
+    if (atomicCAS(err.claim, 0, 1) == 0) { /* first error wins; fill, then publish the code */
+        volatile kc_err *r = err.rec;
+        r->token = token;
+        r->slot = slot;
+        r->value = value;
+        r->fvalue = fvalue;
+        __threadfence_system();
+        r->code = code;
+    }
+}
+
+/* ---- alignment ----------------------------------------------------------------------- */
+#define KC_ALIGN_THREADS 1024
+
+__global__ void __launch_bounds__(KC_ALIGN_THREADS)
+    kc_align_kernel(const int32_t *ids, const float *w, int64_t P, int32_t K, const int32_t *map, int32_t E,
+                    int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows, int32_t *block_expert,
+                    int32_t *n_blocks, kc_errsink err) {
+    extern __shared__ int32_t asm_[];
+    int32_t *cnt = asm_;            /* [n_local] rows per expert */
+    int32_t *offb = asm_ + n_local; /* [n_local] first block of each expert */
+    __shared__ int32_t wsum[KC_ALIGN_THREADS / 32];
+    const int tid = threadIdx.x;
+
+    for (int e = tid; e < n_local; e += blockDim.x)
+        cnt[e] = 0;
+    __syncthreads();
+
+    /* Pass 1: check, count, rank within the expert. */
+    for (int64_t p = tid; p < P; p += blockDim.x) {
+        const int32_t id = ids[p];
+        const float wt = w[p];
+        const int32_t t = (int32_t)(p / K), k = (int32_t)(p % K);
+        if (!isfinite(wt))
+            kc_record(err, KC_ERR_WEIGHT, t, k, id, wt);
+        int32_t r = -1;
+        if (id < 0 || id >= E) {
+            kc_record(err, KC_ERR_ID, t, k, id, wt);
+        } else {
+            const int32_t e = map ? map[id] : id;
+            if (e < -1 || e >= n_local)
+                kc_record(err, KC_ERR_MAP, t, k, e, wt);
+            else if (e >= 0)
+                r = atomicAdd(&cnt[e], 1);
+        }
+        pair_pos[p] = r;
+    }
+    __syncthreads();
+
+    /* Exclusive scan of the blocks per expert: each thread a contiguous range of experts. */
+    const int chunk = (n_local + blockDim.x - 1) / blockDim.x;
+    const int e0 = tid * chunk, e1 = min(n_local, e0 + chunk);
+    int32_t mine = 0;
+    for (int e = e0; e < e1; e++)
+        mine += (cnt[e] + bn - 1) / bn;
+    const int lane = tid & 31, warp = tid >> 5;
+    int32_t incl = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int32_t v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off)
+            incl += v;
+    }
+    if (lane == 31)
+        wsum[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int32_t v = lane < (int)(blockDim.x / 32) ? wsum[lane] : 0;
+        int32_t iv = v;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int32_t u = __shfl_up_sync(0xffffffffu, iv, off);
+            if (lane >= off)
+                iv += u;
+        }
+        if (lane < (int)(blockDim.x / 32))
+            wsum[lane] = iv - v; /* exclusive */
+        if (lane == 31)
+            *n_blocks = iv;
+    }
+    __syncthreads();
+    int32_t run = wsum[warp] + incl - mine;
+    for (int e = e0; e < e1; e++) {
+        offb[e] = run;
+        const int32_t nbe = (cnt[e] + bn - 1) / bn;
+        for (int b = 0; b < nbe; b++)
+            block_expert[run + b] = e;
+        /* padding rows of the expert's last block */
+        for (int i = cnt[e]; i < nbe * bn; i++)
+            sorted_rows[run * bn + i] = -1;
+        run += nbe;
+    }
+    __syncthreads();
+
+    /* Pass 2: place each pair. */
+    for (int64_t p = tid; p < P; p += blockDim.x) {
+        const int32_t r = pair_pos[p];
+        if (r < 0)
+            continue;
+        const int32_t e = map ? map[ids[p]] : ids[p];
+        const int32_t pos = offb[e] * bn + r;
+        sorted_rows[pos] = (int32_t)p;
+        pair_pos[p] = pos;
+    }
+}
+
+extern "C" int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k,
+                               const int32_t *map, int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos,
+                               int32_t *sorted_rows, int32_t *block_expert, int32_t *n_blocks, kc_errsink err,
+                               cudaStream_t st) {
+    const size_t smem = 2 * (size_t)(n_local > 0 ? n_local : 1) * sizeof(int32_t);
+    if (smem > 48 * 1024) { /* only large expert counts need the opt-in */
+        cudaError_t e = cudaFuncSetAttribute(kc_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess)
+            return (int)e;
+    }
+    kc_align_kernel<<<1, KC_ALIGN_THREADS, smem, st>>>(ids, w, n_pairs, top_k, map, n_experts, n_local, bn, pair_pos,
+                                                        sorted_rows, block_expert, n_blocks, err);
+    return (int)cudaGetLastError();
+}
+
+/* ---- element access, 8 at a time ------------------------------------------------------ */
+template <typename T> struct kc_v8;
+template <> struct kc_v8<__nv_bfloat16> {
+    static __device__ __forceinline__ void load(const void *p, float *f) {
+        const uint4 u = *(const uint4 *)p;
+        const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float2 v = __bfloat1622float2(h[i]);
+            f[2 * i] = v.x;
+            f[2 * i + 1] = v.y;
+        }
+    }
+    static __device__ __forceinline__ void store(void *p, const float *f) {
+        uint4 u;
+        __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+        *(uint4 *)p = u;
+    }
+    static __device__ __forceinline__ float ld1(const void *p, int64_t i) {
+        return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+    }
+    static __device__ __forceinline__ void st1(void *p, int64_t i, float v) {
+        ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
+    }
+};
+template <> struct kc_v8<__half> {
+    static __device__ __forceinline__ void load(const void *p, float *f) {
+        const uint4 u = *(const uint4 *)p;
+        const __half2 *h = (const __half2 *)&u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float2 v = __half22float2(h[i]);
+            f[2 * i] = v.x;
+            f[2 * i + 1] = v.y;
+        }
+    }
+    static __device__ __forceinline__ void store(void *p, const float *f) {
+        uint4 u;
+        __half2 *h = (__half2 *)&u;
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+        *(uint4 *)p = u;
+    }
+    static __device__ __forceinline__ float ld1(const void *p, int64_t i) { return __half2float(((const __half *)p)[i]); }
+    static __device__ __forceinline__ void st1(void *p, int64_t i, float v) { ((__half *)p)[i] = __float2half_rn(v); }
+};
+template <> struct kc_v8<float> {
+    static __device__ __forceinline__ void load(const void *p, float *f) {
+        const float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
+        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+    }
+    static __device__ __forceinline__ void store(void *p, const float *f) {
+        ((float4 *)p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+        ((float4 *)p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+    }
+    static __device__ __forceinline__ float ld1(const void *p, int64_t i) { return ((const float *)p)[i]; }
+    static __device__ __forceinline__ void st1(void *p, int64_t i, float v) { ((float *)p)[i] = v; }
+};
+
+/* ---- the sum over slots --------------------------------------------------------------- */
+template <typename T, int V>
+__global__ void kc_sum_kernel(const void *slots, const int32_t *pair_pos, const void *shared, void *y, int64_t T_,
+                              int32_t K, int64_t H) {
+    const int64_t hv = H / V;
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= T_ * hv)
+        return;
+    const int64_t t = idx / hv, h = (idx % hv) * V;
+    const size_t es = sizeof(T);
+    float acc[V], v[V];
+#pragma unroll
+    for (int i = 0; i < V; i++)
+        acc[i] = 0.0f;
+    for (int k = 0; k < K; k++) {
+        const int64_t p = t * K + k;
+        if (pair_pos && pair_pos[p] < 0)
+            continue;
+        const char *src = (const char *)slots + ((size_t)p * (size_t)H + (size_t)h) * es;
+        if (V == 8) {
+            kc_v8<T>::load(src, v);
+        } else {
+#pragma unroll
+            for (int i = 0; i < V; i++)
+                v[i] = kc_v8<T>::ld1(src, i);
+        }
+#pragma unroll
+        for (int i = 0; i < V; i++)
+            acc[i] += v[i];
+    }
+    if (shared) {
+        const char *src = (const char *)shared + ((size_t)t * (size_t)H + (size_t)h) * es;
+        if (V == 8) {
+            kc_v8<T>::load(src, v);
+        } else {
+#pragma unroll
+            for (int i = 0; i < V; i++)
+                v[i] = kc_v8<T>::ld1(src, i);
+        }
+#pragma unroll
+        for (int i = 0; i < V; i++)
+            acc[i] += v[i];
+    }
+    char *dst = (char *)y + ((size_t)t * (size_t)H + (size_t)h) * es;
+    if (V == 8) {
+        kc_v8<T>::store(dst, acc);
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; i++)
+            kc_v8<T>::st1(dst, i, acc[i]);
+    }
+}
+
+template <typename T>
+static int kc_sum_t(const void *slots, const int32_t *pair_pos, const void *shared, void *y, int64_t T_, int32_t K,
+                    int64_t H, cudaStream_t st) {
+    const bool vec = H % 8 == 0 && ((uintptr_t)slots % 16) == 0 && ((uintptr_t)y % 16) == 0 &&
+                     (!shared || ((uintptr_t)shared % 16) == 0);
+    const int64_t n = T_ * (vec ? H / 8 : H);
+    const unsigned grid = (unsigned)((n + 255) / 256);
+    if (vec)
+        kc_sum_kernel<T, 8><<<grid, 256, 0, st>>>(slots, pair_pos, shared, y, T_, K, H);
+    else
+        kc_sum_kernel<T, 1><<<grid, 256, 0, st>>>(slots, pair_pos, shared, y, T_, K, H);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int kc_launch_sum(int32_t dtype, const void *slots, const int32_t *pair_pos, const void *shared, void *y,
+                             int64_t T, int32_t K, int64_t H, cudaStream_t st) {
+    if (T * H == 0)
+        return 0;
+    switch (dtype) {
+    case MOE_DTYPE_BF16:
+        return kc_sum_t<__nv_bfloat16>(slots, pair_pos, shared, y, T, K, H, st);
+    case MOE_DTYPE_F16:
+        return kc_sum_t<__half>(slots, pair_pos, shared, y, T, K, H, st);
+    case MOE_DTYPE_F32:
+        return kc_sum_t<float>(slots, pair_pos, shared, y, T, K, H, st);
+    default:
+        return (int)cudaErrorInvalidValue;
+    }
+}
+
+/* ---- slot mode: zeros for the pairs held elsewhere ------------------------------------ */
+__global__ void kc_zero_kernel(const int32_t *pair_pos, uint16_t *y, int64_t P, int64_t H) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= P * H)
+        return;
+    if (pair_pos[idx / H] < 0)
+        y[idx] = 0; /* +0.0 in bf16 and fp16 */
+}
+
+extern "C" int kc_launch_zero_nonlocal(int32_t dtype, const int32_t *pair_pos, void *y, int64_t n_pairs, int64_t H,
+                                       cudaStream_t st) {
+    if (dtype != MOE_DTYPE_BF16 && dtype != MOE_DTYPE_F16)
+        return (int)cudaErrorInvalidValue;
+    const int64_t n = n_pairs * H;
+    if (n == 0)
+        return 0;
+    kc_zero_kernel<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(pair_pos, (uint16_t *)y, n_pairs, H);
+    return (int)cudaGetLastError();
+}
+
+/* ---- weight on the input -------------------------------------------------------------- */
+template <typename T>
+__global__ void kc_scale_x_kernel(const void *x, const float *w, void *xw, int64_t P, int32_t K, int64_t H) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= P * H)
+        return;
+    const int64_t p = idx / H, h = idx % H;
+    const float v = kc_v8<T>::ld1(x, (p / K) * H + h) * w[p];
+    kc_v8<T>::st1(xw, idx, v);
+}
+
+extern "C" int kc_launch_scale_x(int32_t dtype, const void *x, const float *w, void *xw, int64_t n_pairs, int32_t K,
+                                 int64_t H, cudaStream_t st) {
+    const int64_t n = n_pairs * H;
+    if (n == 0)
+        return 0;
+    const unsigned grid = (unsigned)((n + 255) / 256);
+    if (dtype == MOE_DTYPE_BF16)
+        kc_scale_x_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(x, w, xw, n_pairs, K, H);
+    else if (dtype == MOE_DTYPE_F16)
+        kc_scale_x_kernel<__half><<<grid, 256, 0, st>>>(x, w, xw, n_pairs, K, H);
+    else
+        return (int)cudaErrorInvalidValue;
+    return (int)cudaGetLastError();
+}
+
+/* ---- shared-expert gate --------------------------------------------------------------- */
+template <typename T>
+__global__ void kc_gate_kernel(const void *x, const void *gate, float *g, int64_t T_, int64_t H) {
+    const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (t >= T_)
+        return;
+    float s = 0.0f;
+    for (int64_t h = lane; h < H; h += 32)
+        s += kc_v8<T>::ld1(x, t * H + h) * kc_v8<T>::ld1(gate, h);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0)
+        g[t] = 1.0f / (1.0f + expf(-s));
+}
+
+extern "C" int kc_launch_gate_dot(int32_t dtype, const void *x, const void *gate, float *g, int64_t T, int64_t H,
+                                  cudaStream_t st) {
+    if (T == 0)
+        return 0;
+    const unsigned grid = (unsigned)((T + 3) / 4);
+    if (dtype == MOE_DTYPE_BF16)
+        kc_gate_kernel<__nv_bfloat16><<<grid, 128, 0, st>>>(x, gate, g, T, H);
+    else if (dtype == MOE_DTYPE_F16)
+        kc_gate_kernel<__half><<<grid, 128, 0, st>>>(x, gate, g, T, H);
+    else
+        return (int)cudaErrorInvalidValue;
+    return (int)cudaGetLastError();
+}

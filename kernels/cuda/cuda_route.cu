@@ -1,0 +1,221 @@
+/*
+ * cuda_route.cu: routing on the device (kern_route): softmax or sigmoid scores, optional
+ * correction bias (selection only), group-limited selection (max or top-2-sum group scores),
+ * top-k, renormalization and scaling. One warp per token; the token's scores live in shared
+ * memory. Selection follows kern_topk_indices exactly: larger first, equal values to the
+ * lower index, NaN below every number (but still taken when nothing else is left), so the ids
+ * equal the CPU reference's whenever the scores do.
+ *
+ * Threads: a block of KC_RT_WARPS warps, one token each; no state outside the launch.
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "kernels/cuda/kern_cuda_impl.h"
+
+#define KC_RT_WARPS 4
+
+/* a (value va, index ia) ranks before b? Index -1 means "no candidate". */
+static __device__ __forceinline__ bool kc_better(float va, int ia, float vb, int ib) {
+    if (ia < 0)
+        return false;
+    if (ib < 0)
+        return true;
+    const bool na = isnan(va), nbn = isnan(vb);
+    if (na || nbn) {
+        if (na && nbn)
+            return ia < ib;
+        return nbn;
+    }
+    if (va != vb)
+        return va > vb;
+    return ia < ib;
+}
+
+static __device__ __forceinline__ void kc_warp_best(float &v, int &i) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, off);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, off);
+        if (kc_better(ov, oi, v, i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+}
+
+template <typename T> static __device__ __forceinline__ float kc_ld(const T *p, int64_t i);
+template <> __device__ __forceinline__ float kc_ld<float>(const float *p, int64_t i) { return p[i]; }
+template <> __device__ __forceinline__ float kc_ld<__half>(const __half *p, int64_t i) { return __half2float(p[i]); }
+template <> __device__ __forceinline__ float kc_ld<__nv_bfloat16>(const __nv_bfloat16 *p, int64_t i) {
+    return __bfloat162float(p[i]);
+}
+
+typedef struct kc_route_dev {
+    int32_t E, K, scoring, group_mode, n_group, topk_group, renormalize;
+    float scale;
+    const float *bias;
+} kc_route_dev;
+
+template <typename T>
+__global__ void kc_route_kernel(const T *logits, int64_t T_, kc_route_dev p, int32_t *ids, float *wout) {
+    extern __shared__ float rsm[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = (int64_t)blockIdx.x * KC_RT_WARPS + warp;
+    if (t >= T_)
+        return;
+    const int E = p.E;
+    float *score = rsm + (size_t)warp * 2 * E;
+    float *choice = score + E;
+    const T *row = logits + t * E;
+
+    /* Scores. */
+    if (p.scoring == KERN_SCORE_SIGMOID) {
+        for (int e = lane; e < E; e += 32)
+            score[e] = 1.0f / (1.0f + expf(-kc_ld<T>(row, e)));
+    } else {
+        float m = -INFINITY;
+        for (int e = lane; e < E; e += 32)
+            m = fmaxf(m, kc_ld<T>(row, e));
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        float s = 0.0f;
+        for (int e = lane; e < E; e += 32) {
+            const float v = expf(kc_ld<T>(row, e) - m);
+            score[e] = v;
+            s += v;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+            s += __shfl_xor_sync(0xffffffffu, s, off);
+        for (int e = lane; e < E; e += 32)
+            score[e] = score[e] / s;
+    }
+    for (int e = lane; e < E; e += 32)
+        choice[e] = score[e] + (p.bias ? p.bias[e] : 0.0f);
+    __syncwarp();
+
+    /* Groups: a bit mask of the kept groups (n_group <= 64, checked by the host). */
+    uint64_t kept = ~0ull;
+    int per = E;
+    if (p.group_mode != KERN_GROUP_NONE && p.n_group > 1) {
+        const int G = p.n_group;
+        per = E / G;
+        float gsc0 = 0.0f, gsc1 = 0.0f; /* this lane's groups lane and lane + 32 */
+        for (int gg = 0; gg < 2; gg++) {
+            const int g = lane + 32 * gg;
+            if (g >= G)
+                break;
+            const float *c = choice + g * per;
+            float v;
+            if (p.group_mode == KERN_GROUP_MAX) {
+                v = c[0];
+                for (int i = 1; i < per; i++)
+                    if (c[i] > v)
+                        v = c[i];
+            } else {
+                int b0 = -1, b1 = -1;
+                for (int i = 0; i < per; i++)
+                    if (kc_better(c[i], i, b0 >= 0 ? c[b0] : 0.0f, b0))
+                        b0 = i;
+                for (int i = 0; i < per; i++)
+                    if (i != b0 && kc_better(c[i], i, b1 >= 0 ? c[b1] : 0.0f, b1))
+                        b1 = i;
+                v = c[b0] + c[b1];
+            }
+            if (gg == 0)
+                gsc0 = v;
+            else
+                gsc1 = v;
+        }
+        kept = 0;
+        for (int j = 0; j < p.topk_group; j++) {
+            float bv = 0.0f;
+            int bi = -1;
+            if (lane < G && !((kept >> lane) & 1ull) && kc_better(gsc0, lane, bv, bi)) {
+                bv = gsc0;
+                bi = lane;
+            }
+            if (lane + 32 < G && !((kept >> (lane + 32)) & 1ull) && kc_better(gsc1, lane + 32, bv, bi)) {
+                bv = gsc1;
+                bi = lane + 32;
+            }
+            kc_warp_best(bv, bi);
+            if (bi >= 0)
+                kept |= 1ull << bi;
+        }
+    }
+
+    /* Top-k among the kept experts; the ids chosen so far are in sel[0 .. k). */
+    int *sel = (int *)(rsm + (size_t)KC_RT_WARPS * 2 * E) + warp * 32;
+    int my_sel = -1;
+    const int K = p.K;
+    for (int k = 0; k < K; k++) {
+        float bv = 0.0f;
+        int bi = -1;
+        for (int e = lane; e < E; e += 32) {
+            if (per < E && !((kept >> (e / per)) & 1ull))
+                continue;
+            bool taken = false;
+            for (int q = 0; q < k; q++)
+                taken |= sel[q] == e;
+            if (!taken && kc_better(choice[e], e, bv, bi)) {
+                bv = choice[e];
+                bi = e;
+            }
+        }
+        kc_warp_best(bv, bi);
+        if (lane == 0)
+            sel[k] = bi;
+        if (lane == k)
+            my_sel = bi;
+        __syncwarp();
+    }
+    /* Weights: the sum in slot order, like the reference. */
+    const float sv = my_sel >= 0 ? score[my_sel] : 0.0f;
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++)
+        sum += __shfl_sync(0xffffffffu, sv, k);
+    if (lane < K) {
+        float v = sv;
+        if (p.renormalize && sum > 0.0f)
+            v /= sum;
+        ids[t * K + lane] = my_sel;
+        wout[t * K + lane] = v * p.scale;
+    }
+}
+
+extern "C" int kc_launch_route(const kern_route_params *p, const void *logits, int32_t dtype, int64_t T,
+                               int32_t *ids, float *w, cudaStream_t st) {
+    kc_route_dev d;
+    d.E = p->n_experts;
+    d.K = p->top_k;
+    d.scoring = p->scoring;
+    d.group_mode = p->group_mode;
+    d.n_group = p->n_group;
+    d.topk_group = p->topk_group;
+    d.renormalize = p->renormalize ? 1 : 0;
+    d.scale = p->routed_scaling_factor;
+    d.bias = p->correction_bias;
+    const size_t smem = (size_t)KC_RT_WARPS * (2 * (size_t)d.E * sizeof(float) + 32 * sizeof(int));
+    const unsigned grid = (unsigned)((T + KC_RT_WARPS - 1) / KC_RT_WARPS);
+    /* E <= KC_ROUTE_MAX_E keeps this under the default 48 KB of dynamic shared memory. */
+    switch (dtype) {
+    case MOE_DTYPE_F32:
+        kc_route_kernel<float><<<grid, 32 * KC_RT_WARPS, smem, st>>>((const float *)logits, T, d, ids, w);
+        break;
+    case MOE_DTYPE_F16:
+        kc_route_kernel<__half><<<grid, 32 * KC_RT_WARPS, smem, st>>>((const __half *)logits, T, d, ids, w);
+        break;
+    case MOE_DTYPE_BF16:
+        kc_route_kernel<__nv_bfloat16>
+            <<<grid, 32 * KC_RT_WARPS, smem, st>>>((const __nv_bfloat16 *)logits, T, d, ids, w);
+        break;
+    default:
+        return (int)cudaErrorInvalidValue;
+    }
+    return (int)cudaGetLastError();
+}

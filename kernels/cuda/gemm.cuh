@@ -1,0 +1,481 @@
+/*
+ * gemm.cuh: the grouped matrix product of the fused experts, one template for both products
+ * (gate-up with the gated activation in its epilogue, down with the routing weight) and both
+ * instruction paths (wgmma on sm_90a, mma.sync on sm_80 and newer).
+ *
+ * Orientation ("swap-AB"): the weights are the A operand (M side, 128 weight rows per
+ * warpgroup), the routed rows are the B operand (N side, BN = 8 .. 128 rows per tile). At small
+ * T a tile holds the few rows of one expert and the kernel streams weight rows over all SMs; at
+ * large T the same kernel is a 256 x 128 tile product. Every configuration computes each output
+ * element the same way: one accumulator that starts at +0.0, the K dimension walked in 64-wide
+ * blocks in ascending order, each block as 4 k16 steps in ascending order, never split. So a
+ * row's bits do not depend on T, on BN, on NWG nor on the rows it shares a tile with (kern.h:
+ * row independence), within one instruction path.
+ *
+ * Shared memory: STAGES slots, each [A rows x 64] + [BN x 64] of 16-bit elements, rows of 128
+ * bytes in the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r & 7)), the layout
+ * that wgmma descriptors (layout type 1) and conflict-free ldmatrix both read. Loads are
+ * cp.async 16 B, issued S-2 blocks ahead; zero-filled past K, past M and for padding rows.
+ *
+ * Threads: 128 * NWG; warpgroup g owns weight rows [128 g, 128 g + 128) of the tile as two
+ * 64-row accumulators (gate-up: gate rows j and up rows I + j, so that a thread holds both
+ * halves of its activation; down: two consecutive 64-row blocks of H).
+ */
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "kernels/cuda/kern_cuda_impl.h"
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define KC_HAVE_WGMMA 1
+#include "kernels/cuda/wgmma_ops.cuh"
+#endif
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+#define KC_HAVE_MMA 1
+#endif
+
+#define KC_BK 64
+
+/* ---- element types ------------------------------------------------------------------- */
+template <typename T> struct kc_elem;
+template <> struct kc_elem<__nv_bfloat16> {
+    static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+    static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct kc_elem<__half> {
+    static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+    static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+};
+
+/* The activations, written exactly as kern_act_f32 in kern.c (IEEE division, accurate expf). */
+static __device__ __forceinline__ float kc_act(int act, float x) {
+    if (act == KERN_ACT_SILU)
+        return x / (1.0f + expf(-x));
+    if (act == KERN_ACT_GELU_TANH) {
+        const float k0 = 0.7978845608028654f;
+        return 0.5f * x * (1.0f + tanhf(k0 * (x + 0.044715f * x * x * x)));
+    }
+    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+}
+
+/* ---- async copies and fences ---------------------------------------------------------- */
+static __device__ __forceinline__ void kc_cp_async16(uint32_t dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+static __device__ __forceinline__ void kc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> static __device__ __forceinline__ void kc_cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+static __device__ __forceinline__ void kc_fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+/* ---- mma.sync path -------------------------------------------------------------------- */
+template <typename T> struct kc_mma;
+template <> struct kc_mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
+#ifdef KC_HAVE_MMA
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+    }
+};
+template <> struct kc_mma<__half> {
+    static __device__ __forceinline__ void run(float *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
+#ifdef KC_HAVE_MMA
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+    }
+};
+
+static __device__ __forceinline__ void kc_ldsm_x4(uint32_t addr, uint32_t *r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+static __device__ __forceinline__ void kc_ldsm_x2(uint32_t addr, uint32_t *r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+
+/* Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled tile. */
+static __device__ __forceinline__ uint32_t kc_swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
+
+/* ---- wgmma path ----------------------------------------------------------------------- */
+#ifdef KC_HAVE_WGMMA
+/* Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart. */
+static __device__ __forceinline__ uint64_t kc_desc(uint32_t saddr) {
+    uint64_t d = 0;
+    d |= (uint64_t)((saddr & 0x3FFFF) >> 4);
+    d |= (uint64_t)(16 >> 4) << 16;
+    d |= (uint64_t)(1024 >> 4) << 32;
+    d |= (uint64_t)1 << 62;
+    return d;
+}
+static __device__ __forceinline__ void kc_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+static __device__ __forceinline__ void kc_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> static __device__ __forceinline__ void kc_wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+template <typename T, int BN> struct kc_wgmma_op;
+#define KC_WG_OP(TY, SUF, N)                                                                          \
+    template <> struct kc_wgmma_op<TY, N> {                                                           \
+        static __device__ __forceinline__ void run(float *d, uint64_t a, uint64_t b) {               \
+            kc_wgmma_m64n##N##k16_##SUF(d, a, b);                                                     \
+        }                                                                                             \
+    };
+KC_WG_OP(__nv_bfloat16, bf16, 8)
+KC_WG_OP(__nv_bfloat16, bf16, 16)
+KC_WG_OP(__nv_bfloat16, bf16, 32)
+KC_WG_OP(__nv_bfloat16, bf16, 64)
+KC_WG_OP(__nv_bfloat16, bf16, 128)
+KC_WG_OP(__half, f16, 8)
+KC_WG_OP(__half, f16, 16)
+KC_WG_OP(__half, f16, 32)
+KC_WG_OP(__half, f16, 64)
+KC_WG_OP(__half, f16, 128)
+#undef KC_WG_OP
+#endif
+
+/* ---- the kernel ------------------------------------------------------------------------ */
+template <int NWG, int BN> struct kc_tile {
+    static constexpr int threads = 128 * NWG;
+    static constexpr int a_rows = 128 * NWG;
+    static constexpr int a_bytes = a_rows * 128;
+    static constexpr int b_bytes = BN * 128;
+    static constexpr int stage_bytes = a_bytes + b_bytes;
+    /* As many stages as fit in ~200 KB, between 4 and 8: the small tiles are memory-bound
+     * and want bytes in flight, the large ones fit 4. */
+    static constexpr int stages_fit = (200 * 1024) / stage_bytes;
+    static constexpr int stages = stages_fit > 8 ? 8 : (stages_fit < 4 ? 4 : stages_fit);
+    static constexpr int smem = stages * stage_bytes + 1024; /* + alignment slack */
+};
+
+/* Rows of the grid grouped GR at a time so that the CTAs in flight share weight tiles and
+ * token tiles in L2 (rb fastest inside a group, then the token block, then the group). */
+#define KC_RASTER_GROUP 8
+
+template <typename T, int NWG, int BN, int PATH, int MODE>
+__global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_args a) {
+    typedef kc_tile<NWG, BN> TL;
+    constexpr int S = TL::stages;
+    constexpr int D = S - 2; /* prefetch distance */
+    constexpr int NACC = BN / 2; /* accumulator registers per thread per 64-row block */
+#if !defined(KC_HAVE_MMA)
+    return;
+#else
+#if !defined(KC_HAVE_WGMMA)
+    if (PATH == KC_PATH_WGMMA)
+        return; /* not compiled for this architecture; the host never launches it there */
+#endif
+    __shared__ const char *s_bsrc[BN];
+    __shared__ int32_t s_orow[BN];
+    __shared__ float s_scale[BN];
+    extern __shared__ char smem_raw[];
+
+    const int tid = threadIdx.x;
+    const int M = a.M, K = a.K;
+    const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
+    const int max_nb = a.max_blocks;
+    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
+    const int id = blockIdx.x;
+    const int gi = id / (gsz_full * max_nb);
+    const int g0 = gi * gsz_full;
+    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
+    const int local = id - gi * gsz_full * max_nb;
+    const int nb = local / gs;
+    const int rb = g0 + local % gs;
+    if (nb >= max_nb || rb >= n_rb)
+        return;
+    int expert = 0;
+    if (!a.dense) {
+        if (nb >= *a.n_blocks)
+            return;
+        expert = a.block_expert[nb];
+    } else if (nb * BN >= a.n_dense) {
+        return;
+    }
+
+    /* Columns of this tile: where B comes from, where the output goes, the scale. */
+    for (int n = tid; n < BN; n += TL::threads) {
+        const int pos = nb * BN + n;
+        const char *src = nullptr;
+        int orow = -1;
+        float sc = 1.0f;
+        if (a.dense) {
+            if (pos < a.n_dense) {
+                src = (const char *)a.b + (size_t)pos * K * sizeof(T);
+                orow = pos;
+                if (a.row_scale)
+                    sc = a.row_scale[pos];
+            }
+        } else {
+            const int pair = a.sorted_rows[pos];
+            if (pair >= 0) {
+                const int brow = a.b_by_pos ? pos : pair / a.b_div;
+                src = (const char *)a.b + (size_t)brow * K * sizeof(T);
+                orow = a.out_by_pos ? pos : pair;
+                if (a.topk_w)
+                    sc = a.topk_w[pair];
+            }
+        }
+        s_bsrc[n] = src;
+        s_orow[n] = orow;
+        s_scale[n] = sc;
+    }
+
+    /* This thread's A rows: chunk c = tid & 7 of rows (tid >> 3) + i * threads / 8. */
+    constexpr int A_PER = TL::a_rows * 8 / TL::threads; /* = 8 */
+    const int my_c = tid & 7;
+    const char *arow[A_PER];
+    const char *wbase = (const char *)a.w + (size_t)expert * (size_t)a.w_rows * (size_t)K * sizeof(T);
+#pragma unroll
+    for (int i = 0; i < A_PER; i++) {
+        const int r = (tid >> 3) + i * (TL::threads / 8);
+        int grow;
+        bool ok;
+        if (MODE == KC_MODE_GATE_UP) {
+            const int wg = r >> 7, blk = (r >> 6) & 1, ii = r & 63;
+            const int j = rb * rows_per_cta + wg * 64 + ii;
+            ok = j < M;
+            grow = blk * M + j;
+        } else {
+            const int h = rb * rows_per_cta + r;
+            ok = h < M;
+            grow = h;
+        }
+        arow[i] = ok ? wbase + (size_t)grow * K * sizeof(T) : nullptr;
+    }
+
+    const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
+    __syncthreads();
+
+    const int nk = (K + KC_BK - 1) / KC_BK;
+    auto load_stage = [&](int kb) {
+        const uint32_t sa = sbase + (uint32_t)((kb % S) * TL::stage_bytes);
+        const uint32_t sb = sa + TL::a_bytes;
+        const int k0 = kb * KC_BK;
+        {
+            const int kel = k0 + my_c * 8;
+            const bool kok = kel < K;
+#pragma unroll
+            for (int i = 0; i < A_PER; i++) {
+                const int r = (tid >> 3) + i * (TL::threads / 8);
+                const bool ok = kok && arow[i] != nullptr;
+                const void *src = ok ? (const void *)(arow[i] + (size_t)kel * sizeof(T)) : a.w;
+                kc_cp_async16(sa + kc_swz(r, my_c), src, ok);
+            }
+        }
+#pragma unroll
+        for (int idx = tid; idx < BN * 8; idx += TL::threads) {
+            const int r = idx >> 3, c = idx & 7;
+            const int kel = k0 + c * 8;
+            const char *row = s_bsrc[r];
+            const bool ok = row != nullptr && kel < K;
+            const void *src = ok ? (const void *)(row + (size_t)kel * sizeof(T)) : a.w;
+            kc_cp_async16(sb + kc_swz(r, c), src, ok);
+        }
+    };
+
+    float acc[2][NACC];
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int i = 0; i < NACC; i++)
+            acc[b][i] = 0.0f;
+
+#ifdef KC_HAVE_WGMMA
+    if (PATH == KC_PATH_WGMMA) {
+        /* Pin the zeroed accumulators before the first wgmma: without this, ptxas may sink the
+         * zero moves into the pipeline and serialize every wgmma (warning C7515). */
+#pragma unroll
+        for (int b = 0; b < 2; b++)
+#pragma unroll
+            for (int i = 0; i < NACC; i++)
+                asm volatile("" : "+f"(acc[b][i])::"memory");
+        kc_wg_fence();
+    }
+#endif
+    const int wg = tid >> 7;
+    const int warp = (tid >> 5) & 3;
+    const int lane = tid & 31;
+
+#pragma unroll 1
+    for (int s = 0; s < D; s++) {
+        if (s < nk)
+            load_stage(s);
+        kc_cp_commit();
+    }
+
+#pragma unroll 1
+    for (int kb = 0; kb < nk; kb++) {
+        kc_cp_wait<D - 1>();
+        kc_fence_proxy_async();
+        __syncthreads();
+        if (kb + D < nk)
+            load_stage(kb + D);
+        kc_cp_commit();
+
+        const uint32_t sa = sbase + (uint32_t)((kb % S) * TL::stage_bytes);
+        const uint32_t sb = sa + TL::a_bytes;
+        if (PATH == KC_PATH_WGMMA) {
+#ifdef KC_HAVE_WGMMA
+            kc_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                const uint64_t db = kc_desc(sb + kk * 32);
+#pragma unroll
+                for (int blk = 0; blk < 2; blk++) {
+                    const uint64_t da = kc_desc(sa + (uint32_t)((wg * 128 + blk * 64) * 128) + kk * 32);
+                    kc_wgmma_op<T, BN>::run(acc[blk], da, db);
+                }
+            }
+            kc_wg_commit();
+            kc_wg_wait<1>();
+#endif
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                uint32_t af[2][4];
+#pragma unroll
+                for (int blk = 0; blk < 2; blk++) {
+                    const int r = wg * 128 + blk * 64 + warp * 16 + (lane & 15);
+                    kc_ldsm_x4(sa + kc_swz(r, 2 * kk + (lane >> 4)), af[blk]);
+                }
+                if (BN == 8) {
+                    uint32_t bf[2];
+                    const int r = lane & 7;
+                    kc_ldsm_x2(sb + kc_swz(r, 2 * kk + ((lane >> 3) & 1)), bf);
+#pragma unroll
+                    for (int blk = 0; blk < 2; blk++)
+                        kc_mma<T>::run(&acc[blk][0], af[blk], bf[0], bf[1]);
+                } else {
+#pragma unroll
+                    for (int nt = 0; nt < BN / 8; nt += 2) {
+                        uint32_t bf[4];
+                        const int r = nt * 8 + (lane & 7) + ((lane >> 4) << 3);
+                        kc_ldsm_x4(sb + kc_swz(r, 2 * kk + ((lane >> 3) & 1)), bf);
+#pragma unroll
+                        for (int blk = 0; blk < 2; blk++) {
+                            kc_mma<T>::run(&acc[blk][nt * 4], af[blk], bf[0], bf[1]);
+                            kc_mma<T>::run(&acc[blk][(nt + 1) * 4], af[blk], bf[2], bf[3]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+#ifdef KC_HAVE_WGMMA
+    if (PATH == KC_PATH_WGMMA)
+        kc_wg_wait<0>();
+#endif
+    kc_cp_wait<0>();
+
+    /* Epilogue. Register 4 i + 2 hf + cb of a 64-row block holds row 16 warp + lane/4 + 8 hf,
+     * column 8 i + 2 (lane % 4) + cb (the same layout for wgmma and mma.sync). */
+    T *out = (T *)a.out;
+#pragma unroll
+    for (int i = 0; i < BN / 8; i++) {
+#pragma unroll
+        for (int cb = 0; cb < 2; cb++) {
+            const int n = 8 * i + 2 * (lane & 3) + cb;
+            const int orow = s_orow[n];
+            if (orow < 0)
+                continue;
+            T *orow_p = out + (size_t)orow * a.out_ld;
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int rr = warp * 16 + (lane >> 2) + 8 * hf;
+                const int reg = 4 * i + 2 * hf + cb;
+                if (MODE == KC_MODE_GATE_UP) {
+                    const int j = rb * rows_per_cta + wg * 64 + rr;
+                    if (j < M) {
+                        const float gt = acc[0][reg], up = acc[1][reg];
+                        orow_p[j] = kc_elem<T>::from_f(kc_act(a.act, gt) * up);
+                    }
+                } else {
+                    const float sc = s_scale[n];
+#pragma unroll
+                    for (int blk = 0; blk < 2; blk++) {
+                        const int h = rb * rows_per_cta + wg * 128 + blk * 64 + rr;
+                        if (h < M) {
+                            const float v = acc[blk][reg] * sc; /* sc == 1.0f when unscaled: exact */
+                            orow_p[h] = kc_elem<T>::from_f(v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+#endif
+}
+
+/* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
+template <typename T, int NWG, int BN, int PATH>
+static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
+    typedef kc_tile<NWG, BN> TL;
+    const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    const long n_rb = (a->M + rows_per_cta - 1) / rows_per_cta;
+    const long nbl = a->dense ? (a->n_dense + BN - 1) / BN : a->max_blocks;
+    kc_gemm_args aa = *a;
+    aa.max_blocks = (int32_t)nbl;
+    const long grid = n_rb * nbl;
+    if (grid <= 0)
+        return 0;
+    if (grid > 0x7fffffffL)
+        return (int)cudaErrorInvalidConfiguration;
+    /* The shared-memory attribute once per device (a launch must not pay a driver call). */
+    static unsigned long long attr_done[2]; /* bit d: set on device d (d < 64) */
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess)
+        return (int)e;
+    const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
+    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
+    if (!(attr_done[mi] & bit)) {
+        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem)
+                    : cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
+        if (e != cudaSuccess)
+            return (int)e;
+        attr_done[mi] |= bit;
+    }
+    if (mi == 0)
+        kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP><<<(unsigned)grid, TL::threads, TL::smem, st>>>(aa);
+    else
+        kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN><<<(unsigned)grid, TL::threads, TL::smem, st>>>(aa);
+    return (int)cudaGetLastError();
+}
+
+/* The compiled configurations: (path, nwg, bn). */
+#define KC_GEMM_CONFIGS(X)             \
+    X(KC_PATH_WGMMA, 1, 8)             \
+    X(KC_PATH_WGMMA, 1, 16)            \
+    X(KC_PATH_WGMMA, 1, 32)            \
+    X(KC_PATH_WGMMA, 1, 64)            \
+    X(KC_PATH_WGMMA, 2, 64)            \
+    X(KC_PATH_WGMMA, 2, 128)           \
+    X(KC_PATH_MMA, 1, 8)               \
+    X(KC_PATH_MMA, 1, 16)              \
+    X(KC_PATH_MMA, 1, 32)              \
+    X(KC_PATH_MMA, 1, 64)              \
+    X(KC_PATH_MMA, 2, 64)              \
+    X(KC_PATH_MMA, 2, 128)
+
+/* Defines `extern "C" int NAME(args, path, nwg, bn, stream)` for element type T. */
+#define KC_GEMM_X_(P, W, N)                     \
+    if (path == (P) && nwg == (W) && bn == (N)) \
+        return kc_gemm_launch_t<KC_T_, W, N, P>(a, st);

@@ -1,0 +1,595 @@
+/*
+ * kern_cuda.c: the host half of the CUDA backend (kern_cuda_ops): contexts, the workspace,
+ * the choice of tile and instruction path, and the sequence of launches of each op. Plain C11
+ * over the CUDA runtime; the kernels are behind the extern "C" launchers of kern_cuda_impl.h.
+ *
+ * Ownership and threads: a context belongs to one thread at a time (kern.h). It owns a stream
+ * (or uses the caller's), a side stream for the shared expert, two events, the workspace
+ * buffers and the error record. Nothing here synchronizes with the device except
+ * kern_ctx_sync, context creation and free: each op only enqueues work.
+ *
+ * Invariants: tensors are device pointers; kern.c has checked shapes, dtypes and aliasing
+ * (host_data = false, so ids, the map and the weights are checked on the device: a bad pair is
+ * skipped, never read out of bounds, and reported as MOE_ERR_INVALID_ARG by kern_ctx_sync or
+ * the next call). Workspace buffers only grow, stream-ordered (cudaMallocAsync/cudaFreeAsync on
+ * the context's stream), so no call waits for the device.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/kern_cuda.h"
+#include "kernels/cuda/kern_cuda_impl.h"
+#include "kernels/kern_impl.h"
+
+typedef struct kc_buf {
+    void *p;
+    size_t cap;
+} kc_buf;
+
+typedef struct kc_state {
+    int device;
+    int cc_major, cc_minor;
+    int n_sm;
+    cudaStream_t stream;
+    bool own_stream;
+    cudaStream_t side;
+    cudaEvent_t ev_fork, ev_join;
+    kern_cuda_path path;
+    int32_t force_nwg, force_bn;
+    kc_err *err_host; /* mapped pinned */
+    kc_err *err_dev;  /* its device view */
+    int32_t *claim;   /* device */
+    kc_buf pair_pos, sorted_rows, block_expert, n_blocks, abuf, slots, xw, sh_abuf, sh_out, gate;
+} kc_state;
+
+static kc_state *st_of(kern_ctx_t *ctx) { return (kc_state *)ctx->impl; }
+
+/* ------------------------------------------------------------------------------------------
+ * Workspace.
+ * ---------------------------------------------------------------------------------------- */
+static moe_status buf_ensure(kc_state *s, kc_buf *b, size_t bytes) {
+    if (bytes <= b->cap && b->p)
+        return MOE_OK;
+    size_t want = bytes < 256 ? 256 : bytes;
+    if (b->cap && want < b->cap + b->cap / 2)
+        want = b->cap + b->cap / 2; /* grow by half at least: few regrowths */
+    if (b->p) {
+        MOE_CUDA_CHECK(cudaFreeAsync(b->p, s->stream));
+        b->p = NULL;
+        b->cap = 0;
+    }
+    cudaError_t e = cudaMallocAsync(&b->p, want, s->stream);
+    if (e != cudaSuccess) {
+        b->p = NULL;
+        (void)cudaGetLastError();
+        return moe_fail(MOE_ERR_CUDA, "cuda backend: workspace of %zu bytes: %s", want, cudaGetErrorString(e));
+    }
+    b->cap = want;
+    return MOE_OK;
+}
+
+static void buf_free(kc_state *s, kc_buf *b) {
+    if (b->p)
+        (void)cudaFreeAsync(b->p, s->stream);
+    b->p = NULL;
+    b->cap = 0;
+}
+
+/* Rows of the expert-sorted order for n_pairs pairs in blocks of bn (each expert padded). */
+static int64_t max_blocks_for(int64_t n_pairs, int32_t n_local, int32_t bn) {
+    int64_t busy = n_local < n_pairs ? n_local : n_pairs;
+    return (n_pairs + bn - 1) / bn + busy;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Device-side errors.
+ * ---------------------------------------------------------------------------------------- */
+static moe_status check_device_errors(kc_state *s) {
+    volatile kc_err *r = s->err_host;
+    int32_t code = r->code;
+    if (code <= 0)
+        return MOE_OK;
+    kc_err e = {code, r->token, r->slot, r->value, r->fvalue};
+    r->code = 0;
+    MOE_CUDA_CHECK(cudaMemsetAsync(s->claim, 0, sizeof(int32_t), s->stream));
+    switch (e.code) {
+    case KC_ERR_ID:
+        return moe_fail(MOE_ERR_INVALID_ARG,
+                        "fused_experts: expert id %d out of range at token %d, slot %d (found on the device; the "
+                        "pair was skipped)",
+                        (int)e.value, (int)e.token, (int)e.slot);
+    case KC_ERR_MAP:
+        return moe_fail(MOE_ERR_INVALID_ARG,
+                        "fused_experts: expert_map entry %d not in [-1, n_local) for the id at token %d, slot %d "
+                        "(found on the device; the pair was skipped)",
+                        (int)e.value, (int)e.token, (int)e.slot);
+    case KC_ERR_WEIGHT:
+        return moe_fail(MOE_ERR_INVALID_ARG,
+                        "fused_experts: routing weight %g is not finite at token %d, slot %d (found on the device)",
+                        (double)e.fvalue, (int)e.token, (int)e.slot);
+    default:
+        return moe_fail(MOE_ERR_INTERNAL, "cuda backend: unknown device error code %d", (int)e.code);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Context.
+ * ---------------------------------------------------------------------------------------- */
+static void cuda_free(kern_ctx_t *ctx);
+
+static moe_status cuda_init(kern_ctx_t *ctx) {
+    moe_status st = MOE_OK;
+    int n = 0;
+    cudaError_t ce = cudaGetDeviceCount(&n);
+    if (ce != cudaSuccess || n == 0) {
+        (void)cudaGetLastError();
+        return moe_fail(MOE_ERR_UNSUPPORTED, "cuda backend: no CUDA device (%s)",
+                        ce != cudaSuccess ? cudaGetErrorString(ce) : "device count 0");
+    }
+    const int dev = ctx->params.device;
+    MOE_REQUIRE(dev >= 0 && dev < n, MOE_ERR_INVALID_ARG, "cuda backend: device %d not in [0, %d)", dev, n);
+    kc_state *s = calloc(1, sizeof *s);
+    if (!s)
+        return moe_fail(MOE_ERR_NOMEM, "cuda backend: context");
+    ctx->impl = s;
+    s->device = dev;
+    MOE_CUDA_CHECK_GOTO(cudaSetDevice(dev), st, fail);
+    struct cudaDeviceProp prop;
+    MOE_CUDA_CHECK_GOTO(cudaGetDeviceProperties(&prop, dev), st, fail);
+    s->cc_major = prop.major;
+    s->cc_minor = prop.minor;
+    s->n_sm = prop.multiProcessorCount;
+    if (s->cc_major < 8) {
+        st = moe_fail(MOE_ERR_UNSUPPORTED, "cuda backend: device %d (%s) is sm_%d%d; sm_80 or newer is needed", dev,
+                      prop.name, s->cc_major, s->cc_minor);
+        goto fail;
+    }
+    if (ctx->params.stream) {
+        s->stream = (cudaStream_t)ctx->params.stream;
+    } else {
+        MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking), st, fail);
+        s->own_stream = true;
+    }
+    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&s->side, cudaStreamNonBlocking), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&s->ev_fork, cudaEventDisableTiming), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&s->ev_join, cudaEventDisableTiming), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&s->err_host, sizeof(kc_err), cudaHostAllocMapped), st, fail);
+    memset(s->err_host, 0, sizeof(kc_err));
+    MOE_CUDA_CHECK_GOTO(cudaHostGetDevicePointer((void **)&s->err_dev, s->err_host, 0), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&s->claim, sizeof(int32_t)), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMemset(s->claim, 0, sizeof(int32_t)), st, fail);
+
+    s->path = (s->cc_major == 9 && s->cc_minor == 0) ? KERN_CUDA_PATH_WGMMA : KERN_CUDA_PATH_MMA;
+    const char *env = getenv("MOE_CUDA_PATH");
+    if (env && env[0]) {
+        if (strcmp(env, "mma") == 0) {
+            s->path = KERN_CUDA_PATH_MMA;
+        } else if (strcmp(env, "wgmma") == 0) {
+            if (s->path != KERN_CUDA_PATH_WGMMA) {
+                st = moe_fail(MOE_ERR_UNSUPPORTED, "MOE_CUDA_PATH=wgmma needs an sm_90 device (this is sm_%d%d)",
+                              s->cc_major, s->cc_minor);
+                goto fail;
+            }
+        } else if (strcmp(env, "auto") != 0) {
+            st = moe_fail(MOE_ERR_INVALID_ARG, "MOE_CUDA_PATH='%.16s': expected auto, mma or wgmma", env);
+            goto fail;
+        }
+    }
+    MOE_DEBUG(MOE_SUB_KERN, "cuda backend: device %d %s sm_%d%d, %d SMs, path %s", dev, prop.name, s->cc_major,
+              s->cc_minor, s->n_sm, s->path == KERN_CUDA_PATH_WGMMA ? "wgmma" : "mma");
+    return MOE_OK;
+fail:
+    cuda_free(ctx);
+    ctx->impl = NULL;
+    return st;
+}
+
+static void cuda_free(kern_ctx_t *ctx) {
+    kc_state *s = st_of(ctx);
+    if (!s)
+        return;
+    (void)cudaSetDevice(s->device);
+    if (s->stream) {
+        kc_buf *bufs[] = {&s->pair_pos, &s->sorted_rows, &s->block_expert, &s->n_blocks, &s->abuf,
+                          &s->slots,    &s->xw,          &s->sh_abuf,      &s->sh_out,   &s->gate};
+        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+            buf_free(s, bufs[i]);
+        (void)cudaStreamSynchronize(s->stream);
+    }
+    if (s->side)
+        (void)cudaStreamDestroy(s->side);
+    if (s->own_stream && s->stream)
+        (void)cudaStreamDestroy(s->stream);
+    if (s->ev_fork)
+        (void)cudaEventDestroy(s->ev_fork);
+    if (s->ev_join)
+        (void)cudaEventDestroy(s->ev_join);
+    if (s->err_host)
+        (void)cudaFreeHost(s->err_host);
+    if (s->claim)
+        (void)cudaFree(s->claim);
+    free(s);
+    ctx->impl = NULL;
+}
+
+static bool cuda_supports(const kern_ctx_t *ctx, kern_op op, moe_dtype dt) {
+    (void)ctx;
+    switch (op) {
+    case KERN_OP_ROUTE:
+    case KERN_OP_MOE_SUM:
+        return dt == MOE_DTYPE_F32 || dt == MOE_DTYPE_F16 || dt == MOE_DTYPE_BF16;
+    case KERN_OP_FUSED_EXPERTS:
+    case KERN_OP_SHARED_EXPERT:
+        return dt == MOE_DTYPE_F16 || dt == MOE_DTYPE_BF16; /* tensor-core products only */
+    default:
+        return false;
+    }
+}
+
+static moe_status cuda_sync(kern_ctx_t *ctx) {
+    kc_state *s = st_of(ctx);
+    MOE_CUDA_CHECK(cudaSetDevice(s->device));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(s->stream));
+    return check_device_errors(s);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Tile choice. Every tile gives the same bits (gemm.cuh), so the choice follows the rows per
+ * expert alone: small tiles stream weights over many CTAs, the large one is compute-bound.
+ * ---------------------------------------------------------------------------------------- */
+static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int32_t *nwg, int32_t *bn) {
+    if (s->force_bn) {
+        *nwg = s->force_nwg;
+        *bn = s->force_bn;
+        return;
+    }
+    int64_t busy = n_local < n_pairs ? n_local : n_pairs;
+    int64_t m = busy > 0 ? (n_pairs + busy - 1) / busy : 1;
+    if (m <= 8) {
+        *nwg = 1, *bn = 8;
+    } else if (m <= 16) {
+        *nwg = 1, *bn = 16;
+    } else if (m <= 32) {
+        *nwg = 1, *bn = 32;
+    } else if (m <= 64) {
+        *nwg = 1, *bn = 64;
+    } else {
+        *nwg = 2, *bn = 128;
+    }
+}
+
+static int kc_path(const kc_state *s) { return s->path == KERN_CUDA_PATH_WGMMA ? KC_PATH_WGMMA : KC_PATH_MMA; }
+
+static moe_status launch_gemm(kc_state *s, const kc_gemm_args *a, int32_t nwg, int32_t bn, cudaStream_t stream,
+                              const char *what) {
+    int e = kc_launch_gemm(a, kc_path(s), nwg, bn, stream);
+    if (e != 0)
+        return moe_fail(MOE_ERR_CUDA, "cuda backend: %s product (tile %d x %d, %s): %s", what, (int)nwg, (int)bn,
+                        s->path == KERN_CUDA_PATH_WGMMA ? "wgmma" : "mma", cudaGetErrorString((cudaError_t)e));
+    return MOE_OK;
+}
+
+#define KC_LAUNCH(call, what)                                                                            \
+    do {                                                                                                 \
+        int le_ = (call);                                                                                \
+        if (le_ != 0)                                                                                    \
+            return moe_fail(MOE_ERR_CUDA, "cuda backend: %s: %s", (what), cudaGetErrorString((cudaError_t)le_)); \
+    } while (0)
+
+/* ------------------------------------------------------------------------------------------
+ * Routing.
+ * ---------------------------------------------------------------------------------------- */
+static moe_status cuda_route(kern_ctx_t *ctx, const kern_route_params *p, const moe_tensor *logits, moe_tensor *ids,
+                             moe_tensor *w) {
+    kc_state *s = st_of(ctx);
+    MOE_REQUIRE(p->n_experts <= KC_ROUTE_MAX_E, MOE_ERR_UNSUPPORTED,
+                "cuda route: n_experts %d over the backend's limit %d", (int)p->n_experts, KC_ROUTE_MAX_E);
+    MOE_REQUIRE(p->top_k <= 32, MOE_ERR_UNSUPPORTED, "cuda route: top_k %d over the backend's limit 32",
+                (int)p->top_k);
+    MOE_REQUIRE(p->group_mode == KERN_GROUP_NONE || p->n_group <= 64, MOE_ERR_UNSUPPORTED,
+                "cuda route: n_group %d over the backend's limit 64", (int)p->n_group);
+    MOE_CUDA_CHECK(cudaSetDevice(s->device));
+    MOE_CHECK(check_device_errors(s));
+    KC_LAUNCH(kc_launch_route(p, logits->data, logits->dtype, logits->shape[0], ids->data, w->data, s->stream),
+              "route");
+    return MOE_OK;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Routed experts: align, (scale x), gate-up, down into per-slot contributions `slots_out`
+ * ([T*K, H], by pair). The caller sums or zero-fills.
+ * ---------------------------------------------------------------------------------------- */
+static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_tensor *x, const moe_tensor *w13,
+                         const moe_tensor *w2, const moe_tensor *ids, const moe_tensor *w, void *slots_out) {
+    const moe_dtype dt = x->dtype;
+    const size_t es = moe_dtype_size(dt);
+    const int64_t T = x->shape[0], H = x->shape[1], K = ids->shape[1], I = w13->shape[1] / 2;
+    const int64_t P = T * K;
+    MOE_REQUIRE(H % 8 == 0 && I % 8 == 0, MOE_ERR_UNSUPPORTED,
+                "cuda fused_experts: hidden %lld and intermediate %lld must be multiples of 8 (16-byte rows)",
+                (long long)H, (long long)I);
+    MOE_REQUIRE(p->n_local <= KC_ALIGN_MAX_LOCAL, MOE_ERR_UNSUPPORTED,
+                "cuda fused_experts: n_local %d over the backend's limit %d", (int)p->n_local, KC_ALIGN_MAX_LOCAL);
+    MOE_REQUIRE(P <= INT32_MAX / 2 && H <= INT32_MAX && I <= INT32_MAX, MOE_ERR_LIMIT,
+                "cuda fused_experts: %lld pairs over the backend's limit", (long long)P);
+    int32_t nwg, bn;
+    choose_tile(s, P, p->n_local, &nwg, &bn);
+    const int64_t max_nb = max_blocks_for(P, p->n_local, bn);
+    const int64_t rows = max_nb * bn;
+    MOE_CHECK(buf_ensure(s, &s->pair_pos, (size_t)P * 4));
+    MOE_CHECK(buf_ensure(s, &s->sorted_rows, (size_t)rows * 4));
+    MOE_CHECK(buf_ensure(s, &s->block_expert, (size_t)max_nb * 4));
+    MOE_CHECK(buf_ensure(s, &s->n_blocks, 4));
+    MOE_CHECK(buf_ensure(s, &s->abuf, (size_t)rows * (size_t)I * es));
+    if (p->weight_on_input)
+        MOE_CHECK(buf_ensure(s, &s->xw, (size_t)P * (size_t)H * es));
+
+    kc_errsink sink = {s->err_dev, s->claim};
+    KC_LAUNCH(kc_launch_align(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn,
+                              s->pair_pos.p, s->sorted_rows.p, s->block_expert.p, s->n_blocks.p, sink, s->stream),
+              "align");
+    if (p->weight_on_input)
+        KC_LAUNCH(kc_launch_scale_x(dt, x->data, w->data, s->xw.p, P, (int32_t)K, H, s->stream), "scale x");
+
+    kc_gemm_args a;
+    memset(&a, 0, sizeof a);
+    a.mode = KC_MODE_GATE_UP;
+    a.dtype = dt;
+    a.act = p->act;
+    a.w = w13->data;
+    a.w_rows = 2 * I;
+    a.M = (int32_t)I;
+    a.K = (int32_t)H;
+    a.b = p->weight_on_input ? s->xw.p : x->data;
+    a.b_div = p->weight_on_input ? 1 : (int32_t)K;
+    a.b_by_pos = 0;
+    a.out_by_pos = 1;
+    a.sorted_rows = s->sorted_rows.p;
+    a.block_expert = s->block_expert.p;
+    a.n_blocks = s->n_blocks.p;
+    a.max_blocks = (int32_t)max_nb;
+    a.out = s->abuf.p;
+    a.out_ld = (int32_t)I;
+    MOE_CHECK(launch_gemm(s, &a, nwg, bn, s->stream, "gate-up"));
+
+    a.mode = KC_MODE_DOWN;
+    a.w = w2->data;
+    a.w_rows = H;
+    a.M = (int32_t)H;
+    a.K = (int32_t)I;
+    a.b = s->abuf.p;
+    a.b_div = 1;
+    a.b_by_pos = 1;
+    a.out_by_pos = 0;
+    a.out = slots_out;
+    a.out_ld = (int32_t)H;
+    a.topk_w = p->weight_on_input ? NULL : w->data;
+    MOE_CHECK(launch_gemm(s, &a, nwg, bn, s->stream, "down"));
+    return MOE_OK;
+}
+
+/* Shared expert on `stream`: out[T, H] = g * W2 (act(W1 x) * (W3 x)). Buffers must be ready. */
+static moe_status shared_run(kc_state *s, const kern_shared_expert *se, const moe_tensor *x, void *out,
+                             cudaStream_t stream) {
+    const moe_dtype dt = x->dtype;
+    const int64_t T = x->shape[0], H = x->shape[1], Is = se->w13->shape[0] / 2;
+    int32_t nwg, bn;
+    choose_tile(s, T, 1, &nwg, &bn);
+    if (se->gate)
+        KC_LAUNCH(kc_launch_gate_dot(dt, x->data, se->gate->data, s->gate.p, T, H, stream), "shared gate");
+    kc_gemm_args a;
+    memset(&a, 0, sizeof a);
+    a.mode = KC_MODE_GATE_UP;
+    a.dtype = dt;
+    a.act = se->act;
+    a.w = se->w13->data;
+    a.w_rows = 2 * Is;
+    a.M = (int32_t)Is;
+    a.K = (int32_t)H;
+    a.b = x->data;
+    a.dense = 1;
+    a.n_dense = (int32_t)T;
+    a.out = s->sh_abuf.p;
+    a.out_ld = (int32_t)Is;
+    MOE_CHECK(launch_gemm(s, &a, nwg, bn, stream, "shared gate-up"));
+    a.mode = KC_MODE_DOWN;
+    a.w = se->w2->data;
+    a.w_rows = H;
+    a.M = (int32_t)H;
+    a.K = (int32_t)Is;
+    a.b = s->sh_abuf.p;
+    a.out = out;
+    a.out_ld = (int32_t)H;
+    a.row_scale = se->gate ? s->gate.p : NULL;
+    MOE_CHECK(launch_gemm(s, &a, nwg, bn, stream, "shared down"));
+    return MOE_OK;
+}
+
+static moe_status shared_prepare(kc_state *s, const kern_shared_expert *se, const moe_tensor *x) {
+    const int64_t T = x->shape[0], H = x->shape[1], Is = se->w13->shape[0] / 2;
+    MOE_REQUIRE(H % 8 == 0 && Is % 8 == 0, MOE_ERR_UNSUPPORTED,
+                "cuda shared_expert: hidden %lld and intermediate %lld must be multiples of 8", (long long)H,
+                (long long)Is);
+    MOE_REQUIRE(T <= INT32_MAX && Is <= INT32_MAX, MOE_ERR_LIMIT, "cuda shared_expert: %lld tokens over the limit",
+                (long long)T);
+    MOE_CHECK(buf_ensure(s, &s->sh_abuf, (size_t)T * (size_t)Is * moe_dtype_size(x->dtype)));
+    if (se->gate)
+        MOE_CHECK(buf_ensure(s, &s->gate, (size_t)T * sizeof(float)));
+    return MOE_OK;
+}
+
+static moe_status cuda_fused_experts(kern_ctx_t *ctx, const kern_experts_params *p, const moe_tensor *x,
+                                     const moe_tensor *w13, const moe_tensor *w2, const moe_tensor *ids,
+                                     const moe_tensor *w, moe_tensor *y) {
+    kc_state *s = st_of(ctx);
+    MOE_CUDA_CHECK(cudaSetDevice(s->device));
+    MOE_CHECK(check_device_errors(s));
+    const int64_t T = x->shape[0], H = x->shape[1], K = ids->shape[1];
+    if (y->ndim == 3) { /* slot mode: contributions straight into y, zeros where not local */
+        MOE_CHECK(routed(s, p, x, w13, w2, ids, w, y->data));
+        KC_LAUNCH(kc_launch_zero_nonlocal(x->dtype, s->pair_pos.p, y->data, T * K, H, s->stream), "slot zeros");
+        return MOE_OK;
+    }
+    MOE_CHECK(buf_ensure(s, &s->slots, (size_t)(T * K) * (size_t)H * moe_dtype_size(x->dtype)));
+    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p));
+    KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, s->pair_pos.p, NULL, y->data, T, (int32_t)K, H, s->stream), "sum");
+    return MOE_OK;
+}
+
+static moe_status cuda_shared_expert(kern_ctx_t *ctx, const kern_shared_expert *se, const moe_tensor *x,
+                                     moe_tensor *out) {
+    kc_state *s = st_of(ctx);
+    MOE_CUDA_CHECK(cudaSetDevice(s->device));
+    MOE_CHECK(check_device_errors(s));
+    MOE_CHECK(shared_prepare(s, se, x));
+    return shared_run(s, se, x, out->data, s->stream);
+}
+
+static moe_status cuda_moe_sum(kern_ctx_t *ctx, const moe_tensor *slots, const moe_tensor *shared, moe_tensor *y) {
+    kc_state *s = st_of(ctx);
+    MOE_CUDA_CHECK(cudaSetDevice(s->device));
+    MOE_CHECK(check_device_errors(s));
+    KC_LAUNCH(kc_launch_sum(slots->dtype, slots->data, NULL, shared ? shared->data : NULL, y->data, slots->shape[0],
+                            (int32_t)slots->shape[1], slots->shape[2], s->stream),
+              "moe_sum");
+    return MOE_OK;
+}
+
+/* Routed + shared in one call: the shared expert runs on the side stream while the routed
+ * products run on the main one; the sum joins them. No host synchronization. */
+static moe_status cuda_moe_forward(kern_ctx_t *ctx, const kern_experts_params *p, const moe_tensor *x,
+                                   const moe_tensor *w13, const moe_tensor *w2, const moe_tensor *ids,
+                                   const moe_tensor *w, const kern_shared_expert *se, moe_tensor *y) {
+    kc_state *s = st_of(ctx);
+    if (!se)
+        return cuda_fused_experts(ctx, p, x, w13, w2, ids, w, y);
+    MOE_CUDA_CHECK(cudaSetDevice(s->device));
+    MOE_CHECK(check_device_errors(s));
+    const int64_t T = x->shape[0], H = x->shape[1], K = ids->shape[1];
+    const size_t es = moe_dtype_size(x->dtype);
+    MOE_CHECK(shared_prepare(s, se, x));
+    MOE_CHECK(buf_ensure(s, &s->sh_out, (size_t)T * (size_t)H * es));
+    MOE_CHECK(buf_ensure(s, &s->slots, (size_t)(T * K) * (size_t)H * es));
+    MOE_CUDA_CHECK(cudaEventRecord(s->ev_fork, s->stream));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(s->side, s->ev_fork, 0));
+    MOE_CHECK(shared_run(s, se, x, s->sh_out.p, s->side));
+    MOE_CUDA_CHECK(cudaEventRecord(s->ev_join, s->side));
+    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(s->stream, s->ev_join, 0));
+    KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, s->pair_pos.p, s->sh_out.p, y->data, T, (int32_t)K, H, s->stream),
+              "sum");
+    return MOE_OK;
+}
+
+const kern_backend_ops kern_cuda_ops = {
+    .name = "cuda",
+    .host_data = false,
+    .init = cuda_init,
+    .free = cuda_free,
+    .supports = cuda_supports,
+    .sync = cuda_sync,
+    .route = cuda_route,
+    .fused_experts = cuda_fused_experts,
+    .shared_expert = cuda_shared_expert,
+    .moe_sum = cuda_moe_sum,
+    .moe_forward = cuda_moe_forward,
+};
+
+/* ------------------------------------------------------------------------------------------
+ * kern_cuda.h
+ * ---------------------------------------------------------------------------------------- */
+static moe_status require_cuda_ctx(kern_ctx_t *ctx) {
+    MOE_REQUIRE(ctx, MOE_ERR_INVALID_ARG, "cuda backend: NULL context");
+    MOE_REQUIRE(ctx->ops == &kern_cuda_ops && ctx->impl, MOE_ERR_INVALID_ARG,
+                "cuda backend: the context is a %s context", ctx->ops->name);
+    return MOE_OK;
+}
+
+moe_status kern_cuda_reserve(kern_ctx_t *ctx, int64_t max_tokens, int32_t top_k, int64_t hidden, int64_t inter,
+                             int32_t n_local, int64_t shared_inter) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    MOE_REQUIRE(max_tokens >= 0 && top_k >= 1 && hidden >= 0 && inter >= 0 && n_local >= 0 && shared_inter >= 0,
+                MOE_ERR_INVALID_ARG, "kern_cuda_reserve: negative size");
+    kc_state *s = st_of(ctx);
+    MOE_CUDA_CHECK(cudaSetDevice(s->device));
+    const size_t es = 2;
+    const int64_t P = max_tokens * top_k;
+    const int64_t max_nb = max_blocks_for(P, n_local, 128);
+    MOE_CHECK(buf_ensure(s, &s->pair_pos, (size_t)P * 4));
+    MOE_CHECK(buf_ensure(s, &s->sorted_rows, (size_t)(max_nb * 128) * 4));
+    MOE_CHECK(buf_ensure(s, &s->block_expert, (size_t)max_nb * 4));
+    MOE_CHECK(buf_ensure(s, &s->n_blocks, 4));
+    MOE_CHECK(buf_ensure(s, &s->abuf, (size_t)(max_nb * 128) * (size_t)inter * es));
+    MOE_CHECK(buf_ensure(s, &s->slots, (size_t)P * (size_t)hidden * es));
+    if (shared_inter > 0) {
+        MOE_CHECK(buf_ensure(s, &s->sh_abuf, (size_t)max_tokens * (size_t)shared_inter * es));
+        MOE_CHECK(buf_ensure(s, &s->sh_out, (size_t)max_tokens * (size_t)hidden * es));
+        MOE_CHECK(buf_ensure(s, &s->gate, (size_t)max_tokens * sizeof(float)));
+    }
+    return MOE_OK;
+}
+
+moe_status kern_cuda_set_path(kern_ctx_t *ctx, kern_cuda_path path) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    kc_state *s = st_of(ctx);
+    const bool hopper = s->cc_major == 9 && s->cc_minor == 0;
+    switch (path) {
+    case KERN_CUDA_PATH_AUTO:
+        s->path = hopper ? KERN_CUDA_PATH_WGMMA : KERN_CUDA_PATH_MMA;
+        return MOE_OK;
+    case KERN_CUDA_PATH_MMA:
+        s->path = path;
+        return MOE_OK;
+    case KERN_CUDA_PATH_WGMMA:
+        MOE_REQUIRE(hopper, MOE_ERR_UNSUPPORTED, "cuda backend: wgmma needs an sm_90 device (this is sm_%d%d)",
+                    s->cc_major, s->cc_minor);
+        s->path = path;
+        return MOE_OK;
+    default:
+        return moe_fail(MOE_ERR_INVALID_ARG, "cuda backend: unknown path %d", (int)path);
+    }
+}
+
+kern_cuda_path kern_cuda_get_path(const kern_ctx_t *ctx) {
+    if (!ctx || ctx->ops != &kern_cuda_ops || !ctx->impl)
+        return KERN_CUDA_PATH_AUTO;
+    return ((const kc_state *)ctx->impl)->path;
+}
+
+moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    kc_state *s = st_of(ctx);
+    if (nwg == 0 && bn == 0) {
+        s->force_nwg = s->force_bn = 0;
+        return MOE_OK;
+    }
+    MOE_REQUIRE(kc_gemm_has_cfg(kc_path(s), nwg, bn), MOE_ERR_INVALID_ARG,
+                "cuda backend: tile (%d warpgroups, %d rows) is not compiled in", (int)nwg, (int)bn);
+    s->force_nwg = nwg;
+    s->force_bn = bn;
+    return MOE_OK;
+}
+
+int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap) {
+    static const int32_t cand[][2] = {{1, 8}, {1, 16}, {1, 32}, {1, 64}, {2, 64}, {2, 128}};
+    const int kp = path == KERN_CUDA_PATH_WGMMA ? KC_PATH_WGMMA : KC_PATH_MMA;
+    int32_t n = 0;
+    for (size_t i = 0; i < sizeof cand / sizeof cand[0]; i++) {
+        if (!kc_gemm_has_cfg(kp, cand[i][0], cand[i][1]))
+            continue;
+        if (out && n < cap) {
+            out[2 * n] = cand[i][0];
+            out[2 * n + 1] = cand[i][1];
+        }
+        n++;
+    }
+    return n;
+}
+
+void *kern_cuda_stream(kern_ctx_t *ctx) {
+    if (!ctx || ctx->ops != &kern_cuda_ops || !ctx->impl)
+        return NULL;
+    return (void *)st_of(ctx)->stream;
+}

@@ -1,0 +1,58 @@
+/*
+ * kern_cuda.h: the CUDA backend's own knobs, beyond kern.h. Everything here is optional: a
+ * context made by kern_ctx_init(KERN_BACKEND_CUDA) works without any of it.
+ *
+ * Threads: like the context they take (one thread at a time).
+ *
+ * Workspace: a context owns its scratch (the permutation arrays, the [rows, I] intermediate,
+ * the [T*K, H] per-slot contributions, the shared expert's buffers). It is sized on first use
+ * and grown with cudaMallocAsync on the context's stream, never with a host synchronization;
+ * kern_cuda_reserve sizes it up front (a worker calls it once with its max_step_tokens).
+ *
+ * Errors found on the device (an expert id out of range, a bad expert-map entry, a weight
+ * that is not finite) skip the bad pair and are reported by kern_ctx_sync, or by the next call
+ * on the context, as MOE_ERR_INVALID_ARG naming the token and slot.
+ */
+#ifndef KERN_CUDA_KERN_CUDA_H
+#define KERN_CUDA_KERN_CUDA_H
+
+#include "kernels/kern.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The matrix instructions of the grouped products. AUTO: wgmma on sm_90 (H100/H200),
+ * mma.sync elsewhere. Results are bit-identical across T and tile shapes within one path; see
+ * docs/PERF.md for whether the two paths agree with each other. */
+typedef enum kern_cuda_path {
+    KERN_CUDA_PATH_AUTO = 0,
+    KERN_CUDA_PATH_MMA = 1,  /* mma.sync m16n8k16 (sm_80+) */
+    KERN_CUDA_PATH_WGMMA = 2 /* wgmma m64nNk16 (sm_90a) */
+} kern_cuda_path;
+
+/* Sizes the workspace for calls up to these sizes (0 for an unused part: shared_inter = 0
+ * without a shared expert). MOE_ERR_CUDA if the device memory is not there. */
+moe_status kern_cuda_reserve(kern_ctx_t *ctx, int64_t max_tokens, int32_t top_k, int64_t hidden, int64_t inter,
+                             int32_t n_local, int64_t shared_inter);
+
+/* Chooses the instruction path (MOE_ERR_UNSUPPORTED: wgmma on a card that is not sm_90). */
+moe_status kern_cuda_set_path(kern_ctx_t *ctx, kern_cuda_path path);
+/* The path that calls use now (never AUTO). */
+kern_cuda_path kern_cuda_get_path(const kern_ctx_t *ctx);
+
+/* Forces the tile of the grouped products (the kernel lab and the tests use it): nwg
+ * warpgroups of 128 weight rows, bn routed rows per tile; (0, 0) restores the automatic
+ * choice. MOE_ERR_INVALID_ARG for a tile that is not compiled in (see kern_cuda_tiles). */
+moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn);
+/* The compiled tiles of a path, as (nwg, bn) pairs into out[2 * i], out[2 * i + 1]; returns
+ * how many there are (at most cap are written). */
+int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap);
+
+/* The context's cudaStream_t (as void *), for callers that order their own work with it. */
+void *kern_cuda_stream(kern_ctx_t *ctx);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KERN_CUDA_KERN_CUDA_H */

@@ -1,0 +1,139 @@
+/*
+ * kern_cuda_impl.h: private to kernels/cuda. The C interface between the host half of the
+ * CUDA backend (kern_cuda.c, plain C11) and the device code (*.cu, CUDA C behind extern "C"
+ * launchers). Every launcher enqueues work on the given stream and returns the cudaError_t of
+ * the launch (0 = cudaSuccess) as an int; none synchronizes with the host.
+ *
+ * Ownership: the buffers passed in belong to the caller (the context's workspace or the
+ * user's tensors); launchers keep no state between calls.
+ *
+ * Invariants the launchers rely on (kern_cuda.c checks them before a launch): H and I are
+ * multiples of 8 (16-byte rows of bf16/fp16), dtypes are bf16 or fp16 for the matrix
+ * products, and the workspace is at least as large as kc_ws_sizes() says.
+ */
+#ifndef KERN_CUDA_KERN_CUDA_IMPL_H
+#define KERN_CUDA_KERN_CUDA_IMPL_H
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels/kern.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The first bad value a kernel met. The record lives in mapped pinned host memory, written
+ * with plain stores (no atomics over the bus); the first writer is chosen by an atomicCAS on a
+ * claim word in device memory. The host reads the record after the stream's work finished
+ * (kern_ctx_sync, or the next call) and turns it into MOE_ERR_INVALID_ARG. */
+typedef struct kc_err {
+    int32_t code;  /* KC_ERR_* */
+    int32_t token;
+    int32_t slot;
+    int32_t value; /* the bad id / map entry */
+    float fvalue;  /* the bad weight */
+} kc_err;
+
+typedef struct kc_errsink {
+    kc_err *rec;    /* device view of the mapped host record */
+    int32_t *claim; /* device memory, 0 = free */
+} kc_errsink;
+
+enum {
+    KC_ERR_NONE = 0,
+    KC_ERR_ID = 1,     /* expert id out of [0, n_experts) */
+    KC_ERR_MAP = 2,    /* expert_map[id] out of [-1, n_local) */
+    KC_ERR_WEIGHT = 3  /* routing weight not finite */
+};
+
+/* Which matrix instructions the products use. */
+enum {
+    KC_PATH_MMA = 1,   /* mma.sync m16n8k16 (HMMA): sm_80 and newer */
+    KC_PATH_WGMMA = 2  /* wgmma m64nNk16 (HGMMA): sm_90a only */
+};
+
+enum { KC_MODE_GATE_UP = 0, KC_MODE_DOWN = 1 };
+
+/* One grouped product, in the "weights as A" orientation (swap-AB): for each expert e and each
+ * block of BN routed rows, D[rows of W_e, BN] = W_e[rows, K] . B[BN rows, K]^T, then the
+ * epilogue. Column n of a tile is position pos = nb * BN + n of the expert-sorted order:
+ *   routed (dense == 0): pair = sorted_rows[pos] (-1: padding, skipped);
+ *        B row = b_by_pos ? pos : pair / b_div;  out row = out_by_pos ? pos : pair;
+ *        scale = topk_w ? topk_w[pair] : none;   expert = block_expert[nb]
+ *   dense (shared expert): t = pos (< n_dense), B row = t, out row = t,
+ *        scale = row_scale ? row_scale[t] : none; expert 0
+ * Gate-up epilogue: out[row, j] = round(act(D[j]) * D[I + j]) for j < M = I.
+ * Down epilogue:    out[row, h] = round(D[h] * scale) for h < M = H. */
+typedef struct kc_gemm_args {
+    int32_t mode;  /* KC_MODE_* */
+    int32_t dtype; /* MOE_DTYPE_BF16 or MOE_DTYPE_F16 */
+    int32_t act;   /* kern_act (gate-up) */
+    const void *w; /* [E_local][w_rows][K] */
+    int64_t w_rows;
+    int32_t M; /* I (gate-up) or H (down) */
+    int32_t K; /* H (gate-up) or I (down) */
+    const void *b;
+    int32_t b_div;
+    int32_t b_by_pos;
+    int32_t out_by_pos;
+    int32_t dense;
+    int32_t n_dense;
+    const int32_t *sorted_rows;
+    const int32_t *block_expert;
+    const int32_t *n_blocks; /* device scalar: blocks in use */
+    int32_t max_blocks;      /* the grid's bound on n_blocks */
+    void *out;
+    int32_t out_ld;
+    const float *topk_w;
+    const float *row_scale;
+} kc_gemm_args;
+
+/* Tile configurations: NWG consumer warpgroups (128 weight rows each), BN routed rows. */
+typedef struct kc_tile_cfg {
+    int32_t nwg;
+    int32_t bn;
+} kc_tile_cfg;
+
+/* Whether (path, nwg, bn) is compiled in. */
+int kc_gemm_has_cfg(int path, int nwg, int bn);
+int kc_launch_gemm(const kc_gemm_args *a, int path, int nwg, int bn, cudaStream_t st);
+
+/* Routing: logits [T, E] (f32/f16/bf16) -> ids [T, K], w [T, K]. E <= KC_ROUTE_MAX_E. */
+#define KC_ROUTE_MAX_E 1024
+int kc_launch_route(const kern_route_params *p, const void *logits, int32_t dtype, int64_t T, int32_t *ids,
+                    float *w, cudaStream_t st);
+
+/* Alignment: sorts the (token, slot) pairs by local expert into blocks of bn rows (each
+ * expert's rows padded to a multiple of bn with -1), checks ids, the map and the weights
+ * (errors into err; a bad pair is skipped), and writes:
+ *   pair_pos[p]      position of pair p in sorted order, or -1 (expert held elsewhere / bad)
+ *   sorted_rows[i]   pair at position i, or -1 (padding); i < n_blocks * bn
+ *   block_expert[b]  local expert of block b; n_blocks[0] = blocks in use
+ * One CTA; n_local <= KC_ALIGN_MAX_LOCAL (shared-memory counters). */
+#define KC_ALIGN_MAX_LOCAL 8192
+int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k, const int32_t *map,
+                    int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows,
+                    int32_t *block_expert, int32_t *n_blocks, kc_errsink err, cudaStream_t st);
+
+/* y[t, h] = round(sum_k slots[t, k, h] (k ascending, from +0.0, skipping pairs with
+ * pair_pos < 0 when pair_pos != NULL) + shared[t, h] (when given)); all of dtype. */
+int kc_launch_sum(int32_t dtype, const void *slots, const int32_t *pair_pos, const void *shared, void *y, int64_t T,
+                  int32_t K, int64_t H, cudaStream_t st);
+
+/* Slot mode: y[p, :] = +0.0 for each pair p with pair_pos[p] < 0. */
+int kc_launch_zero_nonlocal(int32_t dtype, const int32_t *pair_pos, void *y, int64_t n_pairs, int64_t H,
+                            cudaStream_t st);
+
+/* weight_on_input: xw[p, :] = round(x[p / K, :] * w[p]) for every pair. */
+int kc_launch_scale_x(int32_t dtype, const void *x, const float *w, void *xw, int64_t n_pairs, int32_t K, int64_t H,
+                      cudaStream_t st);
+
+/* Shared-expert gate: g[t] = sigmoid(x[t] . gate) in fp32. */
+int kc_launch_gate_dot(int32_t dtype, const void *x, const void *gate, float *g, int64_t T, int64_t H,
+                       cudaStream_t st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KERN_CUDA_KERN_CUDA_IMPL_H */

@@ -1,0 +1,290 @@
+/*
+ * lab_experts.c: the kernel lab of the fused experts (llm.c's dev/ manner). The variants are
+ * the compiled instruction paths and tiles of the grouped products (kernels/cuda/gemm.cuh):
+ *   variant 1: mma.sync m16n8k16 (HMMA), the sm_80 path, tiles (nwg x bn)
+ *   variant 2: wgmma m64nNk16 (HGMMA), the sm_90a path, tiles (nwg x bn)
+ * Part 1 checks every variant against the CPU reference (kernels/cpu/cpu_ref.c) on fresh
+ * random inputs (outputs poisoned, every element compared, NaN fails), checks that the tiles of
+ * a path give the same bits, and says whether the two paths give the same bits (HMMA vs HGMMA
+ * on the same dot products). Part 2 times every variant (events, warm-up, L2 flushed before
+ * each run, median) on the three BASELINES shapes at T = 1, 16, 128, 1024, 8192, skipping tiles
+ * that would re-read each weight more than 16 times; the table is printed last, with the tile
+ * the automatic choice takes marked.
+ *
+ * Build: bazel build //kernels/dev:lab_experts; run on a GPU host: lab_experts [--check-only]
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/kern_cuda.h"
+#include "kernels/dev/dev_util.h"
+#include "kernels/kern.h"
+
+#define LB_CHECK(call)                                                                              \
+    do {                                                                                            \
+        moe_status s_ = (call);                                                                     \
+        if (s_ != MOE_OK) {                                                                         \
+            fprintf(stderr, "lab: %s:%d: %s: %s\n", __FILE__, __LINE__, #call, moe_errmsg());       \
+            exit(1);                                                                                \
+        }                                                                                           \
+    } while (0)
+#define LB_CUDA(call)                                                                                   \
+    do {                                                                                                \
+        cudaError_t e_ = (call);                                                                        \
+        if (e_ != cudaSuccess) {                                                                        \
+            fprintf(stderr, "lab: %s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(1);                                                                                    \
+        }                                                                                               \
+    } while (0)
+
+static const char *path_name(kern_cuda_path p) { return p == KERN_CUDA_PATH_WGMMA ? "wgmma" : "mma"; }
+
+/* ---- part 1: checks ------------------------------------------------------------------- */
+static int check_variants(kern_ctx_t *gpu, kern_ctx_t *cpu, int npaths, const kern_cuda_path *paths, uint64_t seed) {
+    const int64_t T = 96, H = 512, I = 320;
+    const int32_t E = 8, K = 2;
+    moe_rng r;
+    moe_rng_seed(&r, seed);
+    moe_tensor x, w13, w2, ids, w, yref, yg;
+    LB_CHECK(moe_tensor_alloc(&x, MOE_DTYPE_BF16, 2, (int64_t[]){T, H}));
+    LB_CHECK(moe_tensor_alloc(&w13, MOE_DTYPE_BF16, 3, (int64_t[]){E, 2 * I, H}));
+    LB_CHECK(moe_tensor_alloc(&w2, MOE_DTYPE_BF16, 3, (int64_t[]){E, H, I}));
+    LB_CHECK(moe_tensor_alloc(&ids, MOE_DTYPE_I32, 2, (int64_t[]){T, K}));
+    LB_CHECK(moe_tensor_alloc(&w, MOE_DTYPE_F32, 2, (int64_t[]){T, K}));
+    LB_CHECK(moe_tensor_alloc(&yref, MOE_DTYPE_BF16, 2, (int64_t[]){T, H}));
+    LB_CHECK(moe_tensor_alloc(&yg, MOE_DTYPE_BF16, 2, (int64_t[]){T, H}));
+    for (int64_t i = 0; i < T * H; i++)
+        moe_store_f32(MOE_DTYPE_BF16, x.data, (size_t)i, moe_rng_normal(&r));
+    for (int64_t i = 0; i < E * 2 * I * H; i++)
+        moe_store_f32(MOE_DTYPE_BF16, w13.data, (size_t)i, moe_rng_normal(&r) / sqrtf((float)H));
+    for (int64_t i = 0; i < E * H * I; i++)
+        moe_store_f32(MOE_DTYPE_BF16, w2.data, (size_t)i, moe_rng_normal(&r) / sqrtf((float)I));
+    for (int64_t t = 0; t < T; t++) {
+        int32_t a = (int32_t)moe_rng_below(&r, E), b;
+        do
+            b = (int32_t)moe_rng_below(&r, E);
+        while (b == a);
+        ((int32_t *)ids.data)[t * K] = a;
+        ((int32_t *)ids.data)[t * K + 1] = b;
+        float u = 0.2f + 0.6f * (float)moe_rng_uniform(&r);
+        ((float *)w.data)[t * K] = u;
+        ((float *)w.data)[t * K + 1] = 1.0f - u;
+    }
+    kern_experts_params p = {.n_experts = E, .n_local = E, .act = KERN_ACT_SILU};
+    LB_CHECK(kern_fused_experts(cpu, &p, &x, &w13, &w2, &ids, &w, &yref));
+
+    void *dx, *d13, *d2, *di, *dw, *dy;
+    LB_CUDA(cudaMalloc(&dx, moe_tensor_nbytes(&x)));
+    LB_CUDA(cudaMalloc(&d13, moe_tensor_nbytes(&w13)));
+    LB_CUDA(cudaMalloc(&d2, moe_tensor_nbytes(&w2)));
+    LB_CUDA(cudaMalloc(&di, moe_tensor_nbytes(&ids)));
+    LB_CUDA(cudaMalloc(&dw, moe_tensor_nbytes(&w)));
+    LB_CUDA(cudaMalloc(&dy, moe_tensor_nbytes(&yg)));
+    LB_CUDA(cudaMemcpy(dx, x.data, moe_tensor_nbytes(&x), cudaMemcpyHostToDevice));
+    LB_CUDA(cudaMemcpy(d13, w13.data, moe_tensor_nbytes(&w13), cudaMemcpyHostToDevice));
+    LB_CUDA(cudaMemcpy(d2, w2.data, moe_tensor_nbytes(&w2), cudaMemcpyHostToDevice));
+    LB_CUDA(cudaMemcpy(di, ids.data, moe_tensor_nbytes(&ids), cudaMemcpyHostToDevice));
+    LB_CUDA(cudaMemcpy(dw, w.data, moe_tensor_nbytes(&w), cudaMemcpyHostToDevice));
+    moe_tensor tx = moe_tensor_view2(dx, MOE_DTYPE_BF16, T, H), t13 = moe_tensor_view3(d13, MOE_DTYPE_BF16, E, 2 * I, H),
+               t2 = moe_tensor_view3(d2, MOE_DTYPE_BF16, E, H, I), ti = moe_tensor_view2(di, MOE_DTYPE_I32, T, K),
+               tw = moe_tensor_view2(dw, MOE_DTYPE_F32, T, K), ty = moe_tensor_view2(dy, MOE_DTYPE_BF16, T, H);
+
+    int bad = 0;
+    uint16_t *first[2] = {NULL, NULL};
+    printf("part 1: checks against the CPU reference (T=%lld E=%d K=%d H=%lld I=%lld bf16, seed %llu)\n",
+           (long long)T, (int)E, (int)K, (long long)H, (long long)I, (unsigned long long)seed);
+    printf("| variant | tile | rel L2 error | max |err| / rms | bits == path's first tile |\n|---|---|---|---|---|\n");
+    for (int pi = 0; pi < npaths; pi++) {
+        LB_CHECK(kern_cuda_set_path(gpu, paths[pi]));
+        int32_t tiles[32];
+        int32_t nt = kern_cuda_tiles(paths[pi], tiles, 16);
+        for (int32_t k = 0; k < nt; k++) {
+            LB_CHECK(kern_cuda_set_tile(gpu, tiles[2 * k], tiles[2 * k + 1]));
+            LB_CUDA(cudaMemset(dy, 0xFF, moe_tensor_nbytes(&yg)));
+            LB_CHECK(kern_fused_experts(gpu, &p, &tx, &t13, &t2, &ti, &tw, &ty));
+            LB_CHECK(kern_ctx_sync(gpu));
+            LB_CUDA(cudaMemcpy(yg.data, dy, moe_tensor_nbytes(&yg), cudaMemcpyDeviceToHost));
+            double ss = 0, se = 0, mx = 0;
+            int nan = 0;
+            for (int64_t i = 0; i < T * H; i++) {
+                double a = moe_load_f32(MOE_DTYPE_BF16, yg.data, (size_t)i);
+                double b = moe_load_f32(MOE_DTYPE_BF16, yref.data, (size_t)i);
+                if (!isfinite(a))
+                    nan++;
+                ss += b * b;
+                se += (a - b) * (a - b);
+                if (fabs(a - b) > mx)
+                    mx = fabs(a - b);
+            }
+            double rel = sqrt(se / ss), rms = sqrt(ss / (double)(T * H));
+            bool same = true;
+            if (!first[pi]) {
+                first[pi] = malloc(moe_tensor_nbytes(&yg));
+                memcpy(first[pi], yg.data, moe_tensor_nbytes(&yg));
+            } else {
+                same = memcmp(first[pi], yg.data, moe_tensor_nbytes(&yg)) == 0;
+            }
+            bool ok = nan == 0 && rel <= 1e-2 && same;
+            bad += !ok;
+            printf("| %d %s | %d x %d | %.2e | %.2e | %s%s |\n", pi + 1, path_name(paths[pi]), (int)tiles[2 * k],
+                   (int)tiles[2 * k + 1], rel, mx / rms, same ? "yes" : "NO", nan ? " (NaN!)" : "");
+        }
+    }
+    if (npaths == 2)
+        printf("HMMA (mma.sync) vs HGMMA (wgmma) on the same inputs: %s\n",
+               memcmp(first[0], first[1], moe_tensor_nbytes(&yg)) == 0 ? "bit-identical" : "DIFFERENT bits");
+    LB_CHECK(kern_cuda_set_tile(gpu, 0, 0));
+    LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_AUTO));
+    free(first[0]);
+    free(first[1]);
+    cudaFree(dx);
+    cudaFree(d13);
+    cudaFree(d2);
+    cudaFree(di);
+    cudaFree(dw);
+    cudaFree(dy);
+    moe_tensor_free(&x);
+    moe_tensor_free(&w13);
+    moe_tensor_free(&w2);
+    moe_tensor_free(&ids);
+    moe_tensor_free(&w);
+    moe_tensor_free(&yref);
+    moe_tensor_free(&yg);
+    return bad;
+}
+
+/* ---- part 2: timing ------------------------------------------------------------------- */
+typedef struct lb_row {
+    char model[24];
+    int64_t T;
+    char variant[24];
+    double us;
+    bool is_auto;
+} lb_row;
+
+int main(int argc, char **argv) {
+    bool check_only = argc > 1 && strcmp(argv[1], "--check-only") == 0;
+    moe_log_init_from_env();
+    kern_ctx_t *gpu, *cpu;
+    kern_ctx_params cp = {0};
+    LB_CHECK(kern_ctx_init(&gpu, KERN_BACKEND_CUDA, &cp));
+    LB_CHECK(kern_ctx_init(&cpu, KERN_BACKEND_CPU_REF, NULL));
+    kern_cuda_path paths[2] = {KERN_CUDA_PATH_MMA, KERN_CUDA_PATH_WGMMA};
+    int npaths = kern_cuda_set_path(gpu, KERN_CUDA_PATH_WGMMA) == MOE_OK ? 2 : 1;
+    LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_AUTO));
+    struct cudaDeviceProp prop;
+    LB_CUDA(cudaGetDeviceProperties(&prop, 0));
+    printf("lab_experts on %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+    int bad = check_variants(gpu, cpu, npaths, paths, moe_now_ns());
+    printf("part 1: %s\n", bad ? "FAILED" : "all variants correct");
+    if (check_only || bad) {
+        kern_ctx_free(gpu);
+        kern_ctx_free(cpu);
+        return bad ? 1 : 0;
+    }
+
+    static const struct {
+        const char *name;
+        int32_t E, K;
+        int64_t H, I;
+    } models[3] = {{"mixtral", 8, 2, 4096, 14336}, {"qwen3-a3b", 128, 8, 2048, 768}, {"dsv2-lite", 64, 6, 2048, 1408}};
+    const int64_t Ts[5] = {1, 16, 128, 1024, 8192};
+    cudaStream_t st = (cudaStream_t)kern_cuda_stream(gpu);
+    const size_t flush_bytes = (size_t)256 << 20;
+    void *flush;
+    LB_CUDA(cudaMalloc(&flush, flush_bytes));
+    cudaEvent_t e0, e1;
+    LB_CUDA(cudaEventCreate(&e0));
+    LB_CUDA(cudaEventCreate(&e1));
+    lb_row *rows = calloc(512, sizeof *rows);
+    int nrows = 0;
+    for (int mi = 0; mi < 3; mi++) {
+        const int64_t E = models[mi].E, K = models[mi].K, H = models[mi].H, I = models[mi].I, TM = 8192;
+        void *w13, *w2, *x, *y, *lg, *ids, *w;
+        LB_CUDA(cudaMalloc(&w13, (size_t)(E * 2 * I * H) * 2));
+        LB_CUDA(cudaMalloc(&w2, (size_t)(E * H * I) * 2));
+        LB_CUDA(cudaMalloc(&x, (size_t)(TM * H) * 2));
+        LB_CUDA(cudaMalloc(&y, (size_t)(TM * H) * 2));
+        LB_CUDA(cudaMalloc(&lg, (size_t)(TM * E) * 4));
+        LB_CUDA(cudaMalloc(&ids, (size_t)(TM * K) * 4));
+        LB_CUDA(cudaMalloc(&w, (size_t)(TM * K) * 4));
+        LB_CUDA((cudaError_t)dev_fill_randn(w13, MOE_DTYPE_BF16, E * 2 * I * H, 1 + mi, 1.0f / 64, st));
+        LB_CUDA((cudaError_t)dev_fill_randn(w2, MOE_DTYPE_BF16, E * H * I, 2 + mi, 1.0f / 64, st));
+        LB_CUDA((cudaError_t)dev_fill_randn(x, MOE_DTYPE_BF16, TM * H, 3 + mi, 1.0f, st));
+        LB_CUDA((cudaError_t)dev_fill_randn(lg, MOE_DTYPE_F32, TM * E, 4 + mi, 1.0f, st));
+        kern_route_params rp = kern_route_params_default((int32_t)E, (int32_t)K);
+        rp.renormalize = true;
+        moe_tensor tl = moe_tensor_view2(lg, MOE_DTYPE_F32, TM, E), ti = moe_tensor_view2(ids, MOE_DTYPE_I32, TM, K),
+                   tw = moe_tensor_view2(w, MOE_DTYPE_F32, TM, K);
+        LB_CHECK(kern_route(gpu, &rp, &tl, &ti, &tw));
+        LB_CHECK(kern_cuda_reserve(gpu, TM, (int32_t)K, H, I, (int32_t)E, 0));
+        kern_experts_params p = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU};
+        moe_tensor t13 = moe_tensor_view3(w13, MOE_DTYPE_BF16, E, 2 * I, H), t2 = moe_tensor_view3(w2, MOE_DTYPE_BF16, E, H, I);
+        for (int tt = 0; tt < 5; tt++) {
+            const int64_t T = Ts[tt];
+            const int64_t busy = E < T * K ? E : T * K;
+            const int64_t m = (T * K + busy - 1) / busy;
+            moe_tensor vx = moe_tensor_view2(x, MOE_DTYPE_BF16, T, H), vi = moe_tensor_view2(ids, MOE_DTYPE_I32, T, K),
+                       vw = moe_tensor_view2(w, MOE_DTYPE_F32, T, K), vy = moe_tensor_view2(y, MOE_DTYPE_BF16, T, H);
+            for (int pi = 0; pi < npaths; pi++) {
+                LB_CHECK(kern_cuda_set_path(gpu, paths[pi]));
+                int32_t tiles[32];
+                int32_t nt = kern_cuda_tiles(paths[pi], tiles, 16);
+                for (int32_t k = 0; k <= nt; k++) {
+                    int32_t nwg = k < nt ? tiles[2 * k] : 0, bn = k < nt ? tiles[2 * k + 1] : 0;
+                    if (k < nt && (m > 16 * (int64_t)bn || (int64_t)bn > 2 * m + 8))
+                        continue; /* too many weight re-reads, or a tile mostly padding */
+                    LB_CHECK(kern_cuda_set_tile(gpu, nwg, bn));
+                    for (int wu = 0; wu < 2; wu++)
+                        LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
+                    LB_CHECK(kern_ctx_sync(gpu));
+                    double t[32];
+                    const int reps = T >= 1024 ? 7 : 21;
+                    for (int r = 0; r < reps; r++) {
+                        LB_CUDA((cudaError_t)dev_flush_l2(flush, flush_bytes, st));
+                        LB_CUDA(cudaEventRecord(e0, st));
+                        LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
+                        LB_CUDA(cudaEventRecord(e1, st));
+                        LB_CHECK(kern_ctx_sync(gpu));
+                        float ms;
+                        LB_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+                        t[r] = ms * 1e3;
+                    }
+                    lb_row *rw = &rows[nrows++];
+                    snprintf(rw->model, sizeof rw->model, "%s", models[mi].name);
+                    rw->T = T;
+                    if (k < nt)
+                        snprintf(rw->variant, sizeof rw->variant, "%d %s %dx%d", pi + 1, path_name(paths[pi]),
+                                 (int)nwg, (int)bn);
+                    else
+                        snprintf(rw->variant, sizeof rw->variant, "%d %s auto", pi + 1, path_name(paths[pi]));
+                    rw->us = dev_median(t, reps);
+                    rw->is_auto = k == nt;
+                    fprintf(stderr, "lab: %s T=%lld %s: %.1f us\n", rw->model, (long long)T, rw->variant, rw->us);
+                }
+            }
+            LB_CHECK(kern_cuda_set_tile(gpu, 0, 0));
+            LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_AUTO));
+        }
+        cudaFree(w13);
+        cudaFree(w2);
+        cudaFree(x);
+        cudaFree(y);
+        cudaFree(lg);
+        cudaFree(ids);
+        cudaFree(w);
+    }
+    printf("\npart 2: times (median, L2 flushed, %s)\n| model | T | variant | us |\n|---|---|---|---|\n", prop.name);
+    for (int i = 0; i < nrows; i++)
+        printf("| %s | %lld | %s | %.1f%s |\n", rows[i].model, (long long)rows[i].T, rows[i].variant, rows[i].us,
+               rows[i].is_auto ? " (auto)" : "");
+    free(rows);
+    cudaFree(flush);
+    kern_ctx_free(gpu);
+    kern_ctx_free(cpu);
+    return 0;
+}

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# tools/gpu/run_cuda.sh: the CUDA backend's GPU run, on a GPU host, from a bundle made here:
+#
+#   here:       tools/gpu/run_cuda.sh --bundle         (builds and bundles into .bundle/cuda)
+#   GPU host:   tools/gpu/run_cuda.sh [STEPS...]       (STEPS: env sass tests lab bench; default all)
+#
+# On the GPU host it runs, in this order, each step's output into $OUT (default /tmp/moe-gpu):
+#   env    nvidia-smi, the bundle's MANIFEST, ldd of each binary           -> env.txt
+#   sass   cuobjdump: HGMMA/HMMA counts and local-memory use per kernel    -> sass.txt
+#   tests  the GPU tests (tests/cuda), every cmocka case                    -> tests.log
+#   lab    the kernel lab (kernels/dev/lab_experts): checks, then timings    -> lab.log
+#   bench  the BASELINES benchmark (kernels/dev/bench_moe)                   -> bench.log
+# and prints a summary last: the test counts, the lab's checks, the benchmark's table.
+# Environment: BUNDLE (default .bundle/cuda), OUT, LAB_ARGS, BENCH_ARGS, MOE_TEST_SEED.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+BUNDLE="${BUNDLE:-.bundle/cuda}"
+
+if [ "${1:-}" = "--bundle" ]; then
+  exec tools/bundle --out "$BUNDLE" //tests/cuda:test_cuda_kern //kernels/dev:bench_moe //kernels/dev:lab_experts
+fi
+
+OUT="${OUT:-/tmp/moe-gpu}"
+mkdir -p "$OUT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env sass tests lab bench)
+want() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+[ -x "$BUNDLE/bin/test_cuda_kern" ] || { echo "run_cuda: no bundle at $BUNDLE (make it with --bundle)"; exit 2; }
+export NCCL_NVLS_ENABLE=0
+rc=0
+
+if want env; then
+  { nvidia-smi; cat "$BUNDLE/MANIFEST"; for b in "$BUNDLE"/bin/*; do echo "== ldd $b"; ldd "$b"; done; ldd --version | head -1; } \
+    >"$OUT/env.txt" 2>&1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+fi
+
+if want sass; then
+  {
+    echo "== kernels: HGMMA (wgmma) / HMMA (mma.sync) instruction counts in the sm_90a SASS, local memory"
+    cuobjdump -sass -arch sm_90a "$BUNDLE/bin/test_cuda_kern" 2>/dev/null | awk '
+      /Function : / { if (name) printf "%-100s HGMMA %4d HMMA %4d LDL/STL %d\n", name, g, h, l; name=$3; g=0; h=0; l=0 }
+      /HGMMA/ { g++ } /HMMA/ { h++ } /LDL|STL/ { l++ }
+      END { if (name) printf "%-100s HGMMA %4d HMMA %4d LDL/STL %d\n", name, g, h, l }' | grep -i gemm
+    echo "== resource usage"
+    cuobjdump -res-usage "$BUNDLE/bin/test_cuda_kern" 2>/dev/null | grep -A1 gemm | grep -o 'Function [^ ]*\|REG:[0-9]*\|STACK:[0-9]*\|LOCAL:[0-9]*' | paste - - - - | head -80
+  } >"$OUT/sass.txt" 2>&1
+  head -30 "$OUT/sass.txt"
+fi
+
+if want tests; then
+  echo "== tests"
+  timeout 300 "$BUNDLE/bin/test_cuda_kern" >"$OUT/tests.log" 2>&1
+  trc=$?
+  [ $trc -ne 0 ] && rc=1
+  grep -E "^\[ +(PASSED|FAILED|  ERROR) +\]|FAILED|Error|error|info|seed|device" "$OUT/tests.log" | head -40
+  echo "tests exit $trc"
+fi
+
+if want lab; then
+  echo "== lab"
+  timeout 400 "$BUNDLE/bin/lab_experts" ${LAB_ARGS:-} >"$OUT/lab.log" 2>"$OUT/lab.err"
+  lrc=$?
+  [ $lrc -ne 0 ] && rc=1
+  tail -3 "$OUT/lab.err"
+  echo "lab exit $lrc"
+fi
+
+if want bench; then
+  echo "== bench"
+  timeout 400 "$BUNDLE/bin/bench_moe" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>"$OUT/bench.err"
+  brc=$?
+  [ $brc -ne 0 ] && rc=1
+  tail -3 "$OUT/bench.err"
+  echo "bench exit $brc"
+fi
+
+echo
+echo "================ summary ================"
+want tests && { grep -E "^\[  (PASSED|FAILED)  \]" "$OUT/tests.log"; grep -E "^\[  FAILED  \] test_" "$OUT/tests.log"; }
+want lab && sed -n '/^part 1/,/^part 1: /p' "$OUT/lab.log" | head -40
+want lab && sed -n '/^part 2/,$p' "$OUT/lab.log" | head -200 >"$OUT/lab_table.md"
+want bench && cat "$OUT/bench.log"
+exit $rc
