@@ -11,7 +11,8 @@
 #   lab    the kernel lab (kernels/dev/lab_experts): checks, then timings    -> lab.log
 #   bench  the BASELINES benchmark (kernels/dev/bench_moe)                   -> bench.log
 # and prints a summary last: the test counts, the lab's checks, the benchmark's table.
-# Environment: BUNDLE (default .bundle/cuda), OUT, LAB_ARGS, BENCH_ARGS, MOE_TEST_SEED.
+# Environment: BUNDLE (default .bundle/cuda), OUT, LAB_ARGS, BENCH_ARGS, MOE_TEST_SEED,
+# TEST_TIMEOUT / LAB_TIMEOUT / BENCH_TIMEOUT (seconds; 150 / 200 / 200).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -51,7 +52,7 @@ fi
 
 if want tests; then
   echo "== tests"
-  timeout 300 "$BUNDLE/bin/test_cuda_kern" >"$OUT/tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-150}" "$BUNDLE/bin/test_cuda_kern" >"$OUT/tests.log" 2>&1
   trc=$?
   [ $trc -ne 0 ] && rc=1
   grep -E "^\[ +(PASSED|FAILED|  ERROR) +\]|FAILED|Error|error|info|seed|device" "$OUT/tests.log" | head -40
@@ -60,7 +61,7 @@ fi
 
 if want lab; then
   echo "== lab"
-  timeout 400 "$BUNDLE/bin/lab_experts" ${LAB_ARGS:-} >"$OUT/lab.log" 2>"$OUT/lab.err"
+  timeout "${LAB_TIMEOUT:-200}" "$BUNDLE/bin/lab_experts" ${LAB_ARGS:-} >"$OUT/lab.log" 2>"$OUT/lab.err"
   lrc=$?
   [ $lrc -ne 0 ] && rc=1
   tail -3 "$OUT/lab.err"
@@ -69,7 +70,7 @@ fi
 
 if want bench; then
   echo "== bench"
-  timeout 400 "$BUNDLE/bin/bench_moe" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>"$OUT/bench.err"
+  timeout "${BENCH_TIMEOUT:-200}" "$BUNDLE/bin/bench_moe" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>"$OUT/bench.err"
   brc=$?
   [ $brc -ne 0 ] && rc=1
   tail -3 "$OUT/bench.err"
