@@ -2,7 +2,7 @@
  * testsrv.h: the project's test server for ipc/ until the daemon serves the same protocol: a
  * real server (ROUTER socket, ipc watcher, protocol decode/validate, ZAP + CURVE when asked)
  * on a real libuv loop, answering PING, INFO, STATS and SUBMIT with a toy model whose
- * output is easy to recompute independently (tests/ipc/README.md and below). The C client
+ * output is easy to recompute independently (below; tests/ipc/toy_model.py). The C client
  * tests run it in a thread (testsrv_start); the CLI and Python tests run it as a process
  * (test_server, which prints "endpoint <ep>" on stdout once bound).
  *
