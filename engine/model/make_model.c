@@ -41,7 +41,8 @@ static const char usage_text[] =
     "  --moe-layer-freq N      deepseek_*: moe_layer_freq (default 1)\n"
     "  --sparse-step N         qwen*: decoder_sparse_step (default 1)\n"
     "  --mlp-only-layers L     qwen*: comma-separated layers with a dense MLP (default none)\n"
-    "  --groups G              deepseek_*: n_group (default 4 for v3, none for v2; 0: none)\n"
+    "  --groups G              deepseek_*: n_group (default for v3: 4, or fewer where 4 does not\n"
+    "                          divide --experts; none for v2; 0: none)\n"
     "  --topk-group G          deepseek_*: topk_group (default 2 for v3)\n"
     "  --topk-method M         deepseek_*: greedy | group_limited_greedy | noaux_tc\n"
     "                          (default greedy for v2, noaux_tc for v3)\n"
@@ -327,6 +328,19 @@ int eng_make_model_main(int argc, char **argv) {
     }
     if (fam == ENG_FAMILY_QWEN2_MOE && !set[O_SHARED_INTER])
         p.shared_intermediate = 2 * p.intermediate; /* the default follows --intermediate */
+    if (fam == ENG_FAMILY_DEEPSEEK_V3 && !set[O_GROUPS]) {
+        /* The default 4 groups must divide --experts with >= 2 experts a group (top-2-sum
+         * group scores); else fewer groups, down to 1 (no group selection). */
+        int32_t g = p.n_group;
+        while (g > 1 && (p.n_experts % g != 0 || p.n_experts / g < 2))
+            g /= 2;
+        p.n_group = g;
+        if (!set[O_TOPK_GROUP])
+            p.topk_group = g < 2 ? g : 2;
+        /* enough experts in the kept groups for top-k */
+        if (!set[O_TOPK_GROUP] && p.topk_group * (p.n_experts / g) < p.top_k)
+            p.topk_group = g;
+    }
     if (set[O_GROUPS] && p.n_group == 0)
         p.topk_group = 0;
     if (set[O_GROUPS] && p.n_group > 0 && !set[O_TOPK_GROUP] && p.topk_group > p.n_group)

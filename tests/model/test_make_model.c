@@ -539,6 +539,21 @@ static void test_cli(void **state) {
     assert_int_equal(d->n_moe_layers, 2);
     assert_int_equal(eng_ckpt_n_files(ck), 1); /* the old shards were removed */
     eng_ckpt_close(ck);
+    /* DeepSeek-V3's default 4 groups adapt to an expert count they do not divide */
+    assert_int_equal(run_cli("--family", "deepseek_v3", "--out", dir, "--force", "--quiet", "--experts", "6", NULL), 0);
+    assert_int_equal(eng_ckpt_open(&ck, dir), MOE_OK);
+    d = eng_ckpt_desc(ck);
+    assert_int_equal(d->route.group_mode, KERN_GROUP_TOP2_SUM);
+    assert_int_equal(d->route.n_group, 2);
+    assert_int_equal(d->route.topk_group, 2);
+    assert_true(d->has_correction_bias);
+    eng_ckpt_close(ck);
+    assert_int_equal(run_cli("--family", "deepseek_v3", "--out", dir, "--force", "--quiet", "--experts", "3",
+                             "--top-k", "3", NULL),
+                     0);
+    assert_int_equal(eng_ckpt_open(&ck, dir), MOE_OK);
+    assert_int_equal(eng_ckpt_desc(ck)->route.group_mode, KERN_GROUP_NONE); /* one group */
+    eng_ckpt_close(ck);
     free(dir);
 }
 
