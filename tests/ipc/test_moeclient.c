@@ -317,7 +317,7 @@ static void test_timeout_and_busy(void **state) {
     (void)state;
     testsrv_opts o;
     testsrv_opts_default(&o);
-    o.delay_ms = 300;
+    o.delay_ms = 800; /* far from the 100 ms timeout: a loaded machine cannot blur the two */
     o.max_queue = 2;
     testsrv_t *s = start_server(&o);
     moec_client_t *c = connect_to(testsrv_endpoint(s), 5000);
@@ -327,7 +327,7 @@ static void test_timeout_and_busy(void **state) {
     uint64_t t0 = moe_now_ns();
     assert_int_equal(moec_submit(c, &r, b.y, b.y_bytes, 100), MOEC_ERR_TIMEOUT);
     double dt = (double)(moe_now_ns() - t0) * 1e-6;
-    assert_true(dt >= 95.0 && dt < 290.0);
+    assert_true(dt >= 95.0 && dt < 700.0);
     assert_non_null(strstr(moec_errmsg(c), "no reply within 100 ms"));
     /* The late reply of that request arrives and is dropped; this one gets its own. */
     assert_int_equal(moec_submit(c, &r, b.y, b.y_bytes, 3000), MOEC_OK);
