@@ -14,23 +14,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kernels/cuda/kc_device.cuh"
 #include "kernels/cuda/kern_cuda_impl.h"
-
-/* ---- errors -------------------------------------------------------------------------- */
-static __device__ void kc_record(kc_errsink err, int32_t code, int32_t token, int32_t slot, int32_t value,
-                                 float fvalue) {
-    if (!err.rec)
-        return;
-    if (atomicCAS(err.claim, 0, 1) == 0) { /* first error wins; fill, then publish the code */
-        volatile kc_err *r = err.rec;
-        r->token = token;
-        r->slot = slot;
-        r->value = value;
-        r->fvalue = fvalue;
-        __threadfence_system();
-        r->code = code;
-    }
-}
 
 /* ---- alignment ----------------------------------------------------------------------- */
 #define KC_ALIGN_THREADS 1024
@@ -44,6 +29,8 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     int32_t *offb = asm_ + n_local; /* [n_local] first block of each expert */
     __shared__ int32_t wsum[KC_ALIGN_THREADS / 32];
     const int tid = threadIdx.x;
+    kc_pdl_wait();
+    kc_pdl_trigger();
 
     for (int e = tid; e < n_local; e += blockDim.x)
         cnt[e] = 0;
@@ -55,14 +42,14 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
         const float wt = w[p];
         const int32_t t = (int32_t)(p / K), k = (int32_t)(p % K);
         if (!isfinite(wt))
-            kc_record(err, KC_ERR_WEIGHT, t, k, id, wt);
+            kc_record_err(err, KC_ERR_WEIGHT, t, k, id, wt);
         int32_t r = -1;
         if (id < 0 || id >= E) {
-            kc_record(err, KC_ERR_ID, t, k, id, wt);
+            kc_record_err(err, KC_ERR_ID, t, k, id, wt);
         } else {
             const int32_t e = map ? map[id] : id;
             if (e < -1 || e >= n_local)
-                kc_record(err, KC_ERR_MAP, t, k, e, wt);
+                kc_record_err(err, KC_ERR_MAP, t, k, e, wt);
             else if (e >= 0)
                 r = atomicAdd(&cnt[e], 1);
         }
@@ -130,16 +117,15 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
 extern "C" int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k,
                                const int32_t *map, int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos,
                                int32_t *sorted_rows, int32_t *block_expert, int32_t *n_blocks, kc_errsink err,
-                               cudaStream_t st) {
+                               int pdl, cudaStream_t st) {
     const size_t smem = 2 * (size_t)(n_local > 0 ? n_local : 1) * sizeof(int32_t);
     if (smem > 48 * 1024) { /* only large expert counts need the opt-in */
         cudaError_t e = cudaFuncSetAttribute(kc_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess)
             return (int)e;
     }
-    kc_align_kernel<<<1, KC_ALIGN_THREADS, smem, st>>>(ids, w, n_pairs, top_k, map, n_experts, n_local, bn, pair_pos,
-                                                        sorted_rows, block_expert, n_blocks, err);
-    return (int)cudaGetLastError();
+    return kc_launch_ex(kc_align_kernel, dim3(1), dim3(KC_ALIGN_THREADS), smem, st, pdl, ids, w, n_pairs, top_k, map,
+                        n_experts, n_local, bn, pair_pos, sorted_rows, block_expert, n_blocks, err);
 }
 
 /* ---- element access, 8 at a time ------------------------------------------------------ */
@@ -205,10 +191,21 @@ template <> struct kc_v8<float> {
     static __device__ __forceinline__ void st1(void *p, int64_t i, float v) { ((float *)p)[i] = v; }
 };
 
+/* ---- locality ------------------------------------------------------------------------- */
+static __device__ __forceinline__ bool kc_held(const kc_locality &l, int64_t p) {
+    if (l.pair_pos)
+        return l.pair_pos[p] >= 0;
+    if (l.ids)
+        return kc_local_slot(l.ids, l.map, l.n_experts, l.n_local, p) >= 0;
+    return true;
+}
+
 /* ---- the sum over slots --------------------------------------------------------------- */
 template <typename T, int V>
-__global__ void kc_sum_kernel(const void *slots, const int32_t *pair_pos, const void *shared, void *y, int64_t T_,
-                              int32_t K, int64_t H) {
+__global__ void kc_sum_kernel(const void *slots, kc_locality loc, const void *shared, void *y, int64_t T_, int32_t K,
+                              int64_t H) {
+    kc_pdl_wait();
+    kc_pdl_trigger();
     const int64_t hv = H / V;
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= T_ * hv)
@@ -221,7 +218,7 @@ __global__ void kc_sum_kernel(const void *slots, const int32_t *pair_pos, const 
         acc[i] = 0.0f;
     for (int k = 0; k < K; k++) {
         const int64_t p = t * K + k;
-        if (pair_pos && pair_pos[p] < 0)
+        if (!kc_held(loc, p))
             continue;
         const char *src = (const char *)slots + ((size_t)p * (size_t)H + (size_t)h) * es;
         if (V == 8) {
@@ -259,58 +256,60 @@ __global__ void kc_sum_kernel(const void *slots, const int32_t *pair_pos, const 
 }
 
 template <typename T>
-static int kc_sum_t(const void *slots, const int32_t *pair_pos, const void *shared, void *y, int64_t T_, int32_t K,
-                    int64_t H, cudaStream_t st) {
+static int kc_sum_t(const void *slots, kc_locality loc, const void *shared, void *y, int64_t T_, int32_t K, int64_t H,
+                    int pdl, cudaStream_t st) {
     const bool vec = H % 8 == 0 && ((uintptr_t)slots % 16) == 0 && ((uintptr_t)y % 16) == 0 &&
                      (!shared || ((uintptr_t)shared % 16) == 0);
     const int64_t n = T_ * (vec ? H / 8 : H);
     const unsigned grid = (unsigned)((n + 255) / 256);
     if (vec)
-        kc_sum_kernel<T, 8><<<grid, 256, 0, st>>>(slots, pair_pos, shared, y, T_, K, H);
-    else
-        kc_sum_kernel<T, 1><<<grid, 256, 0, st>>>(slots, pair_pos, shared, y, T_, K, H);
-    return (int)cudaGetLastError();
+        return kc_launch_ex(kc_sum_kernel<T, 8>, dim3(grid), dim3(256), 0, st, pdl, slots, loc, shared, y, T_, K, H);
+    return kc_launch_ex(kc_sum_kernel<T, 1>, dim3(grid), dim3(256), 0, st, pdl, slots, loc, shared, y, T_, K, H);
 }
 
-extern "C" int kc_launch_sum(int32_t dtype, const void *slots, const int32_t *pair_pos, const void *shared, void *y,
-                             int64_t T, int32_t K, int64_t H, cudaStream_t st) {
+extern "C" int kc_launch_sum(int32_t dtype, const void *slots, kc_locality loc, const void *shared, void *y, int64_t T,
+                             int32_t K, int64_t H, int pdl, cudaStream_t st) {
     if (T * H == 0)
         return 0;
     switch (dtype) {
     case MOE_DTYPE_BF16:
-        return kc_sum_t<__nv_bfloat16>(slots, pair_pos, shared, y, T, K, H, st);
+        return kc_sum_t<__nv_bfloat16>(slots, loc, shared, y, T, K, H, pdl, st);
     case MOE_DTYPE_F16:
-        return kc_sum_t<__half>(slots, pair_pos, shared, y, T, K, H, st);
+        return kc_sum_t<__half>(slots, loc, shared, y, T, K, H, pdl, st);
     case MOE_DTYPE_F32:
-        return kc_sum_t<float>(slots, pair_pos, shared, y, T, K, H, st);
+        return kc_sum_t<float>(slots, loc, shared, y, T, K, H, pdl, st);
     default:
         return (int)cudaErrorInvalidValue;
     }
 }
 
 /* ---- slot mode: zeros for the pairs held elsewhere ------------------------------------ */
-__global__ void kc_zero_kernel(const int32_t *pair_pos, uint16_t *y, int64_t P, int64_t H) {
+__global__ void kc_zero_kernel(kc_locality loc, uint16_t *y, int64_t P, int64_t H) {
+    kc_pdl_wait();
+    kc_pdl_trigger();
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= P * H)
         return;
-    if (pair_pos[idx / H] < 0)
+    if (!kc_held(loc, idx / H))
         y[idx] = 0; /* +0.0 in bf16 and fp16 */
 }
 
-extern "C" int kc_launch_zero_nonlocal(int32_t dtype, const int32_t *pair_pos, void *y, int64_t n_pairs, int64_t H,
+extern "C" int kc_launch_zero_nonlocal(int32_t dtype, kc_locality loc, void *y, int64_t n_pairs, int64_t H, int pdl,
                                        cudaStream_t st) {
     if (dtype != MOE_DTYPE_BF16 && dtype != MOE_DTYPE_F16)
         return (int)cudaErrorInvalidValue;
     const int64_t n = n_pairs * H;
     if (n == 0)
         return 0;
-    kc_zero_kernel<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(pair_pos, (uint16_t *)y, n_pairs, H);
-    return (int)cudaGetLastError();
+    return kc_launch_ex(kc_zero_kernel, dim3((unsigned)((n + 255) / 256)), dim3(256), 0, st, pdl, loc, (uint16_t *)y,
+                        n_pairs, H);
 }
 
 /* ---- weight on the input -------------------------------------------------------------- */
 template <typename T>
 __global__ void kc_scale_x_kernel(const void *x, const float *w, void *xw, int64_t P, int32_t K, int64_t H) {
+    kc_pdl_wait();
+    kc_pdl_trigger();
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= P * H)
         return;
@@ -320,23 +319,23 @@ __global__ void kc_scale_x_kernel(const void *x, const float *w, void *xw, int64
 }
 
 extern "C" int kc_launch_scale_x(int32_t dtype, const void *x, const float *w, void *xw, int64_t n_pairs, int32_t K,
-                                 int64_t H, cudaStream_t st) {
+                                 int64_t H, int pdl, cudaStream_t st) {
     const int64_t n = n_pairs * H;
     if (n == 0)
         return 0;
     const unsigned grid = (unsigned)((n + 255) / 256);
     if (dtype == MOE_DTYPE_BF16)
-        kc_scale_x_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(x, w, xw, n_pairs, K, H);
-    else if (dtype == MOE_DTYPE_F16)
-        kc_scale_x_kernel<__half><<<grid, 256, 0, st>>>(x, w, xw, n_pairs, K, H);
-    else
-        return (int)cudaErrorInvalidValue;
-    return (int)cudaGetLastError();
+        return kc_launch_ex(kc_scale_x_kernel<__nv_bfloat16>, dim3(grid), dim3(256), 0, st, pdl, x, w, xw, n_pairs, K, H);
+    if (dtype == MOE_DTYPE_F16)
+        return kc_launch_ex(kc_scale_x_kernel<__half>, dim3(grid), dim3(256), 0, st, pdl, x, w, xw, n_pairs, K, H);
+    return (int)cudaErrorInvalidValue;
 }
 
 /* ---- shared-expert gate --------------------------------------------------------------- */
 template <typename T>
 __global__ void kc_gate_kernel(const void *x, const void *gate, float *g, int64_t T_, int64_t H) {
+    kc_pdl_wait();
+    kc_pdl_trigger();
     const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (t >= T_)
@@ -352,15 +351,13 @@ __global__ void kc_gate_kernel(const void *x, const void *gate, float *g, int64_
 }
 
 extern "C" int kc_launch_gate_dot(int32_t dtype, const void *x, const void *gate, float *g, int64_t T, int64_t H,
-                                  cudaStream_t st) {
+                                  int pdl, cudaStream_t st) {
     if (T == 0)
         return 0;
     const unsigned grid = (unsigned)((T + 3) / 4);
     if (dtype == MOE_DTYPE_BF16)
-        kc_gate_kernel<__nv_bfloat16><<<grid, 128, 0, st>>>(x, gate, g, T, H);
-    else if (dtype == MOE_DTYPE_F16)
-        kc_gate_kernel<__half><<<grid, 128, 0, st>>>(x, gate, g, T, H);
-    else
-        return (int)cudaErrorInvalidValue;
-    return (int)cudaGetLastError();
+        return kc_launch_ex(kc_gate_kernel<__nv_bfloat16>, dim3(grid), dim3(128), 0, st, pdl, x, gate, g, T, H);
+    if (dtype == MOE_DTYPE_F16)
+        return kc_launch_ex(kc_gate_kernel<__half>, dim3(grid), dim3(128), 0, st, pdl, x, gate, g, T, H);
+    return (int)cudaErrorInvalidValue;
 }

@@ -55,6 +55,16 @@ int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap) {
     return 0;
 }
 
+moe_status kern_cuda_set_small_max(kern_ctx_t *ctx, int32_t max_pairs) {
+    (void)ctx, (void)max_pairs;
+    return not_built();
+}
+
+moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on) {
+    (void)ctx, (void)on;
+    return not_built();
+}
+
 void *kern_cuda_stream(kern_ctx_t *ctx) {
     (void)ctx;
     return NULL;

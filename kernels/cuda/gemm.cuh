@@ -26,8 +26,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "kernels/cuda/kern_cuda_impl.h"
+#include "kernels/cuda/kc_device.cuh"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define KC_HAVE_WGMMA 1
@@ -165,6 +167,11 @@ template <int NWG, int BN> struct kc_tile {
  * token tiles in L2 (rb fastest inside a group, then the token block, then the group). */
 #define KC_RASTER_GROUP 8
 
+/* Local slot of pair p's expert, or -1 (held elsewhere, or a bad id / map entry). */
+static __device__ __forceinline__ int kc_local_of(const kc_gemm_args &a, int p) {
+    return kc_local_slot(a.ids, a.map, a.n_experts, a.n_local, p);
+}
+
 template <typename T, int NWG, int BN, int PATH, int MODE>
 __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_args a) {
     typedef kc_tile<NWG, BN> TL;
@@ -181,6 +188,8 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
     __shared__ const char *s_bsrc[BN];
     __shared__ int32_t s_orow[BN];
     __shared__ float s_scale[BN];
+    __shared__ int32_t s_list[KC_SMALL_MAX_PAIRS]; /* small mode: the pairs of this CTA's expert */
+    __shared__ int32_t s_count;
     extern __shared__ char smem_raw[];
 
     const int tid = threadIdx.x;
@@ -198,41 +207,59 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
     const int rb = g0 + local % gs;
     if (nb >= max_nb || rb >= n_rb)
         return;
+
+    /* The gate-up product reads what the previous kernel wrote (ids, the alignment) from the
+     * start; the down product reads only routing data that was complete before the gate-up
+     * product started, so it streams its first weight stages before waiting (below). */
+    if (MODE == KC_MODE_GATE_UP)
+        kc_pdl_wait();
+    kc_pdl_trigger();
+
     int expert = 0;
-    if (!a.dense) {
+    int n_chunks = 1;
+    if (a.small) {
+        /* CTA row nb is pair nb; it works only if nb is its expert's first pair. */
+        const int e = kc_local_of(a, nb);
+        if (MODE == KC_MODE_GATE_UP && rb == 0 && tid == 0 && a.err.rec) {
+            const int idv = a.ids[nb];
+            const float wv = a.topk_w_check[nb];
+            if (!isfinite(wv))
+                kc_record_err(a.err, KC_ERR_WEIGHT, nb / a.top_k, nb % a.top_k, idv, wv);
+            if (idv < 0 || idv >= a.n_experts)
+                kc_record_err(a.err, KC_ERR_ID, nb / a.top_k, nb % a.top_k, idv, wv);
+            else if (a.map && (a.map[idv] < -1 || a.map[idv] >= a.n_local))
+                kc_record_err(a.err, KC_ERR_MAP, nb / a.top_k, nb % a.top_k, a.map[idv], wv);
+        }
+        if (e < 0)
+            return;
+        int dup = 0;
+        for (int j = tid; j < nb; j += TL::threads)
+            dup |= kc_local_of(a, j) == e;
+        if (__syncthreads_or(dup))
+            return;
+        expert = e;
+        /* Compact the expert's pairs in pair order (warp 0, 32 at a time). */
+        if (tid < 32) {
+            int cnt = 0;
+            for (int base = 0; base < a.n_pairs; base += 32) {
+                const int p = base + tid;
+                const bool mine = p < a.n_pairs && kc_local_of(a, p) == e;
+                const unsigned bal = __ballot_sync(0xffffffffu, mine);
+                if (mine)
+                    s_list[cnt + __popc(bal & ((1u << tid) - 1u))] = p;
+                cnt += __popc(bal);
+            }
+            if (tid == 0)
+                s_count = cnt;
+        }
+        __syncthreads();
+        n_chunks = (s_count + BN - 1) / BN;
+    } else if (!a.dense) {
         if (nb >= *a.n_blocks)
             return;
         expert = a.block_expert[nb];
     } else if (nb * BN >= a.n_dense) {
         return;
-    }
-
-    /* Columns of this tile: where B comes from, where the output goes, the scale. */
-    for (int n = tid; n < BN; n += TL::threads) {
-        const int pos = nb * BN + n;
-        const char *src = nullptr;
-        int orow = -1;
-        float sc = 1.0f;
-        if (a.dense) {
-            if (pos < a.n_dense) {
-                src = (const char *)a.b + (size_t)pos * K * sizeof(T);
-                orow = pos;
-                if (a.row_scale)
-                    sc = a.row_scale[pos];
-            }
-        } else {
-            const int pair = a.sorted_rows[pos];
-            if (pair >= 0) {
-                const int brow = a.b_by_pos ? pos : pair / a.b_div;
-                src = (const char *)a.b + (size_t)brow * K * sizeof(T);
-                orow = a.out_by_pos ? pos : pair;
-                if (a.topk_w)
-                    sc = a.topk_w[pair];
-            }
-        }
-        s_bsrc[n] = src;
-        s_orow[n] = orow;
-        s_scale[n] = sc;
     }
 
     /* This thread's A rows: chunk c = tid & 7 of rows (tid >> 3) + i * threads / 8. */
@@ -260,24 +287,22 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
 
     const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
     const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
-    __syncthreads();
-
     const int nk = (K + KC_BK - 1) / KC_BK;
-    auto load_stage = [&](int kb) {
+    auto load_a = [&](int kb) {
         const uint32_t sa = sbase + (uint32_t)((kb % S) * TL::stage_bytes);
-        const uint32_t sb = sa + TL::a_bytes;
-        const int k0 = kb * KC_BK;
-        {
-            const int kel = k0 + my_c * 8;
-            const bool kok = kel < K;
+        const int kel = kb * KC_BK + my_c * 8;
+        const bool kok = kel < K;
 #pragma unroll
-            for (int i = 0; i < A_PER; i++) {
-                const int r = (tid >> 3) + i * (TL::threads / 8);
-                const bool ok = kok && arow[i] != nullptr;
-                const void *src = ok ? (const void *)(arow[i] + (size_t)kel * sizeof(T)) : a.w;
-                kc_cp_async16(sa + kc_swz(r, my_c), src, ok);
-            }
+        for (int i = 0; i < A_PER; i++) {
+            const int r = (tid >> 3) + i * (TL::threads / 8);
+            const bool ok = kok && arow[i] != nullptr;
+            const void *src = ok ? (const void *)(arow[i] + (size_t)kel * sizeof(T)) : a.w;
+            kc_cp_async16(sa + kc_swz(r, my_c), src, ok);
         }
+    };
+    auto load_b = [&](int kb) {
+        const uint32_t sb = sbase + (uint32_t)((kb % S) * TL::stage_bytes) + TL::a_bytes;
+        const int k0 = kb * KC_BK;
 #pragma unroll
         for (int idx = tid; idx < BN * 8; idx += TL::threads) {
             const int r = idx >> 3, c = idx & 7;
@@ -289,135 +314,190 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
         }
     };
 
-    float acc[2][NACC];
-#pragma unroll
-    for (int b = 0; b < 2; b++)
-#pragma unroll
-        for (int i = 0; i < NACC; i++)
-            acc[b][i] = 0.0f;
+    const int wg = tid >> 7;
+    const int warp = (tid >> 5) & 3;
+    const int lane = tid & 31;
+    T *out = (T *)a.out;
 
-#ifdef KC_HAVE_WGMMA
-    if (PATH == KC_PATH_WGMMA) {
-        /* Pin the zeroed accumulators before the first wgmma: without this, ptxas may sink the
-         * zero moves into the pipeline and serialize every wgmma (warning C7515). */
+#pragma unroll 1
+    for (int chunk = 0; chunk < n_chunks; chunk++) {
+        /* Columns of this tile: where B comes from, where the output goes, the scale. */
+        for (int n = tid; n < BN; n += TL::threads) {
+            const char *src = nullptr;
+            int orow = -1;
+            float sc = 1.0f;
+            if (a.small) {
+                const int q = chunk * BN + n;
+                if (q < s_count) {
+                    const int pair = s_list[q];
+                    const int brow = a.b_by_pos ? pair : pair / a.b_div; /* positions are pairs here */
+                    src = (const char *)a.b + (size_t)brow * K * sizeof(T);
+                    orow = pair;
+                    if (a.topk_w)
+                        sc = a.topk_w[pair];
+                }
+            } else if (a.dense) {
+                const int pos = nb * BN + n;
+                if (pos < a.n_dense) {
+                    src = (const char *)a.b + (size_t)pos * K * sizeof(T);
+                    orow = pos;
+                    if (a.row_scale)
+                        sc = a.row_scale[pos];
+                }
+            } else {
+                const int pos = nb * BN + n;
+                const int pair = a.sorted_rows[pos];
+                if (pair >= 0) {
+                    const int brow = a.b_by_pos ? pos : pair / a.b_div;
+                    src = (const char *)a.b + (size_t)brow * K * sizeof(T);
+                    orow = a.out_by_pos ? pos : pair;
+                    if (a.topk_w)
+                        sc = a.topk_w[pair];
+                }
+            }
+            s_bsrc[n] = src;
+            s_orow[n] = orow;
+            s_scale[n] = sc;
+        }
+        __syncthreads();
+
+        float acc[2][NACC];
 #pragma unroll
         for (int b = 0; b < 2; b++)
 #pragma unroll
             for (int i = 0; i < NACC; i++)
-                asm volatile("" : "+f"(acc[b][i])::"memory");
-        kc_wg_fence();
-    }
-#endif
-    const int wg = tid >> 7;
-    const int warp = (tid >> 5) & 3;
-    const int lane = tid & 31;
-
-#pragma unroll 1
-    for (int s = 0; s < D; s++) {
-        if (s < nk)
-            load_stage(s);
-        kc_cp_commit();
-    }
-
-#pragma unroll 1
-    for (int kb = 0; kb < nk; kb++) {
-        kc_cp_wait<D - 1>();
-        kc_fence_proxy_async();
-        __syncthreads();
-        if (kb + D < nk)
-            load_stage(kb + D);
-        kc_cp_commit();
-
-        const uint32_t sa = sbase + (uint32_t)((kb % S) * TL::stage_bytes);
-        const uint32_t sb = sa + TL::a_bytes;
+                acc[b][i] = 0.0f;
+#ifdef KC_HAVE_WGMMA
         if (PATH == KC_PATH_WGMMA) {
-#ifdef KC_HAVE_WGMMA
+            /* Pin the zeroed accumulators before the first wgmma: without this, ptxas may sink
+             * the zero moves into the pipeline and serialize every wgmma (warning C7515). */
+#pragma unroll
+            for (int b = 0; b < 2; b++)
+#pragma unroll
+                for (int i = 0; i < NACC; i++)
+                    asm volatile("" : "+f"(acc[b][i])::"memory");
             kc_wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                const uint64_t db = kc_desc(sb + kk * 32);
-#pragma unroll
-                for (int blk = 0; blk < 2; blk++) {
-                    const uint64_t da = kc_desc(sa + (uint32_t)((wg * 128 + blk * 64) * 128) + kk * 32);
-                    kc_wgmma_op<T, BN>::run(acc[blk], da, db);
-                }
-            }
-            kc_wg_commit();
-            kc_wg_wait<1>();
-#endif
-        } else {
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                uint32_t af[2][4];
-#pragma unroll
-                for (int blk = 0; blk < 2; blk++) {
-                    const int r = wg * 128 + blk * 64 + warp * 16 + (lane & 15);
-                    kc_ldsm_x4(sa + kc_swz(r, 2 * kk + (lane >> 4)), af[blk]);
-                }
-                if (BN == 8) {
-                    uint32_t bf[2];
-                    const int r = lane & 7;
-                    kc_ldsm_x2(sb + kc_swz(r, 2 * kk + ((lane >> 3) & 1)), bf);
-#pragma unroll
-                    for (int blk = 0; blk < 2; blk++)
-                        kc_mma<T>::run(&acc[blk][0], af[blk], bf[0], bf[1]);
-                } else {
-#pragma unroll
-                    for (int nt = 0; nt < BN / 8; nt += 2) {
-                        uint32_t bf[4];
-                        const int r = nt * 8 + (lane & 7) + ((lane >> 4) << 3);
-                        kc_ldsm_x4(sb + kc_swz(r, 2 * kk + ((lane >> 3) & 1)), bf);
-#pragma unroll
-                        for (int blk = 0; blk < 2; blk++) {
-                            kc_mma<T>::run(&acc[blk][nt * 4], af[blk], bf[0], bf[1]);
-                            kc_mma<T>::run(&acc[blk][(nt + 1) * 4], af[blk], bf[2], bf[3]);
-                        }
-                    }
-                }
-            }
         }
-    }
-#ifdef KC_HAVE_WGMMA
-    if (PATH == KC_PATH_WGMMA)
-        kc_wg_wait<0>();
 #endif
-    kc_cp_wait<0>();
 
-    /* Epilogue. Register 4 i + 2 hf + cb of a 64-row block holds row 16 warp + lane/4 + 8 hf,
-     * column 8 i + 2 (lane % 4) + cb (the same layout for wgmma and mma.sync). */
-    T *out = (T *)a.out;
+        /* Prologue: the weight stages first (they depend on nothing the previous kernel
+         * writes), then, in the down product, the wait for the gate-up results, then B. One
+         * commit group per stage; group 0 also holds every prologue weight stage. */
+#pragma unroll 1
+        for (int s = 0; s < D; s++)
+            if (s < nk)
+                load_a(s);
+        if (MODE == KC_MODE_DOWN && chunk == 0)
+            kc_pdl_wait();
+#pragma unroll 1
+        for (int s = 0; s < D; s++) {
+            if (s < nk)
+                load_b(s);
+            kc_cp_commit();
+        }
+
+#pragma unroll 1
+        for (int kb = 0; kb < nk; kb++) {
+            kc_cp_wait<D - 1>();
+            kc_fence_proxy_async();
+            __syncthreads();
+            if (kb + D < nk) {
+                load_a(kb + D);
+                load_b(kb + D);
+            }
+            kc_cp_commit();
+
+            const uint32_t sa = sbase + (uint32_t)((kb % S) * TL::stage_bytes);
+            const uint32_t sb = sa + TL::a_bytes;
+            if (PATH == KC_PATH_WGMMA) {
+#ifdef KC_HAVE_WGMMA
+                kc_wg_fence();
 #pragma unroll
-    for (int i = 0; i < BN / 8; i++) {
-#pragma unroll
-        for (int cb = 0; cb < 2; cb++) {
-            const int n = 8 * i + 2 * (lane & 3) + cb;
-            const int orow = s_orow[n];
-            if (orow < 0)
-                continue;
-            T *orow_p = out + (size_t)orow * a.out_ld;
-#pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-                const int rr = warp * 16 + (lane >> 2) + 8 * hf;
-                const int reg = 4 * i + 2 * hf + cb;
-                if (MODE == KC_MODE_GATE_UP) {
-                    const int j = rb * rows_per_cta + wg * 64 + rr;
-                    if (j < M) {
-                        const float gt = acc[0][reg], up = acc[1][reg];
-                        orow_p[j] = kc_elem<T>::from_f(kc_act(a.act, gt) * up);
-                    }
-                } else {
-                    const float sc = s_scale[n];
+                for (int kk = 0; kk < 4; kk++) {
+                    const uint64_t db = kc_desc(sb + kk * 32);
 #pragma unroll
                     for (int blk = 0; blk < 2; blk++) {
-                        const int h = rb * rows_per_cta + wg * 128 + blk * 64 + rr;
-                        if (h < M) {
-                            const float v = acc[blk][reg] * sc; /* sc == 1.0f when unscaled: exact */
-                            orow_p[h] = kc_elem<T>::from_f(v);
+                        const uint64_t da = kc_desc(sa + (uint32_t)((wg * 128 + blk * 64) * 128) + kk * 32);
+                        kc_wgmma_op<T, BN>::run(acc[blk], da, db);
+                    }
+                }
+                kc_wg_commit();
+                kc_wg_wait<1>();
+#endif
+            } else {
+#pragma unroll
+                for (int kk = 0; kk < 4; kk++) {
+                    uint32_t af[2][4];
+#pragma unroll
+                    for (int blk = 0; blk < 2; blk++) {
+                        const int r = wg * 128 + blk * 64 + warp * 16 + (lane & 15);
+                        kc_ldsm_x4(sa + kc_swz(r, 2 * kk + (lane >> 4)), af[blk]);
+                    }
+                    if (BN == 8) {
+                        uint32_t bf[2];
+                        const int r = lane & 7;
+                        kc_ldsm_x2(sb + kc_swz(r, 2 * kk + ((lane >> 3) & 1)), bf);
+#pragma unroll
+                        for (int blk = 0; blk < 2; blk++)
+                            kc_mma<T>::run(&acc[blk][0], af[blk], bf[0], bf[1]);
+                    } else {
+#pragma unroll
+                        for (int nt = 0; nt < BN / 8; nt += 2) {
+                            uint32_t bf[4];
+                            const int r = nt * 8 + (lane & 7) + ((lane >> 4) << 3);
+                            kc_ldsm_x4(sb + kc_swz(r, 2 * kk + ((lane >> 3) & 1)), bf);
+#pragma unroll
+                            for (int blk = 0; blk < 2; blk++) {
+                                kc_mma<T>::run(&acc[blk][nt * 4], af[blk], bf[0], bf[1]);
+                                kc_mma<T>::run(&acc[blk][(nt + 1) * 4], af[blk], bf[2], bf[3]);
+                            }
                         }
                     }
                 }
             }
         }
+#ifdef KC_HAVE_WGMMA
+        if (PATH == KC_PATH_WGMMA)
+            kc_wg_wait<0>();
+#endif
+        kc_cp_wait<0>();
+
+        /* Epilogue. Register 4 i + 2 hf + cb of a 64-row block holds row 16 warp + lane/4 + 8 hf,
+         * column 8 i + 2 (lane % 4) + cb (the same layout for wgmma and mma.sync). */
+#pragma unroll
+        for (int i = 0; i < BN / 8; i++) {
+#pragma unroll
+            for (int cb = 0; cb < 2; cb++) {
+                const int n = 8 * i + 2 * (lane & 3) + cb;
+                const int orow = s_orow[n];
+                if (orow < 0)
+                    continue;
+                T *orow_p = out + (size_t)orow * a.out_ld;
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    const int rr = warp * 16 + (lane >> 2) + 8 * hf;
+                    const int reg = 4 * i + 2 * hf + cb;
+                    if (MODE == KC_MODE_GATE_UP) {
+                        const int j = rb * rows_per_cta + wg * 64 + rr;
+                        if (j < M) {
+                            const float gt = acc[0][reg], up = acc[1][reg];
+                            orow_p[j] = kc_elem<T>::from_f(kc_act(a.act, gt) * up);
+                        }
+                    } else {
+                        const float sc = s_scale[n];
+#pragma unroll
+                        for (int blk = 0; blk < 2; blk++) {
+                            const int h = rb * rows_per_cta + wg * 128 + blk * 64 + rr;
+                            if (h < M) {
+                                const float v = acc[blk][reg] * sc; /* sc == 1.0f when unscaled: exact */
+                                orow_p[h] = kc_elem<T>::from_f(v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads(); /* the next chunk rewrites the column tables and the stages */
     }
 #endif
 }
@@ -428,7 +508,7 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     typedef kc_tile<NWG, BN> TL;
     const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
     const long n_rb = (a->M + rows_per_cta - 1) / rows_per_cta;
-    const long nbl = a->dense ? (a->n_dense + BN - 1) / BN : a->max_blocks;
+    const long nbl = a->small ? a->n_pairs : a->dense ? (a->n_dense + BN - 1) / BN : a->max_blocks;
     kc_gemm_args aa = *a;
     aa.max_blocks = (int32_t)nbl;
     const long grid = n_rb * nbl;
@@ -453,10 +533,22 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
             return (int)e;
         attr_done[mi] |= bit;
     }
-    if (mi == 0)
-        kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP><<<(unsigned)grid, TL::threads, TL::smem, st>>>(aa);
-    else
-        kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN><<<(unsigned)grid, TL::threads, TL::smem, st>>>(aa);
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3(TL::threads);
+    cfg.dynamicSmemBytes = TL::smem;
+    cfg.stream = st;
+    if (a->pdl) {
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP>, aa)
+                : cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN>, aa);
+    if (e != cudaSuccess)
+        return (int)e;
     return (int)cudaGetLastError();
 }
 

@@ -23,6 +23,10 @@
 #include "kernels/cuda/kern_cuda_impl.h"
 #include "kernels/kern_impl.h"
 
+/* Pairs (T * K) up to which the products run without the alignment kernel (measured in the
+ * kernel lab, docs/PERF.md). */
+#define KC_SMALL_DEFAULT 64
+
 typedef struct kc_buf {
     void *p;
     size_t cap;
@@ -38,6 +42,8 @@ typedef struct kc_state {
     cudaEvent_t ev_fork, ev_join;
     kern_cuda_path path;
     int32_t force_nwg, force_bn;
+    int32_t small_max; /* pairs up to which the alignment-free mode is used */
+    int pdl;           /* programmatic dependent launch (sm_90) */
     kc_err *err_host; /* mapped pinned */
     kc_err *err_dev;  /* its device view */
     int32_t *claim;   /* device */
@@ -162,6 +168,8 @@ static moe_status cuda_init(kern_ctx_t *ctx) {
     MOE_CUDA_CHECK_GOTO(cudaMemset(s->claim, 0, sizeof(int32_t)), st, fail);
 
     s->path = (s->cc_major == 9 && s->cc_minor == 0) ? KERN_CUDA_PATH_WGMMA : KERN_CUDA_PATH_MMA;
+    s->pdl = s->cc_major >= 9;
+    s->small_max = KC_SMALL_DEFAULT;
     const char *env = getenv("MOE_CUDA_PATH");
     if (env && env[0]) {
         if (strcmp(env, "mma") == 0) {
@@ -247,14 +255,18 @@ static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int
     }
     int64_t busy = n_local < n_pairs ? n_local : n_pairs;
     int64_t m = busy > 0 ? (n_pairs + busy - 1) / busy : 1;
-    if (m <= 8) {
+    /* About 1.5 m columns: the rows per expert scatter around their mean m, and an expert
+     * that overflows its block pays a second pass over its weights (lab run 1, docs/PERF.md). */
+    if (m <= 5) {
         *nwg = 1, *bn = 8;
-    } else if (m <= 16) {
+    } else if (m <= 10) {
         *nwg = 1, *bn = 16;
-    } else if (m <= 32) {
+    } else if (m <= 21) {
         *nwg = 1, *bn = 32;
-    } else if (m <= 64) {
+    } else if (m <= 42) {
         *nwg = 1, *bn = 64;
+    } else if (m <= 80) {
+        *nwg = 2, *bn = 64;
     } else {
         *nwg = 2, *bn = 128;
     }
@@ -298,11 +310,13 @@ static moe_status cuda_route(kern_ctx_t *ctx, const kern_route_params *p, const 
 }
 
 /* ------------------------------------------------------------------------------------------
- * Routed experts: align, (scale x), gate-up, down into per-slot contributions `slots_out`
- * ([T*K, H], by pair). The caller sums or zero-fills.
+ * Routed experts: align (unless small), (scale x), gate-up, down into per-slot contributions
+ * `slots_out` ([T*K, H], by pair). The caller sums or zero-fills the pairs not held here, as
+ * `loc` says.
  * ---------------------------------------------------------------------------------------- */
 static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_tensor *x, const moe_tensor *w13,
-                         const moe_tensor *w2, const moe_tensor *ids, const moe_tensor *w, void *slots_out) {
+                         const moe_tensor *w2, const moe_tensor *ids, const moe_tensor *w, void *slots_out,
+                         kc_locality *loc) {
     const moe_dtype dt = x->dtype;
     const size_t es = moe_dtype_size(dt);
     const int64_t T = x->shape[0], H = x->shape[1], K = ids->shape[1], I = w13->shape[1] / 2;
@@ -316,22 +330,32 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
                 "cuda fused_experts: %lld pairs over the backend's limit", (long long)P);
     int32_t nwg, bn;
     choose_tile(s, P, p->n_local, &nwg, &bn);
-    const int64_t max_nb = max_blocks_for(P, p->n_local, bn);
-    const int64_t rows = max_nb * bn;
-    MOE_CHECK(buf_ensure(s, &s->pair_pos, (size_t)P * 4));
-    MOE_CHECK(buf_ensure(s, &s->sorted_rows, (size_t)rows * 4));
-    MOE_CHECK(buf_ensure(s, &s->block_expert, (size_t)max_nb * 4));
-    MOE_CHECK(buf_ensure(s, &s->n_blocks, 4));
+    const bool small = P <= s->small_max && P <= KC_SMALL_MAX_PAIRS;
+    const int64_t max_nb = small ? P : max_blocks_for(P, p->n_local, bn);
+    const int64_t rows = small ? P : max_nb * bn;
+    if (!small) {
+        MOE_CHECK(buf_ensure(s, &s->pair_pos, (size_t)P * 4));
+        MOE_CHECK(buf_ensure(s, &s->sorted_rows, (size_t)rows * 4));
+        MOE_CHECK(buf_ensure(s, &s->block_expert, (size_t)max_nb * 4));
+        MOE_CHECK(buf_ensure(s, &s->n_blocks, 4));
+    }
     MOE_CHECK(buf_ensure(s, &s->abuf, (size_t)rows * (size_t)I * es));
     if (p->weight_on_input)
         MOE_CHECK(buf_ensure(s, &s->xw, (size_t)P * (size_t)H * es));
 
     kc_errsink sink = {s->err_dev, s->claim};
-    KC_LAUNCH(kc_launch_align(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn,
-                              s->pair_pos.p, s->sorted_rows.p, s->block_expert.p, s->n_blocks.p, sink, s->stream),
-              "align");
+    if (!small)
+        KC_LAUNCH(kc_launch_align(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn,
+                                  s->pair_pos.p, s->sorted_rows.p, s->block_expert.p, s->n_blocks.p, sink, s->pdl,
+                                  s->stream),
+                  "align");
     if (p->weight_on_input)
-        KC_LAUNCH(kc_launch_scale_x(dt, x->data, w->data, s->xw.p, P, (int32_t)K, H, s->stream), "scale x");
+        KC_LAUNCH(kc_launch_scale_x(dt, x->data, w->data, s->xw.p, P, (int32_t)K, H, s->pdl, s->stream), "scale x");
+    loc->pair_pos = small ? NULL : s->pair_pos.p;
+    loc->ids = ids->data;
+    loc->map = p->expert_map;
+    loc->n_experts = p->n_experts;
+    loc->n_local = p->n_local;
 
     kc_gemm_args a;
     memset(&a, 0, sizeof a);
@@ -352,7 +376,20 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     a.max_blocks = (int32_t)max_nb;
     a.out = s->abuf.p;
     a.out_ld = (int32_t)I;
+    a.small = small;
+    a.ids = ids->data;
+    a.map = p->expert_map;
+    a.n_experts = p->n_experts;
+    a.n_local = p->n_local;
+    a.n_pairs = (int32_t)P;
+    a.top_k = (int32_t)K;
+    a.topk_w_check = w->data;
+    if (small)
+        a.err = sink;
+    a.pdl = s->pdl;
     MOE_CHECK(launch_gemm(s, &a, nwg, bn, s->stream, "gate-up"));
+    a.err.rec = NULL;
+    a.err.claim = NULL;
 
     a.mode = KC_MODE_DOWN;
     a.w = w2->data;
@@ -378,7 +415,7 @@ static moe_status shared_run(kc_state *s, const kern_shared_expert *se, const mo
     int32_t nwg, bn;
     choose_tile(s, T, 1, &nwg, &bn);
     if (se->gate)
-        KC_LAUNCH(kc_launch_gate_dot(dt, x->data, se->gate->data, s->gate.p, T, H, stream), "shared gate");
+        KC_LAUNCH(kc_launch_gate_dot(dt, x->data, se->gate->data, s->gate.p, T, H, s->pdl, stream), "shared gate");
     kc_gemm_args a;
     memset(&a, 0, sizeof a);
     a.mode = KC_MODE_GATE_UP;
@@ -393,6 +430,7 @@ static moe_status shared_run(kc_state *s, const kern_shared_expert *se, const mo
     a.n_dense = (int32_t)T;
     a.out = s->sh_abuf.p;
     a.out_ld = (int32_t)Is;
+    a.pdl = s->pdl;
     MOE_CHECK(launch_gemm(s, &a, nwg, bn, stream, "shared gate-up"));
     a.mode = KC_MODE_DOWN;
     a.w = se->w2->data;
@@ -427,14 +465,15 @@ static moe_status cuda_fused_experts(kern_ctx_t *ctx, const kern_experts_params 
     MOE_CUDA_CHECK(cudaSetDevice(s->device));
     MOE_CHECK(check_device_errors(s));
     const int64_t T = x->shape[0], H = x->shape[1], K = ids->shape[1];
+    kc_locality loc;
     if (y->ndim == 3) { /* slot mode: contributions straight into y, zeros where not local */
-        MOE_CHECK(routed(s, p, x, w13, w2, ids, w, y->data));
-        KC_LAUNCH(kc_launch_zero_nonlocal(x->dtype, s->pair_pos.p, y->data, T * K, H, s->stream), "slot zeros");
+        MOE_CHECK(routed(s, p, x, w13, w2, ids, w, y->data, &loc));
+        KC_LAUNCH(kc_launch_zero_nonlocal(x->dtype, loc, y->data, T * K, H, s->pdl, s->stream), "slot zeros");
         return MOE_OK;
     }
     MOE_CHECK(buf_ensure(s, &s->slots, (size_t)(T * K) * (size_t)H * moe_dtype_size(x->dtype)));
-    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p));
-    KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, s->pair_pos.p, NULL, y->data, T, (int32_t)K, H, s->stream), "sum");
+    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p, &loc));
+    KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, loc, NULL, y->data, T, (int32_t)K, H, s->pdl, s->stream), "sum");
     return MOE_OK;
 }
 
@@ -451,8 +490,9 @@ static moe_status cuda_moe_sum(kern_ctx_t *ctx, const moe_tensor *slots, const m
     kc_state *s = st_of(ctx);
     MOE_CUDA_CHECK(cudaSetDevice(s->device));
     MOE_CHECK(check_device_errors(s));
-    KC_LAUNCH(kc_launch_sum(slots->dtype, slots->data, NULL, shared ? shared->data : NULL, y->data, slots->shape[0],
-                            (int32_t)slots->shape[1], slots->shape[2], s->stream),
+    kc_locality all = {0};
+    KC_LAUNCH(kc_launch_sum(slots->dtype, slots->data, all, shared ? shared->data : NULL, y->data, slots->shape[0],
+                            (int32_t)slots->shape[1], slots->shape[2], s->pdl, s->stream),
               "moe_sum");
     return MOE_OK;
 }
@@ -476,9 +516,10 @@ static moe_status cuda_moe_forward(kern_ctx_t *ctx, const kern_experts_params *p
     MOE_CUDA_CHECK(cudaStreamWaitEvent(s->side, s->ev_fork, 0));
     MOE_CHECK(shared_run(s, se, x, s->sh_out.p, s->side));
     MOE_CUDA_CHECK(cudaEventRecord(s->ev_join, s->side));
-    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p));
+    kc_locality loc;
+    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p, &loc));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(s->stream, s->ev_join, 0));
-    KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, s->pair_pos.p, s->sh_out.p, y->data, T, (int32_t)K, H, s->stream),
+    KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, loc, s->sh_out.p, y->data, T, (int32_t)K, H, s->pdl, s->stream),
               "sum");
     return MOE_OK;
 }
@@ -586,6 +627,22 @@ int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap) {
         n++;
     }
     return n;
+}
+
+moe_status kern_cuda_set_small_max(kern_ctx_t *ctx, int32_t max_pairs) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    MOE_REQUIRE(max_pairs >= 0 && max_pairs <= KC_SMALL_MAX_PAIRS, MOE_ERR_INVALID_ARG,
+                "kern_cuda_set_small_max: %d not in [0, %d]", (int)max_pairs, KC_SMALL_MAX_PAIRS);
+    st_of(ctx)->small_max = max_pairs;
+    return MOE_OK;
+}
+
+moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    kc_state *s = st_of(ctx);
+    MOE_REQUIRE(!on || s->cc_major >= 9, MOE_ERR_UNSUPPORTED, "cuda backend: programmatic dependent launch needs sm_90");
+    s->pdl = on;
+    return MOE_OK;
 }
 
 void *kern_cuda_stream(kern_ctx_t *ctx) {

@@ -49,6 +49,14 @@ moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn);
  * how many there are (at most cap are written). */
 int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap);
 
+/* Pairs (T * top_k) up to which a call skips the alignment kernel (each CTA finds the pairs of
+ * its expert itself; 0 turns this off; at most 256). Same bits either way. */
+moe_status kern_cuda_set_small_max(kern_ctx_t *ctx, int32_t max_pairs);
+
+/* Programmatic dependent launch between the kernels of a call (on by default on sm_90: the
+ * next kernel starts streaming its weights while the previous one finishes). */
+moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on);
+
 /* The context's cudaStream_t (as void *), for callers that order their own work with it. */
 void *kern_cuda_stream(kern_ctx_t *ctx);
 

@@ -65,6 +65,10 @@ enum { KC_MODE_GATE_UP = 0, KC_MODE_DOWN = 1 };
  *        scale = row_scale ? row_scale[t] : none; expert 0
  * Gate-up epilogue: out[row, j] = round(act(D[j]) * D[I + j]) for j < M = I.
  * Down epilogue:    out[row, h] = round(D[h] * scale) for h < M = H. */
+/* Pairs up to which the alignment-free ("small") mode can be used: a CTA per (pair, row
+ * block) finds its expert's pairs itself. */
+#define KC_SMALL_MAX_PAIRS 256
+
 typedef struct kc_gemm_args {
     int32_t mode;  /* KC_MODE_* */
     int32_t dtype; /* MOE_DTYPE_BF16 or MOE_DTYPE_F16 */
@@ -87,6 +91,22 @@ typedef struct kc_gemm_args {
     int32_t out_ld;
     const float *topk_w;
     const float *row_scale;
+    /* Small mode (no alignment): CTA row nb is pair nb; it computes the pairs of that pair's
+     * expert (if nb is the expert's first pair) in chunks of BN; positions are pair indices
+     * (B row = b_by_pos ? pair : pair / b_div, out row = pair). The gate-up launch checks each
+     * pair (ids, map, topk_w_check finite) into err. */
+    int32_t small;
+    const int32_t *ids;
+    const int32_t *map;
+    int32_t n_experts;
+    int32_t n_local;
+    int32_t n_pairs;
+    int32_t top_k;
+    const float *topk_w_check;
+    kc_errsink err;
+    /* Launch with programmatic stream serialization (sm_90): the kernel waits for its inputs
+     * with griddepcontrol.wait and lets the next kernel launch early. */
+    int32_t pdl;
 } kc_gemm_args;
 
 /* Tile configurations: NWG consumer warpgroups (128 weight rows each), BN routed rows. */
@@ -114,23 +134,35 @@ int kc_launch_route(const kern_route_params *p, const void *logits, int32_t dtyp
 #define KC_ALIGN_MAX_LOCAL 8192
 int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k, const int32_t *map,
                     int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows,
-                    int32_t *block_expert, int32_t *n_blocks, kc_errsink err, cudaStream_t st);
+                    int32_t *block_expert, int32_t *n_blocks, kc_errsink err, int pdl, cudaStream_t st);
 
-/* y[t, h] = round(sum_k slots[t, k, h] (k ascending, from +0.0, skipping pairs with
- * pair_pos < 0 when pair_pos != NULL) + shared[t, h] (when given)); all of dtype. */
-int kc_launch_sum(int32_t dtype, const void *slots, const int32_t *pair_pos, const void *shared, void *y, int64_t T,
-                  int32_t K, int64_t H, cudaStream_t st);
+/* Which pairs are held here, for the kernels after the products: pair_pos[p] < 0 (after an
+ * alignment), else the expert of ids[p] under map (small mode); neither: all pairs. */
+typedef struct kc_locality {
+    const int32_t *pair_pos;
+    const int32_t *ids;
+    const int32_t *map;
+    int32_t n_experts;
+    int32_t n_local;
+} kc_locality;
 
-/* Slot mode: y[p, :] = +0.0 for each pair p with pair_pos[p] < 0. */
-int kc_launch_zero_nonlocal(int32_t dtype, const int32_t *pair_pos, void *y, int64_t n_pairs, int64_t H,
+/* The misc launchers take `pdl` (launch with programmatic stream serialization, sm_90 only). */
+
+/* y[t, h] = round(sum_k slots[t, k, h] (k ascending, from +0.0, skipping pairs not held here)
+ * + shared[t, h] (when given)); all of dtype. */
+int kc_launch_sum(int32_t dtype, const void *slots, kc_locality loc, const void *shared, void *y, int64_t T, int32_t K,
+                  int64_t H, int pdl, cudaStream_t st);
+
+/* Slot mode: y[p, :] = +0.0 for each pair p not held here. */
+int kc_launch_zero_nonlocal(int32_t dtype, kc_locality loc, void *y, int64_t n_pairs, int64_t H, int pdl,
                             cudaStream_t st);
 
 /* weight_on_input: xw[p, :] = round(x[p / K, :] * w[p]) for every pair. */
 int kc_launch_scale_x(int32_t dtype, const void *x, const float *w, void *xw, int64_t n_pairs, int32_t K, int64_t H,
-                      cudaStream_t st);
+                      int pdl, cudaStream_t st);
 
 /* Shared-expert gate: g[t] = sigmoid(x[t] . gate) in fp32. */
-int kc_launch_gate_dot(int32_t dtype, const void *x, const void *gate, float *g, int64_t T, int64_t H,
+int kc_launch_gate_dot(int32_t dtype, const void *x, const void *gate, float *g, int64_t T, int64_t H, int pdl,
                        cudaStream_t st);
 
 #ifdef __cplusplus

@@ -200,7 +200,7 @@ int main(int argc, char **argv) {
     cudaEvent_t e0, e1;
     LB_CUDA(cudaEventCreate(&e0));
     LB_CUDA(cudaEventCreate(&e1));
-    lb_row *rows = calloc(512, sizeof *rows);
+    lb_row *rows = calloc(1024, sizeof *rows);
     int nrows = 0;
     for (int mi = 0; mi < 3; mi++) {
         const int64_t E = models[mi].E, K = models[mi].K, H = models[mi].H, I = models[mi].I, TM = 8192;
@@ -234,11 +234,18 @@ int main(int argc, char **argv) {
                 LB_CHECK(kern_cuda_set_path(gpu, paths[pi]));
                 int32_t tiles[32];
                 int32_t nt = kern_cuda_tiles(paths[pi], tiles, 16);
-                for (int32_t k = 0; k <= nt; k++) {
+                /* k < nt: a forced tile; k == nt: auto; then (last path only) auto with the
+                 * alignment-free mode forced on / off, and auto without PDL. */
+                const int extra = pi == npaths - 1 ? 3 : 0;
+                for (int32_t k = 0; k <= nt + extra; k++) {
                     int32_t nwg = k < nt ? tiles[2 * k] : 0, bn = k < nt ? tiles[2 * k + 1] : 0;
                     if (k < nt && (m > 16 * (int64_t)bn || (int64_t)bn > 2 * m + 8))
                         continue; /* too many weight re-reads, or a tile mostly padding */
+                    if ((k == nt + 1 || k == nt + 2) && T * K > 256)
+                        continue;
                     LB_CHECK(kern_cuda_set_tile(gpu, nwg, bn));
+                    LB_CHECK(kern_cuda_set_small_max(gpu, k == nt + 1 ? 256 : k == nt + 2 ? 0 : 64));
+                    LB_CHECK(kern_cuda_set_pdl(gpu, k != nt + 3 && prop.major >= 9));
                     for (int wu = 0; wu < 2; wu++)
                         LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
                     LB_CHECK(kern_ctx_sync(gpu));
@@ -257,15 +264,19 @@ int main(int argc, char **argv) {
                     lb_row *rw = &rows[nrows++];
                     snprintf(rw->model, sizeof rw->model, "%s", models[mi].name);
                     rw->T = T;
+                    static const char *ex[] = {"auto", "auto small", "auto aligned", "auto no-pdl"};
                     if (k < nt)
                         snprintf(rw->variant, sizeof rw->variant, "%d %s %dx%d", pi + 1, path_name(paths[pi]),
                                  (int)nwg, (int)bn);
                     else
-                        snprintf(rw->variant, sizeof rw->variant, "%d %s auto", pi + 1, path_name(paths[pi]));
+                        snprintf(rw->variant, sizeof rw->variant, "%d %s %s", pi + 1, path_name(paths[pi]),
+                                 ex[k - nt]);
                     rw->us = dev_median(t, reps);
                     rw->is_auto = k == nt;
                     fprintf(stderr, "lab: %s T=%lld %s: %.1f us\n", rw->model, (long long)T, rw->variant, rw->us);
                 }
+                LB_CHECK(kern_cuda_set_small_max(gpu, 64));
+                LB_CHECK(kern_cuda_set_pdl(gpu, prop.major >= 9));
             }
             LB_CHECK(kern_cuda_set_tile(gpu, 0, 0));
             LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_AUTO));

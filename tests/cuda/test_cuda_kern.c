@@ -282,17 +282,24 @@ static void check_fused_all_tiles(moe_dtype dt, kern_act act, bool woi, bool slo
         int32_t nt = kern_cuda_tiles(ps[pi], tiles, 16);
         assert_true(nt > 0);
         moe_tensor path_first = {0};
-        for (int32_t ti = 0; ti <= nt; ti++) { /* ti == nt: the automatic choice */
+        /* ti < nt: a forced tile; nt: the automatic choice; nt + 1: auto with the
+         * alignment-free mode up to 256 pairs; nt + 2: auto, always aligned, without PDL. */
+        for (int32_t ti = 0; ti <= nt + 2; ti++) {
             if (ti < nt)
                 CT_OK(kern_cuda_set_tile(g_gpu, tiles[2 * ti], tiles[2 * ti + 1]));
             else
                 CT_OK(kern_cuda_set_tile(g_gpu, 0, 0));
+            CT_OK(kern_cuda_set_small_max(g_gpu, ti == nt + 1 ? 256 : ti == nt + 2 ? 0 : 64));
+            if (ti == nt + 2)
+                (void)kern_cuda_set_pdl(g_gpu, false);
             run_gpu(&pr, slot_mode, &got);
+            CT_OK(kern_cuda_set_small_max(g_gpu, 64));
+            (void)kern_cuda_set_pdl(g_gpu, true);
             char what[160];
             snprintf(what, sizeof what, "fused %s %s %s%s T=%lld E=%d K=%d H=%lld I=%lld path %s tile %d x %d",
                      slot_mode ? "slot" : "sum", moe_dtype_name(dt), kern_act_name(act), woi ? " w-on-input" : "",
                      (long long)shp->T, (int)shp->E, (int)shp->K, (long long)shp->H, (long long)shp->I,
-                     ps[pi] == KERN_CUDA_PATH_WGMMA ? "wgmma" : "mma", ti < nt ? (int)tiles[2 * ti] : 0,
+                     ps[pi] == KERN_CUDA_PATH_WGMMA ? "wgmma" : "mma", ti < nt ? (int)tiles[2 * ti] : -(int)(ti - nt),
                      ti < nt ? (int)tiles[2 * ti + 1] : 0);
             ct_compare(&got, &ref, 1e-2, what);
             if (slot_mode) { /* slots held elsewhere are exactly +0.0 */
@@ -578,10 +585,9 @@ static void expect_device_error(prob *pr, const char *needle) {
     ct_dev_free(&dy);
 }
 
-static void test_device_errors(void **state) {
-    (void)state;
+static void device_errors_once(uint64_t salt) {
     moe_rng r;
-    moe_rng_seed(&r, g_seed ^ 0x80);
+    moe_rng_seed(&r, g_seed ^ salt);
     prob pr;
     prob_init(&pr, &r, MOE_DTYPE_BF16, 9, 8, 2, 128, 64, NULL, 0);
     /* an id out of range at token 3, slot 1 */
@@ -612,6 +618,15 @@ static void test_device_errors(void **state) {
     }
     expect_device_error(&pr, "expert_map entry 99");
     prob_free(&pr);
+}
+
+/* Both the alignment kernel and the alignment-free products check the pairs. */
+static void test_device_errors(void **state) {
+    (void)state;
+    device_errors_once(0x80);
+    CT_OK(kern_cuda_set_small_max(g_gpu, 0));
+    device_errors_once(0x81);
+    CT_OK(kern_cuda_set_small_max(g_gpu, 64));
 }
 
 int main(void) {
