@@ -1,0 +1,1322 @@
+/*
+ * coord.c: `moe-engine serve`, the coordinator. One libuv loop on one thread owns everything
+ * here: the client ROUTER socket, the worker ROUTER socket, the ZAP handler, the probe server,
+ * the timers, the signal handlers, the worker processes, the queues and the stats. Nothing on
+ * the loop blocks: sockets are behind the ZeroMQ-in-libuv watcher (ipc/), weights are read
+ * only by the workers, the checkpoint's headers are checked before the loop starts.
+ *
+ * A request's life: decoded and validated against the model and the limits (a bad one is
+ * answered at once) -> queued on its layer (bounded: BUSY beyond max-queue) -> coalesced with
+ * others of its layer into a step (up to max-step-tokens) -> sent to every worker (the client's
+ * message forwarded with zmq_msg_copy, no tensor bytes copied) -> answered by rank 0's REPLY,
+ * forwarded to the client unchanged; or failed with an error reply. Invariant: every accepted
+ * request gets exactly one reply (result or error); a request lives in exactly one place: a
+ * layer queue, a step in flight, or nowhere once answered.
+ *
+ * Supervision: a worker that exits, misses its heartbeats while idle, or leaves a step past
+ * its deadline fails the whole group: the steps in flight are answered with MOE_ERR_WORKER,
+ * every worker of the group is killed (a result of a failed collective can never come back:
+ * messages of an old epoch are ignored), and a new group is started; queued requests wait for
+ * it (bounded by start-timeout-ms). SIGTERM/SIGINT drain; a second signal stops at once.
+ */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+#include <zmq.h>
+
+#include "engine/engine.h"
+#include "engine/http.h"
+#include "engine/model/model.h"
+#include "engine/wire.h"
+#include "ipc/ipc.h"
+#include "kernels/kern.h"
+#include "parallel/par.h"
+
+#define MAX_WORKERS 256
+#define N_LAT_BUCKETS 18
+
+static const double lat_bounds_s[N_LAT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                   0.1,    0.25,    0.5,    1.0,   2.5,    5.0,   10.0, 30.0,  60.0};
+
+typedef struct coord_req {
+    struct coord_req *next;
+    zmq_msg_t ident;   /* the client's routing id */
+    zmq_msg_t body;    /* the SUBMIT request as received */
+    bool has_delim;    /* a REQ client: an empty delimiter frame goes before the reply */
+    uint64_t client_id;
+    int32_t layer;
+    uint32_t n_tokens;
+    uint64_t t_accept;
+    bool answered;
+} coord_req;
+
+typedef struct coord_step {
+    uint64_t id;
+    uint64_t epoch;
+    int32_t layer;
+    int32_t n_reqs;
+    coord_req **reqs;
+    uint64_t t_dispatch;
+    uint32_t n_tokens;
+} coord_step;
+
+typedef enum group_state {
+    GROUP_STARTING = 0, /* spawned, waiting for READY from every rank */
+    GROUP_READY = 1,
+    GROUP_STOPPING = 2, /* killed or told to shut down; waiting for the exits */
+    GROUP_FAILED = 3    /* gave up: too many restarts, or a load error */
+} group_state;
+
+typedef struct coord_worker {
+    struct coord *co;
+    int32_t rank;
+    uv_process_t proc;
+    bool running;   /* spawned and not yet exited */
+    bool ready;
+    uint64_t last_seen;
+    uint64_t steps;
+    int pid;
+    char ident[32];
+} coord_worker;
+
+typedef struct layer_queue {
+    coord_req *head, *tail;
+    int32_t n;
+} layer_queue;
+
+typedef struct coord_stats {
+    uint64_t accepted, ok, failed, rejected, busy, shutdown_refused;
+    uint64_t tokens, steps, step_tokens;
+    uint64_t lat_buckets[N_LAT_BUCKETS + 1];
+    double lat_sum;
+    uint64_t pings, infos, stats_calls;
+    uint64_t restarts;
+    int64_t *expert_tokens; /* [E] */
+    uint64_t errors_by_status[32];
+} coord_stats;
+
+typedef struct coord {
+    eng_config cfg;
+    uv_loop_t loop;
+    void *zctx;
+    ipc_zwatch_t *cw, *ww; /* client and worker watchers */
+    ipc_zap_t *zap;
+    eng_http_t *http;
+    uv_timer_t tick;
+    uv_signal_t sig_term, sig_int, sig_hup;
+
+    /* model */
+    eng_ckpt_t *ckpt;
+    const eng_model_desc *desc;
+    char model_dir[ENG_PATH_MAX];
+    uint8_t *layer_served;    /* [n_layers] */
+    int32_t *served;          /* served MoE layer indices */
+    int32_t n_served;
+    ipc_limits lim;
+    par_placement placement;
+
+    /* workers */
+    int32_t world;
+    coord_worker workers[MAX_WORKERS];
+    group_state gstate;
+    uint64_t epoch;
+    uint64_t group_started;
+    uint64_t respawn_at;
+    int32_t restarts;
+    int32_t running;
+    char fail_reason[512];
+    char exe[PATH_MAX];
+    char rundir[ENG_PATH_MAX];
+    char worker_ep[ENG_PATH_MAX + 16];
+    char worker_threads[16];
+    char hb_str[16], step_to_str[16];
+
+    /* work */
+    layer_queue *queues;      /* [n_layers] */
+    int32_t n_queued;
+    coord_step *inflight;     /* [max_inflight_steps] */
+    int32_t n_inflight;
+    uint64_t next_step_id;
+
+    /* lifecycle */
+    bool draining, stopping, closed;
+    bool loop_inited, handles_inited;
+    uint64_t drain_deadline, kill_deadline;
+    uint64_t t_start;
+    int exit_code;
+    coord_stats st;
+} coord;
+
+static void group_fail(coord *co, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void schedule(coord *co);
+static void begin_close(coord *co);
+static void maybe_respawn(coord *co);
+
+/* ------------------------------------------------------------------------------------------
+ * Replies.
+ * ---------------------------------------------------------------------------------------- */
+static uint64_t now_ns(void) { return moe_now_ns(); }
+
+/* Sends [ident][(empty)][body] to a client; takes body. */
+static void send_to_client(coord *co, zmq_msg_t *ident, bool delim, zmq_msg_t *body) {
+    zmq_msg_t f[3];
+    int n = 0;
+    zmq_msg_init(&f[n]);
+    zmq_msg_copy(&f[n++], ident);
+    if (delim)
+        zmq_msg_init(&f[n++]);
+    zmq_msg_init(&f[n]);
+    zmq_msg_move(&f[n++], body);
+    zmq_msg_close(body);
+    moe_status st = ipc_zwatch_send(co->cw, f, n);
+    if (st != MOE_OK)
+        MOE_DEBUG(MOE_SUB_ENG, "reply not sent: %s", moe_errmsg());
+}
+
+static void send_msg_to_client(coord *co, zmq_msg_t *ident, bool delim, const ipc_msg *m) {
+    zmq_msg_t body;
+    if (ipc_encode_zmq(m, &body) != MOE_OK) {
+        MOE_ERROR(MOE_SUB_ENG, "cannot encode a reply: %s", moe_errmsg());
+        return;
+    }
+    send_to_client(co, ident, delim, &body);
+}
+
+static void send_error(coord *co, zmq_msg_t *ident, bool delim, uint16_t op, uint64_t id, moe_status status,
+                       const char *text) {
+    ipc_msg m;
+    /* An error reply carries an op a client can read (0x01..0x7f): the request's, else 0x01
+     * (protocol.md: a message whose op could not be read, or an internal op). */
+    if (op == 0 || op >= IPC_OP_INTERNAL_FIRST)
+        op = IPC_OP_PING;
+    if (ipc_error_init(&m, op, id, status, text) != MOE_OK)
+        return;
+    send_msg_to_client(co, ident, delim, &m);
+    int idx = -(int)status;
+    if (idx >= 0 && idx < 32)
+        co->st.errors_by_status[idx]++;
+}
+
+static void req_free(coord_req *r) {
+    zmq_msg_close(&r->ident);
+    zmq_msg_close(&r->body);
+    free(r);
+}
+
+static void lat_record(coord *co, uint64_t t_accept) {
+    double s = (double)(now_ns() - t_accept) * 1e-9;
+    int b = 0;
+    while (b < N_LAT_BUCKETS && s > lat_bounds_s[b])
+        b++;
+    co->st.lat_buckets[b]++;
+    co->st.lat_sum += s;
+}
+
+/* Answers a request with an error and frees it. */
+static void req_fail(coord *co, coord_req *r, moe_status status, const char *text) {
+    if (!r->answered) {
+        send_error(co, &r->ident, r->has_delim, IPC_OP_SUBMIT, r->client_id, status, text);
+        co->st.failed++;
+        lat_record(co, r->t_accept);
+    }
+    req_free(r);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * INFO and STATS.
+ * ---------------------------------------------------------------------------------------- */
+static char *info_json(coord *co) {
+    const eng_model_desc *d = co->desc;
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "version", ENG_VERSION);
+    cJSON_AddNumberToObject(root, "protocol", IPC_VERSION);
+    cJSON *m = cJSON_AddObjectToObject(root, "model");
+    cJSON_AddStringToObject(m, "name", co->cfg.model[0] ? co->cfg.model : "embedded-default");
+    cJSON_AddStringToObject(m, "path", co->model_dir);
+    cJSON_AddStringToObject(m, "family", eng_model_family_name(d->family));
+    cJSON_AddStringToObject(m, "architecture", d->architecture);
+    cJSON_AddStringToObject(m, "dtype", moe_dtype_name(d->dtype));
+    cJSON_AddNumberToObject(m, "hidden", d->hidden_size);
+    cJSON_AddNumberToObject(m, "n_layers", d->n_layers);
+    cJSON *ml = cJSON_AddArrayToObject(m, "moe_layers");
+    for (int32_t i = 0; i < co->n_served; i++)
+        cJSON_AddItemToArray(ml, cJSON_CreateNumber(co->served[i]));
+    cJSON_AddNumberToObject(m, "n_experts", d->n_experts);
+    cJSON_AddNumberToObject(m, "top_k", d->top_k);
+    cJSON_AddNumberToObject(m, "intermediate", d->moe_intermediate);
+    cJSON_AddNumberToObject(m, "shared_intermediate", d->shared_intermediate);
+    cJSON_AddBoolToObject(m, "shared_gate", d->has_shared_gate);
+    cJSON_AddStringToObject(m, "activation", kern_act_name(d->act));
+    cJSON_AddStringToObject(m, "scoring", d->scoring_func);
+    cJSON_AddBoolToObject(m, "can_route", co->lim.can_route);
+    cJSON *p = cJSON_AddObjectToObject(root, "placement");
+    cJSON_AddNumberToObject(p, "world_size", co->world);
+    cJSON_AddStringToObject(p, "policy", par_place_policy_name(co->placement.policy));
+    cJSON *epr = cJSON_AddArrayToObject(p, "experts_per_rank");
+    cJSON *own = cJSON_AddArrayToObject(p, "owner");
+    for (int32_t r = 0; r < co->world; r++)
+        cJSON_AddItemToArray(epr, cJSON_CreateNumber(co->placement.n_local[r]));
+    for (int32_t e = 0; e < co->placement.n_experts; e++)
+        cJSON_AddItemToArray(own, cJSON_CreateNumber(co->placement.owner[e]));
+    cJSON_AddStringToObject(p, "backend", co->cfg.backend);
+    cJSON *l = cJSON_AddObjectToObject(root, "limits");
+    cJSON_AddNumberToObject(l, "max_tokens", co->cfg.max_tokens);
+    cJSON_AddNumberToObject(l, "max_step_tokens", co->cfg.max_step_tokens);
+    cJSON_AddNumberToObject(l, "max_msg_bytes", (double)co->cfg.max_msg_bytes);
+    cJSON_AddNumberToObject(l, "max_queue", co->cfg.max_queue);
+    char *s = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    return s;
+}
+
+static double lat_quantile(const coord *co, double q) {
+    uint64_t total = 0;
+    for (int b = 0; b <= N_LAT_BUCKETS; b++)
+        total += co->st.lat_buckets[b];
+    if (total == 0)
+        return 0;
+    uint64_t want = (uint64_t)(q * (double)total + 0.5), acc = 0;
+    if (want == 0)
+        want = 1;
+    for (int b = 0; b <= N_LAT_BUCKETS; b++) {
+        acc += co->st.lat_buckets[b];
+        if (acc >= want)
+            return b < N_LAT_BUCKETS ? lat_bounds_s[b] : lat_bounds_s[N_LAT_BUCKETS - 1];
+    }
+    return lat_bounds_s[N_LAT_BUCKETS - 1];
+}
+
+static const char *gstate_name(group_state g) {
+    static const char *n[] = {"starting", "ready", "stopping", "failed"};
+    return n[g];
+}
+
+static char *stats_json(coord *co) {
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddNumberToObject(root, "uptime_s", (double)(now_ns() - co->t_start) * 1e-9);
+    cJSON_AddStringToObject(root, "state", co->draining ? "draining" : gstate_name(co->gstate));
+    cJSON *r = cJSON_AddObjectToObject(root, "requests");
+    cJSON_AddNumberToObject(r, "accepted", (double)co->st.accepted);
+    cJSON_AddNumberToObject(r, "ok", (double)co->st.ok);
+    cJSON_AddNumberToObject(r, "failed", (double)co->st.failed);
+    cJSON_AddNumberToObject(r, "rejected", (double)co->st.rejected);
+    cJSON_AddNumberToObject(r, "busy", (double)co->st.busy);
+    cJSON_AddNumberToObject(r, "queued", co->n_queued);
+    cJSON_AddNumberToObject(r, "inflight_steps", co->n_inflight);
+    cJSON_AddNumberToObject(root, "tokens", (double)co->st.tokens);
+    cJSON_AddNumberToObject(root, "steps", (double)co->st.steps);
+    cJSON_AddNumberToObject(root, "queue_depth", co->n_queued);
+    cJSON *q = cJSON_AddArrayToObject(root, "queue_depth_per_layer");
+    for (int32_t i = 0; i < co->n_served; i++)
+        cJSON_AddItemToArray(q, cJSON_CreateNumber(co->queues[co->served[i]].n));
+    cJSON *lat = cJSON_AddObjectToObject(root, "latency_s");
+    cJSON_AddNumberToObject(lat, "p50", lat_quantile(co, 0.5));
+    cJSON_AddNumberToObject(lat, "p90", lat_quantile(co, 0.9));
+    cJSON_AddNumberToObject(lat, "p99", lat_quantile(co, 0.99));
+    uint64_t n = co->st.ok + co->st.failed;
+    cJSON_AddNumberToObject(lat, "mean", n ? co->st.lat_sum / (double)n : 0.0);
+    cJSON *bk = cJSON_AddArrayToObject(lat, "buckets");
+    for (int b = 0; b <= N_LAT_BUCKETS; b++) {
+        cJSON *o = cJSON_CreateObject();
+        if (b < N_LAT_BUCKETS)
+            cJSON_AddNumberToObject(o, "le", lat_bounds_s[b]);
+        else
+            cJSON_AddStringToObject(o, "le", "+Inf");
+        cJSON_AddNumberToObject(o, "count", (double)co->st.lat_buckets[b]);
+        cJSON_AddItemToArray(bk, o);
+    }
+    cJSON *et = cJSON_AddArrayToObject(root, "per_expert_tokens");
+    for (int32_t e = 0; e < co->desc->n_experts; e++)
+        cJSON_AddItemToArray(et, cJSON_CreateNumber((double)co->st.expert_tokens[e]));
+    cJSON *w = cJSON_AddObjectToObject(root, "workers");
+    cJSON_AddNumberToObject(w, "world_size", co->world);
+    cJSON_AddNumberToObject(w, "running", co->running);
+    cJSON_AddNumberToObject(w, "restarts", (double)co->st.restarts);
+    cJSON_AddNumberToObject(w, "epoch", (double)co->epoch);
+    char *s = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    return s;
+}
+
+static int http_handler(void *user, const char *path, char **body, const char **ctype) {
+    coord *co = user;
+    if (strcmp(path, "/health") == 0) {
+        bool ok = co->gstate == GROUP_READY && !co->draining;
+        char buf[640];
+        snprintf(buf, sizeof buf, "%s %s%s%s\n", ok ? "ok" : "unavailable",
+                 co->draining ? "draining" : gstate_name(co->gstate), co->fail_reason[0] ? ": " : "",
+                 co->fail_reason[0] && !ok ? co->fail_reason : "");
+        *body = strdup(buf);
+        return ok ? 200 : 503;
+    }
+    if (strcmp(path, "/metrics") != 0) {
+        *body = strdup("not found: try /metrics or /health\n");
+        return 404;
+    }
+    *ctype = "text/plain; version=0.0.4; charset=utf-8";
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f)
+        return 500;
+    fprintf(f, "# HELP moe_requests_total SUBMIT requests by outcome.\n# TYPE moe_requests_total counter\n");
+    fprintf(f, "moe_requests_total{outcome=\"ok\"} %" PRIu64 "\n", co->st.ok);
+    fprintf(f, "moe_requests_total{outcome=\"failed\"} %" PRIu64 "\n", co->st.failed);
+    fprintf(f, "moe_requests_total{outcome=\"rejected\"} %" PRIu64 "\n", co->st.rejected);
+    fprintf(f, "moe_requests_total{outcome=\"busy\"} %" PRIu64 "\n", co->st.busy);
+    fprintf(f, "# HELP moe_tokens_total Tokens computed.\n# TYPE moe_tokens_total counter\nmoe_tokens_total %" PRIu64 "\n",
+            co->st.tokens);
+    fprintf(f, "# HELP moe_steps_total Steps computed.\n# TYPE moe_steps_total counter\nmoe_steps_total %" PRIu64 "\n",
+            co->st.steps);
+    fprintf(f, "# HELP moe_queue_depth Requests waiting for a step.\n# TYPE moe_queue_depth gauge\nmoe_queue_depth %d\n",
+            (int)co->n_queued);
+    for (int32_t i = 0; i < co->n_served; i++)
+        fprintf(f, "moe_queue_depth_layer{layer=\"%d\"} %d\n", (int)co->served[i], (int)co->queues[co->served[i]].n);
+    fprintf(f, "# HELP moe_inflight_steps Steps sent to the workers and not answered.\n# TYPE moe_inflight_steps gauge\n"
+               "moe_inflight_steps %d\n",
+            (int)co->n_inflight);
+    fprintf(f, "# HELP moe_workers_running Worker processes alive.\n# TYPE moe_workers_running gauge\n"
+               "moe_workers_running %d\n",
+            (int)co->running);
+    fprintf(f, "# HELP moe_worker_restarts_total Worker group restarts.\n# TYPE moe_worker_restarts_total counter\n"
+               "moe_worker_restarts_total %" PRIu64 "\n",
+            co->st.restarts);
+    fprintf(f, "# HELP moe_up 1 when the workers are ready and the engine accepts work.\n# TYPE moe_up gauge\n"
+               "moe_up %d\n",
+            co->gstate == GROUP_READY && !co->draining ? 1 : 0);
+    fprintf(f, "# HELP moe_request_latency_seconds From acceptance to reply.\n"
+               "# TYPE moe_request_latency_seconds histogram\n");
+    uint64_t acc = 0;
+    for (int b = 0; b < N_LAT_BUCKETS; b++) {
+        acc += co->st.lat_buckets[b];
+        fprintf(f, "moe_request_latency_seconds_bucket{le=\"%g\"} %" PRIu64 "\n", lat_bounds_s[b], acc);
+    }
+    acc += co->st.lat_buckets[N_LAT_BUCKETS];
+    fprintf(f, "moe_request_latency_seconds_bucket{le=\"+Inf\"} %" PRIu64 "\n", acc);
+    fprintf(f, "moe_request_latency_seconds_sum %.6f\nmoe_request_latency_seconds_count %" PRIu64 "\n", co->st.lat_sum,
+            acc);
+    fprintf(f, "# HELP moe_expert_tokens_total Tokens routed to each expert.\n# TYPE moe_expert_tokens_total counter\n");
+    for (int32_t e = 0; e < co->desc->n_experts; e++)
+        fprintf(f, "moe_expert_tokens_total{expert=\"%d\"} %" PRId64 "\n", (int)e, co->st.expert_tokens[e]);
+    fclose(f);
+    *body = buf;
+    return 200;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Clients.
+ * ---------------------------------------------------------------------------------------- */
+static void on_client_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user) {
+    (void)w;
+    coord *co = user;
+    if (n < 2) /* a ROUTER always delivers the identity first */
+        return;
+    bool delim = n == 3 && zmq_msg_size(&frames[1]) == 0;
+    if (n > 3 || (n == 3 && !delim)) {
+        co->st.rejected++;
+        send_error(co, &frames[0], false, IPC_OP_PING, 0, MOE_ERR_FORMAT,
+                   "a request is one frame (a REQ client may add one empty delimiter)");
+        return;
+    }
+    zmq_msg_t *body = &frames[n - 1];
+    ipc_msg m;
+    moe_status st = ipc_decode(zmq_msg_data(body), zmq_msg_size(body), &co->lim, &m);
+    if (st != MOE_OK) {
+        co->st.rejected++;
+        MOE_DEBUG(MOE_SUB_ENG, "rejected a message of %zu bytes: %s", zmq_msg_size(body), moe_errmsg());
+        send_error(co, &frames[0], delim, m.op, m.request_id, st, moe_errmsg());
+        return;
+    }
+    switch (m.op) {
+    case IPC_OP_PING: {
+        co->st.pings++;
+        ipc_msg rep;
+        ipc_reply_init(&rep, IPC_OP_PING, m.request_id);
+        send_msg_to_client(co, &frames[0], delim, &rep);
+        return;
+    }
+    case IPC_OP_INFO:
+    case IPC_OP_STATS: {
+        char *js = m.op == IPC_OP_INFO ? info_json(co) : stats_json(co);
+        if (m.op == IPC_OP_INFO)
+            co->st.infos++;
+        else
+            co->st.stats_calls++;
+        ipc_msg rep;
+        ipc_reply_init(&rep, m.op, m.request_id);
+        if (!js || ipc_msg_add_bytes(&rep, IPC_SEC_JSON, js, strlen(js)) != MOE_OK)
+            send_error(co, &frames[0], delim, m.op, m.request_id, MOE_ERR_NOMEM, "cannot build the reply");
+        else
+            send_msg_to_client(co, &frames[0], delim, &rep);
+        free(js);
+        return;
+    }
+    case IPC_OP_SUBMIT:
+        break;
+    default:
+        co->st.rejected++;
+        send_error(co, &frames[0], delim, m.op, m.request_id, MOE_ERR_PROTOCOL, "unknown op");
+        return;
+    }
+    if (co->draining || co->stopping) {
+        co->st.shutdown_refused++;
+        send_error(co, &frames[0], delim, m.op, m.request_id, MOE_ERR_SHUTDOWN,
+                   "the engine is shutting down and accepts no new requests");
+        return;
+    }
+    if (co->gstate == GROUP_FAILED) {
+        send_error(co, &frames[0], delim, m.op, m.request_id, MOE_ERR_WORKER, co->fail_reason);
+        return;
+    }
+    if (co->n_queued >= co->cfg.max_queue) {
+        co->st.busy++;
+        char msg[128];
+        snprintf(msg, sizeof msg, "busy: %d requests are queued (max-queue); retry later", (int)co->n_queued);
+        send_error(co, &frames[0], delim, m.op, m.request_id, MOE_ERR_BUSY, msg);
+        return;
+    }
+    coord_req *r = calloc(1, sizeof *r);
+    if (!r) {
+        send_error(co, &frames[0], delim, m.op, m.request_id, MOE_ERR_NOMEM, "out of memory");
+        return;
+    }
+    zmq_msg_init(&r->ident);
+    zmq_msg_init(&r->body);
+    zmq_msg_move(&r->ident, &frames[0]);
+    zmq_msg_move(&r->body, body);
+    r->has_delim = delim;
+    r->client_id = m.request_id;
+    r->layer = m.layer;
+    r->n_tokens = m.n_tokens;
+    r->t_accept = now_ns();
+    layer_queue *q = &co->queues[m.layer];
+    if (q->tail)
+        q->tail->next = r;
+    else
+        q->head = r;
+    q->tail = r;
+    q->n++;
+    co->n_queued++;
+    co->st.accepted++;
+    schedule(co);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Steps.
+ * ---------------------------------------------------------------------------------------- */
+static moe_status send_to_worker(coord *co, int32_t rank, const ipc_msg *m, zmq_msg_t *extra) {
+    zmq_msg_t f[3];
+    int n = 0;
+    coord_worker *wk = &co->workers[rank];
+    zmq_msg_init_size(&f[n], strlen(wk->ident));
+    memcpy(zmq_msg_data(&f[n++]), wk->ident, strlen(wk->ident));
+    moe_status st = ipc_encode_zmq(m, &f[n]);
+    if (st != MOE_OK) {
+        zmq_msg_close(&f[0]);
+        if (extra)
+            zmq_msg_close(extra);
+        return st;
+    }
+    n++;
+    if (extra) {
+        zmq_msg_init(&f[n]);
+        zmq_msg_move(&f[n++], extra);
+        zmq_msg_close(extra);
+    }
+    return ipc_zwatch_send(co->ww, f, n);
+}
+
+static coord_step *find_step(coord *co, uint64_t id) {
+    for (int32_t i = 0; i < co->n_inflight; i++)
+        if (co->inflight[i].id == id)
+            return &co->inflight[i];
+    return NULL;
+}
+
+static void step_remove(coord *co, coord_step *s) {
+    free(s->reqs);
+    int32_t i = (int32_t)(s - co->inflight);
+    memmove(&co->inflight[i], &co->inflight[i + 1], sizeof(coord_step) * (size_t)(co->n_inflight - i - 1));
+    co->n_inflight--;
+}
+
+/* Fails every request of a step and removes it. */
+static void step_fail(coord *co, coord_step *s, moe_status status, const char *text) {
+    for (int32_t i = 0; i < s->n_reqs; i++)
+        req_fail(co, s->reqs[i], status, text);
+    step_remove(co, s);
+}
+
+static void dispatch(coord *co, int32_t layer) {
+    layer_queue *q = &co->queues[layer];
+    coord_step *s = &co->inflight[co->n_inflight];
+    memset(s, 0, sizeof *s);
+    uint32_t tokens = 0;
+    int32_t n = 0;
+    for (coord_req *r = q->head; r && (n == 0 || tokens + r->n_tokens <= (uint32_t)co->cfg.max_step_tokens); r = r->next) {
+        tokens += r->n_tokens;
+        n++;
+    }
+    s->reqs = malloc(sizeof(coord_req *) * (size_t)n);
+    if (!s->reqs) {
+        MOE_ERROR(MOE_SUB_ENG, "out of memory forming a step");
+        return;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        coord_req *r = q->head;
+        q->head = r->next;
+        r->next = NULL;
+        s->reqs[i] = r;
+    }
+    if (!q->head)
+        q->tail = NULL;
+    q->n -= n;
+    co->n_queued -= n;
+    s->id = co->next_step_id++;
+    s->epoch = co->epoch;
+    s->layer = layer;
+    s->n_reqs = n;
+    s->n_tokens = tokens;
+    s->t_dispatch = now_ns();
+    co->n_inflight++;
+
+    ipc_msg hdr;
+    ipc_msg_init(&hdr, ENG_OP_STEP, s->id);
+    hdr.layer = layer;
+    hdr.n_tokens = tokens;
+    hdr.top_k = (uint32_t)n;
+    moe_status st = MOE_OK;
+    for (int32_t rank = 0; rank < co->world && st == MOE_OK; rank++) {
+        st = send_to_worker(co, rank, &hdr, NULL);
+        for (int32_t i = 0; i < n && st == MOE_OK; i++) {
+            ipc_msg rq;
+            ipc_msg_init(&rq, ENG_OP_STEP_REQ, s->id);
+            rq.n_tokens = (uint32_t)i;
+            zmq_msg_t copy;
+            zmq_msg_init(&copy);
+            zmq_msg_copy(&copy, &s->reqs[i]->body); /* reference counted: no bytes copied */
+            st = send_to_worker(co, rank, &rq, &copy);
+        }
+    }
+    if (st != MOE_OK)
+        group_fail(co, "cannot send step %llu to the workers: %s", (unsigned long long)s->id, moe_errmsg());
+    else
+        MOE_TRACE(MOE_SUB_ENG, "step %llu: layer %d, %d requests, %u tokens", (unsigned long long)s->id, (int)layer,
+                  (int)n, tokens);
+}
+
+static void schedule(coord *co) {
+    while (co->gstate == GROUP_READY && co->n_inflight < co->cfg.max_inflight_steps && co->n_queued > 0) {
+        /* the layer whose oldest request waited longest */
+        int32_t best = -1;
+        uint64_t oldest = UINT64_MAX;
+        for (int32_t i = 0; i < co->n_served; i++) {
+            layer_queue *q = &co->queues[co->served[i]];
+            if (q->head && q->head->t_accept < oldest) {
+                oldest = q->head->t_accept;
+                best = co->served[i];
+            }
+        }
+        if (best < 0)
+            break;
+        dispatch(co, best);
+    }
+    if (co->draining && co->n_queued == 0 && co->n_inflight == 0)
+        begin_close(co);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Workers.
+ * ---------------------------------------------------------------------------------------- */
+static void kill_group(coord *co) {
+    for (int32_t r = 0; r < co->world; r++)
+        if (co->workers[r].running)
+            uv_process_kill(&co->workers[r].proc, SIGKILL);
+}
+
+static void spawn_group(coord *co);
+
+static void fail_queued(coord *co, moe_status status, const char *text) {
+    for (int32_t i = 0; i < co->n_served; i++) {
+        layer_queue *q = &co->queues[co->served[i]];
+        while (q->head) {
+            coord_req *r = q->head;
+            q->head = r->next;
+            req_fail(co, r, status, text);
+        }
+        q->tail = NULL;
+        q->n = 0;
+    }
+    co->n_queued = 0;
+}
+
+static void group_fail(coord *co, const char *fmt, ...) {
+    char why[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    if (co->gstate == GROUP_STOPPING || co->gstate == GROUP_FAILED)
+        return;
+    MOE_ERROR(MOE_SUB_ENG, "worker group (epoch %llu) failed: %s", (unsigned long long)co->epoch, why);
+    snprintf(co->fail_reason, sizeof co->fail_reason, "%s", why);
+    char text[600];
+    snprintf(text, sizeof text, "the request was not computed: %s", why);
+    while (co->n_inflight > 0)
+        step_fail(co, &co->inflight[0], MOE_ERR_WORKER, text);
+    co->gstate = GROUP_STOPPING;
+    kill_group(co);
+    maybe_respawn(co);
+}
+
+static void on_worker_closed(uv_handle_t *h) { (void)h; }
+
+static void on_worker_exit(uv_process_t *p, int64_t status, int sig) {
+    coord_worker *wk = p->data;
+    coord *co = wk->co;
+    wk->running = false;
+    wk->ready = false;
+    co->running--;
+    uv_close((uv_handle_t *)p, on_worker_closed);
+    if (co->stopping) {
+        MOE_INFO(MOE_SUB_ENG, "worker %d (pid %d) exited%s%s", (int)wk->rank, wk->pid, sig ? " by signal " : "",
+                 sig ? strsignal(sig) : "");
+        if (co->running == 0)
+            begin_close(co);
+        return;
+    }
+    if (co->gstate == GROUP_STARTING || co->gstate == GROUP_READY) {
+        if (sig)
+            group_fail(co, "worker %d (pid %d) was killed by signal %d (%s)", (int)wk->rank, wk->pid, sig, strsignal(sig));
+        else
+            group_fail(co, "worker %d (pid %d) exited with status %lld", (int)wk->rank, wk->pid, (long long)status);
+    }
+    maybe_respawn(co);
+}
+
+static void spawn_group(coord *co) {
+    if (co->stopping)
+        return;
+    if (co->epoch > 0) {
+        if (co->restarts >= co->cfg.max_restarts) {
+            co->gstate = GROUP_FAILED;
+            char msg[700];
+            snprintf(msg, sizeof msg, "the workers failed %d times; the engine gave up (last: %s)", (int)co->restarts,
+                     co->fail_reason);
+            memcpy(co->fail_reason, msg, sizeof co->fail_reason - 1);
+            co->fail_reason[sizeof co->fail_reason - 1] = '\0';
+            MOE_ERROR(MOE_SUB_ENG, "%s", msg);
+            fail_queued(co, MOE_ERR_WORKER, msg);
+            return;
+        }
+        co->restarts++;
+        co->st.restarts++;
+        MOE_WARN(MOE_SUB_ENG, "restarting the worker group (restart %d of at most %d)", (int)co->restarts,
+                 (int)co->cfg.max_restarts);
+    }
+    co->epoch++;
+    co->gstate = GROUP_STARTING;
+    co->group_started = now_ns();
+    char comm_dir[ENG_PATH_MAX + 32];
+    snprintf(comm_dir, sizeof comm_dir, "%s/epoch-%llu", co->rundir, (unsigned long long)co->epoch);
+    if (mkdir(comm_dir, 0700) != 0 && errno != EEXIST) {
+        group_fail(co, "mkdir %s: %s", comm_dir, strerror(errno));
+        return;
+    }
+    char epoch[24], world[16];
+    snprintf(epoch, sizeof epoch, "%llu", (unsigned long long)co->epoch);
+    snprintf(world, sizeof world, "%d", (int)co->world);
+    const char *backend = strcmp(co->cfg.backend, "auto") == 0 ? (co->cfg.gpus[0] ? "cuda" : "cpu") : co->cfg.backend;
+    for (int32_t r = 0; r < co->world; r++) {
+        coord_worker *wk = &co->workers[r];
+        memset(wk, 0, sizeof *wk);
+        wk->co = co;
+        wk->rank = r;
+        snprintf(wk->ident, sizeof wk->ident, "w%d.%llu", (int)r, (unsigned long long)co->epoch);
+        char rank[16];
+        snprintf(rank, sizeof rank, "%d", (int)r);
+        char *args[] = {co->exe,           "worker",          "--rank",         rank,
+                        "--world",         world,             "--epoch",        epoch,
+                        "--coord",         co->worker_ep,     "--comm-dir",     comm_dir,
+                        "--model",         co->model_dir,     "--backend",      (char *)backend,
+                        "--placement",     co->cfg.placement, "--layers",       co->cfg.layers,
+                        "--threads",       co->worker_threads, "--heartbeat-ms", co->hb_str,
+                        "--step-timeout-ms", co->step_to_str, NULL};
+        uv_stdio_container_t stdio[3] = {{.flags = UV_IGNORE}, {.flags = UV_INHERIT_FD, .data.fd = 1},
+                                         {.flags = UV_INHERIT_FD, .data.fd = 2}};
+        /* Detached: a new session, so a terminal's Ctrl-C reaches the coordinator alone, which
+         * then drains; the workers still die with it (PR_SET_PDEATHSIG). */
+        uv_process_options_t opt = {.exit_cb = on_worker_exit,
+                                    .file = co->exe,
+                                    .args = args,
+                                    .stdio_count = 3,
+                                    .stdio = stdio,
+                                    .flags = UV_PROCESS_DETACHED};
+        wk->proc.data = wk;
+        int rc = uv_spawn(&co->loop, &wk->proc, &opt);
+        if (rc != 0) {
+            group_fail(co, "cannot start worker %d: %s", (int)r, uv_strerror(rc));
+            return;
+        }
+        wk->running = true;
+        wk->pid = wk->proc.pid;
+        wk->last_seen = now_ns();
+        co->running++;
+    }
+    MOE_INFO(MOE_SUB_ENG, "started %d workers (epoch %llu, backend %s)", (int)co->world, (unsigned long long)co->epoch,
+             backend);
+}
+
+/* Starts the next group once every worker of the failed one has exited, no sooner than the
+ * back-off allows (100 ms doubling per consecutive restart, at most 5 s), so a crash loop
+ * cannot spin; the tick calls it again until it runs. */
+static void maybe_respawn(coord *co) {
+    if (co->stopping || co->gstate != GROUP_STOPPING || co->running > 0)
+        return;
+    if (co->respawn_at == 0) {
+        uint64_t delay_ms = 100ull << (co->restarts < 6 ? co->restarts : 6);
+        if (delay_ms > 5000)
+            delay_ms = 5000;
+        co->respawn_at = now_ns() + delay_ms * 1000000ull;
+    }
+    if (now_ns() < co->respawn_at)
+        return;
+    co->respawn_at = 0;
+    spawn_group(co);
+}
+
+static coord_worker *worker_by_ident(coord *co, zmq_msg_t *ident) {
+    size_t n = zmq_msg_size(ident);
+    for (int32_t r = 0; r < co->world; r++) {
+        coord_worker *wk = &co->workers[r];
+        if (wk->running && strlen(wk->ident) == n && memcmp(wk->ident, zmq_msg_data(ident), n) == 0)
+            return wk;
+    }
+    return NULL;
+}
+
+static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user) {
+    (void)w;
+    coord *co = user;
+    if (n < 2)
+        return;
+    coord_worker *wk = worker_by_ident(co, &frames[0]);
+    if (!wk) /* a worker of an older epoch: its messages are ignored */
+        return;
+    ipc_msg m;
+    ipc_limits lim = ipc_limits_default();
+    lim.allow_internal = true;
+    lim.max_msg_bytes = UINT64_MAX >> 1;
+    if (ipc_decode(zmq_msg_data(&frames[1]), zmq_msg_size(&frames[1]), &lim, &m) != MOE_OK) {
+        group_fail(co, "malformed message from worker %d: %s", (int)wk->rank, moe_errmsg());
+        return;
+    }
+    wk->last_seen = now_ns();
+    const ipc_section *text = ipc_msg_find(&m, IPC_SEC_TEXT);
+    char why[IPC_MAX_TEXT + 1] = "";
+    if (text) {
+        size_t tl = text->nbytes < IPC_MAX_TEXT ? (size_t)text->nbytes : IPC_MAX_TEXT;
+        memcpy(why, text->data, tl);
+        why[tl] = '\0';
+    }
+    switch (m.op) {
+    case ENG_OP_HELLO:
+        MOE_DEBUG(MOE_SUB_ENG, "worker %d (pid %u) connected", (int)wk->rank, (unsigned)m.n_tokens);
+        return;
+    case ENG_OP_HEARTBEAT:
+        wk->steps = m.n_tokens;
+        return;
+    case ENG_OP_READY: {
+        if (m.status != MOE_OK) {
+            /* A load error is not cured by a restart: stop trying. */
+            MOE_ERROR(MOE_SUB_ENG, "worker %d could not start: %s", (int)wk->rank, why);
+            snprintf(co->fail_reason, sizeof co->fail_reason, "worker %d could not start: %s", (int)wk->rank, why);
+            co->gstate = GROUP_FAILED;
+            kill_group(co);
+            fail_queued(co, MOE_ERR_WORKER, co->fail_reason);
+            if (co->epoch == 1) { /* at start: the engine cannot serve this model */
+                co->exit_code = 1;
+                begin_close(co);
+            }
+            return;
+        }
+        wk->ready = true;
+        int32_t ready = 0;
+        for (int32_t r = 0; r < co->world; r++)
+            ready += co->workers[r].ready;
+        if (ready == co->world && co->gstate == GROUP_STARTING) {
+            co->gstate = GROUP_READY;
+            co->fail_reason[0] = '\0';
+            MOE_INFO(MOE_SUB_ENG, "all %d workers ready in %.2f s (epoch %llu): serving on %s", (int)co->world,
+                     (double)(now_ns() - co->group_started) * 1e-9, (unsigned long long)co->epoch, co->cfg.bind);
+            schedule(co);
+        }
+        return;
+    }
+    case ENG_OP_REPLY: {
+        coord_step *s = find_step(co, m.request_id);
+        if (!s || n < 3 || m.n_tokens >= (uint32_t)s->n_reqs || wk->rank != 0) {
+            MOE_DEBUG(MOE_SUB_ENG, "dropped a stale reply of step %llu", (unsigned long long)m.request_id);
+            return;
+        }
+        coord_req *r = s->reqs[m.n_tokens];
+        if (r->answered)
+            return;
+        /* Check that the reply is the right one before it reaches the client. */
+        ipc_msg rep;
+        ipc_limits rl = ipc_limits_default();
+        rl.accept = IPC_ACCEPT_REPLIES;
+        rl.max_msg_bytes = UINT64_MAX >> 1;
+        if (ipc_decode(zmq_msg_data(&frames[2]), zmq_msg_size(&frames[2]), &rl, &rep) != MOE_OK ||
+            rep.request_id != r->client_id || rep.n_tokens != r->n_tokens) {
+            group_fail(co, "worker 0 sent a malformed reply for step %llu", (unsigned long long)s->id);
+            return;
+        }
+        r->answered = true;
+        co->st.ok++;
+        co->st.tokens += r->n_tokens;
+        lat_record(co, r->t_accept);
+        send_to_client(co, &r->ident, r->has_delim, &frames[2]);
+        return;
+    }
+    case ENG_OP_RESULT: {
+        coord_step *s = find_step(co, m.request_id);
+        if (!s)
+            return;
+        if (m.status != MOE_OK) {
+            group_fail(co, "step %llu failed on worker %d: %s", (unsigned long long)s->id, (int)wk->rank, why);
+            return;
+        }
+        if (wk->rank != 0)
+            return;
+        const ipc_section *et = ipc_msg_find(&m, ENG_SEC_EXPERT_TOKENS);
+        if (et && et->dtype == MOE_DTYPE_I32 && et->shape[0] == co->desc->n_experts) {
+            for (int32_t e = 0; e < co->desc->n_experts; e++) {
+                int32_t v;
+                memcpy(&v, (const char *)et->data + 4 * (size_t)e, 4);
+                co->st.expert_tokens[e] += v;
+            }
+        }
+        co->st.steps++;
+        co->st.step_tokens += s->n_tokens;
+        for (int32_t i = 0; i < s->n_reqs; i++) {
+            if (!s->reqs[i]->answered) /* cannot happen: replies come before the result */
+                req_fail(co, s->reqs[i], MOE_ERR_INTERNAL, "worker 0 finished the step without this reply");
+            else
+                req_free(s->reqs[i]);
+        }
+        step_remove(co, s);
+        schedule(co);
+        return;
+    }
+    default:
+        MOE_WARN(MOE_SUB_ENG, "unexpected op 0x%x from worker %d", (unsigned)m.op, (int)wk->rank);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Timers, signals, shutdown.
+ * ---------------------------------------------------------------------------------------- */
+static void on_tick(uv_timer_t *t) {
+    coord *co = t->data;
+    uint64_t now = now_ns();
+    if (co->stopping) {
+        if (co->running > 0 && now > co->kill_deadline) {
+            MOE_WARN(MOE_SUB_ENG, "workers did not exit in time: killing them");
+            kill_group(co);
+            co->kill_deadline = UINT64_MAX;
+        }
+        return;
+    }
+    if (co->draining && now > co->drain_deadline) {
+        MOE_WARN(MOE_SUB_ENG, "drain timeout: failing %d queued requests and %d steps in flight", (int)co->n_queued,
+                 (int)co->n_inflight);
+        fail_queued(co, MOE_ERR_SHUTDOWN, "the engine shut down before this request was computed");
+        while (co->n_inflight > 0)
+            step_fail(co, &co->inflight[0], MOE_ERR_SHUTDOWN, "the engine shut down before this request was computed");
+        begin_close(co);
+        return;
+    }
+    if (co->gstate == GROUP_STOPPING) {
+        maybe_respawn(co);
+        return;
+    }
+    if (co->gstate == GROUP_STARTING && now - co->group_started > (uint64_t)co->cfg.start_timeout_ms * 1000000ull) {
+        fail_queued(co, MOE_ERR_WORKER, "the workers did not become ready in time (start-timeout-ms)");
+        group_fail(co, "the workers did not become ready within %d ms", (int)co->cfg.start_timeout_ms);
+        return;
+    }
+    if (co->gstate != GROUP_READY)
+        return;
+    for (int32_t i = 0; i < co->n_inflight; i++) {
+        if (now - co->inflight[i].t_dispatch > (uint64_t)co->cfg.step_timeout_ms * 1000000ull) {
+            group_fail(co, "step %llu was not answered within %d ms", (unsigned long long)co->inflight[i].id,
+                       (int)co->cfg.step_timeout_ms);
+            return;
+        }
+    }
+    if (co->n_inflight == 0) { /* busy workers do not heartbeat; the step deadline covers them */
+        for (int32_t r = 0; r < co->world; r++) {
+            coord_worker *wk = &co->workers[r];
+            if (now - wk->last_seen > (uint64_t)co->cfg.worker_timeout_ms * 1000000ull) {
+                group_fail(co, "worker %d (pid %d) sent no heartbeat for %d ms", (int)r, wk->pid,
+                           (int)co->cfg.worker_timeout_ms);
+                return;
+            }
+        }
+    }
+}
+
+/* Handles are closed with uv_close; uv_run returns once the last one is closed. */
+static void on_handle_closed(uv_handle_t *h) { (void)h; }
+static void on_zw_closed(ipc_zwatch_t *w, void *user) {
+    (void)w;
+    (void)user;
+}
+static void on_cb_closed(void *user) { (void)user; }
+
+/* Stops the workers (SHUTDOWN, then SIGKILL after a grace period), then closes every handle. */
+static void begin_close(coord *co) {
+    if (!co->stopping) {
+        co->stopping = true;
+        co->kill_deadline = now_ns() + 3000000000ull;
+        MOE_INFO(MOE_SUB_ENG, "stopping: %d workers", (int)co->running);
+        ipc_msg m;
+        ipc_msg_init(&m, ENG_OP_SHUTDOWN, 0);
+        for (int32_t r = 0; r < co->world; r++)
+            if (co->workers[r].running)
+                send_to_worker(co, r, &m, NULL);
+        if (co->gstate == GROUP_STARTING || co->gstate == GROUP_FAILED)
+            kill_group(co);
+    }
+    if (co->running > 0 || co->closed)
+        return;
+    /* Every worker has exited: close the loop's handles. */
+    co->closed = true;
+    fail_queued(co, MOE_ERR_SHUTDOWN, "the engine shut down before this request was computed");
+    while (co->n_inflight > 0)
+        step_fail(co, &co->inflight[0], MOE_ERR_SHUTDOWN, "the engine shut down before this request was computed");
+    if (co->cw)
+        ipc_zwatch_close(co->cw, on_zw_closed, co);
+    if (co->ww)
+        ipc_zwatch_close(co->ww, on_zw_closed, co);
+    if (co->zap)
+        ipc_zap_close(co->zap, on_cb_closed, co);
+    if (co->http)
+        eng_http_close(co->http, on_cb_closed, co);
+    if (co->handles_inited) {
+        uv_close((uv_handle_t *)&co->tick, on_handle_closed);
+        uv_close((uv_handle_t *)&co->sig_term, on_handle_closed);
+        uv_close((uv_handle_t *)&co->sig_int, on_handle_closed);
+        uv_close((uv_handle_t *)&co->sig_hup, on_handle_closed);
+    }
+}
+
+static void on_signal(uv_signal_t *h, int sig) {
+    coord *co = h->data;
+    if (sig == SIGHUP) {
+        if (co->zap) {
+            if (ipc_zap_reload(co->zap) == MOE_OK)
+                MOE_INFO(MOE_SUB_ENG, "SIGHUP: reloaded the allow-list (%llu keys)",
+                         (unsigned long long)ipc_zap_get_stats(co->zap).n_keys);
+            else
+                MOE_ERROR(MOE_SUB_ENG, "SIGHUP: allow-list not reloaded: %s", moe_errmsg());
+        }
+        return;
+    }
+    if (co->draining || co->stopping) {
+        MOE_WARN(MOE_SUB_ENG, "%s again: stopping now", strsignal(sig));
+        fail_queued(co, MOE_ERR_SHUTDOWN, "the engine was stopped");
+        while (co->n_inflight > 0)
+            step_fail(co, &co->inflight[0], MOE_ERR_SHUTDOWN, "the engine was stopped");
+        kill_group(co);
+        begin_close(co);
+        return;
+    }
+    co->draining = true;
+    co->drain_deadline = now_ns() + (uint64_t)co->cfg.drain_timeout_ms * 1000000ull;
+    MOE_INFO(MOE_SUB_ENG, "%s: draining (%d queued, %d steps in flight, up to %d ms)", strsignal(sig),
+             (int)co->n_queued, (int)co->n_inflight, (int)co->cfg.drain_timeout_ms);
+    if (co->gstate != GROUP_READY) {
+        fail_queued(co, MOE_ERR_SHUTDOWN, "the engine shut down before this request was computed");
+    }
+    schedule(co);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Start-up.
+ * ---------------------------------------------------------------------------------------- */
+void eng_runtime_base(const eng_config *cfg, char *out, size_t cap) {
+    const char *x = getenv("XDG_RUNTIME_DIR");
+    if (cfg && cfg->runtime_dir[0])
+        snprintf(out, cap, "%s", cfg->runtime_dir);
+    else if (x && x[0] && access(x, W_OK) == 0)
+        snprintf(out, cap, "%s", x);
+    else
+        snprintf(out, cap, "/tmp");
+}
+
+static moe_status parse_served(coord *co) {
+    const eng_model_desc *d = co->desc;
+    co->layer_served = calloc((size_t)d->n_layers, 1);
+    co->served = calloc((size_t)d->n_layers + 1, sizeof(int32_t));
+    co->queues = calloc((size_t)d->n_layers, sizeof(layer_queue));
+    if (!co->layer_served || !co->served || !co->queues)
+        return moe_fail(MOE_ERR_NOMEM, "layers");
+    if (strcmp(co->cfg.layers, "all") == 0) {
+        for (int32_t i = 0; i < d->n_moe_layers; i++) {
+            co->layer_served[d->moe_layers[i]] = 1;
+            co->served[co->n_served++] = d->moe_layers[i];
+        }
+        return MOE_OK;
+    }
+    const char *p = co->cfg.layers;
+    while (*p) {
+        char *end = NULL;
+        long x = strtol(p, &end, 10);
+        MOE_REQUIRE(end != p && x >= 0 && x < d->n_layers && eng_model_is_moe_layer(d, (int32_t)x),
+                    MOE_ERR_INVALID_ARG, "--layers %s: layer %ld is not a MoE layer of this model", co->cfg.layers, x);
+        if (!co->layer_served[x]) {
+            co->layer_served[x] = 1;
+            co->served[co->n_served++] = (int32_t)x;
+        }
+        p = *end == ',' ? end + 1 : end;
+    }
+    return MOE_OK;
+}
+
+static moe_status coord_init(coord *co) {
+    moe_status st = MOE_OK;
+    co->t_start = now_ns();
+    co->next_step_id = 1;
+    ssize_t n = readlink("/proc/self/exe", co->exe, sizeof co->exe - 1);
+    MOE_REQUIRE(n > 0, MOE_ERR_SYSTEM, "readlink /proc/self/exe: %s", strerror(errno));
+    co->exe[n] = '\0';
+
+    /* Runtime folder for the worker sockets. */
+    char base[ENG_PATH_MAX];
+    eng_runtime_base(&co->cfg, base, sizeof base);
+    int k = snprintf(co->rundir, sizeof co->rundir, "%s/moe-engine-%d", base, (int)getpid());
+    MOE_REQUIRE(k > 0 && k < 80, MOE_ERR_INVALID_ARG, "runtime folder path too long for sockets: %s", base);
+    MOE_REQUIRE(mkdir(co->rundir, 0700) == 0 || errno == EEXIST, MOE_ERR_SYSTEM, "mkdir %s: %s", co->rundir,
+                strerror(errno));
+    snprintf(co->worker_ep, sizeof co->worker_ep, "ipc://%s/workers", co->rundir);
+
+    /* The model: the embedded default or the folder given; headers checked here, before any
+     * worker starts, so that a broken checkpoint is one clear error. */
+    if (co->cfg.model[0]) {
+        snprintf(co->model_dir, sizeof co->model_dir, "%s", co->cfg.model);
+    } else {
+        MOE_CHECK(eng_default_model(base, co->model_dir, sizeof co->model_dir));
+    }
+    MOE_CHECK(eng_ckpt_open(&co->ckpt, co->model_dir));
+    co->desc = eng_ckpt_desc(co->ckpt);
+    char desc[512];
+    MOE_INFO(MOE_SUB_ENG, "model %s: %s", co->model_dir, eng_model_desc_str(co->desc, desc, sizeof desc));
+    MOE_CHECK(parse_served(co));
+    MOE_REQUIRE(co->n_served > 0, MOE_ERR_INVALID_ARG, "the model has no MoE layer to serve");
+
+    /* Workers and placement. */
+    if (co->cfg.gpus[0]) {
+        co->world = 1;
+        for (const char *p = co->cfg.gpus; *p; p++)
+            co->world += *p == ',';
+    } else {
+        co->world = co->cfg.workers;
+    }
+    MOE_REQUIRE(co->world <= co->desc->n_experts && co->world <= MAX_WORKERS, MOE_ERR_INVALID_ARG,
+                "%d workers for %d experts: every worker must hold at least one expert", (int)co->world,
+                (int)co->desc->n_experts);
+    par_place_policy pol;
+    MOE_CHECK(par_place_policy_parse(co->cfg.placement, &pol));
+    MOE_CHECK(par_placement_init(&co->placement, co->desc->n_experts, co->world, pol));
+    eng_model_log_placement(co->desc, &co->placement, co->n_served, true, true, co->desc->dtype);
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    int threads = co->cfg.worker_threads ? co->cfg.worker_threads : (int)(cores / co->world > 0 ? cores / co->world : 1);
+    snprintf(co->worker_threads, sizeof co->worker_threads, "%d", threads);
+    snprintf(co->hb_str, sizeof co->hb_str, "%d", (int)co->cfg.heartbeat_ms);
+    snprintf(co->step_to_str, sizeof co->step_to_str, "%d", (int)co->cfg.step_timeout_ms);
+    co->st.expert_tokens = calloc((size_t)co->desc->n_experts, sizeof(int64_t));
+    co->inflight = calloc((size_t)co->cfg.max_inflight_steps + 1, sizeof(coord_step));
+    MOE_REQUIRE(co->st.expert_tokens && co->inflight, MOE_ERR_NOMEM, "stats");
+
+    /* Limits of the client-facing decode. */
+    co->lim = ipc_limits_default();
+    co->lim.max_msg_bytes = (uint64_t)co->cfg.max_msg_bytes;
+    co->lim.max_tokens = (uint32_t)co->cfg.max_tokens;
+    co->lim.accept = IPC_ACCEPT_REQUESTS;
+    co->lim.n_layers = (uint32_t)co->desc->n_layers;
+    co->lim.layer_served = co->layer_served;
+    co->lim.n_experts = (uint32_t)co->desc->n_experts;
+    co->lim.hidden = (uint32_t)co->desc->hidden_size;
+    co->lim.top_k = (uint32_t)co->desc->top_k;
+    co->lim.dtype_mask = 1u << co->desc->dtype;
+    co->lim.can_route = true; /* every worker loads the router */
+
+    /* Loop, sockets, handles. */
+    MOE_UV_CHECK(uv_loop_init(&co->loop));
+    co->loop_inited = true;
+    co->zctx = zmq_ctx_new();
+    MOE_REQUIRE(co->zctx, MOE_ERR_ZMQ, "zmq_ctx_new: %s", zmq_strerror(zmq_errno()));
+    if (co->cfg.curve_secret_file[0] && co->cfg.curve_allow_file[0]) {
+        MOE_CHECK(ipc_zap_init(&co->zap, &co->loop, co->zctx, co->cfg.curve_allow_file));
+    }
+    void *cs = zmq_socket(co->zctx, ZMQ_ROUTER);
+    MOE_REQUIRE(cs, MOE_ERR_ZMQ, "zmq_socket: %s", zmq_strerror(zmq_errno()));
+    int one = 1, zero = 0;
+    zmq_setsockopt(cs, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    zmq_setsockopt(cs, ZMQ_SNDHWM, &zero, sizeof zero);
+    MOE_CHECK_GOTO(ipc_socket_limits(cs, &co->lim, 0), st, fail_cs);
+    if (co->cfg.curve_secret_file[0])
+        MOE_CHECK_GOTO(ipc_curve_server(cs, co->cfg.curve_secret_file, NULL), st, fail_cs);
+    if (zmq_bind(cs, co->cfg.bind) != 0) {
+        st = moe_fail(MOE_ERR_ZMQ, "cannot bind the client endpoint %s: %s", co->cfg.bind, zmq_strerror(zmq_errno()));
+        goto fail_cs;
+    }
+    ipc_zwatch_params wp = {.batch = 64, .max_queue = co->cfg.max_queue * 2 + 1024, .linger_ms = 1000};
+    MOE_CHECK_GOTO(ipc_zwatch_init(&co->cw, &co->loop, cs, &wp, on_client_msg, co), st, fail_cs);
+
+    void *ws = zmq_socket(co->zctx, ZMQ_ROUTER);
+    MOE_REQUIRE(ws, MOE_ERR_ZMQ, "zmq_socket: %s", zmq_strerror(zmq_errno()));
+    zmq_setsockopt(ws, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    zmq_setsockopt(ws, ZMQ_SNDHWM, &zero, sizeof zero);
+    zmq_setsockopt(ws, ZMQ_RCVHWM, &zero, sizeof zero);
+    if (zmq_bind(ws, co->worker_ep) != 0) {
+        st = moe_fail(MOE_ERR_ZMQ, "cannot bind the worker endpoint %s: %s", co->worker_ep, zmq_strerror(zmq_errno()));
+        zmq_close(ws);
+        return st;
+    }
+    ipc_zwatch_params wwp = {.batch = 256, .max_queue = 1 << 16, .linger_ms = 0};
+    MOE_CHECK(ipc_zwatch_init(&co->ww, &co->loop, ws, &wwp, on_worker_msg, co));
+
+    if (co->cfg.http[0]) {
+        MOE_CHECK(eng_http_init(&co->http, &co->loop, co->cfg.http, http_handler, co));
+        const char *colon = strrchr(co->cfg.http, ':');
+        MOE_INFO(MOE_SUB_ENG, "probes on http://%.*s:%d/metrics and /health", (int)(colon - co->cfg.http), co->cfg.http,
+                 eng_http_port(co->http));
+    }
+    uv_timer_init(&co->loop, &co->tick);
+    co->tick.data = co;
+    int period = co->cfg.heartbeat_ms < 100 ? co->cfg.heartbeat_ms : 100;
+    uv_timer_start(&co->tick, on_tick, (uint64_t)period, (uint64_t)period);
+    uv_signal_init(&co->loop, &co->sig_term);
+    uv_signal_init(&co->loop, &co->sig_int);
+    uv_signal_init(&co->loop, &co->sig_hup);
+    co->sig_term.data = co->sig_int.data = co->sig_hup.data = co;
+    uv_signal_start(&co->sig_term, on_signal, SIGTERM);
+    uv_signal_start(&co->sig_int, on_signal, SIGINT);
+    uv_signal_start(&co->sig_hup, on_signal, SIGHUP);
+    co->handles_inited = true;
+    spawn_group(co);
+    return MOE_OK;
+fail_cs:
+    zmq_close(cs);
+    return st;
+}
+
+static void coord_free(coord *co) {
+    if (co->zctx)
+        zmq_ctx_term(co->zctx);
+    par_placement_free(&co->placement);
+    eng_ckpt_close(co->ckpt);
+    free(co->layer_served);
+    free(co->served);
+    free(co->queues);
+    free(co->inflight);
+    free(co->st.expert_tokens);
+    if (co->rundir[0]) {
+        char path[ENG_PATH_MAX + 64];
+        for (uint64_t e = 1; e <= co->epoch; e++) {
+            snprintf(path, sizeof path, "%s/epoch-%llu", co->rundir, (unsigned long long)e);
+            for (int32_t r = 0; r < co->world; r++) {
+                char sock[ENG_PATH_MAX + 96];
+                snprintf(sock, sizeof sock, "%s/comm-%d", path, (int)r);
+                unlink(sock);
+            }
+            rmdir(path);
+        }
+        snprintf(path, sizeof path, "%s/workers", co->rundir);
+        unlink(path);
+        rmdir(co->rundir);
+    }
+}
+
+static void usage_serve(FILE *f) {
+    fprintf(f,
+            "usage: moe-engine serve [--config FILE] [--SETTING VALUE ...]\n\n"
+            "Serves the MoE layers of a checkpoint (or of the embedded default model) to ZeroMQ clients.\n"
+            "Every setting can also come from a config file (\"setting value\" lines) or the environment\n"
+            "(MOE_SETTING, upper case, '-' as '_'); flags win over the environment, which wins over the file.\n\n"
+            "settings:\n");
+    eng_config_help(f);
+    fprintf(f, "\nsignals: SIGTERM/SIGINT drain and exit 0 (a second one stops at once); SIGHUP reloads the\n"
+               "CURVE allow-list.\n");
+}
+
+int eng_serve_main(int argc, char **argv) {
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage_serve(stdout);
+            return 0;
+        }
+    }
+    coord *co = calloc(1, sizeof *co);
+    if (!co) {
+        fprintf(stderr, "moe-engine: out of memory\n");
+        return 1;
+    }
+    moe_status st = eng_config_load(&co->cfg, argc, argv);
+    if (st != MOE_OK) {
+        fprintf(stderr, "moe-engine serve: %s\n(see moe-engine serve --help)\n", moe_errmsg());
+        free(co);
+        return 2;
+    }
+    moe_log_set_level_str(co->cfg.log_level);
+    if (moe_log_set_subsys_str(co->cfg.log_subsys) != MOE_OK) {
+        fprintf(stderr, "moe-engine serve: %s\n", moe_errmsg());
+        free(co);
+        return 2;
+    }
+    /* Workers inherit the environment: pass the log settings on. */
+    setenv("MOE_LOG_LEVEL", co->cfg.log_level, 1);
+    setenv("MOE_LOG_SUBSYS", co->cfg.log_subsys, 1);
+    moe_log_set_identity("coord", -1);
+    signal(SIGPIPE, SIG_IGN);
+    MOE_INFO(MOE_SUB_ENG, "moe-engine %s starting (pid %d)", ENG_VERSION, (int)getpid());
+    eng_config_log(&co->cfg);
+    int rc = 1;
+    st = coord_init(co);
+    if (st != MOE_OK) {
+        MOE_ERROR(MOE_SUB_ENG, "cannot start: %s", moe_errmsg());
+        fprintf(stderr, "moe-engine serve: %s\n", moe_errmsg());
+        /* close whatever was opened, and wait for any worker that was started */
+        if (co->loop_inited) {
+            co->stopping = true;
+            kill_group(co);
+            begin_close(co);
+            uv_run(&co->loop, UV_RUN_DEFAULT);
+            uv_loop_close(&co->loop);
+        }
+        coord_free(co);
+        free(co);
+        return 1;
+    }
+    uv_run(&co->loop, UV_RUN_DEFAULT);
+    int lc = uv_loop_close(&co->loop);
+    if (lc != 0)
+        MOE_ERROR(MOE_SUB_ENG, "the loop did not close cleanly: %s", uv_strerror(lc));
+    rc = co->exit_code;
+    MOE_INFO(MOE_SUB_ENG, "stopped: %llu requests served, %llu failed, %llu steps", (unsigned long long)co->st.ok,
+             (unsigned long long)co->st.failed, (unsigned long long)co->st.steps);
+    coord_free(co);
+    free(co);
+    return rc;
+}

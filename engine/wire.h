@@ -1,0 +1,47 @@
+/*
+ * wire.h: the daemon's internal messages between the coordinator and its workers. They use
+ * the framing of protocol v1 (ipc/ipc_proto.h) with ops in the internal range (>= 0x80),
+ * which a client-facing decode refuses. The worker socket is private to the engine (an ipc://
+ * endpoint in the runtime folder, mode 0700), so these messages never meet a client.
+ *
+ * Header fields carry the small values (documented per op). Every message is one frame, but
+ * two: STEP_REQ carries a client's SUBMIT request as a second frame (forwarded unchanged with
+ * zmq_msg_copy: the coordinator copies no tensor bytes), and REPLY carries the encoded SUBMIT
+ * reply as a second frame (forwarded unchanged to the client). A step is sent as one STEP
+ * followed by its STEP_REQ messages; rank 0 answers with one REPLY per request (each forwarded
+ * as soon as it arrives) and then one RESULT; the other ranks send only a RESULT. ZeroMQ keeps
+ * the order of the messages between two peers, so no reassembly buffers are needed.
+ */
+#ifndef ENG_WIRE_H
+#define ENG_WIRE_H
+
+#include "ipc/ipc_proto.h"
+
+/* HELLO, worker -> coordinator, at connect:   request_id = epoch, layer = rank, n_tokens = pid */
+#define ENG_OP_HELLO 0x80
+/* READY, worker -> coordinator, after loading: request_id = epoch, layer = rank, status;
+ * sections: TEXT (error message) or JSON {"weight_bytes", "load_ms", "backend", "experts"} */
+#define ENG_OP_READY 0x81
+/* HEARTBEAT, worker -> coordinator, when idle: request_id = epoch, layer = rank,
+ * n_tokens = steps done */
+#define ENG_OP_HEARTBEAT 0x82
+/* STEP, coordinator -> workers: request_id = step id, layer = layer, n_tokens = T (all
+ * requests), top_k = number of STEP_REQ messages that follow */
+#define ENG_OP_STEP 0x83
+/* STEP_REQ, coordinator -> workers: request_id = step id, n_tokens = index of the request in
+ * the step; second frame: the client's SUBMIT request */
+#define ENG_OP_STEP_REQ 0x86
+/* REPLY, rank 0 -> coordinator: request_id = step id, n_tokens = index of the request; second
+ * frame: the encoded SUBMIT reply for the client */
+#define ENG_OP_REPLY 0x87
+/* RESULT, worker -> coordinator, after the REPLY messages: request_id = step id, layer = rank,
+ * status; on error a TEXT section; rank 0 on success: an i32 section ENG_SEC_EXPERT_TOKENS [E]
+ * (tokens routed to each expert in the step) */
+#define ENG_OP_RESULT 0x84
+/* SHUTDOWN, coordinator -> workers: finish, free, exit 0 */
+#define ENG_OP_SHUTDOWN 0x85
+
+/* Section kinds of the internal messages. */
+#define ENG_SEC_EXPERT_TOKENS 0x100 /* RESULT: [E] tokens per expert in the step, i32 */
+
+#endif /* ENG_WIRE_H */

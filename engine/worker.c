@@ -1,0 +1,627 @@
+/*
+ * worker.c: `moe-engine worker`, one process per rank, spawned by the coordinator.
+ *
+ * One thread runs everything: connect to the coordinator (a DEALER socket whose routing id
+ * names the rank and epoch), load this rank's experts of the served layers (the router on
+ * every rank, so every rank routes the same; the shared expert on the answering rank 0), then
+ * the step loop: wait for STEP messages (heartbeating while idle), compute the local
+ * contributions, gather them on rank 0 through the communicator, and have rank 0 sum them and
+ * send one reply frame per request back in a RESULT.
+ *
+ * Lifetime: the worker dies with its coordinator (PR_SET_PDEATHSIG, and a check of the
+ * parent pid while idle), so no worker outlives the engine. Exit status 0 after SHUTDOWN,
+ * 1 on a failure before READY (reported in READY as well), 2 on bad arguments.
+ */
+#include "engine/engine.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "engine/model/model.h"
+#include "engine/step.h"
+#include "engine/wire.h"
+#include "parallel/par.h"
+
+typedef struct worker_args {
+    int32_t rank, world;
+    uint64_t epoch;
+    const char *coord;      /* endpoint of the coordinator's worker socket */
+    const char *comm_dir;   /* folder of the communicator's endpoints */
+    const char *model;      /* checkpoint folder */
+    const char *backend;    /* cpu | cpu-ref | cuda */
+    const char *placement;
+    const char *layers;     /* "all" or a comma list */
+    int32_t threads;
+    int32_t heartbeat_ms;
+    int32_t step_timeout_ms;
+} worker_args;
+
+typedef struct worker {
+    worker_args a;
+    void *zctx, *sock;
+    eng_ckpt_t *ckpt;
+    const eng_model_desc *desc;
+    par_placement placement;
+    eng_model_weights weights;
+    eng_layer *layers; /* [weights.n_layers] */
+    eng_step_model model;
+    kern_ctx_t *kctx;
+    par_comm_t *comm;
+    pid_t parent;
+    uint64_t steps_done;
+} worker;
+
+static void usage_worker(void) {
+    fprintf(stderr, "moe-engine worker is started by `moe-engine serve`; it is not meant to be run by hand.\n"
+                    "flags: --rank R --world W --epoch N --coord ENDPOINT --comm-dir DIR --model DIR\n"
+                    "       --backend cpu|cpu-ref|cuda --placement P --layers L --threads N\n"
+                    "       --heartbeat-ms N --step-timeout-ms N\n");
+}
+
+static moe_status parse_int(const char *flag, const char *v, int64_t lo, int64_t hi, int64_t *out) {
+    char *end = NULL;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (errno || !end || *end || end == v || x < lo || x > hi)
+        return moe_fail(MOE_ERR_INVALID_ARG, "worker: %s '%s' is not an integer in [%lld, %lld]", flag, v,
+                        (long long)lo, (long long)hi);
+    *out = x;
+    return MOE_OK;
+}
+
+static moe_status parse_args(worker_args *a, int argc, char **argv) {
+    memset(a, 0, sizeof *a);
+    a->backend = "cpu";
+    a->placement = "contiguous";
+    a->layers = "all";
+    a->heartbeat_ms = 200;
+    a->step_timeout_ms = 30000;
+    a->world = -1;
+    a->rank = -1;
+    for (int i = 0; i < argc; i++) {
+        const char *f = argv[i];
+        if (i + 1 >= argc)
+            return moe_fail(MOE_ERR_INVALID_ARG, "worker: flag %s needs a value", f);
+        const char *v = argv[++i];
+        int64_t x;
+        if (strcmp(f, "--rank") == 0) {
+            MOE_CHECK(parse_int(f, v, 0, 1023, &x));
+            a->rank = (int32_t)x;
+        } else if (strcmp(f, "--world") == 0) {
+            MOE_CHECK(parse_int(f, v, 1, 1024, &x));
+            a->world = (int32_t)x;
+        } else if (strcmp(f, "--epoch") == 0) {
+            MOE_CHECK(parse_int(f, v, 0, INT64_MAX, &x));
+            a->epoch = (uint64_t)x;
+        } else if (strcmp(f, "--threads") == 0) {
+            MOE_CHECK(parse_int(f, v, 0, 1024, &x));
+            a->threads = (int32_t)x;
+        } else if (strcmp(f, "--heartbeat-ms") == 0) {
+            MOE_CHECK(parse_int(f, v, 1, 3600000, &x));
+            a->heartbeat_ms = (int32_t)x;
+        } else if (strcmp(f, "--step-timeout-ms") == 0) {
+            MOE_CHECK(parse_int(f, v, 1, 3600000, &x));
+            a->step_timeout_ms = (int32_t)x;
+        } else if (strcmp(f, "--coord") == 0) {
+            a->coord = v;
+        } else if (strcmp(f, "--comm-dir") == 0) {
+            a->comm_dir = v;
+        } else if (strcmp(f, "--model") == 0) {
+            a->model = v;
+        } else if (strcmp(f, "--backend") == 0) {
+            a->backend = v;
+        } else if (strcmp(f, "--placement") == 0) {
+            a->placement = v;
+        } else if (strcmp(f, "--layers") == 0) {
+            a->layers = v;
+        } else {
+            return moe_fail(MOE_ERR_INVALID_ARG, "worker: unknown flag %s", f);
+        }
+    }
+    MOE_REQUIRE(a->rank >= 0 && a->world >= 1 && a->rank < a->world, MOE_ERR_INVALID_ARG,
+                "worker: --rank and --world are required, 0 <= rank < world");
+    MOE_REQUIRE(a->coord && a->model && a->comm_dir, MOE_ERR_INVALID_ARG,
+                "worker: --coord, --model and --comm-dir are required");
+    return MOE_OK;
+}
+
+/* Sends one internal message (single frame, or with `more` set: more frames follow). */
+static moe_status send_msg(worker *w, const ipc_msg *m, bool more) {
+    void *buf = NULL;
+    size_t len = 0;
+    MOE_CHECK(ipc_encode_alloc(m, &buf, &len));
+    int rc = zmq_send(w->sock, buf, len, more ? ZMQ_SNDMORE : 0);
+    moe_free(buf);
+    if (rc == -1)
+        return moe_fail(MOE_ERR_ZMQ, "worker %d: send to the coordinator: %s", (int)w->a.rank, zmq_strerror(zmq_errno()));
+    return MOE_OK;
+}
+
+static moe_status send_simple(worker *w, uint16_t op, moe_status status, const char *text, uint32_t n_tokens) {
+    ipc_msg m;
+    ipc_msg_init(&m, op, w->a.epoch);
+    m.layer = w->a.rank;
+    m.n_tokens = n_tokens;
+    m.status = status;
+    if (text && text[0])
+        MOE_CHECK(ipc_msg_add_bytes(&m, IPC_SEC_TEXT, text, strnlen(text, IPC_MAX_TEXT)));
+    return send_msg(w, &m, false);
+}
+
+static void free_zmq_buf(void *data, void *hint) {
+    (void)hint;
+    moe_free(data);
+}
+
+/* Parses "all" or "1,3,5" into the served MoE layers. */
+static moe_status parse_layers(const char *s, const eng_model_desc *d, int32_t **out, int32_t *n) {
+    *out = NULL;
+    *n = 0;
+    if (strcmp(s, "all") == 0)
+        return MOE_OK;
+    int32_t *v = calloc(strlen(s) + 1, sizeof(int32_t));
+    if (!v)
+        return moe_fail(MOE_ERR_NOMEM, "layers");
+    const char *p = s;
+    while (*p) {
+        char *end = NULL;
+        long x = strtol(p, &end, 10);
+        if (end == p || x < 0 || x >= d->n_layers || !eng_model_is_moe_layer(d, (int32_t)x)) {
+            free(v);
+            return moe_fail(MOE_ERR_INVALID_ARG, "layers: '%s' is not a list of MoE layers of this model", s);
+        }
+        v[(*n)++] = (int32_t)x;
+        p = *end == ',' ? end + 1 : end;
+    }
+    *out = v;
+    return MOE_OK;
+}
+
+static void log_progress(void *arg, const char *stage, uint64_t done, uint64_t total) {
+    worker *w = arg;
+    static int last = -1;
+    int pct = total ? (int)(done * 100 / total) : 100;
+    if (pct / 25 != last / 25 || done == total) {
+        last = pct;
+        MOE_INFO(MOE_SUB_ENG, "%s: %d%% (%.1f of %.1f MB)", stage, pct, (double)done / 1e6, (double)total / 1e6);
+    }
+    (void)w;
+}
+
+static moe_status worker_load(worker *w, char *why, size_t whycap) {
+    moe_status st = MOE_OK;
+    double t0 = moe_now_s();
+    MOE_CHECK_GOTO(eng_ckpt_open(&w->ckpt, w->a.model), st, fail);
+    w->desc = eng_ckpt_desc(w->ckpt);
+    par_place_policy pol;
+    MOE_CHECK_GOTO(par_place_policy_parse(w->a.placement, &pol), st, fail);
+    MOE_CHECK_GOTO(par_placement_init(&w->placement, w->desc->n_experts, w->a.world, pol), st, fail);
+    int32_t *layers = NULL, n_layers = 0;
+    MOE_CHECK_GOTO(parse_layers(w->a.layers, w->desc, &layers, &n_layers), st, fail);
+    eng_model_load_params lp = eng_model_load_params_default();
+    lp.experts = w->placement.experts[w->a.rank];
+    lp.n_local = w->placement.n_local[w->a.rank];
+    lp.layers = layers;
+    lp.n_layers = n_layers;
+    lp.router = true;
+    lp.shared = w->a.rank == 0;
+    lp.progress = log_progress;
+    lp.progress_arg = w;
+    st = eng_model_load(w->ckpt, &lp, &w->weights);
+    free(layers);
+    if (st != MOE_OK)
+        goto fail;
+    w->layers = calloc((size_t)w->weights.n_layers, sizeof(eng_layer));
+    if (!w->layers) {
+        st = moe_fail(MOE_ERR_NOMEM, "worker layers");
+        goto fail;
+    }
+    for (int32_t i = 0; i < w->weights.n_layers; i++) {
+        const eng_model_layer *ml = &w->weights.layers[i];
+        eng_layer *l = &w->layers[i];
+        l->layer = ml->layer;
+        l->w13 = ml->w13;
+        l->w2 = ml->w2;
+        l->router = ml->router;
+        l->correction_bias = ml->correction_bias.data;
+        l->has_shared = ml->shared_w13.data != NULL;
+        l->shared_w13 = ml->shared_w13;
+        l->shared_w2 = ml->shared_w2;
+        l->shared_gate = ml->shared_gate;
+        /* views: the weights struct owns the memory */
+        l->w13.owns = l->w2.owns = l->router.owns = false;
+        l->shared_w13.owns = l->shared_w2.owns = l->shared_gate.owns = false;
+    }
+    w->model = (eng_step_model){
+        .dtype = w->weights.dtype,
+        .hidden = w->desc->hidden_size,
+        .n_experts = w->desc->n_experts,
+        .top_k = w->desc->top_k,
+        .act = w->desc->act,
+        .route = w->desc->route,
+        .placement = &w->placement,
+    };
+    kern_backend kb;
+    MOE_CHECK_GOTO(kern_backend_parse(w->a.backend, &kb), st, fail);
+    kern_ctx_params kp = {.device = 0, .n_threads = w->a.threads, .stream = NULL};
+    MOE_CHECK_GOTO(kern_ctx_init(&w->kctx, kb, &kp), st, fail);
+    if (w->a.world > 1) {
+        par_comm_host_params cp = {
+            .rank = w->a.rank, .world_size = w->a.world, .endpoint_dir = w->a.comm_dir, .zmq_ctx = w->zctx};
+        MOE_CHECK_GOTO(par_comm_host_init(&w->comm, &cp), st, fail);
+    }
+    MOE_INFO(MOE_SUB_ENG, "ready: %d experts, %d layers, %.1f MB, backend %s, loaded in %.2f s",
+             (int)w->placement.n_local[w->a.rank], (int)w->weights.n_layers, (double)w->weights.bytes / 1e6,
+             kern_backend_name(kb), moe_now_s() - t0);
+    return MOE_OK;
+fail:
+    snprintf(why, whycap, "worker %d: %s", (int)w->a.rank, moe_errmsg());
+    return st;
+}
+
+static const eng_layer *find_layer(const worker *w, int32_t layer) {
+    for (int32_t i = 0; i < w->weights.n_layers; i++)
+        if (w->layers[i].layer == layer)
+            return &w->layers[i];
+    return NULL;
+}
+
+typedef struct step_frames {
+    int n;
+    zmq_msg_t *msg;   /* [n] the request frames */
+    ipc_msg *dec;     /* [n] decoded views */
+    void **owned;     /* [n] realigned copies */
+} step_frames;
+
+static void step_frames_free(step_frames *f) {
+    for (int i = 0; i < f->n; i++) {
+        zmq_msg_close(&f->msg[i]);
+        moe_free(f->owned[i]);
+    }
+    free(f->msg);
+    free(f->dec);
+    free(f->owned);
+    memset(f, 0, sizeof *f);
+}
+
+/* Runs one step: every rank computes its part; rank 0 answers. */
+static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
+    moe_status st = MOE_OK;
+    eng_step s;
+    memset(&s, 0, sizeof s);
+    eng_step_req *reqs = NULL;
+    void **recv = NULL;
+    size_t *recv_bytes = NULL;
+    moe_tensor *bufs = NULL;
+    const int32_t W = w->a.world, r = w->a.rank;
+    const eng_layer *layer = find_layer(w, hdr->layer);
+    if (!layer) {
+        st = moe_fail(MOE_ERR_NOT_FOUND, "worker %d: layer %d is not loaded", (int)r, (int)hdr->layer);
+        goto done;
+    }
+    reqs = calloc((size_t)(fr->n ? fr->n : 1), sizeof *reqs);
+    if (!reqs) {
+        st = moe_fail(MOE_ERR_NOMEM, "step");
+        goto done;
+    }
+    for (int i = 0; i < fr->n; i++) {
+        const ipc_msg *m = &fr->dec[i];
+        const ipc_section *x = ipc_msg_find(m, IPC_SEC_X), *ids = ipc_msg_find(m, IPC_SEC_TOPK_IDS),
+                          *wt = ipc_msg_find(m, IPC_SEC_TOPK_W), *lg = ipc_msg_find(m, IPC_SEC_LOGITS);
+        if (!x || x->dtype != (uint8_t)w->model.dtype || (int32_t)m->layer != hdr->layer) {
+            st = moe_fail(MOE_ERR_INTERNAL, "worker %d: request %d of step %llu does not fit the model", (int)r, i,
+                          (unsigned long long)hdr->request_id);
+            goto done;
+        }
+        reqs[i].n_tokens = m->n_tokens;
+        reqs[i].x = x->data;
+        if (ids && wt) {
+            reqs[i].src = ENG_ROUTE_IDS;
+            reqs[i].ids = ids->data;
+            reqs[i].weights = wt->data;
+        } else if (lg) {
+            reqs[i].src = ENG_ROUTE_LOGITS;
+            reqs[i].logits = lg->data;
+            reqs[i].logits_dtype = (moe_dtype)lg->dtype;
+        } else {
+            reqs[i].src = ENG_ROUTE_HIDDEN;
+        }
+    }
+    MOE_CHECK_GOTO(eng_step_init(&s, &w->model, layer, r, reqs, fr->n, w->kctx), st, done);
+    if (W == 1) {
+        MOE_CHECK_GOTO(eng_step_single(&s, w->kctx), st, done);
+    } else {
+        MOE_CHECK_GOTO(eng_step_local(&s, w->kctx), st, done);
+        const size_t row = (size_t)w->model.hidden * moe_dtype_size(w->model.dtype);
+        if (r == 0) {
+            recv = calloc((size_t)W, sizeof(void *));
+            recv_bytes = calloc((size_t)W, sizeof(size_t));
+            bufs = calloc((size_t)W, sizeof(moe_tensor));
+            if (!recv || !recv_bytes || !bufs) {
+                st = moe_fail(MOE_ERR_NOMEM, "step gather");
+                goto done;
+            }
+            for (int32_t q = 0; q < W; q++) {
+                MOE_CHECK_GOTO(moe_tensor_alloc(&bufs[q], w->model.dtype, 2,
+                                                (int64_t[]){s.plan.n_pairs[q], w->model.hidden}),
+                               st, done);
+                recv[q] = bufs[q].data;
+                recv_bytes[q] = (size_t)s.plan.n_pairs[q] * row;
+            }
+        }
+        MOE_CHECK_GOTO(par_comm_gatherv(w->comm, hdr->request_id, s.contrib.data, (size_t)s.plan.n_pairs[r] * row,
+                                        recv, recv_bytes, 0, w->a.step_timeout_ms, NULL),
+                       st, done);
+        if (r == 0)
+            MOE_CHECK_GOTO(eng_step_combine(&s, (const void *const *)recv, w->kctx), st, done);
+    }
+
+    /* Rank 0: one REPLY per request (forwarded to its client as soon as it arrives). */
+    if (r == 0) {
+        const size_t row = (size_t)w->model.hidden * moe_dtype_size(w->model.dtype);
+        int64_t t0 = 0;
+        for (int i = 0; i < fr->n; i++) {
+            const ipc_msg *m = &fr->dec[i];
+            moe_tensor yi = moe_tensor_view2((char *)s.y.data + (size_t)t0 * row, w->model.dtype, m->n_tokens,
+                                             w->model.hidden);
+            t0 += m->n_tokens;
+            ipc_msg rep, hdr_rep;
+            void *buf = NULL;
+            size_t len = 0;
+            MOE_CHECK_GOTO(ipc_submit_reply_init(&rep, m->request_id, &yi), st, done);
+            MOE_CHECK_GOTO(ipc_encode_alloc(&rep, &buf, &len), st, done);
+            ipc_msg_init(&hdr_rep, ENG_OP_REPLY, hdr->request_id);
+            hdr_rep.layer = r;
+            hdr_rep.n_tokens = (uint32_t)i;
+            st = send_msg(w, &hdr_rep, true);
+            if (st != MOE_OK) {
+                moe_free(buf);
+                goto done;
+            }
+            zmq_msg_t out;
+            zmq_msg_init_data(&out, buf, len, free_zmq_buf, NULL);
+            if (zmq_msg_send(&out, w->sock, 0) == -1) {
+                zmq_msg_close(&out);
+                st = moe_fail(MOE_ERR_ZMQ, "worker: send reply: %s", zmq_strerror(zmq_errno()));
+                goto done;
+            }
+        }
+    }
+    /* RESULT last: the step is complete. */
+    {
+        ipc_msg res;
+        ipc_msg_init(&res, ENG_OP_RESULT, hdr->request_id);
+        res.layer = r;
+        int32_t *counts = NULL;
+        if (r == 0) {
+            counts = malloc(sizeof(int32_t) * (size_t)w->model.n_experts);
+            if (!counts) {
+                st = moe_fail(MOE_ERR_NOMEM, "result");
+                goto done;
+            }
+            for (int32_t e = 0; e < w->model.n_experts; e++)
+                counts[e] = (int32_t)s.expert_tokens[e];
+            st = ipc_msg_add(&res, ENG_SEC_EXPERT_TOKENS, MOE_DTYPE_I32, 1, (int64_t[]){w->model.n_experts}, counts);
+        }
+        if (st == MOE_OK)
+            st = send_msg(w, &res, false);
+        free(counts);
+    }
+done:
+    if (bufs)
+        for (int32_t q = 0; q < W; q++)
+            moe_tensor_free(&bufs[q]);
+    free(bufs);
+    free(recv);
+    free(recv_bytes);
+    free(reqs);
+    eng_step_free(&s);
+    return st;
+}
+
+/* Receives the n STEP_REQ messages that follow a STEP ([header][request] each) into `fr` and
+ * decodes each request. Reads all n even after an error, so the next message is a new one. */
+static moe_status recv_step_frames(worker *w, const ipc_msg *step, step_frames *fr) {
+    memset(fr, 0, sizeof *fr);
+    const int32_t n = (int32_t)step->top_k;
+    fr->msg = calloc((size_t)(n > 0 ? n : 1), sizeof(zmq_msg_t));
+    fr->dec = calloc((size_t)(n > 0 ? n : 1), sizeof(ipc_msg));
+    fr->owned = calloc((size_t)(n > 0 ? n : 1), sizeof(void *));
+    if (!fr->msg || !fr->dec || !fr->owned)
+        return moe_fail(MOE_ERR_NOMEM, "step frames");
+    moe_status st = MOE_OK;
+    ipc_limits lim = ipc_limits_default();
+    lim.max_msg_bytes = UINT64_MAX >> 1;
+    ipc_limits ilim = ipc_limits_default();
+    ilim.allow_internal = true;
+    for (int32_t i = 0; i < n; i++) {
+        zmq_msg_t head, body;
+        zmq_msg_init(&head);
+        zmq_msg_init(&body);
+        if (zmq_msg_recv(&head, w->sock, 0) == -1) {
+            zmq_msg_close(&head);
+            zmq_msg_close(&body);
+            return moe_fail(MOE_ERR_ZMQ, "worker: receive step: %s", zmq_strerror(zmq_errno()));
+        }
+        bool two = zmq_msg_more(&head) && zmq_msg_recv(&body, w->sock, 0) != -1;
+        /* drain anything past two frames */
+        while (zmq_msg_more(two ? &body : &head)) {
+            zmq_msg_t x;
+            zmq_msg_init(&x);
+            int rc = zmq_msg_recv(&x, w->sock, 0);
+            zmq_msg_close(&x);
+            two = false;
+            if (rc == -1)
+                break;
+        }
+        ipc_msg h;
+        moe_status hs = ipc_decode(zmq_msg_data(&head), zmq_msg_size(&head), &ilim, &h);
+        zmq_msg_close(&head);
+        if (st == MOE_OK && (hs != MOE_OK || !two || h.op != ENG_OP_STEP_REQ || h.request_id != step->request_id ||
+                             h.n_tokens != (uint32_t)i))
+            st = moe_fail(MOE_ERR_INTERNAL, "worker: request %d of step %llu is malformed", (int)i,
+                          (unsigned long long)step->request_id);
+        fr->msg[fr->n++] = body;
+        if (st == MOE_OK) {
+            st = ipc_decode(zmq_msg_data(&fr->msg[i]), zmq_msg_size(&fr->msg[i]), &lim, &fr->dec[i]);
+            if (st == MOE_OK && !ipc_msg_aligned(&fr->dec[i]))
+                st = ipc_msg_realign(&fr->dec[i], &fr->owned[i]);
+        }
+    }
+    return st;
+}
+
+static void worker_free(worker *w) {
+    par_comm_free(w->comm);
+    kern_ctx_free(w->kctx);
+    free(w->layers);
+    eng_model_weights_free(&w->weights);
+    par_placement_free(&w->placement);
+    eng_ckpt_close(w->ckpt);
+    if (w->sock)
+        zmq_close(w->sock);
+    if (w->zctx)
+        zmq_ctx_term(w->zctx);
+}
+
+int eng_worker_main(int argc, char **argv) {
+    worker w;
+    memset(&w, 0, sizeof w);
+    moe_status st = parse_args(&w.a, argc, argv);
+    if (st != MOE_OK) {
+        fprintf(stderr, "moe-engine worker: %s\n", moe_errmsg());
+        usage_worker();
+        return 2;
+    }
+    moe_log_set_identity("worker", w.a.rank);
+    /* Die with the coordinator. */
+    w.parent = getppid();
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != w.parent)
+        return 1;
+    signal(SIGPIPE, SIG_IGN);
+
+    int rc = 1;
+    char why[768] = "";
+    w.zctx = zmq_ctx_new();
+    w.sock = w.zctx ? zmq_socket(w.zctx, ZMQ_DEALER) : NULL;
+    if (!w.sock) {
+        MOE_ERROR(MOE_SUB_ENG, "zmq: %s", zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    char id[64];
+    int idn = snprintf(id, sizeof id, "w%d.%llu", (int)w.a.rank, (unsigned long long)w.a.epoch);
+    int linger = 2000;
+    zmq_setsockopt(w.sock, ZMQ_ROUTING_ID, id, (size_t)idn);
+    zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger);
+    if (zmq_connect(w.sock, w.a.coord) == -1) {
+        MOE_ERROR(MOE_SUB_ENG, "connect %s: %s", w.a.coord, zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    if (send_simple(&w, ENG_OP_HELLO, MOE_OK, NULL, (uint32_t)getpid()) != MOE_OK)
+        goto out;
+    st = worker_load(&w, why, sizeof why);
+    if (st != MOE_OK) {
+        MOE_ERROR(MOE_SUB_ENG, "%s", why);
+        send_simple(&w, ENG_OP_READY, st, why, 0);
+        goto out;
+    }
+    char info[256];
+    snprintf(info, sizeof info, "{\"weight_bytes\": %llu, \"experts\": %d, \"backend\": \"%s\"}",
+             (unsigned long long)w.weights.bytes, (int)w.placement.n_local[w.a.rank], w.a.backend);
+    {
+        ipc_msg m;
+        ipc_msg_init(&m, ENG_OP_READY, w.a.epoch);
+        m.layer = w.a.rank;
+        if (ipc_msg_add_bytes(&m, IPC_SEC_JSON, info, strlen(info)) != MOE_OK || send_msg(&w, &m, false) != MOE_OK)
+            goto out;
+    }
+
+    uint64_t last_beat = moe_now_ns();
+    for (;;) {
+        zmq_pollitem_t it = {w.sock, 0, ZMQ_POLLIN, 0};
+        int n = zmq_poll(&it, 1, w.a.heartbeat_ms);
+        if (n == -1 && zmq_errno() != EINTR) {
+            MOE_ERROR(MOE_SUB_ENG, "poll: %s", zmq_strerror(zmq_errno()));
+            goto out;
+        }
+        if (getppid() != w.parent) {
+            MOE_WARN(MOE_SUB_ENG, "the coordinator is gone: exiting");
+            goto out;
+        }
+        uint64_t now = moe_now_ns();
+        if (now - last_beat >= (uint64_t)w.a.heartbeat_ms * 1000000ull) {
+            send_simple(&w, ENG_OP_HEARTBEAT, MOE_OK, NULL, (uint32_t)w.steps_done);
+            last_beat = now;
+        }
+        if (n <= 0 || !(it.revents & ZMQ_POLLIN))
+            continue;
+        zmq_msg_t head;
+        zmq_msg_init(&head);
+        if (zmq_msg_recv(&head, w.sock, 0) == -1) {
+            zmq_msg_close(&head);
+            continue;
+        }
+        bool more = zmq_msg_more(&head);
+        ipc_msg hdr;
+        ipc_limits lim = ipc_limits_default();
+        lim.allow_internal = true;
+        st = ipc_decode(zmq_msg_data(&head), zmq_msg_size(&head), &lim, &hdr);
+        if (st != MOE_OK) {
+            MOE_ERROR(MOE_SUB_ENG, "bad message from the coordinator: %s", moe_errmsg());
+            zmq_msg_close(&head);
+            while (more) { /* drop the rest of the message */
+                zmq_msg_t x;
+                zmq_msg_init(&x);
+                int r2 = zmq_msg_recv(&x, w.sock, 0);
+                more = r2 != -1 && zmq_msg_more(&x);
+                zmq_msg_close(&x);
+            }
+            continue;
+        }
+        if (hdr.op == ENG_OP_SHUTDOWN) {
+            zmq_msg_close(&head);
+            MOE_INFO(MOE_SUB_ENG, "shutdown after %llu steps", (unsigned long long)w.steps_done);
+            rc = 0;
+            goto out;
+        }
+        if (hdr.op != ENG_OP_STEP) {
+            MOE_WARN(MOE_SUB_ENG, "unexpected op 0x%x from the coordinator", (unsigned)hdr.op);
+            zmq_msg_close(&head);
+            continue;
+        }
+        step_frames fr;
+        double t0 = moe_now_s();
+        st = recv_step_frames(&w, &hdr, &fr);
+        if (st == MOE_OK)
+            st = run_step(&w, &hdr, &fr);
+        step_frames_free(&fr);
+        if (st != MOE_OK) {
+            char msg[600];
+            snprintf(msg, sizeof msg, "worker %d, step %llu: %s", (int)w.a.rank, (unsigned long long)hdr.request_id,
+                     moe_errmsg());
+            MOE_WARN(MOE_SUB_ENG, "%s", msg);
+            ipc_msg res;
+            ipc_msg_init(&res, ENG_OP_RESULT, hdr.request_id);
+            res.layer = w.a.rank;
+            res.status = st;
+            if (ipc_msg_add_bytes(&res, IPC_SEC_TEXT, msg, strlen(msg)) == MOE_OK)
+                send_msg(&w, &res, false);
+        } else {
+            w.steps_done++;
+            MOE_DEBUG(MOE_SUB_ENG, "step %llu: %u tokens in %.3f ms", (unsigned long long)hdr.request_id,
+                      (unsigned)hdr.n_tokens, (moe_now_s() - t0) * 1e3);
+        }
+        zmq_msg_close(&head);
+        last_beat = moe_now_ns();
+    }
+out:
+    worker_free(&w);
+    return rc;
+}
