@@ -52,6 +52,8 @@ struct eng_ckpt {
     char **file_names; /* base names */
     int32_t n_entries;
     ck_entry *entries; /* sorted by name */
+    /* per model layer: the routed experts are transformers 5's fused tensors */
+    bool fused[ENG_MODEL_MAX_LAYERS];
 };
 
 static int cmp_entry(const void *a, const void *b) {
@@ -307,17 +309,19 @@ static const char *shape_words(eng_model_tensor kind) {
     }
 }
 
-/* Looks up one expected tensor and checks its dtype and shape; errors name it and its file. */
-static moe_status expect_tensor(const eng_ckpt_t *ck, eng_model_tensor kind, int32_t layer, int32_t expert,
-                                const eng_st_tensor **out, int32_t *file) {
-    const eng_model_desc *d = &ck->desc;
-    char name[NAME_CAP];
-    MOE_CHECK(eng_model_tensor_name(d, kind, layer, expert, name, sizeof name));
+static const ck_entry *lookup(const eng_ckpt_t *ck, const char *name) {
     ck_entry key = {.name = name};
-    const ck_entry *e = bsearch(&key, ck->entries, (size_t)ck->n_entries, sizeof key, cmp_entry);
-    if (!e)
-        return moe_fail(MOE_ERR_NOT_FOUND, "%s: tensor '%s' is missing from the checkpoint (%s)", ck->dir, name,
-                        ck->has_index ? "not in " INDEX_NAME : "in none of its .safetensors files");
+    return ck->n_entries ? bsearch(&key, ck->entries, (size_t)ck->n_entries, sizeof key, cmp_entry) : NULL;
+}
+
+static moe_status missing(const eng_ckpt_t *ck, const char *name, const char *also) {
+    return moe_fail(MOE_ERR_NOT_FOUND, "%s: tensor '%s' is missing from the checkpoint (%s%s)", ck->dir, name,
+                    ck->has_index ? "not in " INDEX_NAME : "in none of its .safetensors files", also ? also : "");
+}
+
+/* Checks a found tensor's dtype and shape (nd <= 3); errors name the tensor and its file. */
+static moe_status check_found(const eng_ckpt_t *ck, const ck_entry *e, int32_t nd, const int64_t *shape,
+                              const char *dims) {
     const char *fname = ck->file_names[e->file];
     const eng_st_tensor *t = e->t;
     moe_dtype dt;
@@ -325,39 +329,96 @@ static moe_status expect_tensor(const eng_ckpt_t *ck, eng_model_tensor kind, int
         return moe_fail(MOE_ERR_UNSUPPORTED,
                         "%s/%s: tensor '%s' has dtype %s: not supported yet (BF16, F16 and F32 are; quantized "
                         "checkpoints such as FP8 with scales are not)",
-                        ck->dir, fname, name, eng_st_dtype_name(t->dtype));
-    int32_t nd;
-    int64_t shape[2];
-    eng_model_tensor_shape(d, kind, &nd, shape);
+                        ck->dir, fname, t->name, eng_st_dtype_name(t->dtype));
     bool ok = t->ndim == nd;
     for (int32_t i = 0; ok && i < nd; i++)
         ok = t->shape[i] == shape[i];
     if (!ok) {
-        char got[160];
-        const char *dims = shape_words(kind);
-        if (nd == 1)
-            return moe_fail(MOE_ERR_FORMAT, "%s/%s: tensor '%s' is %s, expected [%lld] (%s, from config.json)", ck->dir,
-                            fname, name, eng_st_tensor_desc(t, got, sizeof got), (long long)shape[0], dims);
-        return moe_fail(MOE_ERR_FORMAT, "%s/%s: tensor '%s' is %s, expected [%lld, %lld] (%s, from config.json)",
-                        ck->dir, fname, name, eng_st_tensor_desc(t, got, sizeof got), (long long)shape[0],
-                        (long long)shape[1], dims);
+        char got[160], want[96];
+        int n = snprintf(want, sizeof want, "[");
+        for (int32_t i = 0; i < nd; i++)
+            n += snprintf(want + n, sizeof want - (size_t)n, "%s%lld", i ? ", " : "", (long long)shape[i]);
+        snprintf(want + n, sizeof want - (size_t)n, "]");
+        return moe_fail(MOE_ERR_FORMAT, "%s/%s: tensor '%s' is %s, expected %s (%s, from config.json)", ck->dir,
+                        fname, t->name, eng_st_tensor_desc(t, got, sizeof got), want, dims);
     }
-    *out = t;
+    return MOE_OK;
+}
+
+/* Looks up one expected tensor in the published naming (Mixtral's router also under
+ * transformers 5's "mlp.gate.weight") and checks its dtype and shape. */
+static moe_status expect_tensor(const eng_ckpt_t *ck, eng_model_tensor kind, int32_t layer, int32_t expert,
+                                const eng_st_tensor **out, int32_t *file) {
+    const eng_model_desc *d = &ck->desc;
+    char name[NAME_CAP];
+    MOE_CHECK(eng_model_tensor_name(d, kind, layer, expert, name, sizeof name));
+    const ck_entry *e = lookup(ck, name);
+    if (!e && kind == ENG_TENSOR_ROUTER && d->family == ENG_FAMILY_MIXTRAL) {
+        char alt[NAME_CAP];
+        snprintf(alt, sizeof alt, "model.layers.%d.mlp.gate.weight", (int)layer);
+        e = lookup(ck, alt);
+    }
+    if (!e)
+        return missing(ck, name, NULL);
+    int32_t nd;
+    int64_t shape[2];
+    eng_model_tensor_shape(d, kind, &nd, shape);
+    MOE_CHECK(check_found(ck, e, nd, shape, shape_words(kind)));
+    *out = e->t;
     *file = e->file;
     return MOE_OK;
 }
 
-/* Every tensor of every MoE layer, before any worker relies on them. */
+/* transformers 5's fused expert tensors of a layer: which = 0 for gate_up_proj [E, 2I, H], 1
+ * for down_proj [E, H, I]. NULL name lookups are not errors: *out = NULL. */
+static moe_status expect_fused(const eng_ckpt_t *ck, int32_t layer, int which, const eng_st_tensor **out,
+                               int32_t *file) {
+    const eng_model_desc *d = &ck->desc;
+    char name[NAME_CAP];
+    snprintf(name, sizeof name, "model.layers.%d.mlp.experts.%s", (int)layer, which ? "down_proj" : "gate_up_proj");
+    const ck_entry *e = lookup(ck, name);
+    *out = NULL;
+    if (!e)
+        return MOE_OK;
+    int64_t E = d->n_experts, H = d->hidden_size, I = d->moe_intermediate;
+    int64_t shape[3] = {E, which ? H : 2 * I, which ? I : H};
+    MOE_CHECK(check_found(ck, e, 3, shape,
+                          which ? "n_experts x hidden_size x intermediate" : "n_experts x 2 intermediate x hidden_size"));
+    *out = e->t;
+    *file = e->file;
+    return MOE_OK;
+}
+
+/* Every tensor of every MoE layer, before any worker relies on them; decides per layer
+ * whether its experts are per-expert tensors or fused ones. */
 static moe_status validate_all(eng_ckpt_t *ck) {
     const eng_model_desc *d = &ck->desc;
-    const eng_st_tensor *t;
+    const eng_st_tensor *t, *t2;
     int32_t f;
+    char name[NAME_CAP];
     for (int32_t li = 0; li < d->n_moe_layers; li++) {
         int32_t l = d->moe_layers[li];
+        MOE_CHECK(eng_model_tensor_name(d, ENG_TENSOR_EXPERT_GATE, l, 0, name, sizeof name));
+        if (!lookup(ck, name)) {
+            MOE_CHECK(expect_fused(ck, l, 0, &t, &f));
+            if (!t) {
+                char also[NAME_CAP + 32];
+                snprintf(also, sizeof also, ", nor the fused model.layers.%d.mlp.experts.gate_up_proj", (int)l);
+                return missing(ck, name, also);
+            }
+            MOE_CHECK(expect_fused(ck, l, 1, &t2, &f));
+            if (!t2) {
+                snprintf(name, sizeof name, "model.layers.%d.mlp.experts.down_proj", (int)l);
+                return missing(ck, name, ", though its gate_up_proj is there");
+            }
+            ck->fused[l] = true;
+        }
         for (int k = 0; k < ENG_TENSOR_COUNT_; k++) {
             if (!eng_model_has_tensor(d, (eng_model_tensor)k))
                 continue;
             bool per_expert = k == ENG_TENSOR_EXPERT_GATE || k == ENG_TENSOR_EXPERT_UP || k == ENG_TENSOR_EXPERT_DOWN;
+            if (per_expert && ck->fused[l])
+                continue;
             for (int32_t e = 0; e < (per_expert ? d->n_experts : 1); e++)
                 MOE_CHECK(expect_tensor(ck, (eng_model_tensor)k, l, e, &t, &f));
         }
@@ -402,7 +463,11 @@ moe_status eng_ckpt_open(eng_ckpt_t **out, const char *dir) {
     /* The engine computes in the experts' own dtype: take it from the first routed expert. */
     const eng_st_tensor *t;
     int32_t f;
-    MOE_CHECK_GOTO(expect_tensor(ck, ENG_TENSOR_EXPERT_GATE, ck->desc.moe_layers[0], 0, &t, &f), st, fail);
+    int32_t l0 = ck->desc.moe_layers[0];
+    if (ck->fused[l0])
+        MOE_CHECK_GOTO(expect_fused(ck, l0, 0, &t, &f), st, fail);
+    else
+        MOE_CHECK_GOTO(expect_tensor(ck, ENG_TENSOR_EXPERT_GATE, l0, 0, &t, &f), st, fail);
     MOE_ASSERT(eng_st_dtype_to_moe(t->dtype, &ck->desc.dtype));
     char sb[400];
     MOE_DEBUG(MOE_SUB_ENG, "checkpoint %s: %d files, %d tensors; %s", ck->dir, (int)ck->n_files, (int)ck->n_entries,
@@ -431,13 +496,15 @@ typedef struct load_task {
     int32_t file;
     moe_dtype dt;
     void *dst;
+    uint64_t first, count; /* elements of t (all of it, or one expert of a fused tensor) */
+    uint64_t src_off, src_bytes;
 } load_task;
 
 static int cmp_task(const void *a, const void *b) {
     const load_task *x = a, *y = b;
     if (x->file != y->file)
         return x->file < y->file ? -1 : 1;
-    return x->t->offset < y->t->offset ? -1 : x->t->offset > y->t->offset;
+    return x->src_off < y->src_off ? -1 : x->src_off > y->src_off;
 }
 
 void eng_model_weights_free(eng_model_weights *w) {
@@ -473,15 +540,22 @@ static moe_status alloc_t(moe_tensor *t, moe_dtype dt, int32_t nd, int64_t d0, i
     return MOE_OK;
 }
 
-/* Queues one tensor for reading into dst (after checking it). */
+static void push(load_task *tasks, int64_t *n, const eng_st_tensor *t, int32_t f, uint64_t first, uint64_t count,
+                 moe_dtype dt, void *dst, uint64_t *total) {
+    uint64_t es = (uint64_t)eng_st_dtype_bits(t->dtype) / 8;
+    tasks[*n] = (load_task){.t = t, .file = f, .dt = dt, .dst = dst, .first = first, .count = count,
+                            .src_off = t->offset + first * es, .src_bytes = count * es};
+    (*n)++;
+    *total += count * es;
+}
+
+/* Queues one whole tensor for reading into dst (after checking it). */
 static moe_status queue(const eng_ckpt_t *ck, load_task *tasks, int64_t *n, eng_model_tensor kind, int32_t layer,
                         int32_t expert, moe_dtype dt, void *dst, uint64_t *total) {
     const eng_st_tensor *t;
     int32_t f;
     MOE_CHECK(expect_tensor(ck, kind, layer, expert, &t, &f));
-    tasks[*n] = (load_task){.t = t, .file = f, .dt = dt, .dst = dst};
-    (*n)++;
-    *total += t->nbytes;
+    push(tasks, n, t, f, 0, t->nbytes / ((uint64_t)eng_st_dtype_bits(t->dtype) / 8), dt, dst, total);
     return MOE_OK;
 }
 
@@ -567,10 +641,23 @@ moe_status eng_model_load(eng_ckpt_t *ck, const eng_model_load_params *pin, eng_
         MOE_CHECK_GOTO(alloc_t(&L->w13, dt, 3, n_local, 2 * (int64_t)I, H, &w.bytes), st, fail);
         MOE_CHECK_GOTO(alloc_t(&L->w2, dt, 3, n_local, H, I, &w.bytes), st, fail);
         size_t mat = (size_t)I * (size_t)H * es; /* bytes of one [I, H] or [H, I] matrix */
+        const eng_st_tensor *fgu = NULL, *fdn = NULL;
+        int32_t ffgu = -1, ffdn = -1;
+        if (ck->fused[l]) {
+            MOE_CHECK_GOTO(expect_fused(ck, l, 0, &fgu, &ffgu), st, fail);
+            MOE_CHECK_GOTO(expect_fused(ck, l, 1, &fdn, &ffdn), st, fail);
+            MOE_ASSERT(fgu && fdn); /* eng_ckpt_open saw both */
+        }
         for (int32_t s = 0; s < n_local; s++) {
             uint8_t *w13 = (uint8_t *)L->w13.data + (size_t)s * 2 * mat;
             uint8_t *w2 = (uint8_t *)L->w2.data + (size_t)s * mat;
             int32_t e = w.experts[s];
+            if (fgu) { /* one expert of the fused tensors: already [2I, H] gate then up, and [H, I] */
+                uint64_t n13 = 2 * (uint64_t)I * (uint64_t)H, n2 = (uint64_t)I * (uint64_t)H;
+                push(tasks, &nt, fgu, ffgu, (uint64_t)e * n13, n13, dt, w13, &total);
+                push(tasks, &nt, fdn, ffdn, (uint64_t)e * n2, n2, dt, w2, &total);
+                continue;
+            }
             MOE_CHECK_GOTO(queue(ck, tasks, &nt, ENG_TENSOR_EXPERT_GATE, l, e, dt, w13, &total), st, fail);
             MOE_CHECK_GOTO(queue(ck, tasks, &nt, ENG_TENSOR_EXPERT_UP, l, e, dt, w13 + mat, &total), st, fail);
             MOE_CHECK_GOTO(queue(ck, tasks, &nt, ENG_TENSOR_EXPERT_DOWN, l, e, dt, w2, &total), st, fail);
@@ -608,8 +695,10 @@ moe_status eng_model_load(eng_ckpt_t *ck, const eng_model_load_params *pin, eng_
     qsort(tasks, (size_t)nt, sizeof *tasks, cmp_task);
     uint64_t done = 0;
     for (int64_t i = 0; i < nt; i++) {
-        MOE_CHECK_GOTO(eng_st_file_read(&ck->files[tasks[i].file], tasks[i].t, tasks[i].dt, tasks[i].dst), st, fail);
-        done += tasks[i].t->nbytes;
+        MOE_CHECK_GOTO(eng_st_file_read_part(&ck->files[tasks[i].file], tasks[i].t, tasks[i].first, tasks[i].count,
+                                             tasks[i].dt, tasks[i].dst),
+                       st, fail);
+        done += tasks[i].src_bytes;
         if (p.progress && done < total)
             p.progress(p.progress_arg, "load", done, total);
     }

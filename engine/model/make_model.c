@@ -55,6 +55,9 @@ static const char usage_text[] =
     "  --dtype D               bf16 | f16 | f32 (default bf16)\n"
     "  --seed N                random seed, 0 .. 2^64-1 (default 0)\n"
     "  --shard-size S          largest shard in bytes, suffix K, M or G for KiB, MiB, GiB (default 1G)\n"
+    "  --fused-experts         write each layer's routed experts as transformers 5's fused\n"
+    "                          experts.gate_up_proj [E, 2I, H] and experts.down_proj [E, H, I]\n"
+    "                          (same values as the per-expert tensors of the same seed)\n"
     "  --force                 replace the checkpoint files of an existing DIR\n"
     "  --quiet                 no progress line and no summary\n"
     "  -h, --help              this text\n";
@@ -97,6 +100,7 @@ enum {
     O_DTYPE,
     O_SEED,
     O_SHARD,
+    O_FUSED,
     O_FORCE,
     O_QUIET,
     O_HELP,
@@ -127,6 +131,7 @@ static const opt opts[O_COUNT] = {
     [O_DTYPE] = {"dtype", true, 0},
     [O_SEED] = {"seed", true, 0},
     [O_SHARD] = {"shard-size", true, 0},
+    [O_FUSED] = {"fused-experts", false, 0},
     [O_FORCE] = {"force", false, 0},
     [O_QUIET] = {"quiet", false, 0},
     [O_HELP] = {"help", false, 0},
@@ -406,6 +411,7 @@ int eng_make_model_main(int argc, char **argv) {
     if (set[O_SHARD] && !parse_size(val[O_SHARD], &p.shard_bytes))
         return usage_error("--shard-size '%s': expected a positive size such as 500M or 2G", val[O_SHARD]);
     p.force = set[O_FORCE];
+    p.fused_experts = set[O_FUSED];
     bool quiet = set[O_QUIET];
 
     /* Shape and routing consistency, worded by the config parser (the file it will write). */

@@ -157,6 +157,10 @@ void eng_st_file_close(eng_st_file *f); /* unmaps and closes; safe on a zeroed s
  * Maps the file if needed. MOE_ERR_UNSUPPORTED naming the tensor for any other source dtype.
  */
 moe_status eng_st_file_read(eng_st_file *f, const eng_st_tensor *t, moe_dtype dst_dt, void *dst);
+/* The same for elements [first, first + n) of the tensor (row-major order), e.g. one expert
+ * of a fused [E, 2I, H] tensor. MOE_ERR_INVALID_ARG when the range is not inside the tensor. */
+moe_status eng_st_file_read_part(eng_st_file *f, const eng_st_tensor *t, uint64_t first, uint64_t n,
+                                 moe_dtype dst_dt, void *dst);
 
 /* ------------------------------------------------------------------------------------------
  * Model description from config.json.
@@ -232,7 +236,13 @@ typedef enum eng_model_tensor {
 
 /* Writes the checkpoint name of a tensor ("model.layers.3.mlp.experts.7.up_proj.weight");
  * `expert` is used by the per-expert kinds only. MOE_ERR_INVALID_ARG when buf is too small or
- * the kind does not exist in this family. */
+ * the kind does not exist in this family.
+ *
+ * These are the per-expert names of the checkpoints the families were published with (and
+ * that transformers saves by default). transformers 5 can also save the routed experts fused
+ * per layer: "model.layers.L.mlp.experts.gate_up_proj" [E, 2I, H] (gate rows, then up rows)
+ * and "model.layers.L.mlp.experts.down_proj" [E, H, I], with Mixtral's router renamed to
+ * "model.layers.L.mlp.gate.weight"; eng_ckpt_open accepts either form, layer by layer. */
 moe_status eng_model_tensor_name(const eng_model_desc *d, eng_model_tensor kind, int32_t layer, int32_t expert,
                                  char *buf, size_t cap);
 /* The expected shape of a tensor of this model (ndim into *ndim, up to 2 dims). */
@@ -355,6 +365,7 @@ typedef struct eng_synth_params {
     const char *scoring_func;  /* DeepSeek: "softmax", "sigmoid" */
     float routed_scaling_factor;
     bool norm_topk_prob;
+    bool fused_experts;        /* write transformers 5's fused expert tensors (see above) */
     const char *hidden_act;
     moe_dtype dtype;
     uint64_t seed;

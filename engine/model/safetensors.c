@@ -510,7 +510,14 @@ void eng_st_file_close(eng_st_file *f) {
 }
 
 moe_status eng_st_file_read(eng_st_file *f, const eng_st_tensor *t, moe_dtype dst_dt, void *dst) {
-    MOE_REQUIRE(f && t && (dst || t->nbytes == 0), MOE_ERR_INVALID_ARG, "st_file_read: NULL argument");
+    MOE_REQUIRE(f && t, MOE_ERR_INVALID_ARG, "st_file_read: NULL argument");
+    int bits = eng_st_dtype_bits(t->dtype);
+    return eng_st_file_read_part(f, t, 0, bits ? t->nbytes * 8 / (uint64_t)bits : 0, dst_dt, dst);
+}
+
+moe_status eng_st_file_read_part(eng_st_file *f, const eng_st_tensor *t, uint64_t first, uint64_t n,
+                                 moe_dtype dst_dt, void *dst) {
+    MOE_REQUIRE(f && t && (dst || n == 0), MOE_ERR_INVALID_ARG, "st_file_read: NULL argument");
     moe_dtype src_dt;
     char sb[96];
     if (!eng_st_dtype_to_moe(t->dtype, &src_dt))
@@ -518,13 +525,17 @@ moe_status eng_st_file_read(eng_st_file *f, const eng_st_tensor *t, moe_dtype ds
                         f->path, eng_sanitize(t->name, sb, sizeof sb), eng_st_dtype_name(t->dtype));
     MOE_REQUIRE(moe_dtype_is_float(dst_dt), MOE_ERR_INVALID_ARG, "st_file_read: destination dtype %s",
                 moe_dtype_name(dst_dt));
+    size_t es = moe_dtype_size(src_dt);
+    uint64_t numel = t->nbytes / es;
+    MOE_REQUIRE(first <= numel && n <= numel - first, MOE_ERR_INVALID_ARG,
+                "%s: tensor '%s': elements [%llu, %llu) are outside its %llu", f->path,
+                eng_sanitize(t->name, sb, sizeof sb), (unsigned long long)first, (unsigned long long)(first + n),
+                (unsigned long long)numel);
     MOE_CHECK(eng_st_file_map(f));
     MOE_ASSERT(t->offset >= f->hdr.data_start && t->offset <= f->map_len && t->nbytes <= f->map_len - t->offset);
-    const uint8_t *src = f->map + t->offset;
-    size_t es = moe_dtype_size(src_dt);
-    size_t n = (size_t)(t->nbytes / es);
+    const uint8_t *src = f->map + t->offset + first * es;
     if (src_dt == dst_dt) {
-        memcpy(dst, src, (size_t)t->nbytes);
+        memcpy(dst, src, (size_t)(n * es));
         return MOE_OK;
     }
     /* Convert through an aligned fp32 chunk: the mapped source may be at any byte offset (the
@@ -533,8 +544,8 @@ moe_status eng_st_file_read(eng_st_file *f, const eng_st_tensor *t, moe_dtype ds
     _Alignas(64) float fbuf[CHUNK];
     _Alignas(64) uint8_t raw[CHUNK * 4];
     size_t ds = moe_dtype_size(dst_dt);
-    for (size_t i = 0; i < n; i += CHUNK) {
-        size_t c = n - i < CHUNK ? n - i : CHUNK;
+    for (size_t i = 0; i < (size_t)n; i += CHUNK) {
+        size_t c = (size_t)n - i < CHUNK ? (size_t)n - i : CHUNK;
         memcpy(raw, src + i * es, c * es);
         moe_to_f32(src_dt, raw, fbuf, c);
         moe_from_f32(dst_dt, fbuf, (uint8_t *)dst + i * ds, c);

@@ -6,7 +6,9 @@
  * its gate, correction bias); attention, norms and embeddings are not.
  *
  * Values: every tensor has its own generator, seeded from the model seed and the tensor's
- * name, so a tensor's values do not depend on the shard size or on the other tensors. A value
+ * name, so a tensor's values do not depend on the shard size or on the other tensors. With
+ * fused_experts (transformers 5's gate_up_proj / down_proj per layer) each expert's slice is
+ * generated from the per-expert name, so both forms of a model hold the same weights. A value
  * is normal(0, 1) / sqrt(fan_in) (in_features of the Linear), the normal drawn as a scaled
  * Irwin-Hall sum of four 16-bit uniforms of one 64-bit draw: integer arithmetic and exact
  * float operations only, so the same seed gives the same bits on every machine and libm (a
@@ -227,10 +229,14 @@ static inline float ih_normal(uint64_t r) {
  * Layout.
  * ---------------------------------------------------------------------------------------- */
 typedef struct syn_tensor {
-    char name[160];
+    char name[160];          /* on disk */
+    char seed_name[160];     /* the published per-expert name its values are seeded from */
+    eng_model_tensor kind;
+    int32_t layer;
+    int fused;               /* 0: one tensor; 1: fused gate_up_proj [E, 2I, H]; 2: down_proj [E, H, I] */
     moe_dtype dt;
     int32_t ndim;
-    int64_t shape[2];
+    int64_t shape[3];
     float scale;
     uint64_t nbytes;
     int32_t shard;
@@ -272,18 +278,28 @@ static moe_status wput(syn_writer *w, const void *p, size_t n) {
     return MOE_OK;
 }
 
+static moe_status grow(syn_tensor **ts, int64_t n, int64_t *cap) {
+    if (n < *cap)
+        return MOE_OK;
+    *cap = *cap ? 2 * *cap : 256;
+    syn_tensor *nt = realloc(*ts, (size_t)*cap * sizeof **ts);
+    if (!nt)
+        return moe_fail(MOE_ERR_NOMEM, "make-model: tensor table");
+    *ts = nt;
+    return MOE_OK;
+}
+
 static moe_status add_tensor(syn_tensor **ts, int64_t *n, int64_t *cap, const eng_model_desc *d,
-                             eng_model_tensor kind, int32_t layer, int32_t expert, moe_dtype dt) {
-    if (*n == *cap) {
-        *cap = *cap ? 2 * *cap : 256;
-        syn_tensor *nt = realloc(*ts, (size_t)*cap * sizeof **ts);
-        if (!nt)
-            return moe_fail(MOE_ERR_NOMEM, "make-model: tensor table");
-        *ts = nt;
-    }
+                             eng_model_tensor kind, int32_t layer, int32_t expert, moe_dtype dt, bool fused_names) {
+    MOE_CHECK(grow(ts, *n, cap));
     syn_tensor *t = &(*ts)[*n];
     memset(t, 0, sizeof *t);
-    MOE_CHECK(eng_model_tensor_name(d, kind, layer, expert, t->name, sizeof t->name));
+    MOE_CHECK(eng_model_tensor_name(d, kind, layer, expert, t->seed_name, sizeof t->seed_name));
+    snprintf(t->name, sizeof t->name, "%s", t->seed_name);
+    if (fused_names && kind == ENG_TENSOR_ROUTER && d->family == ENG_FAMILY_MIXTRAL)
+        snprintf(t->name, sizeof t->name, "model.layers.%d.mlp.gate.weight", (int)layer); /* transformers 5 */
+    t->kind = kind;
+    t->layer = layer;
     eng_model_tensor_shape(d, kind, &t->ndim, t->shape);
     t->dt = dt;
     uint64_t numel = 1;
@@ -295,20 +311,64 @@ static moe_status add_tensor(syn_tensor **ts, int64_t *n, int64_t *cap, const en
     return MOE_OK;
 }
 
-static moe_status write_tensor_data(syn_writer *w, const syn_tensor *t, uint64_t seed) {
+/* transformers 5's fused expert tensors of a layer (which 1: gate_up_proj, 2: down_proj). */
+static moe_status add_fused(syn_tensor **ts, int64_t *n, int64_t *cap, const eng_model_desc *d, int32_t layer,
+                            int which, moe_dtype dt) {
+    MOE_CHECK(grow(ts, *n, cap));
+    syn_tensor *t = &(*ts)[*n];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "model.layers.%d.mlp.experts.%s", (int)layer,
+             which == 1 ? "gate_up_proj" : "down_proj");
+    t->layer = layer;
+    t->fused = which;
+    t->dt = dt;
+    t->ndim = 3;
+    int64_t E = d->n_experts, H = d->hidden_size, I = d->moe_intermediate;
+    t->shape[0] = E;
+    t->shape[1] = which == 1 ? 2 * I : H;
+    t->shape[2] = which == 1 ? H : I;
+    t->nbytes = (uint64_t)(E * t->shape[1] * t->shape[2]) * moe_dtype_size(dt);
+    (*n)++;
+    return MOE_OK;
+}
+
+/* n values of the generator seeded by (seed, name), times scale, as dt. */
+static moe_status write_values(syn_writer *w, const char *name, uint64_t n, float scale, moe_dtype dt,
+                               uint64_t seed) {
     moe_rng rng;
-    moe_rng_seed(&rng, seed ^ fnv1a64(t->name));
+    moe_rng_seed(&rng, seed ^ fnv1a64(name));
     enum { CH = 16384 };
     float f[CH];
     uint8_t out[CH * 4];
-    size_t es = moe_dtype_size(t->dt);
-    uint64_t n = t->nbytes / es;
+    size_t es = moe_dtype_size(dt);
     for (uint64_t i = 0; i < n; i += CH) {
         size_t c = n - i < CH ? (size_t)(n - i) : CH;
         for (size_t k = 0; k < c; k++)
-            f[k] = ih_normal(moe_rng_next(&rng)) * t->scale;
-        moe_from_f32(t->dt, f, out, c);
+            f[k] = ih_normal(moe_rng_next(&rng)) * scale;
+        moe_from_f32(dt, f, out, c);
         MOE_CHECK(wput(w, out, c * es));
+    }
+    return MOE_OK;
+}
+
+/* A fused tensor holds, expert by expert, exactly the values of the per-expert tensors of
+ * the same seed: the two forms of one model load to the same weights. */
+static moe_status write_tensor_data(syn_writer *w, const syn_tensor *t, const eng_model_desc *d, uint64_t seed) {
+    if (!t->fused)
+        return write_values(w, t->seed_name, t->nbytes / moe_dtype_size(t->dt), t->scale, t->dt, seed);
+    uint64_t IH = (uint64_t)d->moe_intermediate * (uint64_t)d->hidden_size;
+    char name[160];
+    for (int32_t e = 0; e < d->n_experts; e++) {
+        if (t->fused == 1) {
+            float sc = 1.0f / sqrtf((float)d->hidden_size);
+            MOE_CHECK(eng_model_tensor_name(d, ENG_TENSOR_EXPERT_GATE, t->layer, e, name, sizeof name));
+            MOE_CHECK(write_values(w, name, IH, sc, t->dt, seed));
+            MOE_CHECK(eng_model_tensor_name(d, ENG_TENSOR_EXPERT_UP, t->layer, e, name, sizeof name));
+            MOE_CHECK(write_values(w, name, IH, sc, t->dt, seed));
+        } else {
+            MOE_CHECK(eng_model_tensor_name(d, ENG_TENSOR_EXPERT_DOWN, t->layer, e, name, sizeof name));
+            MOE_CHECK(write_values(w, name, IH, 1.0f / sqrtf((float)d->moe_intermediate), t->dt, seed));
+        }
     }
     return MOE_OK;
 }
@@ -419,21 +479,26 @@ moe_status eng_synth_write(const eng_synth_params *p) {
     int64_t n = 0, cap = 0;
     for (int32_t li = 0; li < d->n_moe_layers; li++) {
         int32_t l = d->moe_layers[li];
-        MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_ROUTER, l, 0, p->dtype), st, done);
+        bool fz = p->fused_experts;
+        MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_ROUTER, l, 0, p->dtype, fz), st, done);
         if (d->has_correction_bias)
-            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_CORRECTION_BIAS, l, 0, MOE_DTYPE_F32), st, done);
-        for (int32_t e = 0; e < d->n_experts; e++) {
-            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_EXPERT_GATE, l, e, p->dtype), st, done);
-            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_EXPERT_UP, l, e, p->dtype), st, done);
-            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_EXPERT_DOWN, l, e, p->dtype), st, done);
+            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_CORRECTION_BIAS, l, 0, MOE_DTYPE_F32, fz), st, done);
+        if (fz) {
+            MOE_CHECK_GOTO(add_fused(&ts, &n, &cap, d, l, 1, p->dtype), st, done);
+            MOE_CHECK_GOTO(add_fused(&ts, &n, &cap, d, l, 2, p->dtype), st, done);
+        }
+        for (int32_t e = 0; e < d->n_experts && !fz; e++) {
+            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_EXPERT_GATE, l, e, p->dtype, fz), st, done);
+            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_EXPERT_UP, l, e, p->dtype, fz), st, done);
+            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_EXPERT_DOWN, l, e, p->dtype, fz), st, done);
         }
         if (d->shared_intermediate > 0) {
-            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_SHARED_GATE_PROJ, l, 0, p->dtype), st, done);
-            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_SHARED_UP_PROJ, l, 0, p->dtype), st, done);
-            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_SHARED_DOWN_PROJ, l, 0, p->dtype), st, done);
+            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_SHARED_GATE_PROJ, l, 0, p->dtype, fz), st, done);
+            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_SHARED_UP_PROJ, l, 0, p->dtype, fz), st, done);
+            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_SHARED_DOWN_PROJ, l, 0, p->dtype, fz), st, done);
         }
         if (d->has_shared_gate)
-            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_SHARED_EXPERT_GATE, l, 0, p->dtype), st, done);
+            MOE_CHECK_GOTO(add_tensor(&ts, &n, &cap, d, ENG_TENSOR_SHARED_EXPERT_GATE, l, 0, p->dtype, fz), st, done);
     }
     /* Shards: a new one when the next tensor would push the current one over the limit
      * (transformers' shard_checkpoint rule; a tensor larger than the limit gets its own). */
@@ -513,7 +578,7 @@ moe_status eng_synth_write(const eng_synth_params *p) {
         free(hdr);
         hdr = NULL;
         for (int64_t k = first; k < last; k++) {
-            MOE_CHECK_GOTO(write_tensor_data(&w, &ts[k], p->seed), st, done);
+            MOE_CHECK_GOTO(write_tensor_data(&w, &ts[k], d, p->seed), st, done);
             done_bytes += ts[k].nbytes;
             if (p->progress && done_bytes < total)
                 p->progress(p->progress_arg, "write", done_bytes, total);

@@ -347,12 +347,54 @@ static void test_handmade(void **state) {
     free(dir);
 }
 
+/* transformers 5's fused experts with a wrong shape, or half of them */
+static void test_fused_problems(void **state) {
+    (void)state;
+    hm_tensor t[8];
+    memset(t, 0, sizeof t);
+    snprintf(t[0].name, sizeof t[0].name, "model.layers.0.mlp.gate.weight");
+    t[0].d0 = 2, t[0].d1 = 4;
+    snprintf(t[1].name, sizeof t[1].name, "model.layers.0.mlp.experts.gate_up_proj");
+    t[1].d0 = 2, t[1].d1 = 4 * 4; /* 2-d: should be [2, 4, 4] */
+    snprintf(t[2].name, sizeof t[2].name, "model.layers.0.mlp.experts.down_proj");
+    t[2].d0 = 2, t[2].d1 = 8;
+    for (int i = 0; i < 3; i++)
+        snprintf(t[i].dtype, sizeof t[i].dtype, "F32");
+    char *dir = hm_dir();
+    hm_write(dir, "model.safetensors", t, 0, 3, -1);
+    expect_open_error(dir, MOE_ERR_FORMAT, "'model.layers.0.mlp.experts.gate_up_proj' is F32[2, 16], expected [2, 4, 4]",
+                      "n_experts x 2 intermediate x hidden_size");
+    hm_write(dir, "model.safetensors", t, 0, 2, -1);
+    expect_open_error(dir, MOE_ERR_FORMAT, "gate_up_proj", NULL);
+    free(dir);
+    /* gate_up_proj right, down_proj missing */
+    dir = hm_dir();
+    char json[1024];
+    snprintf(json, sizeof json,
+             "{\"model.layers.0.mlp.gate.weight\":{\"dtype\":\"F32\",\"shape\":[2,4],\"data_offsets\":[0,32]},"
+             "\"model.layers.0.mlp.experts.gate_up_proj\":{\"dtype\":\"F32\",\"shape\":[2,4,4],"
+             "\"data_offsets\":[32,160]}}");
+    char path[4200];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    assert_int_equal(stb_write(path, json, NULL, 160), 0);
+    expect_open_error(dir, MOE_ERR_NOT_FOUND, "'model.layers.0.mlp.experts.down_proj' is missing",
+                      "though its gate_up_proj is there");
+    /* neither form: the per-expert name is reported, with the fused one */
+    snprintf(json, sizeof json,
+             "{\"model.layers.0.mlp.gate.weight\":{\"dtype\":\"F32\",\"shape\":[2,4],\"data_offsets\":[0,32]}}");
+    assert_int_equal(stb_write(path, json, NULL, 32), 0);
+    expect_open_error(dir, MOE_ERR_NOT_FOUND, "'model.layers.0.block_sparse_moe.experts.0.w1.weight' is missing",
+                      "nor the fused model.layers.0.mlp.experts.gate_up_proj");
+    free(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_index_problems),
         cmocka_unit_test(test_shard_problems),
         cmocka_unit_test(test_config_problems),
         cmocka_unit_test(test_handmade),
+        cmocka_unit_test(test_fused_problems),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

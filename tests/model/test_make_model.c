@@ -456,6 +456,75 @@ static void test_rank_loads(void **state) {
     free(dir);
 }
 
+static void expect_same_weights(const eng_model_weights *a, const eng_model_weights *b) {
+    assert_int_equal(a->n_layers, b->n_layers);
+    for (int32_t i = 0; i < a->n_layers; i++) {
+        const eng_model_layer *x = &a->layers[i], *y = &b->layers[i];
+        const moe_tensor *tx[] = {&x->w13, &x->w2, &x->router, &x->correction_bias, &x->shared_w13, &x->shared_w2,
+                                  &x->shared_gate};
+        const moe_tensor *ty[] = {&y->w13, &y->w2, &y->router, &y->correction_bias, &y->shared_w13, &y->shared_w2,
+                                  &y->shared_gate};
+        for (int k = 0; k < 7; k++) {
+            assert_int_equal(moe_tensor_nbytes(tx[k]), moe_tensor_nbytes(ty[k]));
+            assert_int_equal(tx[k]->data != NULL, ty[k]->data != NULL);
+            if (tx[k]->data)
+                assert_memory_equal(tx[k]->data, ty[k]->data, moe_tensor_nbytes(tx[k]));
+        }
+    }
+}
+
+/* transformers 5's fused experts: the same seed written both ways loads to the same
+ * weights, for every family and for a rank's subset. */
+static void test_fused_experts(void **state) {
+    (void)state;
+    for (int f = 0; f < ENG_FAMILY_COUNT_; f++) {
+        char *d1 = stb_tmpdir("mm_unfused"), *d2 = stb_tmpdir("mm_fused");
+        eng_synth_params p;
+        small_params(&p, (eng_model_family)f, d1);
+        assert_int_equal(eng_synth_write(&p), MOE_OK);
+        p.out_dir = d2;
+        p.fused_experts = true;
+        assert_int_equal(eng_synth_write(&p), MOE_OK);
+        eng_ckpt_t *c1, *c2;
+        assert_int_equal(eng_ckpt_open(&c1, d1), MOE_OK);
+        if (eng_ckpt_open(&c2, d2) != MOE_OK)
+            fail_msg("%s fused: %s", eng_model_family_name((eng_model_family)f), moe_errmsg());
+        const eng_model_desc *d = eng_ckpt_desc(c2);
+        int32_t l = d->moe_layers[0];
+        char name[200];
+        snprintf(name, sizeof name, "model.layers.%d.mlp.experts.gate_up_proj", (int)l);
+        const eng_st_tensor *t = eng_ckpt_find(c2, name, NULL);
+        assert_non_null(t);
+        assert_int_equal(t->ndim, 3);
+        assert_int_equal(t->shape[1], 2 * (int64_t)d->moe_intermediate);
+        eng_model_tensor_name(d, ENG_TENSOR_EXPERT_GATE, l, 0, name, sizeof name);
+        assert_null(eng_ckpt_find(c2, name, NULL));
+        snprintf(name, sizeof name, "model.layers.%d.mlp.gate.weight", (int)l); /* Mixtral's too */
+        assert_non_null(eng_ckpt_find(c2, name, NULL));
+        eng_model_weights w1, w2;
+        assert_int_equal(eng_model_load(c1, NULL, &w1), MOE_OK);
+        assert_int_equal(eng_model_load(c2, NULL, &w2), MOE_OK);
+        expect_same_weights(&w1, &w2);
+        eng_model_weights_free(&w1);
+        eng_model_weights_free(&w2);
+        int32_t ids[] = {6, 1, 3};
+        eng_model_load_params lp = eng_model_load_params_default();
+        lp.experts = ids;
+        lp.n_local = 3;
+        lp.dtype = MOE_DTYPE_F32;
+        assert_int_equal(eng_model_load(c1, &lp, &w1), MOE_OK);
+        assert_int_equal(eng_model_load(c2, &lp, &w2), MOE_OK);
+        expect_same_weights(&w1, &w2);
+        check_layout(c1, &w2);
+        eng_model_weights_free(&w1);
+        eng_model_weights_free(&w2);
+        eng_ckpt_close(c1);
+        eng_ckpt_close(c2);
+        free(d1);
+        free(d2);
+    }
+}
+
 static void test_ids_str(void **state) {
     (void)state;
     char b[64];
@@ -560,7 +629,8 @@ static void test_cli(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_streaming),   cmocka_unit_test(test_each_family), cmocka_unit_test(test_values_and_seeds),
-        cmocka_unit_test(test_rank_loads),  cmocka_unit_test(test_ids_str),     cmocka_unit_test(test_cli),
+        cmocka_unit_test(test_rank_loads),  cmocka_unit_test(test_fused_experts), cmocka_unit_test(test_ids_str),
+        cmocka_unit_test(test_cli),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -60,6 +60,13 @@ CASES = [
          omit=["scoring_func", "topk_method", "moe_layer_freq"]),
     dict(name="deepseek_v3_bf16", family="deepseek_v3", dtype="bf16", shards=3, H=64, I=32, E=32, K=4, layers=2,
          n_shared=2, dense=0, groups=8, topk_group=3, rsf=1.5, norm=True),
+    # transformers 5 with save_original_format=False: each layer's experts fused into
+    # mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) and mlp.experts.down_proj
+    # [E, H, I]; Mixtral's router renamed from block_sparse_moe.gate to mlp.gate
+    dict(name="mixtral_fused_bf16", family="mixtral", dtype="bf16", shards=2, H=64, I=32, E=8, K=2, layers=2,
+         fused=True),
+    dict(name="deepseek_v3_fused_f32", family="deepseek_v3", dtype="f32", shards=2, H=64, I=32, E=16, K=4,
+         layers=2, n_shared=1, dense=1, groups=4, topk_group=2, rsf=2.5, norm=True, fused=True),
 ]
 
 
@@ -199,7 +206,7 @@ def routing_of(c):
 def names(c, l):
     fam = c["family"]
     p = "model.layers.%d." % l
-    if fam == "mixtral":
+    if fam == "mixtral" and not c.get("fused"):
         b = p + "block_sparse_moe."
         return dict(router=b + "gate.weight",
                     gate=lambda e: b + "experts.%d.w1.weight" % e, up=lambda e: b + "experts.%d.w3.weight" % e,
@@ -251,7 +258,10 @@ def build(c, rng):
         L["w1"] = np.stack([w((I, H), H) for _ in range(E)])
         L["w3"] = np.stack([w((I, H), H) for _ in range(E)])
         L["w2"] = np.stack([w((H, I), I) for _ in range(E)])
-        for e in range(E):
+        if c.get("fused"):
+            out.append((p + "mlp.experts.gate_up_proj", np.concatenate([L["w1"], L["w3"]], axis=1), dt))
+            out.append((p + "mlp.experts.down_proj", L["w2"], dt))
+        for e in range(E if not c.get("fused") else 0):
             out.append((n["gate"](e), L["w1"][e], dt))
             out.append((n["up"](e), L["w3"][e], dt))
             out.append((n["down"](e), L["w2"][e], dt))
