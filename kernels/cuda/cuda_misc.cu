@@ -128,6 +128,157 @@ extern "C" int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pai
                         n_experts, n_local, bn, pair_pos, sorted_rows, block_expert, n_blocks, err);
 }
 
+/* ---- alignment, many CTAs (large batches) ----------------------------------------------
+ * count: each CTA ranks its pairs per expert in shared memory, then reserves a range per
+ * expert with one global atomicAdd; rank = range start + local rank (pair_pos holds it).
+ * scan: one CTA turns the counts into block offsets (as kc_align_kernel does).
+ * place: every pair goes to offb[e] * bn + rank. */
+#define KC_ALIGN_MC_PAIRS 2048 /* pairs per counting CTA */
+
+__global__ void __launch_bounds__(KC_ALIGN_THREADS)
+    kc_align_count_kernel(const int32_t *ids, const float *w, int64_t P, int32_t K, const int32_t *map, int32_t E,
+                          int32_t n_local, int32_t *gcnt, int32_t *pair_pos, kc_errsink err) {
+    extern __shared__ int32_t lcnt[]; /* [n_local] */
+    kc_pdl_wait();
+    kc_pdl_trigger();
+    const int tid = threadIdx.x;
+    for (int e = tid; e < n_local; e += blockDim.x)
+        lcnt[e] = 0;
+    __syncthreads();
+    const int64_t p0 = (int64_t)blockIdx.x * KC_ALIGN_MC_PAIRS;
+    const int64_t p1 = min(P, p0 + KC_ALIGN_MC_PAIRS);
+    int32_t my_e[KC_ALIGN_MC_PAIRS / KC_ALIGN_THREADS];
+    int32_t my_r[KC_ALIGN_MC_PAIRS / KC_ALIGN_THREADS];
+#pragma unroll
+    for (int i = 0; i < KC_ALIGN_MC_PAIRS / KC_ALIGN_THREADS; i++) {
+        const int64_t p = p0 + tid + (int64_t)i * KC_ALIGN_THREADS;
+        my_e[i] = -1;
+        my_r[i] = -1;
+        if (p >= p1)
+            continue;
+        const int32_t id = ids[p];
+        const float wt = w[p];
+        const int32_t t = (int32_t)(p / K), k = (int32_t)(p % K);
+        if (!isfinite(wt))
+            kc_record_err(err, KC_ERR_WEIGHT, t, k, id, wt);
+        if (id < 0 || id >= E) {
+            kc_record_err(err, KC_ERR_ID, t, k, id, wt);
+        } else {
+            const int32_t e = map ? map[id] : id;
+            if (e < -1 || e >= n_local)
+                kc_record_err(err, KC_ERR_MAP, t, k, e, wt);
+            else if (e >= 0) {
+                my_e[i] = e;
+                my_r[i] = atomicAdd(&lcnt[e], 1);
+            }
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < n_local; e += blockDim.x)
+        lcnt[e] = lcnt[e] ? atomicAdd(&gcnt[e], lcnt[e]) : 0; /* now: this CTA's range start */
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < KC_ALIGN_MC_PAIRS / KC_ALIGN_THREADS; i++) {
+        const int64_t p = p0 + tid + (int64_t)i * KC_ALIGN_THREADS;
+        if (p < p1)
+            pair_pos[p] = my_e[i] >= 0 ? lcnt[my_e[i]] + my_r[i] : -1;
+    }
+}
+
+__global__ void __launch_bounds__(KC_ALIGN_THREADS)
+    kc_align_scan_kernel(const int32_t *gcnt, int32_t n_local, int32_t bn, int32_t *offb, int32_t *sorted_rows,
+                         int32_t *block_expert, int32_t *n_blocks) {
+    __shared__ int32_t wsum[KC_ALIGN_THREADS / 32];
+    kc_pdl_wait();
+    kc_pdl_trigger();
+    const int tid = threadIdx.x;
+    const int chunk = (n_local + blockDim.x - 1) / blockDim.x;
+    const int e0 = tid * chunk, e1 = min(n_local, e0 + chunk);
+    int32_t mine = 0;
+    for (int e = e0; e < e1; e++)
+        mine += (gcnt[e] + bn - 1) / bn;
+    const int lane = tid & 31, warp = tid >> 5;
+    int32_t incl = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int32_t v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off)
+            incl += v;
+    }
+    if (lane == 31)
+        wsum[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int32_t v = lane < (int)(blockDim.x / 32) ? wsum[lane] : 0;
+        int32_t iv = v;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int32_t u = __shfl_up_sync(0xffffffffu, iv, off);
+            if (lane >= off)
+                iv += u;
+        }
+        if (lane < (int)(blockDim.x / 32))
+            wsum[lane] = iv - v;
+        if (lane == 31)
+            *n_blocks = iv;
+    }
+    __syncthreads();
+    int32_t run = wsum[warp] + incl - mine;
+    for (int e = e0; e < e1; e++) {
+        offb[e] = run;
+        const int32_t c = gcnt[e];
+        const int32_t nbe = (c + bn - 1) / bn;
+        for (int b = 0; b < nbe; b++)
+            block_expert[run + b] = e;
+        for (int i = c; i < nbe * bn; i++)
+            sorted_rows[run * bn + i] = -1;
+        run += nbe;
+    }
+}
+
+__global__ void kc_align_place_kernel(const int32_t *ids, const int32_t *map, int64_t P, const int32_t *offb, int32_t bn,
+                                      int32_t *pair_pos, int32_t *sorted_rows) {
+    kc_pdl_wait();
+    kc_pdl_trigger();
+    const int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= P)
+        return;
+    const int32_t r = pair_pos[p];
+    if (r < 0)
+        return;
+    const int32_t e = map ? map[ids[p]] : ids[p];
+    const int32_t pos = offb[e] * bn + r;
+    sorted_rows[pos] = (int32_t)p;
+    pair_pos[p] = pos;
+}
+
+extern "C" int kc_launch_align_mc(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k, const int32_t *map,
+                                  int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows,
+                                  int32_t *block_expert, int32_t *n_blocks, int32_t *scratch, kc_errsink err, int pdl,
+                                  cudaStream_t st) {
+    int32_t *gcnt = scratch, *offb = scratch + n_local;
+    const size_t smem = (size_t)(n_local > 0 ? n_local : 1) * sizeof(int32_t);
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(kc_align_count_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess)
+            return (int)e;
+    }
+    cudaError_t e = cudaMemsetAsync(gcnt, 0, sizeof(int32_t) * (size_t)n_local, st);
+    if (e != cudaSuccess)
+        return (int)e;
+    const unsigned nc = (unsigned)((n_pairs + KC_ALIGN_MC_PAIRS - 1) / KC_ALIGN_MC_PAIRS);
+    int r = kc_launch_ex(kc_align_count_kernel, dim3(nc), dim3(KC_ALIGN_THREADS), smem, st, pdl, ids, w, n_pairs, top_k,
+                         map, n_experts, n_local, gcnt, pair_pos, err);
+    if (r)
+        return r;
+    r = kc_launch_ex(kc_align_scan_kernel, dim3(1), dim3(KC_ALIGN_THREADS), 0, st, pdl, (const int32_t *)gcnt, n_local,
+                     bn, offb, sorted_rows, block_expert, n_blocks);
+    if (r)
+        return r;
+    return kc_launch_ex(kc_align_place_kernel, dim3((unsigned)((n_pairs + 255) / 256)), dim3(256), 0, st, pdl, ids, map,
+                        n_pairs, (const int32_t *)offb, bn, pair_pos, sorted_rows);
+}
+
 /* ---- element access, 8 at a time ------------------------------------------------------ */
 template <typename T> struct kc_v8;
 template <> struct kc_v8<__nv_bfloat16> {

@@ -462,39 +462,48 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
 #endif
         kc_cp_wait<0>();
 
-        /* Epilogue. Register 4 i + 2 hf + cb of a 64-row block holds row 16 warp + lane/4 + 8 hf,
-         * column 8 i + 2 (lane % 4) + cb (the same layout for wgmma and mma.sync). */
+        /* Epilogue, through shared memory so that the stores are 16-byte and coalesced: the
+         * tile goes to sC[n][r] (the stages are free now), then each output row segment is
+         * written whole. Register 4 i + 2 hf + cb of a 64-row block holds row
+         * 16 warp + lane/4 + 8 hf, column 8 i + 2 (lane % 4) + cb (the same layout for wgmma
+         * and mma.sync). */
+        __syncthreads(); /* every warp is done reading the stages */
+        constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG; /* output rows per tile */
+        constexpr int PITCH = ROWS + 8;                                       /* elements; 16 B pad */
+        static_assert(BN * PITCH * sizeof(T) <= (size_t)S * TL::stage_bytes, "epilogue tile exceeds the stages");
+        T *sC = (T *)(smem_raw + (sbase - sbase_raw));
 #pragma unroll
         for (int i = 0; i < BN / 8; i++) {
 #pragma unroll
             for (int cb = 0; cb < 2; cb++) {
                 const int n = 8 * i + 2 * (lane & 3) + cb;
-                const int orow = s_orow[n];
-                if (orow < 0)
-                    continue;
-                T *orow_p = out + (size_t)orow * a.out_ld;
+                const float sc = s_scale[n];
 #pragma unroll
                 for (int hf = 0; hf < 2; hf++) {
                     const int rr = warp * 16 + (lane >> 2) + 8 * hf;
                     const int reg = 4 * i + 2 * hf + cb;
                     if (MODE == KC_MODE_GATE_UP) {
-                        const int j = rb * rows_per_cta + wg * 64 + rr;
-                        if (j < M) {
-                            const float gt = acc[0][reg], up = acc[1][reg];
-                            orow_p[j] = kc_elem<T>::from_f(kc_act(a.act, gt) * up);
-                        }
+                        const float gt = acc[0][reg], up = acc[1][reg];
+                        sC[n * PITCH + wg * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, gt) * up);
                     } else {
-                        const float sc = s_scale[n];
 #pragma unroll
-                        for (int blk = 0; blk < 2; blk++) {
-                            const int h = rb * rows_per_cta + wg * 128 + blk * 64 + rr;
-                            if (h < M) {
-                                const float v = acc[blk][reg] * sc; /* sc == 1.0f when unscaled: exact */
-                                orow_p[h] = kc_elem<T>::from_f(v);
-                            }
-                        }
+                        for (int blk = 0; blk < 2; blk++) /* sc == 1.0f when unscaled: exact */
+                            sC[n * PITCH + wg * 128 + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
                     }
                 }
+            }
+        }
+        __syncthreads();
+        {
+            const int row0 = rb * rows_per_cta;
+            constexpr int CPR = ROWS / 8; /* 16-byte chunks per output row segment */
+            for (int idx = tid; idx < BN * CPR; idx += TL::threads) {
+                const int n = idx / CPR, c = idx % CPR;
+                const int orow = s_orow[n];
+                const int r = row0 + c * 8;
+                if (orow < 0 || r >= M)
+                    continue;
+                *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + c * 8);
             }
         }
         __syncthreads(); /* the next chunk rewrites the column tables and the stages */

@@ -47,7 +47,7 @@ typedef struct kc_state {
     kc_err *err_host; /* mapped pinned */
     kc_err *err_dev;  /* its device view */
     int32_t *claim;   /* device */
-    kc_buf pair_pos, sorted_rows, block_expert, n_blocks, abuf, slots, xw, sh_abuf, sh_out, gate;
+    kc_buf pair_pos, sorted_rows, block_expert, n_blocks, abuf, slots, xw, sh_abuf, sh_out, gate, align_scratch;
 } kc_state;
 
 static kc_state *st_of(kern_ctx_t *ctx) { return (kc_state *)ctx->impl; }
@@ -84,6 +84,8 @@ static void buf_free(kc_state *s, kc_buf *b) {
 }
 
 /* Rows of the expert-sorted order for n_pairs pairs in blocks of bn (each expert padded). */
+static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
 static int64_t max_blocks_for(int64_t n_pairs, int32_t n_local, int32_t bn) {
     int64_t busy = n_local < n_pairs ? n_local : n_pairs;
     return (n_pairs + bn - 1) / bn + busy;
@@ -200,8 +202,9 @@ static void cuda_free(kern_ctx_t *ctx) {
         return;
     (void)cudaSetDevice(s->device);
     if (s->stream) {
-        kc_buf *bufs[] = {&s->pair_pos, &s->sorted_rows, &s->block_expert, &s->n_blocks, &s->abuf,
-                          &s->slots,    &s->xw,          &s->sh_abuf,      &s->sh_out,   &s->gate};
+        kc_buf *bufs[] = {&s->pair_pos, &s->sorted_rows, &s->block_expert, &s->n_blocks,
+                          &s->abuf,     &s->slots,       &s->xw,           &s->sh_abuf,
+                          &s->sh_out,   &s->gate,        &s->align_scratch};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
             buf_free(s, bufs[i]);
         (void)cudaStreamSynchronize(s->stream);
@@ -328,6 +331,10 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
                 "cuda fused_experts: n_local %d over the backend's limit %d", (int)p->n_local, KC_ALIGN_MAX_LOCAL);
     MOE_REQUIRE(P <= INT32_MAX / 2 && H <= INT32_MAX && I <= INT32_MAX, MOE_ERR_LIMIT,
                 "cuda fused_experts: %lld pairs over the backend's limit", (long long)P);
+    MOE_REQUIRE(aligned16(x->data) && aligned16(w13->data) && aligned16(w2->data) && aligned16(slots_out),
+                MOE_ERR_UNSUPPORTED,
+                "cuda fused_experts: x, w13, w2 and y must be 16-byte aligned device pointers (16-byte loads and "
+                "stores)");
     int32_t nwg, bn;
     choose_tile(s, P, p->n_local, &nwg, &bn);
     const bool small = P <= s->small_max && P <= KC_SMALL_MAX_PAIRS;
@@ -344,11 +351,18 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
         MOE_CHECK(buf_ensure(s, &s->xw, (size_t)P * (size_t)H * es));
 
     kc_errsink sink = {s->err_dev, s->claim};
-    if (!small)
+    if (!small && P >= KC_ALIGN_MC_MIN_PAIRS) {
+        MOE_CHECK(buf_ensure(s, &s->align_scratch, (size_t)p->n_local * 2 * sizeof(int32_t)));
+        KC_LAUNCH(kc_launch_align_mc(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn,
+                                     s->pair_pos.p, s->sorted_rows.p, s->block_expert.p, s->n_blocks.p,
+                                     s->align_scratch.p, sink, s->pdl, s->stream),
+                  "align");
+    } else if (!small) {
         KC_LAUNCH(kc_launch_align(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn,
                                   s->pair_pos.p, s->sorted_rows.p, s->block_expert.p, s->n_blocks.p, sink, s->pdl,
                                   s->stream),
                   "align");
+    }
     if (p->weight_on_input)
         KC_LAUNCH(kc_launch_scale_x(dt, x->data, w->data, s->xw.p, P, (int32_t)K, H, s->pdl, s->stream), "scale x");
     loc->pair_pos = small ? NULL : s->pair_pos.p;
@@ -445,8 +459,10 @@ static moe_status shared_run(kc_state *s, const kern_shared_expert *se, const mo
     return MOE_OK;
 }
 
-static moe_status shared_prepare(kc_state *s, const kern_shared_expert *se, const moe_tensor *x) {
+static moe_status shared_prepare(kc_state *s, const kern_shared_expert *se, const moe_tensor *x, const void *out) {
     const int64_t T = x->shape[0], H = x->shape[1], Is = se->w13->shape[0] / 2;
+    MOE_REQUIRE(aligned16(x->data) && aligned16(se->w13->data) && aligned16(se->w2->data) && (!out || aligned16(out)),
+                MOE_ERR_UNSUPPORTED, "cuda shared_expert: x, the weights and the output must be 16-byte aligned");
     MOE_REQUIRE(H % 8 == 0 && Is % 8 == 0, MOE_ERR_UNSUPPORTED,
                 "cuda shared_expert: hidden %lld and intermediate %lld must be multiples of 8", (long long)H,
                 (long long)Is);
@@ -482,7 +498,7 @@ static moe_status cuda_shared_expert(kern_ctx_t *ctx, const kern_shared_expert *
     kc_state *s = st_of(ctx);
     MOE_CUDA_CHECK(cudaSetDevice(s->device));
     MOE_CHECK(check_device_errors(s));
-    MOE_CHECK(shared_prepare(s, se, x));
+    MOE_CHECK(shared_prepare(s, se, x, out->data));
     return shared_run(s, se, x, out->data, s->stream);
 }
 
@@ -509,7 +525,7 @@ static moe_status cuda_moe_forward(kern_ctx_t *ctx, const kern_experts_params *p
     MOE_CHECK(check_device_errors(s));
     const int64_t T = x->shape[0], H = x->shape[1], K = ids->shape[1];
     const size_t es = moe_dtype_size(x->dtype);
-    MOE_CHECK(shared_prepare(s, se, x));
+    MOE_CHECK(shared_prepare(s, se, x, NULL));
     MOE_CHECK(buf_ensure(s, &s->sh_out, (size_t)T * (size_t)H * es));
     MOE_CHECK(buf_ensure(s, &s->slots, (size_t)(T * K) * (size_t)H * es));
     MOE_CUDA_CHECK(cudaEventRecord(s->ev_fork, s->stream));

@@ -148,6 +148,14 @@ typedef struct kc_locality {
 
 /* The misc launchers take `pdl` (launch with programmatic stream serialization, sm_90 only). */
 
+/* The same for large batches, in three launches (count with many CTAs, scan, place);
+ * scratch: 2 * n_local int32. */
+int kc_launch_align_mc(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k, const int32_t *map,
+                       int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows,
+                       int32_t *block_expert, int32_t *n_blocks, int32_t *scratch, kc_errsink err, int pdl,
+                       cudaStream_t st);
+#define KC_ALIGN_MC_MIN_PAIRS 8192 /* from here on the three-launch version */
+
 /* y[t, h] = round(sum_k slots[t, k, h] (k ascending, from +0.0, skipping pairs not held here)
  * + shared[t, h] (when given)); all of dtype. */
 int kc_launch_sum(int32_t dtype, const void *slots, kc_locality loc, const void *shared, void *y, int64_t T, int32_t K,

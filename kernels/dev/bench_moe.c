@@ -9,7 +9,8 @@
  * ids and weights to y[T, H] (alignment, gate-up with SiLU-and-mul, down with the routing
  * weight, the sum over top-k), one kern_fused_experts call in sum mode. Random bf16 weights
  * w13 [E, 2I, H], w2 [E, H, I]; routing softmax top-k over random normal logits, renormalized,
- * on the device (kern_route). Median of repeated runs, the L2 flushed before each (a 256 MiB
+ * on the device (kern_route); the logits are redrawn until as many experts are touched as in
+ * BASELINES' row (same weight traffic, same memory floor). Median of repeated runs, the L2 flushed before each (a 256 MiB
  * write), events around the call alone, after warm-up.
  *
  * Napkin math (Performance model, DESIGN.md): bytes = (experts touched x 3 H I + 2 T H) x 2,
@@ -154,13 +155,7 @@ int main(int argc, char **argv) {
         BM_CUDA((cudaError_t)dev_fill_randn(logits, MOE_DTYPE_F32, TMAX * E, 400 + mi, 1.0f, st));
         kern_route_params rp = kern_route_params_default((int32_t)E, (int32_t)K);
         rp.renormalize = true;
-        moe_tensor tl = moe_tensor_view2(logits, MOE_DTYPE_F32, TMAX, E);
-        moe_tensor ti = moe_tensor_view2(ids, MOE_DTYPE_I32, TMAX, K);
-        moe_tensor tw = moe_tensor_view2(w, MOE_DTYPE_F32, TMAX, K);
-        BM_CHECK(kern_route(ctx, &rp, &tl, &ti, &tw));
         int32_t *hids = malloc(sizeof(int32_t) * (size_t)(TMAX * K));
-        BM_CUDA(cudaStreamSynchronize(st));
-        BM_CUDA(cudaMemcpy(hids, ids, sizeof(int32_t) * (size_t)(TMAX * K), cudaMemcpyDeviceToHost));
         BM_CHECK(kern_cuda_reserve(ctx, TMAX, (int32_t)K, H, I, (int32_t)E, 0));
 
         kern_experts_params p = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .expert_map = NULL,
@@ -169,13 +164,31 @@ int main(int argc, char **argv) {
         moe_tensor t2 = moe_tensor_view3(w2, MOE_DTYPE_BF16, E, H, I);
         for (int tt = 0; tt < 5; tt++) {
             const int64_t T = TS[tt];
-            bool seen[1024] = {false};
-            int touched = 0;
-            for (int64_t i = 0; i < T * K; i++)
-                if (!seen[hids[i]]) {
-                    seen[hids[i]] = true;
-                    touched++;
-                }
+            /* Routing: softmax top-k over random normal logits, renormalized. The logits are
+             * drawn again (new seed) until the number of experts touched equals BASELINES' for
+             * this row, so that both measure the same amount of weight traffic (the floors
+             * match); at most 1000 draws. */
+            int touched = 0, draws = 0;
+            for (draws = 0; draws < 1000; draws++) {
+                BM_CUDA((cudaError_t)dev_fill_randn(logits, MOE_DTYPE_F32, T * E,
+                                                    400 + 17 * (uint64_t)mi + 1000 * (uint64_t)(tt * 1000 + draws), 1.0f,
+                                                    st));
+                moe_tensor tl = moe_tensor_view2(logits, MOE_DTYPE_F32, T, E);
+                moe_tensor ti = moe_tensor_view2(ids, MOE_DTYPE_I32, T, K);
+                moe_tensor tw = moe_tensor_view2(w, MOE_DTYPE_F32, T, K);
+                BM_CHECK(kern_route(ctx, &rp, &tl, &ti, &tw));
+                BM_CHECK(kern_ctx_sync(ctx));
+                BM_CUDA(cudaMemcpy(hids, ids, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost));
+                bool seen[1024] = {false};
+                touched = 0;
+                for (int64_t i = 0; i < T * K; i++)
+                    if (!seen[hids[i]]) {
+                        seen[hids[i]] = true;
+                        touched++;
+                    }
+                if (touched == PEERS[mi][tt].touched)
+                    break;
+            }
             moe_tensor vx = moe_tensor_view2(x, MOE_DTYPE_BF16, T, H);
             moe_tensor vi = moe_tensor_view2(ids, MOE_DTYPE_I32, T, K);
             moe_tensor vw = moe_tensor_view2(w, MOE_DTYPE_F32, T, K);
@@ -200,8 +213,8 @@ int main(int argc, char **argv) {
             }
             res[mi][tt].us = dev_median(t, reps);
             res[mi][tt].touched = touched;
-            fprintf(stderr, "bench_moe: %s T=%lld: %.1f us (touched %d)\n", m->name, (long long)T, res[mi][tt].us,
-                    touched);
+            fprintf(stderr, "bench_moe: %s T=%lld: %.1f us (touched %d, routing draw %d)\n", m->name, (long long)T,
+                    res[mi][tt].us, touched, draws + 1);
         }
         free(hids);
         cudaFree(w13);

@@ -168,6 +168,9 @@ typedef struct lb_row {
 
 int main(int argc, char **argv) {
     bool check_only = argc > 1 && strcmp(argv[1], "--check-only") == 0;
+    /* --one MODEL T: only the automatic variant of one case, a few runs (for a profiler). */
+    const char *one_model = argc > 3 && strcmp(argv[1], "--one") == 0 ? argv[2] : NULL;
+    const int64_t one_T = one_model ? atoll(argv[3]) : 0;
     moe_log_init_from_env();
     kern_ctx_t *gpu, *cpu;
     kern_ctx_params cp = {0};
@@ -179,8 +182,8 @@ int main(int argc, char **argv) {
     struct cudaDeviceProp prop;
     LB_CUDA(cudaGetDeviceProperties(&prop, 0));
     printf("lab_experts on %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
-    int bad = check_variants(gpu, cpu, npaths, paths, moe_now_ns());
-    printf("part 1: %s\n", bad ? "FAILED" : "all variants correct");
+    int bad = one_model ? 0 : check_variants(gpu, cpu, npaths, paths, moe_now_ns());
+    printf("part 1: %s\n", one_model ? "skipped (--one)" : bad ? "FAILED" : "all variants correct");
     if (check_only || bad) {
         kern_ctx_free(gpu);
         kern_ctx_free(cpu);
@@ -203,6 +206,8 @@ int main(int argc, char **argv) {
     lb_row *rows = calloc(1024, sizeof *rows);
     int nrows = 0;
     for (int mi = 0; mi < 3; mi++) {
+        if (one_model && strcmp(one_model, models[mi].name) != 0)
+            continue;
         const int64_t E = models[mi].E, K = models[mi].K, H = models[mi].H, I = models[mi].I, TM = 8192;
         void *w13, *w2, *x, *y, *lg, *ids, *w;
         LB_CUDA(cudaMalloc(&w13, (size_t)(E * 2 * I * H) * 2));
@@ -226,6 +231,8 @@ int main(int argc, char **argv) {
         moe_tensor t13 = moe_tensor_view3(w13, MOE_DTYPE_BF16, E, 2 * I, H), t2 = moe_tensor_view3(w2, MOE_DTYPE_BF16, E, H, I);
         for (int tt = 0; tt < 5; tt++) {
             const int64_t T = Ts[tt];
+            if (one_model && T != one_T)
+                continue;
             const int64_t busy = E < T * K ? E : T * K;
             const int64_t m = (T * K + busy - 1) / busy;
             moe_tensor vx = moe_tensor_view2(x, MOE_DTYPE_BF16, T, H), vi = moe_tensor_view2(ids, MOE_DTYPE_I32, T, K),
@@ -238,6 +245,8 @@ int main(int argc, char **argv) {
                  * alignment-free mode forced on / off, and auto without PDL. */
                 const int extra = pi == npaths - 1 ? 3 : 0;
                 for (int32_t k = 0; k <= nt + extra; k++) {
+                    if (one_model && (k != nt || pi != npaths - 1))
+                        continue;
                     int32_t nwg = k < nt ? tiles[2 * k] : 0, bn = k < nt ? tiles[2 * k + 1] : 0;
                     if (k < nt && (m > 16 * (int64_t)bn || (int64_t)bn > 2 * m + 8))
                         continue; /* too many weight re-reads, or a tile mostly padding */
@@ -250,7 +259,7 @@ int main(int argc, char **argv) {
                         LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
                     LB_CHECK(kern_ctx_sync(gpu));
                     double t[32];
-                    const int reps = T >= 1024 ? 7 : 21;
+                    const int reps = one_model ? 3 : T >= 1024 ? 7 : 21;
                     for (int r = 0; r < reps; r++) {
                         LB_CUDA((cudaError_t)dev_flush_l2(flush, flush_bytes, st));
                         LB_CUDA(cudaEventRecord(e0, st));

@@ -347,6 +347,7 @@ static void test_fused_sum_bf16(void **state) {
         {33, 16, 4, 192, 96},  /* K and M tails (192 = 3 x 64, 96 = 1.5 x 64) */
         {300, 8, 2, 512, 256}, /* many rows per expert: several blocks per expert */
         {64, 64, 6, 128, 88},  /* many experts, I not a multiple of 64 */
+        {2048, 16, 4, 128, 64}, /* 8192 pairs: the many-CTA alignment */
     };
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
         check_fused_all_tiles(MOE_DTYPE_BF16, KERN_ACT_SILU, false, false, NULL, 0, &shapes[i], 0x10 + i);

@@ -10,6 +10,7 @@
 #   tests  the GPU tests (tests/cuda), every cmocka case                    -> tests.log
 #   lab    the kernel lab (kernels/dev/lab_experts): checks, then timings    -> lab.log
 #   bench  the BASELINES benchmark (kernels/dev/bench_moe)                   -> bench.log
+#   prof   (not in the default list) Nsight Compute per-kernel times of a few cases -> prof.txt
 # and prints a summary last: the test counts, the lab's checks, the benchmark's table.
 # Environment: BUNDLE (default .bundle/cuda), OUT, LAB_ARGS, BENCH_ARGS, MOE_TEST_SEED,
 # TEST_TIMEOUT / LAB_TIMEOUT / BENCH_TIMEOUT (seconds; 150 / 200 / 200).
@@ -66,6 +67,17 @@ if want lab; then
   [ $lrc -ne 0 ] && rc=1
   tail -3 "$OUT/lab.err"
   echo "lab exit $lrc"
+fi
+
+if want prof; then
+  # per-kernel time and DRAM traffic of the automatic variant, a few cases (Nsight Compute)
+  echo "== prof"
+  for c in "qwen3-a3b 1" "mixtral 1" "qwen3-a3b 8192" "mixtral 8192" "dsv2-lite 1024"; do
+    echo "--- $c"
+    timeout 120 ncu --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__pipe_tensor_op_hgmma_cycles_active.avg.pct_of_peak_sustained_active \
+      --print-summary per-kernel "$BUNDLE/bin/lab_experts" --one $c 2>&1 | grep -E "kc_|gpu__time|dram__bytes|hgmma" | grep -v "^==PROF" | sed 's/  */ /g'
+  done >"$OUT/prof.txt" 2>&1
+  head -c 6000 "$OUT/prof.txt"
 fi
 
 if want bench; then
