@@ -58,7 +58,11 @@ const char *moe_status_name(moe_status s) {
 static _Thread_local char errmsg_buf[512];
 
 moe_status moe_failv(moe_status s, const char *fmt, va_list ap) {
-    vsnprintf(errmsg_buf, sizeof errmsg_buf, fmt, ap);
+    /* Format into a scratch buffer first: callers may pass moe_errmsg() itself as an argument
+     * (adding context to an error), which must not be overwritten while it is read. */
+    char tmp[sizeof errmsg_buf];
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
+    memcpy(errmsg_buf, tmp, sizeof errmsg_buf);
     return s;
 }
 

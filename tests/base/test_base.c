@@ -39,6 +39,11 @@ static void test_errmsg(void **state) {
     moe_status s = moe_fail(MOE_ERR_INVALID_ARG, "bad %s %d", "thing", 42);
     assert_int_equal(s, MOE_ERR_INVALID_ARG);
     assert_string_equal(moe_errmsg(), "bad thing 42");
+    /* adding context to the message with the message itself as an argument */
+    moe_fail(MOE_ERR_IO, "outer: %s", moe_errmsg());
+    assert_string_equal(moe_errmsg(), "outer: bad thing 42");
+    moe_fail(MOE_ERR_IO, "%s (again: %s)", moe_errmsg(), moe_errmsg());
+    assert_string_equal(moe_errmsg(), "outer: bad thing 42 (again: outer: bad thing 42)");
 }
 
 static moe_status inner_fails(void) { return moe_fail(MOE_ERR_FORMAT, "inner"); }
