@@ -364,24 +364,37 @@ __global__ void kc_sum_kernel(const void *slots, kc_locality loc, const void *sh
     const int64_t t = idx / hv, h = (idx % hv) * V;
     const size_t es = sizeof(T);
     float acc[V], v[V];
+    (void)v;
 #pragma unroll
     for (int i = 0; i < V; i++)
         acc[i] = 0.0f;
-    for (int k = 0; k < K; k++) {
-        const int64_t p = t * K + k;
-        if (!kc_held(loc, p))
-            continue;
-        const char *src = (const char *)slots + ((size_t)p * (size_t)H + (size_t)h) * es;
-        if (V == 8) {
-            kc_v8<T>::load(src, v);
-        } else {
+    /* Eight slots at a time: their loads are independent (issued together), the additions
+     * stay in slot order. */
+    for (int k0 = 0; k0 < K; k0 += 8) {
+        bool held[8];
+        float sv[8][V];
 #pragma unroll
-            for (int i = 0; i < V; i++)
-                v[i] = kc_v8<T>::ld1(src, i);
+        for (int kk = 0; kk < 8; kk++)
+            held[kk] = k0 + kk < K && kc_held(loc, t * K + k0 + kk);
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            if (!held[kk])
+                continue;
+            const char *src = (const char *)slots + ((size_t)(t * K + k0 + kk) * (size_t)H + (size_t)h) * es;
+            if (V == 8) {
+                kc_v8<T>::load(src, sv[kk]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < V; i++)
+                    sv[kk][i] = kc_v8<T>::ld1(src, i);
+            }
         }
 #pragma unroll
-        for (int i = 0; i < V; i++)
-            acc[i] += v[i];
+        for (int kk = 0; kk < 8; kk++)
+            if (held[kk])
+#pragma unroll
+                for (int i = 0; i < V; i++)
+                    acc[i] += sv[kk][i];
     }
     if (shared) {
         const char *src = (const char *)shared + ((size_t)t * (size_t)H + (size_t)h) * es;

@@ -511,6 +511,305 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
 #endif
 }
 
+/* ---- warp-specialized wgmma kernel (sm_90a), the large tile ------------------------------
+ * Three warpgroups: WG0 produces (cp.async of the weight rows and the routed rows into the
+ * same swizzled stages as above; each producer thread's copies arrive on the stage's "full"
+ * mbarrier when they land, cp.async.mbarrier.arrive.noinc), WG1 and WG2 consume (wait on
+ * "full", wgmma, release the stage on its "empty" mbarrier once the wgmma that read it is
+ * done). No block-wide barrier in the main loop, the producer runs up to S - 1 stages ahead,
+ * and the consumers never issue loads. The tile is the (2 x 128 weight rows) x 128 columns of
+ * kc_gemm_kernel<.., 2, 128, ..>, the K walk the same: the same bits. Registers: setmaxnreg
+ * gives the producer 56 and each consumer thread 224 (accumulators: 128). */
+#define KC_WS_PROD_REGS 56
+#define KC_WS_CONS_REGS 224
+
+#ifdef KC_HAVE_WGMMA
+static __device__ __forceinline__ void kc_mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+static __device__ __forceinline__ void kc_mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+static __device__ __forceinline__ void kc_mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "KC_WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra KC_WAIT_%=;\n"
+        "}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+static __device__ __forceinline__ void kc_cp_mbar_arrive(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+#endif
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(384, 1) kc_gemm_ws_kernel(const kc_gemm_args a) {
+#if !defined(KC_HAVE_WGMMA)
+    return;
+#else
+    constexpr int NWG = 2, BN = 128;
+    typedef kc_tile<NWG, BN> TL;
+    constexpr int S = TL::stages;
+    constexpr int NACC = BN / 2;
+    __shared__ const char *s_bsrc[BN];
+    __shared__ int32_t s_orow[BN];
+    __shared__ float s_scale[BN];
+    __shared__ __align__(8) uint64_t s_full[S], s_empty[S];
+    extern __shared__ char smem_raw[];
+
+    const int tid = threadIdx.x;
+    const int M = a.M, K = a.K;
+    const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
+    const int max_nb = a.max_blocks;
+    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
+    const int id = blockIdx.x;
+    const int gi = id / (gsz_full * max_nb);
+    const int g0 = gi * gsz_full;
+    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
+    const int local = id - gi * gsz_full * max_nb;
+    const int nb = local / gs;
+    const int rb = g0 + local % gs;
+    if (nb >= max_nb || rb >= n_rb)
+        return;
+    kc_pdl_wait();
+    kc_pdl_trigger();
+    int expert = 0;
+    if (!a.dense) {
+        if (nb >= *a.n_blocks)
+            return;
+        expert = a.block_expert[nb];
+    } else if (nb * BN >= a.n_dense) {
+        return;
+    }
+    for (int n = tid; n < BN; n += 384) {
+        const char *src = nullptr;
+        int orow = -1;
+        float sc = 1.0f;
+        const int pos = nb * BN + n;
+        if (a.dense) {
+            if (pos < a.n_dense) {
+                src = (const char *)a.b + (size_t)pos * K * sizeof(T);
+                orow = pos;
+                if (a.row_scale)
+                    sc = a.row_scale[pos];
+            }
+        } else {
+            const int pair = a.sorted_rows[pos];
+            if (pair >= 0) {
+                const int brow = a.b_by_pos ? pos : pair / a.b_div;
+                src = (const char *)a.b + (size_t)brow * K * sizeof(T);
+                orow = a.out_by_pos ? pos : pair;
+                if (a.topk_w)
+                    sc = a.topk_w[pair];
+            }
+        }
+        s_bsrc[n] = src;
+        s_orow[n] = orow;
+        s_scale[n] = sc;
+    }
+    const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
+    const uint32_t full0 = (uint32_t)__cvta_generic_to_shared(&s_full[0]);
+    const uint32_t empty0 = (uint32_t)__cvta_generic_to_shared(&s_empty[0]);
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            kc_mbar_init(full0 + 8 * s, 128); /* every producer thread's copies */
+            kc_mbar_init(empty0 + 8 * s, 8);  /* every consumer warp */
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    const int nk = (K + KC_BK - 1) / KC_BK;
+    const int wg = tid >> 7;
+    const char *wbase = (const char *)a.w + (size_t)expert * (size_t)a.w_rows * (size_t)K * sizeof(T);
+
+    if (wg == 0) {
+        /* ---- producer ---- */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(KC_WS_PROD_REGS));
+        const int pt = tid; /* 0..127 */
+        const int c = pt & 7;
+#pragma unroll 1
+        for (int kb = 0; kb < nk; kb++) {
+            const int s = kb % S;
+            if (kb >= S)
+                kc_mbar_wait(empty0 + 8 * s, (uint32_t)(((kb / S) - 1) & 1));
+            const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
+            const uint32_t sb = sa + TL::a_bytes;
+            const int kel = kb * KC_BK + c * 8;
+            const bool kok = kel < K;
+#pragma unroll 4
+            for (int i = 0; i < TL::a_rows / 16; i++) {
+                const int r = (pt >> 3) + i * 16;
+                int grow;
+                bool ok;
+                if (MODE == KC_MODE_GATE_UP) {
+                    const int w_ = r >> 7, blk = (r >> 6) & 1, ii = r & 63;
+                    const int j = rb * rows_per_cta + w_ * 64 + ii;
+                    ok = j < M;
+                    grow = blk * M + j;
+                } else {
+                    const int h = rb * rows_per_cta + r;
+                    ok = h < M;
+                    grow = h;
+                }
+                ok = ok && kok;
+                const void *src = ok ? (const void *)(wbase + ((size_t)grow * K + kel) * sizeof(T)) : a.w;
+                kc_cp_async16(sa + kc_swz(r, c), src, ok);
+            }
+#pragma unroll 4
+            for (int i = 0; i < BN / 16; i++) {
+                const int r = (pt >> 3) + i * 16;
+                const char *row = s_bsrc[r];
+                const bool ok = row != nullptr && kok;
+                const void *src = ok ? (const void *)(row + (size_t)kel * sizeof(T)) : a.w;
+                kc_cp_async16(sb + kc_swz(r, c), src, ok);
+            }
+            kc_cp_mbar_arrive(full0 + 8 * s);
+        }
+        kc_cp_wait<0>();
+        return;
+    }
+
+    /* ---- consumers ---- */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(KC_WS_CONS_REGS));
+    const int cw = wg - 1; /* the role of warpgroup cw in kc_gemm_kernel */
+    const int ct = tid - 128;
+    const int warp = (ct >> 5) & 3;
+    const int lane = ct & 31;
+    float acc[2][NACC];
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int i = 0; i < NACC; i++)
+            acc[b][i] = 0.0f;
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int i = 0; i < NACC; i++)
+            asm volatile("" : "+f"(acc[b][i])::"memory");
+    kc_wg_fence();
+#pragma unroll 1
+    for (int kb = 0; kb < nk; kb++) {
+        const int s = kb % S;
+        kc_mbar_wait(full0 + 8 * s, (uint32_t)((kb / S) & 1));
+        kc_fence_proxy_async();
+        const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
+        const uint32_t sb = sa + TL::a_bytes;
+        kc_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const uint64_t db = kc_desc(sb + kk * 32);
+#pragma unroll
+            for (int blk = 0; blk < 2; blk++) {
+                const uint64_t da = kc_desc(sa + (uint32_t)((cw * 128 + blk * 64) * 128) + kk * 32);
+                kc_wgmma_op<T, BN>::run(acc[blk], da, db);
+            }
+        }
+        kc_wg_commit();
+        kc_wg_wait<1>();
+        if (kb > 0 && lane == 0)
+            kc_mbar_arrive(empty0 + 8 * ((kb - 1) % S)); /* wgmma(kb - 1) is done with its stage */
+    }
+    kc_wg_wait<0>();
+
+    /* Epilogue through shared memory, as in kc_gemm_kernel; the stages are free once both
+     * consumer warpgroups are past their last wgmma (named barrier 1, 256 threads). */
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    constexpr int PITCH = ROWS + 8;
+    static_assert(BN * PITCH * sizeof(T) <= (size_t)S * TL::stage_bytes, "epilogue tile exceeds the stages");
+    T *sC = (T *)(smem_raw + (sbase - sbase_raw));
+#pragma unroll
+    for (int i = 0; i < BN / 8; i++) {
+#pragma unroll
+        for (int cb = 0; cb < 2; cb++) {
+            const int n = 8 * i + 2 * (lane & 3) + cb;
+            const float sc = s_scale[n];
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int rr = warp * 16 + (lane >> 2) + 8 * hf;
+                const int reg = 4 * i + 2 * hf + cb;
+                if (MODE == KC_MODE_GATE_UP) {
+                    sC[n * PITCH + cw * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, acc[0][reg]) * acc[1][reg]);
+                } else {
+#pragma unroll
+                    for (int blk = 0; blk < 2; blk++)
+                        sC[n * PITCH + cw * 128 + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
+                }
+            }
+        }
+    }
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    T *out = (T *)a.out;
+    const int row0 = rb * rows_per_cta;
+    constexpr int CPR = ROWS / 8;
+    for (int idx = ct; idx < BN * CPR; idx += 256) {
+        const int n = idx / CPR, cc = idx % CPR;
+        const int orow = s_orow[n];
+        const int r = row0 + cc * 8;
+        if (orow < 0 || r >= M)
+            continue;
+        *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + cc * 8);
+    }
+#endif
+}
+
+template <typename T>
+static int kc_gemm_ws_launch_t(const kc_gemm_args *a, cudaStream_t st) {
+    typedef kc_tile<2, 128> TL;
+    const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 128 : 256;
+    const long n_rb = (a->M + rows_per_cta - 1) / rows_per_cta;
+    if (a->small)
+        return (int)cudaErrorInvalidValue; /* the small mode uses the small tiles */
+    const long nbl = a->dense ? (a->n_dense + 127) / 128 : a->max_blocks;
+    kc_gemm_args aa = *a;
+    aa.max_blocks = (int32_t)nbl;
+    const long grid = n_rb * nbl;
+    if (grid <= 0)
+        return 0;
+    if (grid > 0x7fffffffL)
+        return (int)cudaErrorInvalidConfiguration;
+    static unsigned long long attr_done[2];
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess)
+        return (int)e;
+    const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
+    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
+    if (!(attr_done[mi] & bit)) {
+        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_ws_kernel<T, KC_MODE_GATE_UP>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem)
+                    : cudaFuncSetAttribute(kc_gemm_ws_kernel<T, KC_MODE_DOWN>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
+        if (e != cudaSuccess)
+            return (int)e;
+        attr_done[mi] |= bit;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3(384);
+    cfg.dynamicSmemBytes = TL::smem;
+    cfg.stream = st;
+    if (a->pdl) {
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_ws_kernel<T, KC_MODE_GATE_UP>, aa)
+                : cudaLaunchKernelEx(&cfg, kc_gemm_ws_kernel<T, KC_MODE_DOWN>, aa);
+    if (e != cudaSuccess)
+        return (int)e;
+    return (int)cudaGetLastError();
+}
+
 /* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
 template <typename T, int NWG, int BN, int PATH>
 static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
@@ -580,3 +879,7 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
 #define KC_GEMM_X_(P, W, N)                     \
     if (path == (P) && nwg == (W) && bn == (N)) \
         return kc_gemm_launch_t<KC_T_, W, N, P>(a, st);
+/* (wgmma, 3, 128): the warp-specialized kernel (a producer warpgroup + two consumers). */
+#define KC_GEMM_WS_(T)                                   \
+    if (path == KC_PATH_WGMMA && nwg == 3 && bn == 128) \
+        return kc_gemm_ws_launch_t<T>(a, st);

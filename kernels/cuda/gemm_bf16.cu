@@ -8,6 +8,7 @@ extern "C" int kc_launch_gemm_f16(const kc_gemm_args *a, int path, int nwg, int 
 
 #define KC_T_ __nv_bfloat16
 static int kc_launch_gemm_bf16(const kc_gemm_args *a, int path, int nwg, int bn, cudaStream_t st) {
+    KC_GEMM_WS_(__nv_bfloat16)
     KC_GEMM_CONFIGS(KC_GEMM_X_)
     return (int)cudaErrorInvalidValue;
 }
@@ -19,7 +20,7 @@ extern "C" int kc_gemm_has_cfg(int path, int nwg, int bn) {
         return 1;
     KC_GEMM_CONFIGS(KC_HAS_)
 #undef KC_HAS_
-    return 0;
+    return path == KC_PATH_WGMMA && nwg == 3 && bn == 128;
 }
 
 extern "C" int kc_launch_gemm(const kc_gemm_args *a, int path, int nwg, int bn, cudaStream_t st) {

@@ -5,6 +5,7 @@
 
 #define KC_T_ __half
 extern "C" int kc_launch_gemm_f16(const kc_gemm_args *a, int path, int nwg, int bn, cudaStream_t st) {
+    KC_GEMM_WS_(__half)
     KC_GEMM_CONFIGS(KC_GEMM_X_)
     return (int)cudaErrorInvalidValue;
 }

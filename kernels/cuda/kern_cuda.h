@@ -42,8 +42,9 @@ moe_status kern_cuda_set_path(kern_ctx_t *ctx, kern_cuda_path path);
 kern_cuda_path kern_cuda_get_path(const kern_ctx_t *ctx);
 
 /* Forces the tile of the grouped products (the kernel lab and the tests use it): nwg
- * warpgroups of 128 weight rows, bn routed rows per tile; (0, 0) restores the automatic
- * choice. MOE_ERR_INVALID_ARG for a tile that is not compiled in (see kern_cuda_tiles). */
+ * warpgroups of 128 weight rows, bn routed rows per tile; (3, 128) is the warp-specialized
+ * wgmma kernel (a producer warpgroup and two consumers of the (2, 128) tile); (0, 0) restores
+ * the automatic choice. MOE_ERR_INVALID_ARG for a tile that is not compiled in (see kern_cuda_tiles). */
 moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn);
 /* The compiled tiles of a path, as (nwg, bn) pairs into out[2 * i], out[2 * i + 1]; returns
  * how many there are (at most cap are written). */
