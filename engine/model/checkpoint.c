@@ -9,7 +9,9 @@
  *   router [E, H] fp32, correction_bias [E] fp32, shared_w13 [2 I_s, H] (gate then up),
  *   shared_w2 [H, I_s], shared_gate [H] (Qwen2-MoE's [1, H]).
  * A transformers Linear weight is [out_features, in_features], which is exactly a row of
- * these (y = W x), so tensors are copied as they are, with no transposition.
+ * these (y = W x), so tensors are copied as they are, with no transposition. Layers saved by
+ * transformers 5 with fused experts (mlp.experts.gate_up_proj [E, 2I, H], down_proj
+ * [E, H, I]) already have this layout: a rank copies its experts' slices of them.
  *
  * Threads and processes: a checkpoint handle and a load belong to the calling thread; no
  * global state, so a worker process opens its own handle. Memory: the shards are mapped
@@ -19,8 +21,8 @@
  *
  * Invariants: the entry table is sorted by name with unique names, each entry pointing at a
  * validated header entry of an open shard; eng_ckpt_open has checked every tensor of every
- * MoE layer (exists, shape, supported dtype), and eng_model_load checks its own subset again
- * before it reads a byte.
+ * MoE layer (exists, shape, supported dtype) and fixed, per layer, which of the two expert
+ * forms it has (fused[]); eng_model_load checks its own subset again before it reads a byte.
  */
 #include <dirent.h>
 #include <errno.h>

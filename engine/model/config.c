@@ -426,12 +426,8 @@ moe_status eng_model_config_parse(const char *json, size_t len, eng_model_desc *
     /* The architecture decides where both are known and disagree (checkpoints that reuse an
      * architecture under their own model_type, e.g. kimi_k2 with DeepseekV3ForCausalLM). */
     d->family = has_a ? fa : ft;
-    snprintf(d->architecture, sizeof d->architecture, "%s", arch ? arch : families[d->family].arch);
-    snprintf(d->model_type, sizeof d->model_type, "%s", type ? type : families[d->family].model_type);
-    if (arch)
-        eng_sanitize(arch, d->architecture, sizeof d->architecture);
-    if (type)
-        eng_sanitize(type, d->model_type, sizeof d->model_type);
+    eng_sanitize(arch ? arch : families[d->family].arch, d->architecture, sizeof d->architecture);
+    eng_sanitize(type ? type : families[d->family].model_type, d->model_type, sizeof d->model_type);
 
     cfg c = {.root = root, .fam = d->family};
     d->dtype = MOE_DTYPE_BF16;

@@ -492,6 +492,77 @@ static void test_family_names(void **state) {
     assert_string_equal(d.model_type, "kimi_k2");
 }
 
+/* config.json is untrusted input: random mutations of real configs (flipped bytes, cuts,
+ * insertions) must each parse or fail with a message, never crash (run under --config=asan
+ * too). The deterministic generator makes failures reproducible. */
+static void test_mutated_configs(void **state) {
+    (void)state;
+    static const char *seeds[] = {
+        "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\", \"hidden_size\": 64,"
+        " \"num_hidden_layers\": 4, \"moe_intermediate_size\": 32, \"n_routed_experts\": 16, \"num_experts_per_tok\": 4,"
+        " \"first_k_dense_replace\": 1, \"n_group\": 4, \"topk_group\": 2, \"topk_method\": \"noaux_tc\","
+        " \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 2.5}",
+        "{\"model_type\": \"qwen2_moe\", \"num_hidden_layers\": 8, \"decoder_sparse_step\": 2,"
+        " \"mlp_only_layers\": [3, 6], \"shared_expert_intermediate_size\": 64, \"num_experts\": 8,"
+        " \"num_experts_per_tok\": 2, \"hidden_act\": \"silu\", \"torch_dtype\": \"bfloat16\"}",
+        "{\"architectures\": [\"MixtralForCausalLM\"], \"num_local_experts\": 8, \"num_experts_per_tok\": 2,"
+        " \"intermediate_size\": 14336, \"hidden_size\": 4096, \"num_hidden_layers\": 32}",
+        "{\"model_type\": \"deepseek_v2\", \"num_experts_per_tok\": 6, \"topk_method\": \"group_limited_greedy\","
+        " \"n_group\": 8, \"topk_group\": 3, \"n_routed_experts\": 160, \"n_shared_experts\": null}",
+    };
+    moe_rng rng;
+    moe_rng_seed(&rng, 20261127);
+    const char junk[] = "{}[]\":,0123456789-.eE tfnul\\\x01\xff";
+    int ok = 0, refused = 0;
+    for (size_t k = 0; k < sizeof seeds / sizeof seeds[0]; k++) {
+        size_t n0 = strlen(seeds[k]);
+        char *buf = malloc(2 * n0 + 16);
+        for (int it = 0; it < 600; it++) {
+            size_t n = n0;
+            memcpy(buf, seeds[k], n0);
+            int edits = 1 + (int)moe_rng_below(&rng, 4);
+            for (int e = 0; e < edits && n > 0; e++) {
+                size_t at = moe_rng_below(&rng, (uint32_t)n);
+                switch (moe_rng_below(&rng, 4)) {
+                case 0: /* replace a byte */
+                    buf[at] = junk[moe_rng_below(&rng, sizeof junk - 1)];
+                    break;
+                case 1: /* cut the text */
+                    n = at;
+                    break;
+                case 2: /* insert a byte */
+                    if (n < 2 * n0 + 8) {
+                        memmove(buf + at + 1, buf + at, n - at);
+                        buf[at] = junk[moe_rng_below(&rng, sizeof junk - 1)];
+                        n++;
+                    }
+                    break;
+                default: /* delete a byte */
+                    memmove(buf + at, buf + at + 1, n - at - 1);
+                    n--;
+                    break;
+                }
+            }
+            eng_model_desc d;
+            moe_errmsg_clear();
+            moe_status st = eng_model_config_parse(buf, n, &d);
+            if (st == MOE_OK) {
+                ok++;
+                assert_true(d.n_moe_layers >= 1 && d.top_k >= 1 && d.top_k <= d.n_experts);
+                assert_int_equal(kern_route_params_check(&d.route), MOE_OK);
+            } else {
+                refused++;
+                if (st != MOE_ERR_FORMAT && st != MOE_ERR_UNSUPPORTED)
+                    fail_msg("status %s for %.*s", moe_status_name(st), (int)n, buf);
+                assert_true(strlen(moe_errmsg()) > 10);
+            }
+        }
+        free(buf);
+    }
+    print_message("%d mutated configs parsed, %d refused\n", ok, refused);
+    assert_true(ok > 100 && refused > 100);
+}
+
 static void test_config_file(void **state) {
     (void)state;
     eng_model_desc d;
@@ -512,6 +583,7 @@ int main(void) {
         cmocka_unit_test(test_routing_rules),
         cmocka_unit_test(test_broken_configs),
         cmocka_unit_test(test_family_names),
+        cmocka_unit_test(test_mutated_configs),
         cmocka_unit_test(test_config_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
