@@ -10,15 +10,12 @@
  *
  * Exit status 0 when every output matched and the engine stopped cleanly.
  */
-#include <arpa/inet.h>
 #include <errno.h>
 #include <math.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -26,26 +23,13 @@
 #include "engine/model/model.h"
 #include "ipc/moeclient.h"
 #include "kernels/kern.h"
+#include "tools/common/engine_proc.h"
 
 typedef struct demo_args {
     const char *engine;
     int workers, requests, concurrency;
     bool keep;
 } demo_args;
-
-static int free_port(void) {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0) {
-        close(s);
-        return 5555;
-    }
-    socklen_t l = sizeof a;
-    getsockname(s, (struct sockaddr *)&a, &l);
-    close(s);
-    return ntohs(a.sin_port);
-}
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -127,60 +111,33 @@ int main(int argc, char **argv) {
         return usage();
     moe_log_init_from_env();
 
-    char rundir[] = "/tmp/moe-demo-XXXXXX";
-    if (!mkdtemp(rundir)) {
-        perror("mkdtemp");
-        return 1;
-    }
-    char endpoint[64], http[64], workers[16];
-    snprintf(endpoint, sizeof endpoint, "tcp://127.0.0.1:%d", free_port());
-    snprintf(http, sizeof http, "127.0.0.1:%d", free_port());
+    char workers[16];
     snprintf(workers, sizeof workers, "%d", a.workers);
-    printf("== moe-engine demo ==\nstarting: %s serve --workers %s --bind %s --http %s --runtime-dir %s\n", a.engine,
-           workers, endpoint, http, rundir);
-    fflush(stdout);
-    pid_t pid = fork();
-    if (pid == 0) {
-        execl(a.engine, a.engine, "serve", "--workers", workers, "--bind", endpoint, "--http", http, "--runtime-dir",
-              rundir, "--log-level", getenv("MOE_LOG_LEVEL") ? getenv("MOE_LOG_LEVEL") : "warn", (char *)NULL);
-        perror("exec moe-engine");
-        _exit(127);
-    }
+    const char *level = getenv("MOE_LOG_LEVEL") ? getenv("MOE_LOG_LEVEL") : "warn";
+    engine_proc e;
     int rc = 1;
     moec_client_t *c = NULL;
     ref_model ref;
     memset(&ref, 0, sizeof ref);
+    printf("== moe-engine demo ==\n");
+    if (!engine_start(&e, a.engine, (const char *[]){"--workers", workers, "--log-level", level, NULL}))
+        return 1;
+    printf("started: %s serve --workers %s --bind %s --http %s --runtime-dir %s\n", a.engine, workers, e.endpoint,
+           e.http, e.rundir);
+    fflush(stdout);
     moec_options o;
     moec_options_default(&o);
     o.timeout_ms = 30000;
-    if (moec_client_init(&c, endpoint, &o) != MOEC_OK) {
+    if (moec_client_init(&c, e.endpoint, &o) != MOEC_OK) {
         fprintf(stderr, "client: %s\n", moec_errmsg(c));
         goto stop;
     }
-    /* Wait until the workers are ready. */
     double t0 = moe_now_s();
-    bool ready = false;
-    while (moe_now_s() - t0 < 60 && !ready) {
-        char *js = NULL;
-        if (moec_stats(c, &js, 1000) == MOEC_OK)
-            ready = strstr(js, "\"state\":\"ready\"") != NULL;
-        moec_free(js);
-        int status;
-        if (waitpid(pid, &status, WNOHANG) == pid) {
-            fprintf(stderr, "the engine exited during start\n");
-            pid = 0;
-            goto stop;
-        }
-        if (!ready)
-            usleep(100000);
-    }
-    if (!ready) {
-        fprintf(stderr, "the engine was not ready within 60 s\n");
+    if (!engine_wait_ready(&e, c, 60))
         goto stop;
-    }
     printf("engine ready in %.2f s\n", moe_now_s() - t0);
     char model_dir[512];
-    snprintf(model_dir, sizeof model_dir, "%s/moe-engine-default-model-v1", rundir);
+    engine_default_model_dir(&e, model_dir, sizeof model_dir);
     if (ref_init(&ref, model_dir) != MOE_OK) {
         fprintf(stderr, "reference: %s\n", moe_errmsg());
         goto stop;
@@ -307,22 +264,10 @@ int main(int argc, char **argv) {
 stop:
     moec_client_free(c);
     ref_free(&ref);
-    if (pid > 0) {
-        kill(pid, SIGTERM);
-        int status = 0;
-        waitpid(pid, &status, 0);
-        bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-        printf("\nengine stopped with SIGTERM: %s\n",
-               clean ? "exit 0" : (WIFSIGNALED(status) ? "killed by a signal" : "non-zero exit"));
-        if (!clean)
-            rc = 1;
-    }
-    if (!a.keep) {
-        char cmd[600];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", rundir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "could not remove %s\n", rundir);
-    }
+    bool clean = engine_stop(&e, a.keep);
+    printf("\nengine stopped with SIGTERM: %s\n", clean ? "exit 0" : "FAILED (not a clean exit 0)");
+    if (!clean)
+        rc = 1;
     printf("%s\n", rc == 0 ? "demo: every output matched the reference" : "demo: FAILED");
     return rc;
 }

@@ -1,0 +1,257 @@
+/*
+ * bench_engine.c: the whole path against its parts, same machine, same run.
+ *
+ *   bazel build -c opt //engine:moe-engine //tools/bench:bench_engine
+ *   bazel-bin/tools/bench/bench_engine --engine bazel-bin/engine/moe-engine [--workers 2]
+ *       [--iters 50] [--model DIR]
+ *
+ * For each request size T it prints:
+ *   in-proc   the same kernels called in this process on the whole model (route from the hidden
+ *             states + kern_moe_forward, cpu backend, all cores): the compute the engine must do;
+ *   echo      a bare ZeroMQ round trip of the same request and reply sizes over tcp loopback
+ *             (DEALER -> ROUTER that answers with a reply of the output's size): the transport;
+ *   engine    the engine's round trip, one request at a time (p50 and p99), and its throughput
+ *             with 4 requests in flight;
+ *   overhead  engine p50 - in-proc - echo: what the coordinator, the scheduling, the worker
+ *             hops and the gather add on top of compute and one transport round trip.
+ * Napkin math for the default model (E=16, K=4, H=256, I=128, shared I=256, bf16): per token
+ * 2*K*3*H*I + 2*3*H*I_s = 1.6 + 0.4 MFLOP; the weights are 7 MiB, so the CPU stays compute-bound.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "engine/base/moe_base.h"
+#include "engine/model/model.h"
+#include "ipc/moeclient.h"
+#include "kernels/kern.h"
+#include "tools/common/engine_proc.h"
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct(double *v, int n, double q) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    int i = (int)(q * (n - 1) + 0.5);
+    return v[i < 0 ? 0 : (i >= n ? n - 1 : i)];
+}
+
+/* ---- bare echo: a ROUTER thread answering each request with `reply_bytes` bytes ---- */
+typedef struct echo_srv {
+    void *ctx;
+    char ep[64];
+    size_t reply_bytes;
+    volatile int stop;
+    pthread_t th;
+} echo_srv;
+
+static void *echo_main(void *arg) {
+    echo_srv *s = arg;
+    void *r = zmq_socket(s->ctx, ZMQ_ROUTER);
+    int linger = 0;
+    zmq_setsockopt(r, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_bind(r, s->ep);
+    void *reply = calloc(1, s->reply_bytes + 1);
+    while (!s->stop) {
+        zmq_pollitem_t it = {r, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&it, 1, 50) <= 0)
+            continue;
+        zmq_msg_t id, body;
+        zmq_msg_init(&id);
+        zmq_msg_init(&body);
+        zmq_msg_recv(&id, r, 0);
+        zmq_msg_recv(&body, r, 0);
+        zmq_msg_send(&id, r, ZMQ_SNDMORE);
+        zmq_send(r, reply, s->reply_bytes, 0);
+        zmq_msg_close(&body);
+    }
+    free(reply);
+    zmq_close(r);
+    return NULL;
+}
+
+static double echo_us(size_t req_bytes, size_t reply_bytes, int iters) {
+    echo_srv s = {.reply_bytes = reply_bytes};
+    s.ctx = zmq_ctx_new();
+    snprintf(s.ep, sizeof s.ep, "tcp://127.0.0.1:%d", engine_free_port());
+    pthread_create(&s.th, NULL, echo_main, &s);
+    void *d = zmq_socket(s.ctx, ZMQ_DEALER);
+    int linger = 0;
+    zmq_setsockopt(d, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_connect(d, s.ep);
+    void *req = calloc(1, req_bytes + 1);
+    double *t = calloc((size_t)iters, sizeof *t);
+    for (int i = -5; i < iters; i++) {
+        double t0 = moe_now_s();
+        zmq_send(d, req, req_bytes, 0);
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        zmq_msg_recv(&m, d, 0);
+        zmq_msg_close(&m);
+        if (i >= 0)
+            t[i] = (moe_now_s() - t0) * 1e6;
+    }
+    double med = pct(t, iters, 0.5);
+    s.stop = 1;
+    pthread_join(s.th, NULL);
+    zmq_close(d);
+    zmq_ctx_term(s.ctx);
+    free(req);
+    free(t);
+    return med;
+}
+
+int main(int argc, char **argv) {
+    const char *engine = NULL, *model = NULL;
+    int workers = 2, iters = 50;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--engine") == 0 && i + 1 < argc)
+            engine = argv[++i];
+        else if (strcmp(argv[i], "--workers") == 0 && i + 1 < argc)
+            workers = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--iters") == 0 && i + 1 < argc)
+            iters = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
+            model = argv[++i];
+        else {
+            fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR]\n");
+            return 2;
+        }
+    }
+    if (!engine || workers < 1 || iters < 3) {
+        fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR]\n");
+        return 2;
+    }
+    moe_log_init_from_env();
+    char wk[16];
+    snprintf(wk, sizeof wk, "%d", workers);
+    engine_proc e;
+    const char *flags[] = {"--workers", wk, "--log-level", "warn", model ? "--model" : NULL, model, NULL};
+    if (!engine_start(&e, engine, flags))
+        return 1;
+    moec_client_t *c = NULL;
+    moec_options o;
+    moec_options_default(&o);
+    o.timeout_ms = 60000;
+    int rc = 1;
+    eng_ckpt_t *ck = NULL;
+    eng_model_weights w;
+    memset(&w, 0, sizeof w);
+    kern_ctx_t *k = NULL;
+    if (moec_client_init(&c, e.endpoint, &o) != MOEC_OK || !engine_wait_ready(&e, c, 120))
+        goto out;
+    char dir[512];
+    if (model)
+        snprintf(dir, sizeof dir, "%s", model);
+    else
+        engine_default_model_dir(&e, dir, sizeof dir);
+    eng_model_load_params lp = eng_model_load_params_default();
+    if (eng_ckpt_open(&ck, dir) != MOE_OK || eng_model_load(ck, &lp, &w) != MOE_OK ||
+        kern_ctx_init(&k, KERN_BACKEND_CPU, NULL) != MOE_OK) {
+        fprintf(stderr, "in-process model: %s\n", moe_errmsg());
+        goto out;
+    }
+    const eng_model_desc *d = eng_ckpt_desc(ck);
+    const eng_model_layer *l = &w.layers[0];
+    const int64_t H = d->hidden_size, E = d->n_experts, K = d->top_k;
+    const size_t es = moe_dtype_size(d->dtype);
+    char desc[512];
+    printf("model: %s\nengine: %d CPU workers; in-process: one process, all %ld cores; %d iterations per row\n\n",
+           eng_model_desc_str(d, desc, sizeof desc), workers, sysconf(_SC_NPROCESSORS_ONLN), iters);
+    printf("%6s %12s %10s %12s %12s %12s %10s %14s %14s\n", "T", "in-proc us", "echo us", "engine p50", "engine p99",
+           "overhead us", "overhead", "tok/s (1 in fl)", "tok/s (4 in fl)");
+    const int64_t Ts[] = {1, 4, 16, 64, 256, 1024};
+    moe_rng g;
+    moe_rng_seed(&g, 1);
+    for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+        const int64_t T = Ts[ti];
+        moe_tensor x = {0}, lg = {0}, ids = {0}, wt = {0}, y = {0};
+        moe_tensor_alloc(&x, d->dtype, 2, (int64_t[]){T, H});
+        moe_tensor_alloc(&lg, MOE_DTYPE_F32, 2, (int64_t[]){T, E});
+        moe_tensor_alloc(&ids, MOE_DTYPE_I32, 2, (int64_t[]){T, K});
+        moe_tensor_alloc(&wt, MOE_DTYPE_F32, 2, (int64_t[]){T, K});
+        moe_tensor_alloc(&y, d->dtype, 2, (int64_t[]){T, H});
+        for (int64_t i = 0; i < T * H; i++)
+            moe_store_f32(d->dtype, x.data, (size_t)i, moe_rng_normal(&g));
+        /* in-process */
+        double *t = calloc((size_t)iters, sizeof *t);
+        kern_route_params rp = eng_model_route_params(d, l);
+        kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = d->act};
+        kern_shared_expert se;
+        bool has = eng_model_shared_expert(d, l, &se);
+        for (int i = -3; i < iters; i++) {
+            double t0 = moe_now_s();
+            eng_model_router_logits(l, &x, &lg);
+            kern_route(k, &rp, &lg, &ids, &wt);
+            kern_moe_forward(k, &ep, &x, &l->w13, &l->w2, &ids, &wt, has ? &se : NULL, &y);
+            if (i >= 0)
+                t[i] = (moe_now_s() - t0) * 1e6;
+        }
+        double inproc = pct(t, iters, 0.5);
+        /* transport */
+        size_t req_bytes = 64 + 64 + (size_t)(T * H) * es + 64, rep_bytes = req_bytes;
+        double echo = echo_us(req_bytes, rep_bytes, iters);
+        /* engine, one at a time */
+        moec_request r = {.layer = l->layer, .dtype = d->dtype, .n_tokens = T, .hidden = H, .x = x.data};
+        for (int i = -3; i < iters; i++) {
+            double t0 = moe_now_s();
+            if (moec_submit(c, &r, y.data, moe_tensor_nbytes(&y), 0) != MOEC_OK) {
+                fprintf(stderr, "submit: %s\n", moec_errmsg(c));
+                goto out;
+            }
+            if (i >= 0)
+                t[i] = (moe_now_s() - t0) * 1e6;
+        }
+        double wall1 = 0;
+        for (int i = 0; i < iters; i++)
+            wall1 += t[i];
+        double p50 = pct(t, iters, 0.5), p99 = pct(t, iters, 0.99);
+        /* engine, 4 in flight */
+        void *ys[4];
+        for (int j = 0; j < 4; j++)
+            ys[j] = malloc(moe_tensor_nbytes(&y));
+        double t0 = moe_now_s();
+        int sent = 0, done = 0;
+        while (done < iters) {
+            while (sent < iters && sent - done < 4) {
+                uint64_t id;
+                moec_submit_async(c, &r, ys[sent % 4], moe_tensor_nbytes(&y), 0, &id);
+                sent++;
+            }
+            moec_result res;
+            if (moec_collect(c, -1, &res) != MOEC_OK || res.status != MOEC_OK) {
+                fprintf(stderr, "async: %s\n", res.message);
+                goto out;
+            }
+            done++;
+        }
+        double wall4 = moe_now_s() - t0;
+        for (int j = 0; j < 4; j++)
+            free(ys[j]);
+        double over = p50 - inproc - echo;
+        printf("%6lld %12.1f %10.1f %12.1f %12.1f %12.1f %9.0f%% %14.0f %14.0f\n", (long long)T, inproc, echo, p50, p99,
+               over, 100.0 * over / p50, (double)(T * iters) / (wall1 * 1e-6), (double)(T * iters) / wall4);
+        fflush(stdout);
+        free(t);
+        moe_tensor_free(&x);
+        moe_tensor_free(&lg);
+        moe_tensor_free(&ids);
+        moe_tensor_free(&wt);
+        moe_tensor_free(&y);
+    }
+    rc = 0;
+out:
+    kern_ctx_free(k);
+    eng_model_weights_free(&w);
+    eng_ckpt_close(ck);
+    moec_client_free(c);
+    if (!engine_stop(&e, false))
+        rc = 1;
+    return rc;
+}

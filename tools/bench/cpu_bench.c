@@ -1,0 +1,623 @@
+/*
+ * cpu_bench.c: the CPU benchmark of the fused experts. For a few model shapes and batch sizes
+ * T it times, in one run on one machine:
+ *
+ *   cpu-ref   the reference backend (plain loops; only where a call takes < ~3 s)
+ *   cpu       the fast backend (kern_cpu_ops: fixed-order packed products, all cores)
+ *   openblas  a lab variant of the same grouping with OpenBLAS sgemm on fp32 copies of each
+ *             touched expert's weights (converted per call). Not batch-invariant (see
+ *             kernels/cpu/cpu_gemm.h), so not a backend: it shows what the fixed order costs
+ *   numpy     the per-expert loop of the Hugging Face models in numpy float32
+ *             (tools/bench/bench_numpy.py, run as a subprocess; numpy's BLAS is OpenBLAS)
+ *
+ * and prints each time next to the two floors of this machine:
+ *   memory floor  = weight bytes touched / memcpy bandwidth (measured here, all threads);
+ *                   bytes touched = distinct experts hit x 3*H*I x dtype size (+ the shared
+ *                   expert's 3*H*I_s), the activations being small next to them;
+ *   compute floor = 2*T*K*3*H*I (+ 2*T*3*H*I_s) flops / OpenBLAS sgemm rate (measured here,
+ *                   1024^3, all threads).
+ * "x floor" is the time over the larger floor. numpy reads fp32 weights (twice the bytes of
+ * bf16); its floor is not scaled for that.
+ *
+ * Run (it is a program, not a test; it takes a few minutes at the default sizes):
+ *   bazel run -c opt //tools/bench:cpu_bench -- [options]
+ *   (or bazel build -c opt //tools/bench:cpu_bench && bazel-bin/tools/bench/cpu_bench)
+ * Options:
+ *   --shapes a,b       among: mixtral-s qwen3-s qwen3-s-f32 dsv2-s qwen3-30b (default: all)
+ *   --tokens 1,16,128  batch sizes T
+ *   --threads N        threads of the fast backend (default: all cores)
+ *   --no-numpy --no-ref --no-openblas   skip a column
+ *   --min-time S       seconds of timed calls per cell (default 0.5; the median is printed)
+ *   --numpy-script P   path of bench_numpy.py (default: found in the runfiles)
+ *
+ * Threads: single-threaded driver; the fast backend and OpenBLAS run their own threads (not
+ * at the same time).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cblas.h>
+#undef I /* OpenBLAS's cblas.h pulls in <complex.h> */
+
+#include "kernels/cpu/cpu_gemm.h"
+#include "kernels/kern.h"
+
+extern void openblas_set_num_threads(int);
+extern int openblas_get_num_threads(void);
+extern char *openblas_get_corename(void);
+
+typedef struct bench_shape {
+    const char *name;
+    const char *what;
+    int64_t H, I, E, K, Is;
+    moe_dtype dt;
+} bench_shape;
+
+static const bench_shape SHAPES[] = {
+    {"mixtral-s", "Mixtral-8x7B, H and I / 4", 1024, 3584, 8, 2, 0, MOE_DTYPE_BF16},
+    {"qwen3-s", "Qwen3-30B-A3B, H and I / 2, E / 2", 1024, 384, 64, 8, 0, MOE_DTYPE_BF16},
+    {"qwen3-s-f32", "the same in f32", 1024, 384, 64, 8, 0, MOE_DTYPE_F32},
+    {"dsv2-s", "DeepSeek-V2-Lite, H and I / 2, 2 shared experts", 1024, 704, 64, 6, 1408, MOE_DTYPE_BF16},
+    {"qwen3-30b", "Qwen3-30B-A3B (real: H 2048, I 768, E 128, K 8)", 2048, 768, 128, 8, 0, MOE_DTYPE_BF16},
+};
+#define N_SHAPES ((int)(sizeof SHAPES / sizeof SHAPES[0]))
+
+typedef struct options {
+    char shapes[256];
+    int64_t tokens[16];
+    int n_tokens;
+    int32_t threads;
+    bool numpy, ref, openblas;
+    double min_time;
+    char numpy_script[1200];
+    char argv0[900];
+} options;
+
+/* ------------------------------------------------------------------------------------------
+ * Machine ceilings.
+ * ---------------------------------------------------------------------------------------- */
+typedef struct copy_arg {
+    char *dst;
+    const char *src;
+    size_t n;
+} copy_arg;
+
+static void *copy_thread(void *a) {
+    copy_arg *c = a;
+    memcpy(c->dst, c->src, c->n);
+    return NULL;
+}
+
+/* Bytes copied per second by memcpy over 256 MiB with `threads` threads (best of 5). */
+static double memcpy_bw(int threads) {
+    const size_t n = (size_t)256 << 20;
+    char *src = moe_alloc(n), *dst = moe_alloc(n);
+    if (!src || !dst) {
+        moe_free(src);
+        moe_free(dst);
+        return 0.0;
+    }
+    memset(src, 1, n);
+    memset(dst, 2, n);
+    double best = 1e30;
+    for (int rep = 0; rep < 5; rep++) {
+        pthread_t th[64];
+        copy_arg ca[64];
+        int nt = threads < 64 ? threads : 64;
+        double t0 = moe_now_s();
+        for (int i = 0; i < nt; i++) {
+            size_t a = n / (size_t)nt * (size_t)i, b = i == nt - 1 ? n : n / (size_t)nt * (size_t)(i + 1);
+            ca[i] = (copy_arg){dst + a, src + a, b - a};
+            if (i > 0)
+                pthread_create(&th[i], NULL, copy_thread, &ca[i]);
+        }
+        copy_thread(&ca[0]);
+        for (int i = 1; i < nt; i++)
+            pthread_join(th[i], NULL);
+        double t = moe_now_s() - t0;
+        if (t < best)
+            best = t;
+    }
+    moe_free(src);
+    moe_free(dst);
+    return (double)n / best;
+}
+
+/* OpenBLAS sgemm flop/s on 1024^3 with its default threads (best of 5). */
+static double sgemm_rate(void) {
+    const int n = 1024;
+    float *a = moe_alloc(sizeof(float) * (size_t)n * n), *b = moe_alloc(sizeof(float) * (size_t)n * n),
+          *c = moe_alloc(sizeof(float) * (size_t)n * n);
+    for (size_t i = 0; i < (size_t)n * n; i++) {
+        a[i] = (float)(i % 17) * 0.01f;
+        b[i] = (float)(i % 13) * 0.02f;
+    }
+    double best = 1e30;
+    for (int rep = 0; rep < 5; rep++) {
+        double t0 = moe_now_s();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+        double t = moe_now_s() - t0;
+        if (t < best)
+            best = t;
+    }
+    moe_free(a);
+    moe_free(b);
+    moe_free(c);
+    return 2.0 * n * n * n / best;
+}
+
+static void cpu_model(char *out, size_t cap) {
+    snprintf(out, cap, "unknown CPU");
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f)
+        return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "model name", 10) == 0) {
+            char *p = strchr(line, ':');
+            if (p) {
+                p++;
+                while (*p == ' ')
+                    p++;
+                p[strcspn(p, "\n")] = 0;
+                snprintf(out, cap, "%s", p);
+            }
+            break;
+        }
+    }
+    fclose(f);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Problems.
+ * ---------------------------------------------------------------------------------------- */
+/* Fills with uniform values in [-scale, scale): cheap enough for a billion weights. */
+static void fill_fast(moe_tensor *t, uint64_t seed, float scale) {
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    float buf[4096];
+    int64_t n = moe_tensor_numel(t);
+    size_t es = moe_dtype_size(t->dtype);
+    for (int64_t i = 0; i < n; i += 4096) {
+        int64_t m = n - i < 4096 ? n - i : 4096;
+        for (int64_t j = 0; j < m; j++) {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            uint64_t r = s * 2685821657736338717ull;
+            buf[j] = ((float)(r >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f) * scale;
+        }
+        moe_from_f32(t->dtype, buf, (char *)t->data + (size_t)i * es, (size_t)m);
+    }
+}
+
+typedef struct problem {
+    const bench_shape *sh;
+    int64_t T;
+    moe_tensor x, ids, w, y;
+    const moe_tensor *w13, *w2;
+    kern_shared_expert *se;
+    kern_experts_params p;
+    int64_t touched; /* distinct experts hit */
+} problem;
+
+static void problem_init(problem *pb, const bench_shape *sh, int64_t T, const moe_tensor *w13, const moe_tensor *w2,
+                         kern_shared_expert *se, uint64_t seed) {
+    memset(pb, 0, sizeof *pb);
+    pb->sh = sh;
+    pb->T = T;
+    pb->w13 = w13;
+    pb->w2 = w2;
+    pb->se = se;
+    moe_tensor_alloc(&pb->x, sh->dt, 2, (int64_t[]){T, sh->H});
+    moe_tensor_alloc(&pb->ids, MOE_DTYPE_I32, 2, (int64_t[]){T, sh->K});
+    moe_tensor_alloc(&pb->w, MOE_DTYPE_F32, 2, (int64_t[]){T, sh->K});
+    moe_tensor_alloc(&pb->y, sh->dt, 2, (int64_t[]){T, sh->H});
+    fill_fast(&pb->x, seed, 1.0f);
+    moe_rng r;
+    moe_rng_seed(&r, seed);
+    int32_t *id = pb->ids.data;
+    float *wt = pb->w.data;
+    bool *hit = calloc((size_t)sh->E, 1);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < sh->K; k++) {
+            int32_t e;
+            bool dup;
+            do {
+                e = (int32_t)moe_rng_below(&r, (uint32_t)sh->E);
+                dup = false;
+                for (int64_t q = 0; q < k; q++)
+                    dup |= id[t * sh->K + q] == e;
+            } while (dup);
+            id[t * sh->K + k] = e;
+            wt[t * sh->K + k] = (float)moe_rng_uniform(&r) / (float)sh->K;
+            hit[e] = true;
+        }
+    for (int64_t e = 0; e < sh->E; e++)
+        pb->touched += hit[e];
+    free(hit);
+    pb->p = (kern_experts_params){.n_experts = (int32_t)sh->E, .n_local = (int32_t)sh->E, .act = KERN_ACT_SILU};
+}
+
+static void problem_free(problem *pb) {
+    moe_tensor_free(&pb->x);
+    moe_tensor_free(&pb->ids);
+    moe_tensor_free(&pb->w);
+    moe_tensor_free(&pb->y);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The OpenBLAS lab variant: per touched expert, gather its rows, convert its weights to fp32,
+ * sgemm gate/up, activation, sgemm down, weighted scatter-add. Same math, other order.
+ * ---------------------------------------------------------------------------------------- */
+typedef struct blas_scratch {
+    float *w13f, *w2f, *xg, *g, *a, *o, *yf;
+    int32_t *rows;
+    float *rw;
+} blas_scratch;
+
+static void blas_scratch_init(blas_scratch *s, const bench_shape *sh, int64_t T) {
+    int64_t H = sh->H, I = sh->I, P = T * sh->K;
+    int64_t Imax = sh->Is > I ? sh->Is : I;
+    s->w13f = moe_alloc(sizeof(float) * (size_t)(2 * Imax * H));
+    s->w2f = moe_alloc(sizeof(float) * (size_t)(H * Imax));
+    s->xg = moe_alloc(sizeof(float) * (size_t)((P > T ? P : T) * H));
+    s->g = moe_alloc(sizeof(float) * (size_t)((P > T ? P : T) * 2 * Imax));
+    s->a = moe_alloc(sizeof(float) * (size_t)((P > T ? P : T) * Imax));
+    s->o = moe_alloc(sizeof(float) * (size_t)((P > T ? P : T) * H));
+    s->yf = moe_alloc(sizeof(float) * (size_t)(T * H));
+    s->rows = moe_alloc(sizeof(int32_t) * (size_t)P);
+    s->rw = moe_alloc(sizeof(float) * (size_t)P);
+}
+
+static void blas_scratch_free(blas_scratch *s) {
+    moe_free(s->w13f);
+    moe_free(s->w2f);
+    moe_free(s->xg);
+    moe_free(s->g);
+    moe_free(s->a);
+    moe_free(s->o);
+    moe_free(s->yf);
+    moe_free(s->rows);
+    moe_free(s->rw);
+}
+
+/* One expert (M gathered rows in s->xg) through sgemm; adds scale[m] * out into yf rows. */
+static void blas_expert(const problem *pb, blas_scratch *s, const void *w13, const void *w2, int64_t I, int64_t M,
+                        const int32_t *tok, const float *scale) {
+    const bench_shape *sh = pb->sh;
+    const int64_t H = sh->H;
+    moe_to_f32(sh->dt, w13, s->w13f, (size_t)(2 * I * H));
+    moe_to_f32(sh->dt, w2, s->w2f, (size_t)(H * I));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)(2 * I), (int)H, 1.0f, s->xg, (int)H, s->w13f,
+                (int)H, 0.0f, s->g, (int)(2 * I));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < I; i++)
+            s->a[m * I + i] = moe_round_to(sh->dt, kern_act_f32(KERN_ACT_SILU, s->g[m * 2 * I + i]) * s->g[m * 2 * I + I + i]);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)H, (int)I, 1.0f, s->a, (int)I, s->w2f, (int)I,
+                0.0f, s->o, (int)H);
+    for (int64_t m = 0; m < M; m++) {
+        float *yr = s->yf + (size_t)tok[m] * (size_t)H;
+        float c = scale ? scale[m] : 1.0f;
+        for (int64_t j = 0; j < H; j++)
+            yr[j] += moe_round_to(sh->dt, c * s->o[m * H + j]);
+    }
+}
+
+static moe_status run_openblas(void *arg) {
+    problem *pb = ((void **)arg)[0];
+    blas_scratch *s = ((void **)arg)[1];
+    const bench_shape *sh = pb->sh;
+    const int64_t T = pb->T, H = sh->H, K = sh->K, I = sh->I;
+    const size_t es = moe_dtype_size(sh->dt);
+    memset(s->yf, 0, sizeof(float) * (size_t)(T * H));
+    const int32_t *id = pb->ids.data;
+    const float *wt = pb->w.data;
+    int32_t *cnt = calloc((size_t)sh->E + 1, sizeof(int32_t));
+    for (int64_t i = 0; i < T * K; i++)
+        cnt[id[i] + 1]++;
+    for (int64_t e = 0; e < sh->E; e++)
+        cnt[e + 1] += cnt[e];
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)(T * K));
+    for (int64_t e = 0; e < sh->E; e++) {
+        int64_t M = 0;
+        for (int64_t i = 0; i < T * K; i++)
+            if (id[i] == e) {
+                tok[M] = (int32_t)(i / K);
+                s->rw[M] = wt[i];
+                moe_to_f32(sh->dt, (const char *)pb->x.data + (size_t)(i / K * H) * es, s->xg + M * H, (size_t)H);
+                M++;
+            }
+        if (M == 0)
+            continue;
+        blas_expert(pb, s, (const char *)pb->w13->data + (size_t)(e * 2 * I * H) * es,
+                    (const char *)pb->w2->data + (size_t)(e * H * I) * es, I, M, tok, s->rw);
+    }
+    if (pb->se) {
+        for (int64_t t = 0; t < T; t++) {
+            tok[t] = (int32_t)t;
+            moe_to_f32(sh->dt, (const char *)pb->x.data + (size_t)(t * H) * es, s->xg + t * H, (size_t)H);
+        }
+        blas_expert(pb, s, pb->se->w13->data, pb->se->w2->data, sh->Is, T, tok, NULL);
+    }
+    moe_from_f32(sh->dt, s->yf, pb->y.data, (size_t)(T * H));
+    free(cnt);
+    free(tok);
+    return MOE_OK;
+}
+
+static moe_status run_backend(void *arg) {
+    problem *pb = ((void **)arg)[0];
+    kern_ctx_t *ctx = ((void **)arg)[1];
+    if (pb->se)
+        return kern_moe_forward(ctx, &pb->p, &pb->x, pb->w13, pb->w2, &pb->ids, &pb->w, pb->se, &pb->y);
+    return kern_fused_experts(ctx, &pb->p, &pb->x, pb->w13, pb->w2, &pb->ids, &pb->w, &pb->y);
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Median µs per call: one warm-up, then calls until min_time (at least 3, at most 200). */
+static double time_median_us(moe_status (*fn)(void *), void *arg, double min_time, int *reps) {
+    if (fn(arg) != MOE_OK) {
+        fprintf(stderr, "cpu_bench: call failed: %s\n", moe_errmsg());
+        return NAN;
+    }
+    double ts[200];
+    int n = 0;
+    double end = moe_now_s() + min_time;
+    while (n < 3 || (n < 200 && moe_now_s() < end)) {
+        double t0 = moe_now_s();
+        fn(arg);
+        ts[n++] = moe_now_s() - t0;
+    }
+    qsort(ts, (size_t)n, sizeof ts[0], cmp_double);
+    *reps = n;
+    return ts[n / 2] * 1e6;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * numpy, as a subprocess.
+ * ---------------------------------------------------------------------------------------- */
+static bool file_exists(const char *p) { return access(p, R_OK) == 0; }
+
+static void find_numpy_script(options *o) {
+    if (o->numpy_script[0])
+        return;
+    const char *rd = getenv("RUNFILES_DIR");
+    char cand[3][1200];
+    int n = 0;
+    if (rd)
+        snprintf(cand[n++], sizeof cand[0], "%s/moe_engine/tools/bench/bench_numpy.py", rd);
+    snprintf(cand[n++], sizeof cand[0], "%s.runfiles/moe_engine/tools/bench/bench_numpy.py", o->argv0);
+    snprintf(cand[n++], sizeof cand[0], "tools/bench/bench_numpy.py");
+    for (int i = 0; i < n; i++)
+        if (file_exists(cand[i]) && strlen(cand[i]) < sizeof o->numpy_script) {
+            memcpy(o->numpy_script, cand[i], strlen(cand[i]) + 1);
+            return;
+        }
+}
+
+/* Fills us[i] for tokens[i] (NAN where it did not run). */
+static void run_numpy(const options *o, const bench_shape *sh, double *us) {
+    for (int i = 0; i < o->n_tokens; i++)
+        us[i] = NAN;
+    if (!o->numpy_script[0])
+        return;
+    char toks[256] = "", cmd[2048];
+    for (int i = 0; i < o->n_tokens; i++)
+        snprintf(toks + strlen(toks), sizeof toks - strlen(toks), "%s%lld", i ? "," : "", (long long)o->tokens[i]);
+    /* moe_ref.py sits in tests/ref next to tools/ in the runfiles and in the source tree */
+    char refdir[1100];
+    snprintf(refdir, sizeof refdir, "%s", o->numpy_script);
+    char *slash = strstr(refdir, "tools/bench/bench_numpy.py");
+    if (slash)
+        snprintf(slash, sizeof refdir - (size_t)(slash - refdir), "tests/ref");
+    else
+        snprintf(refdir, sizeof refdir, "tests/ref");
+    snprintf(cmd, sizeof cmd,
+             "/usr/bin/python3 '%s' --hidden %lld --inter %lld --experts %lld --topk %lld --shared-inter %lld "
+             "--tokens %s --min-time %g --ref-dir '%s'",
+             o->numpy_script, (long long)sh->H, (long long)sh->I, (long long)sh->E, (long long)sh->K,
+             (long long)sh->Is, toks, o->min_time, refdir);
+    FILE *p = popen(cmd, "r");
+    if (!p)
+        return;
+    char line[256];
+    while (fgets(line, sizeof line, p)) {
+        long long t;
+        double v;
+        if (sscanf(line, "T=%lld us=%lf", &t, &v) == 2)
+            for (int i = 0; i < o->n_tokens; i++)
+                if (o->tokens[i] == t)
+                    us[i] = v;
+    }
+    pclose(p);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * main
+ * ---------------------------------------------------------------------------------------- */
+static void usage(void) {
+    fprintf(stderr, "usage: cpu_bench [--shapes a,b] [--tokens 1,16,128] [--threads N] [--no-numpy] [--no-ref] "
+                    "[--no-openblas] [--min-time S] [--numpy-script P]\n");
+}
+
+static bool parse_args(int argc, char **argv, options *o) {
+    memset(o, 0, sizeof *o);
+    snprintf(o->argv0, sizeof o->argv0, "%s", argv[0]);
+    o->numpy = o->ref = o->openblas = true;
+    o->min_time = 0.5;
+    int64_t def[] = {1, 16, 128};
+    o->n_tokens = 3;
+    memcpy(o->tokens, def, sizeof def);
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--shapes") && v) {
+            snprintf(o->shapes, sizeof o->shapes, ",%s,", v);
+            i++;
+        } else if (!strcmp(a, "--tokens") && v) {
+            o->n_tokens = 0;
+            char buf[256];
+            snprintf(buf, sizeof buf, "%s", v);
+            for (char *tok = strtok(buf, ","); tok && o->n_tokens < 16; tok = strtok(NULL, ","))
+                o->tokens[o->n_tokens++] = atoll(tok);
+            i++;
+        } else if (!strcmp(a, "--threads") && v) {
+            o->threads = atoi(v);
+            i++;
+        } else if (!strcmp(a, "--min-time") && v) {
+            o->min_time = atof(v);
+            i++;
+        } else if (!strcmp(a, "--numpy-script") && v) {
+            snprintf(o->numpy_script, sizeof o->numpy_script, "%s", v);
+            i++;
+        } else if (!strcmp(a, "--no-numpy")) {
+            o->numpy = false;
+        } else if (!strcmp(a, "--no-ref")) {
+            o->ref = false;
+        } else if (!strcmp(a, "--no-openblas")) {
+            o->openblas = false;
+        } else {
+            usage();
+            return false;
+        }
+    }
+    for (int i = 0; i < o->n_tokens; i++)
+        if (o->tokens[i] < 1 || o->tokens[i] > 65536) {
+            fprintf(stderr, "cpu_bench: T %lld not in [1, 65536]\n", (long long)o->tokens[i]);
+            return false;
+        }
+    return true;
+}
+
+static bool shape_selected(const options *o, const char *name) {
+    if (!o->shapes[0])
+        return true;
+    char key[64];
+    snprintf(key, sizeof key, ",%s,", name);
+    return strstr(o->shapes, key) != NULL;
+}
+
+static void print_row(const char *shape, const char *dt, int64_t T, const char *impl, double us, double flops,
+                      double mem_us, double comp_us, int reps) {
+    if (isnan(us)) {
+        printf("%-12s %-5s %5lld  %-9s %12s\n", shape, dt, (long long)T, impl, "-");
+        return;
+    }
+    double floor_us = mem_us > comp_us ? mem_us : comp_us;
+    printf("%-12s %-5s %5lld  %-9s %12.1f %11.1f %8.2f %11.1f %11.1f %8.2f %5d\n", shape, dt, (long long)T, impl, us,
+           (double)T / (us * 1e-6), flops / (us * 1e-6) / 1e9, mem_us, comp_us, us / floor_us, reps);
+}
+
+int main(int argc, char **argv) {
+    options o;
+    if (!parse_args(argc, argv, &o))
+        return 2;
+    moe_log_init_from_env();
+    if (o.numpy)
+        find_numpy_script(&o);
+
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int nthreads = o.threads > 0 ? o.threads : (int)(ncpu > 0 ? ncpu : 1);
+    char model[256];
+    cpu_model(model, sizeof model);
+    double bw1 = memcpy_bw(1), bwn = memcpy_bw(nthreads), gemm = sgemm_rate();
+    printf("moe-engine CPU benchmark: %s, %ld cores online, fast backend: %d threads, %s products\n", model, ncpu,
+           nthreads, cpu_gemm_isa());
+    printf("%s(core %s, %d threads): sgemm 1024^3 %.1f GFLOP/s; memcpy %.1f GB/s (1 thread), %.1f GB/s (%d "
+           "threads)\n",
+           OPENBLAS_VERSION, openblas_get_corename(), openblas_get_num_threads(), gemm / 1e9, bw1 / 1e9, bwn / 1e9,
+           nthreads);
+    if (o.numpy && !o.numpy_script[0])
+        printf("numpy: bench_numpy.py not found (--numpy-script), column skipped\n");
+    printf("floors: memory = weight bytes touched / %.1f GB/s; compute = flops / %.1f GFLOP/s. Median of timed calls.\n\n",
+           bwn / 1e9, gemm / 1e9);
+    printf("%-12s %-5s %5s  %-9s %12s %11s %8s %11s %11s %8s %5s\n", "shape", "dtype", "T", "impl", "us/call",
+           "tokens/s", "GFLOP/s", "mem floor", "comp floor", "x floor", "reps");
+
+    kern_ctx_t *ref = NULL, *fast = NULL;
+    kern_ctx_params fp = {.n_threads = nthreads};
+    if (kern_ctx_init(&ref, KERN_BACKEND_CPU_REF, NULL) != MOE_OK || kern_ctx_init(&fast, KERN_BACKEND_CPU, &fp) != MOE_OK) {
+        fprintf(stderr, "cpu_bench: %s\n", moe_errmsg());
+        return 1;
+    }
+    for (int s = 0; s < N_SHAPES; s++) {
+        const bench_shape *sh = &SHAPES[s];
+        if (!shape_selected(&o, sh->name))
+            continue;
+        const char *dtn = moe_dtype_name(sh->dt);
+        moe_tensor w13, w2, sw13 = {0}, sw2 = {0};
+        if (moe_tensor_alloc(&w13, sh->dt, 3, (int64_t[]){sh->E, 2 * sh->I, sh->H}) != MOE_OK ||
+            moe_tensor_alloc(&w2, sh->dt, 3, (int64_t[]){sh->E, sh->H, sh->I}) != MOE_OK) {
+            fprintf(stderr, "cpu_bench: %s: %s\n", sh->name, moe_errmsg());
+            return 1;
+        }
+        fill_fast(&w13, 11, 1.0f / sqrtf((float)sh->H));
+        fill_fast(&w2, 12, 1.0f / sqrtf((float)sh->I));
+        kern_shared_expert se = {0}, *sep = NULL;
+        if (sh->Is) {
+            moe_tensor_alloc(&sw13, sh->dt, 2, (int64_t[]){2 * sh->Is, sh->H});
+            moe_tensor_alloc(&sw2, sh->dt, 2, (int64_t[]){sh->H, sh->Is});
+            fill_fast(&sw13, 13, 1.0f / sqrtf((float)sh->H));
+            fill_fast(&sw2, 14, 1.0f / sqrtf((float)sh->Is));
+            se = (kern_shared_expert){&sw13, &sw2, NULL, KERN_ACT_SILU};
+            sep = &se;
+        }
+        printf("-- %s: %s; H %lld, I %lld, E %lld, K %lld%s\n", sh->name, sh->what, (long long)sh->H, (long long)sh->I,
+               (long long)sh->E, (long long)sh->K, sh->Is ? ", shared expert" : "");
+        fflush(stdout);
+        double np_us[16];
+        if (o.numpy)
+            run_numpy(&o, sh, np_us);
+        for (int ti = 0; ti < o.n_tokens; ti++) {
+            int64_t T = o.tokens[ti];
+            problem pb;
+            problem_init(&pb, sh, T, &w13, &w2, sep, 100 + (uint64_t)T);
+            const double es = (double)moe_dtype_size(sh->dt);
+            double bytes = (double)pb.touched * 3.0 * (double)(sh->H * sh->I) * es + 3.0 * (double)(sh->H * sh->Is) * es;
+            double flops = 2.0 * (double)T * (double)sh->K * 3.0 * (double)(sh->H * sh->I) +
+                           2.0 * (double)T * 3.0 * (double)(sh->H * sh->Is);
+            double mem_us = bytes / bwn * 1e6, comp_us = flops / gemm * 1e6;
+            int reps = 0;
+            void *args[2] = {&pb, NULL};
+            if (o.ref && flops / 0.4e9 < 3.0) { /* cpu-ref runs at ~0.4 GFLOP/s or better */
+                args[1] = ref;
+                double us = time_median_us(run_backend, args, o.min_time, &reps);
+                print_row(sh->name, dtn, T, "cpu-ref", us, flops, mem_us, comp_us, reps);
+            } else if (o.ref) {
+                print_row(sh->name, dtn, T, "cpu-ref", NAN, flops, mem_us, comp_us, 0);
+            }
+            args[1] = fast;
+            double us = time_median_us(run_backend, args, o.min_time, &reps);
+            print_row(sh->name, dtn, T, "cpu", us, flops, mem_us, comp_us, reps);
+            if (o.openblas) {
+                blas_scratch bs;
+                blas_scratch_init(&bs, sh, T);
+                args[1] = &bs;
+                us = time_median_us(run_openblas, args, o.min_time, &reps);
+                print_row(sh->name, dtn, T, "openblas", us, flops, mem_us, comp_us, reps);
+                blas_scratch_free(&bs);
+            }
+            if (o.numpy)
+                print_row(sh->name, "f32", T, "numpy", np_us[ti], flops, mem_us, comp_us, 0);
+            printf("%-12s %-5s %5lld  (%lld of %lld experts touched: %.1f MB of weights)\n", "", "", (long long)T,
+                   (long long)pb.touched, (long long)sh->E, bytes / 1e6);
+            fflush(stdout);
+            problem_free(&pb);
+        }
+        moe_tensor_free(&w13);
+        moe_tensor_free(&w2);
+        moe_tensor_free(&sw13);
+        moe_tensor_free(&sw2);
+    }
+    kern_ctx_free(ref);
+    kern_ctx_free(fast);
+    return 0;
+}

@@ -1,0 +1,118 @@
+/*
+ * engine_proc.c: see engine_proc.h.
+ */
+#include "tools/common/engine_proc.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int engine_free_port(void) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) != 0) {
+        if (s >= 0)
+            close(s);
+        return -1;
+    }
+    socklen_t l = sizeof a;
+    getsockname(s, (struct sockaddr *)&a, &l);
+    close(s);
+    return ntohs(a.sin_port);
+}
+
+bool engine_start(engine_proc *e, const char *engine, const char *const *flags) {
+    memset(e, 0, sizeof *e);
+    snprintf(e->rundir, sizeof e->rundir, "/tmp/moe-engine-tool-XXXXXX");
+    if (!mkdtemp(e->rundir)) {
+        perror("mkdtemp");
+        return false;
+    }
+    int p1 = engine_free_port(), p2 = engine_free_port();
+    if (p1 < 0 || p2 < 0) {
+        fprintf(stderr, "no free TCP port on 127.0.0.1\n");
+        return false;
+    }
+    snprintf(e->endpoint, sizeof e->endpoint, "tcp://127.0.0.1:%d", p1);
+    snprintf(e->http, sizeof e->http, "127.0.0.1:%d", p2);
+    const char *args[64];
+    int n = 0;
+    args[n++] = engine;
+    args[n++] = "serve";
+    args[n++] = "--bind";
+    args[n++] = e->endpoint;
+    args[n++] = "--http";
+    args[n++] = e->http;
+    args[n++] = "--runtime-dir";
+    args[n++] = e->rundir;
+    for (int i = 0; flags && flags[i] && n < 63; i++)
+        args[n++] = flags[i];
+    args[n] = NULL;
+    e->pid = fork();
+    if (e->pid < 0) {
+        perror("fork");
+        return false;
+    }
+    if (e->pid == 0) {
+        execv(engine, (char *const *)args);
+        perror("exec moe-engine");
+        _exit(127);
+    }
+    return true;
+}
+
+bool engine_wait_ready(engine_proc *e, moec_client_t *c, double timeout_s) {
+    double t0 = now_s();
+    while (now_s() - t0 < timeout_s) {
+        char *js = NULL;
+        bool ready = moec_stats(c, &js, 1000) == MOEC_OK && strstr(js, "\"state\":\"ready\"");
+        moec_free(js);
+        if (ready)
+            return true;
+        int status;
+        if (waitpid(e->pid, &status, WNOHANG) == e->pid) {
+            fprintf(stderr, "the engine exited during start\n");
+            e->pid = 0;
+            return false;
+        }
+        usleep(100000);
+    }
+    fprintf(stderr, "the engine was not ready within %.0f s\n", timeout_s);
+    return false;
+}
+
+bool engine_stop(engine_proc *e, bool keep) {
+    bool clean = true;
+    if (e->pid > 0) {
+        kill(e->pid, SIGTERM);
+        int status = 0;
+        waitpid(e->pid, &status, 0);
+        clean = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        e->pid = 0;
+    }
+    if (!keep && e->rundir[0]) {
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", e->rundir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "could not remove %s\n", e->rundir);
+    }
+    return clean;
+}
+
+void engine_default_model_dir(const engine_proc *e, char *out, size_t cap) {
+    snprintf(out, cap, "%s/moe-engine-default-model-v1", e->rundir);
+}

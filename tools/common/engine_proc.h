@@ -1,0 +1,33 @@
+/*
+ * engine_proc.h: start a `moe-engine serve` process for the project's tools (demo,
+ * benchmarks), wait until its workers are ready, and stop it with SIGTERM. Used by one thread.
+ */
+#ifndef TOOLS_COMMON_ENGINE_PROC_H
+#define TOOLS_COMMON_ENGINE_PROC_H
+
+#include <stdbool.h>
+#include <sys/types.h>
+
+#include "ipc/moeclient.h"
+
+typedef struct engine_proc {
+    pid_t pid;
+    char rundir[64];   /* a fresh temporary folder (its runtime dir) */
+    char endpoint[64]; /* tcp://127.0.0.1:PORT */
+    char http[64];
+} engine_proc;
+
+/* A free TCP port of 127.0.0.1 (bind to 0 and read it back). */
+int engine_free_port(void);
+/* Starts `engine serve --bind ... --http ... --runtime-dir ...` plus the NULL-terminated extra
+ * flags. Returns false (with a message on stderr) when it cannot start. */
+bool engine_start(engine_proc *e, const char *engine, const char *const *flags);
+/* Waits until STATS says "ready" through client c (timeout_s); false if the engine exited. */
+bool engine_wait_ready(engine_proc *e, moec_client_t *c, double timeout_s);
+/* SIGTERM, wait; returns true when it exited with status 0. Removes the runtime folder unless
+ * keep. */
+bool engine_stop(engine_proc *e, bool keep);
+/* The embedded default model's folder of a running engine. */
+void engine_default_model_dir(const engine_proc *e, char *out, size_t cap);
+
+#endif
