@@ -352,7 +352,7 @@ static __device__ __forceinline__ bool kc_held(const kc_locality &l, int64_t p) 
 }
 
 /* ---- the sum over slots --------------------------------------------------------------- */
-template <typename T, int V>
+template <typename T, int V, bool BATCH>
 __global__ void kc_sum_kernel(const void *slots, kc_locality loc, const void *shared, void *y, int64_t T_, int32_t K,
                               int64_t H) {
     kc_pdl_wait();
@@ -364,37 +364,56 @@ __global__ void kc_sum_kernel(const void *slots, kc_locality loc, const void *sh
     const int64_t t = idx / hv, h = (idx % hv) * V;
     const size_t es = sizeof(T);
     float acc[V], v[V];
-    (void)v;
 #pragma unroll
     for (int i = 0; i < V; i++)
         acc[i] = 0.0f;
-    /* Eight slots at a time: their loads are independent (issued together), the additions
-     * stay in slot order. */
-    for (int k0 = 0; k0 < K; k0 += 8) {
-        bool held[8];
-        float sv[8][V];
+    if (BATCH) {
+        /* Eight slots at a time: their loads are independent (issued together), the
+         * additions stay in slot order. For small grids, where latency is the cost. */
+        for (int k0 = 0; k0 < K; k0 += 8) {
+            bool held[8];
+            float sv[8][V];
 #pragma unroll
-        for (int kk = 0; kk < 8; kk++)
-            held[kk] = k0 + kk < K && kc_held(loc, t * K + k0 + kk);
+            for (int kk = 0; kk < 8; kk++)
+                held[kk] = k0 + kk < K && kc_held(loc, t * K + k0 + kk);
 #pragma unroll
-        for (int kk = 0; kk < 8; kk++) {
-            if (!held[kk])
+            for (int kk = 0; kk < 8; kk++) {
+                if (!held[kk])
+                    continue;
+                const char *src = (const char *)slots + ((size_t)(t * K + k0 + kk) * (size_t)H + (size_t)h) * es;
+                if (V == 8) {
+                    kc_v8<T>::load(src, sv[kk]);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < V; i++)
+                        sv[kk][i] = kc_v8<T>::ld1(src, i);
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < 8; kk++)
+                if (held[kk])
+#pragma unroll
+                    for (int i = 0; i < V; i++)
+                        acc[i] += sv[kk][i];
+        }
+    } else {
+        /* One slot at a time: few registers, many threads in flight (large grids). */
+        for (int k = 0; k < K; k++) {
+            const int64_t p = t * K + k;
+            if (!kc_held(loc, p))
                 continue;
-            const char *src = (const char *)slots + ((size_t)(t * K + k0 + kk) * (size_t)H + (size_t)h) * es;
+            const char *src = (const char *)slots + ((size_t)p * (size_t)H + (size_t)h) * es;
             if (V == 8) {
-                kc_v8<T>::load(src, sv[kk]);
+                kc_v8<T>::load(src, v);
             } else {
 #pragma unroll
                 for (int i = 0; i < V; i++)
-                    sv[kk][i] = kc_v8<T>::ld1(src, i);
+                    v[i] = kc_v8<T>::ld1(src, i);
             }
+#pragma unroll
+            for (int i = 0; i < V; i++)
+                acc[i] += v[i];
         }
-#pragma unroll
-        for (int kk = 0; kk < 8; kk++)
-            if (held[kk])
-#pragma unroll
-                for (int i = 0; i < V; i++)
-                    acc[i] += sv[kk][i];
     }
     if (shared) {
         const char *src = (const char *)shared + ((size_t)t * (size_t)H + (size_t)h) * es;
@@ -426,9 +445,15 @@ static int kc_sum_t(const void *slots, kc_locality loc, const void *shared, void
                      (!shared || ((uintptr_t)shared % 16) == 0);
     const int64_t n = T_ * (vec ? H / 8 : H);
     const unsigned grid = (unsigned)((n + 255) / 256);
+    /* fewer than ~4 CTAs per SM: latency-bound, batch the slot loads */
+    const bool batch = grid < 512;
+    if (vec && batch)
+        return kc_launch_ex(kc_sum_kernel<T, 8, true>, dim3(grid), dim3(256), 0, st, pdl, slots, loc, shared, y, T_, K,
+                            H);
     if (vec)
-        return kc_launch_ex(kc_sum_kernel<T, 8>, dim3(grid), dim3(256), 0, st, pdl, slots, loc, shared, y, T_, K, H);
-    return kc_launch_ex(kc_sum_kernel<T, 1>, dim3(grid), dim3(256), 0, st, pdl, slots, loc, shared, y, T_, K, H);
+        return kc_launch_ex(kc_sum_kernel<T, 8, false>, dim3(grid), dim3(256), 0, st, pdl, slots, loc, shared, y, T_, K,
+                            H);
+    return kc_launch_ex(kc_sum_kernel<T, 1, false>, dim3(grid), dim3(256), 0, st, pdl, slots, loc, shared, y, T_, K, H);
 }
 
 extern "C" int kc_launch_sum(int32_t dtype, const void *slots, kc_locality loc, const void *shared, void *y, int64_t T,

@@ -150,9 +150,14 @@ KC_WG_OP(__half, f16, 128)
 #endif
 
 /* ---- the kernel ------------------------------------------------------------------------ */
-template <int NWG, int BN> struct kc_tile {
+/* Accumulator blocks of 64 weight rows per warpgroup: 2 for gate-up (gate and up), 2 for down
+ * except with the smallest column tiles, where 1 block (64 rows of H per warpgroup) doubles
+ * the CTAs that stream W2 at small T (lab run 4: the down product at T = 1 had too few). */
+__host__ __device__ constexpr int kc_accb(int mode, int bn) { return (mode == KC_MODE_DOWN && bn <= 16) ? 1 : 2; }
+
+template <int NWG, int BN, int ACCB = 2> struct kc_tile {
     static constexpr int threads = 128 * NWG;
-    static constexpr int a_rows = 128 * NWG;
+    static constexpr int a_rows = 64 * ACCB * NWG;
     static constexpr int a_bytes = a_rows * 128;
     static constexpr int b_bytes = BN * 128;
     static constexpr int stage_bytes = a_bytes + b_bytes;
@@ -174,7 +179,8 @@ static __device__ __forceinline__ int kc_local_of(const kc_gemm_args &a, int p) 
 
 template <typename T, int NWG, int BN, int PATH, int MODE>
 __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_args a) {
-    typedef kc_tile<NWG, BN> TL;
+    constexpr int ACCB = kc_accb(MODE, BN);
+    typedef kc_tile<NWG, BN, ACCB> TL;
     constexpr int S = TL::stages;
     constexpr int D = S - 2; /* prefetch distance */
     constexpr int NACC = BN / 2; /* accumulator registers per thread per 64-row block */
@@ -194,7 +200,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
 
     const int tid = threadIdx.x;
     const int M = a.M, K = a.K;
-    const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 64 * ACCB * NWG;
     const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
     const int max_nb = a.max_blocks;
     const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
@@ -263,7 +269,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
     }
 
     /* This thread's A rows: chunk c = tid & 7 of rows (tid >> 3) + i * threads / 8. */
-    constexpr int A_PER = TL::a_rows * 8 / TL::threads; /* = 8 */
+    constexpr int A_PER = TL::a_rows * 8 / TL::threads; /* = 4 ACCB */
     const int my_c = tid & 7;
     const char *arow[A_PER];
     const char *wbase = (const char *)a.w + (size_t)expert * (size_t)a.w_rows * (size_t)K * sizeof(T);
@@ -361,9 +367,9 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
         }
         __syncthreads();
 
-        float acc[2][NACC];
+        float acc[ACCB][NACC];
 #pragma unroll
-        for (int b = 0; b < 2; b++)
+        for (int b = 0; b < ACCB; b++)
 #pragma unroll
             for (int i = 0; i < NACC; i++)
                 acc[b][i] = 0.0f;
@@ -372,7 +378,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
             /* Pin the zeroed accumulators before the first wgmma: without this, ptxas may sink
              * the zero moves into the pipeline and serialize every wgmma (warning C7515). */
 #pragma unroll
-            for (int b = 0; b < 2; b++)
+            for (int b = 0; b < ACCB; b++)
 #pragma unroll
                 for (int i = 0; i < NACC; i++)
                     asm volatile("" : "+f"(acc[b][i])::"memory");
@@ -416,8 +422,8 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
                 for (int kk = 0; kk < 4; kk++) {
                     const uint64_t db = kc_desc(sb + kk * 32);
 #pragma unroll
-                    for (int blk = 0; blk < 2; blk++) {
-                        const uint64_t da = kc_desc(sa + (uint32_t)((wg * 128 + blk * 64) * 128) + kk * 32);
+                    for (int blk = 0; blk < ACCB; blk++) {
+                        const uint64_t da = kc_desc(sa + (uint32_t)((wg * 64 * ACCB + blk * 64) * 128) + kk * 32);
                         kc_wgmma_op<T, BN>::run(acc[blk], da, db);
                     }
                 }
@@ -427,10 +433,10 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
             } else {
 #pragma unroll
                 for (int kk = 0; kk < 4; kk++) {
-                    uint32_t af[2][4];
+                    uint32_t af[ACCB][4];
 #pragma unroll
-                    for (int blk = 0; blk < 2; blk++) {
-                        const int r = wg * 128 + blk * 64 + warp * 16 + (lane & 15);
+                    for (int blk = 0; blk < ACCB; blk++) {
+                        const int r = wg * 64 * ACCB + blk * 64 + warp * 16 + (lane & 15);
                         kc_ldsm_x4(sa + kc_swz(r, 2 * kk + (lane >> 4)), af[blk]);
                     }
                     if (BN == 8) {
@@ -438,7 +444,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
                         const int r = lane & 7;
                         kc_ldsm_x2(sb + kc_swz(r, 2 * kk + ((lane >> 3) & 1)), bf);
 #pragma unroll
-                        for (int blk = 0; blk < 2; blk++)
+                        for (int blk = 0; blk < ACCB; blk++)
                             kc_mma<T>::run(&acc[blk][0], af[blk], bf[0], bf[1]);
                     } else {
 #pragma unroll
@@ -447,7 +453,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
                             const int r = nt * 8 + (lane & 7) + ((lane >> 4) << 3);
                             kc_ldsm_x4(sb + kc_swz(r, 2 * kk + ((lane >> 3) & 1)), bf);
 #pragma unroll
-                            for (int blk = 0; blk < 2; blk++) {
+                            for (int blk = 0; blk < ACCB; blk++) {
                                 kc_mma<T>::run(&acc[blk][nt * 4], af[blk], bf[0], bf[1]);
                                 kc_mma<T>::run(&acc[blk][(nt + 1) * 4], af[blk], bf[2], bf[3]);
                             }
@@ -468,7 +474,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
          * 16 warp + lane/4 + 8 hf, column 8 i + 2 (lane % 4) + cb (the same layout for wgmma
          * and mma.sync). */
         __syncthreads(); /* every warp is done reading the stages */
-        constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG; /* output rows per tile */
+        constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 64 * ACCB * NWG; /* output rows per tile */
         constexpr int PITCH = ROWS + 8;                                       /* elements; 16 B pad */
         static_assert(BN * PITCH * sizeof(T) <= (size_t)S * TL::stage_bytes, "epilogue tile exceeds the stages");
         T *sC = (T *)(smem_raw + (sbase - sbase_raw));
@@ -483,12 +489,12 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
                     const int rr = warp * 16 + (lane >> 2) + 8 * hf;
                     const int reg = 4 * i + 2 * hf + cb;
                     if (MODE == KC_MODE_GATE_UP) {
-                        const float gt = acc[0][reg], up = acc[1][reg];
+                        const float gt = acc[0][reg], up = acc[ACCB - 1][reg];
                         sC[n * PITCH + wg * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, gt) * up);
                     } else {
 #pragma unroll
-                        for (int blk = 0; blk < 2; blk++) /* sc == 1.0f when unscaled: exact */
-                            sC[n * PITCH + wg * 128 + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
+                        for (int blk = 0; blk < ACCB; blk++) /* sc == 1.0f when unscaled: exact */
+                            sC[n * PITCH + wg * 64 * ACCB + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
                     }
                 }
             }
@@ -813,8 +819,10 @@ static int kc_gemm_ws_launch_t(const kc_gemm_args *a, cudaStream_t st) {
 /* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
 template <typename T, int NWG, int BN, int PATH>
 static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
-    typedef kc_tile<NWG, BN> TL;
-    const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    const int accb = kc_accb(a->mode, BN);
+    const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 64 * NWG : 64 * accb * NWG;
+    const int smem = a->mode == KC_MODE_GATE_UP ? kc_tile<NWG, BN, kc_accb(KC_MODE_GATE_UP, BN)>::smem
+                                                : kc_tile<NWG, BN, kc_accb(KC_MODE_DOWN, BN)>::smem;
     const long n_rb = (a->M + rows_per_cta - 1) / rows_per_cta;
     const long nbl = a->small ? a->n_pairs : a->dense ? (a->n_dense + BN - 1) / BN : a->max_blocks;
     kc_gemm_args aa = *a;
@@ -834,9 +842,9 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
     if (!(attr_done[mi] & bit)) {
         e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem)
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
                     : cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess)
             return (int)e;
         attr_done[mi] |= bit;
@@ -844,8 +852,8 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     cfg.gridDim = dim3((unsigned)grid);
-    cfg.blockDim = dim3(TL::threads);
-    cfg.dynamicSmemBytes = TL::smem;
+    cfg.blockDim = dim3(128 * NWG);
+    cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
     if (a->pdl) {
         attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;

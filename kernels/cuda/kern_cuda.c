@@ -271,8 +271,9 @@ static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int
     } else if (m <= 80) {
         *nwg = 2, *bn = 64;
     } else {
-        /* the warp-specialized kernel where it is compiled (wgmma), else the plain one */
-        *nwg = s->path == KERN_CUDA_PATH_WGMMA ? 3 : 2, *bn = 128;
+        /* (3, 128), the warp-specialized kernel, gives the same bits but ran 20-30% slower on
+         * H100 in lab run 4 (docs/PERF.md): not chosen. */
+        *nwg = 2, *bn = 128;
     }
 }
 

@@ -72,12 +72,16 @@ fi
 if want prof; then
   # per-kernel time and DRAM traffic of the automatic variant, a few cases (Nsight Compute)
   echo "== prof"
-  for c in "qwen3-a3b 1" "qwen3-a3b 8192" "mixtral 8192" "dsv2-lite 1024"; do
+  for c in "qwen3-a3b 1" "mixtral 1" "dsv2-lite 1"; do
     echo "--- $c"
     timeout 120 ncu --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__pipe_tensor_op_hgmma_cycles_active.avg.pct_of_peak_sustained_active \
       --print-summary per-kernel "$BUNDLE/bin/lab_experts" --one $c 2>&1 | grep -E "kc_|gpu__time|dram__bytes|hgmma" | grep -v "^==PROF" | sed 's/  */ /g'
   done >"$OUT/prof.txt" 2>&1
-  head -c 6000 "$OUT/prof.txt"
+  # where the large-tile product stalls: one gate-up launch of Mixtral at T = 8192
+  timeout 200 ncu -k regex:kc_gemm_kernel -c 1 --launch-skip 2 --section SpeedOfLight --section WarpStateStats \
+    --section Occupancy --section MemoryWorkloadAnalysis "$BUNDLE/bin/lab_experts" --one mixtral 8192 \
+    >"$OUT/prof_detail.txt" 2>&1
+  head -c 5000 "$OUT/prof.txt"
 fi
 
 if want bench; then
