@@ -8,9 +8,10 @@
  *   2. gate/up: per expert, per panel of 16 intermediate features: pack the 16 gate rows and the
  *               16 up rows of w13 to fp32 (cpu_gemm.h), multiply every row of the expert, and
  *               apply a = round(act(g) * u) in the epilogue;
- *   3. down:    per expert, per panel of 16 hidden features: pack 16 rows of w2, multiply the
- *               expert's activations, and write c = round(w * out) (or round(out)) straight into
- *               its (token, slot) place: the output in slot mode, a [T*K, H] buffer otherwise;
+ *   3. down:    per expert, per two panels of 16 hidden features: pack 32 rows of w2, multiply
+ *               the expert's activations, and write c = round(w * out) (or round(out)) straight
+ *               into its (token, slot) place: the output in slot mode, a [T*K, H] buffer
+ *               otherwise;
  *   4. sum:     y[t] = round(((+0 + c[t,0]) + c[t,1]) + ... (+ s[t])) in slot order.
  *
  * Steps 2 and 3 run as items (expert, panel) on the context's thread pool; the shared expert
@@ -74,6 +75,16 @@ static moe_status arena_reserve(fast_state *st, size_t bytes) {
     st->arena = p;
     st->arena_cap = want;
     return MOE_OK;
+}
+
+/* Rounds n floats to dtype dt in place, with the base library's conversions (the same bits as
+ * moe_round_to, a call per row piece instead of per element). n <= 256. */
+static void round_inplace(moe_dtype dt, float *v, int32_t n) {
+    if (dt == MOE_DTYPE_F32)
+        return;
+    uint16_t tmp[256];
+    moe_from_f32(dt, v, tmp, (size_t)n);
+    moe_to_f32(dt, tmp, v, (size_t)n);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -312,45 +323,51 @@ static void gate_up_item(void *varg, int64_t item, int32_t worker) {
     float *pu = pg + (size_t)H * CPU_NR;
     cpu_pack_panel(j->dt, (const char *)u->w13 + (size_t)f0 * (size_t)H * es, H, nr, H, pg);
     cpu_pack_panel(j->dt, (const char *)u->w13 + (size_t)(I + f0) * (size_t)H * es, H, nr, H, pu);
-    float tg[CPU_MR * CPU_NR], tu[CPU_MR * CPU_NR];
-    for (int64_t m0 = 0; m0 < u->M; m0 += CPU_MR) {
-        int32_t mr = (int32_t)(u->M - m0 < CPU_MR ? u->M - m0 : CPU_MR);
-        cpu_gemm_tile(u->rows + m0, mr, pg, H, tg);
-        cpu_gemm_tile(u->rows + m0, mr, pu, H, tu);
-        for (int32_t i = 0; i < mr; i++) {
+    float tg[CPU_MROWS * CPU_NR], tu[CPU_MROWS * CPU_NR];
+    for (int64_t m0 = 0; m0 < u->M; m0 += CPU_MROWS) {
+        int32_t m = (int32_t)(u->M - m0 < CPU_MROWS ? u->M - m0 : CPU_MROWS);
+        cpu_gemm_rows(u->rows + m0, m, pg, pu, H, tg, tu);
+        for (int32_t i = 0; i < m; i++) {
             float *arow = u->a + (size_t)(m0 + i) * (size_t)I + (size_t)f0;
             for (int32_t q = 0; q < nr; q++)
-                arow[q] = moe_round_to(j->dt, kern_act_f32(u->act, tg[i * CPU_NR + q]) * tu[i * CPU_NR + q]);
+                arow[q] = kern_act_f32(u->act, tg[i * CPU_NR + q]) * tu[i * CPU_NR + q];
+            round_inplace(j->dt, arow, nr);
         }
     }
 }
 
-/* Step 3 item: 16 hidden features of one unit, for all its rows. */
+/* Step 3 item: 32 hidden features (two panels) of one unit, for all its rows. */
 static void down_item(void *varg, int64_t item, int32_t worker) {
     const experts_job *j = varg;
     const unit *u = &j->units[j->item_unit[item]];
     const int64_t H = j->H, I = u->I;
-    const int64_t h0 = (int64_t)j->item_panel[item] * CPU_NR;
-    const int32_t nr = (int32_t)(H - h0 < CPU_NR ? H - h0 : CPU_NR);
+    const int64_t h0 = (int64_t)j->item_panel[item] * 2 * CPU_NR;
+    const int32_t nr0 = (int32_t)(H - h0 < CPU_NR ? H - h0 : CPU_NR);
+    const int32_t nr1 = (int32_t)(H - h0 - CPU_NR < CPU_NR ? (H - h0 - CPU_NR > 0 ? H - h0 - CPU_NR : 0) : CPU_NR);
     const size_t es = moe_dtype_size(j->dt);
-    float *pd = j->pack + (size_t)worker * j->pack_per;
-    cpu_pack_panel(j->dt, (const char *)u->w2 + (size_t)h0 * (size_t)I * es, I, nr, I, pd);
-    float to[CPU_MR * CPU_NR];
-    const float *arows[CPU_MR];
-    for (int64_t m0 = 0; m0 < u->M; m0 += CPU_MR) {
-        int32_t mr = (int32_t)(u->M - m0 < CPU_MR ? u->M - m0 : CPU_MR);
-        for (int32_t i = 0; i < mr; i++)
+    float *pd0 = j->pack + (size_t)worker * j->pack_per;
+    float *pd1 = pd0 + (size_t)I * CPU_NR;
+    cpu_pack_panel(j->dt, (const char *)u->w2 + (size_t)h0 * (size_t)I * es, I, nr0, I, pd0);
+    if (nr1 > 0)
+        cpu_pack_panel(j->dt, (const char *)u->w2 + (size_t)(h0 + CPU_NR) * (size_t)I * es, I, nr1, I, pd1);
+    float to[2][CPU_MROWS * CPU_NR];
+    const float *arows[CPU_MROWS];
+    for (int64_t m0 = 0; m0 < u->M; m0 += CPU_MROWS) {
+        int32_t m = (int32_t)(u->M - m0 < CPU_MROWS ? u->M - m0 : CPU_MROWS);
+        for (int32_t i = 0; i < m; i++)
             arows[i] = u->a + (size_t)(m0 + i) * (size_t)I;
-        cpu_gemm_tile(arows, mr, pd, I, to);
-        for (int32_t i = 0; i < mr; i++) {
-            size_t base = (size_t)u->dst_row[m0 + i] * (size_t)H + (size_t)h0;
-            if (u->scale) {
-                float s = u->scale[m0 + i];
-                for (int32_t q = 0; q < nr; q++)
-                    moe_store_f32(j->dt, u->dst, base + (size_t)q, s * to[i * CPU_NR + q]);
-            } else {
-                for (int32_t q = 0; q < nr; q++)
-                    moe_store_f32(j->dt, u->dst, base + (size_t)q, to[i * CPU_NR + q]);
+        cpu_gemm_rows(arows, m, pd0, nr1 > 0 ? pd1 : NULL, I, to[0], to[1]);
+        for (int32_t i = 0; i < m; i++) {
+            for (int32_t half = 0; half < (nr1 > 0 ? 2 : 1); half++) {
+                int32_t nr = half ? nr1 : nr0;
+                size_t base = (size_t)u->dst_row[m0 + i] * (size_t)H + (size_t)(h0 + half * CPU_NR);
+                float *o = to[half] + i * CPU_NR;
+                if (u->scale) {
+                    float s = u->scale[m0 + i];
+                    for (int32_t q = 0; q < nr; q++)
+                        o[q] = s * o[q];
+                }
+                moe_from_f32(j->dt, o, (char *)u->dst + base * es, (size_t)nr);
             }
         }
     }
@@ -393,7 +410,7 @@ static void run_units(fast_state *st, moe_dtype dt, int64_t H, const unit *units
     cpu_pool_run(st->pool, gate_up_item, &j, n);
     n = 0;
     for (int32_t u = 0; u < n_units; u++)
-        for (int64_t g = 0; g < (H + CPU_NR - 1) / CPU_NR; g++, n++) {
+        for (int64_t g = 0; g < (H + 2 * CPU_NR - 1) / (2 * CPU_NR); g++, n++) {
             us->item_unit[n] = u;
             us->item_panel[n] = (int32_t)g;
         }
@@ -442,8 +459,12 @@ static void gather_w_item(void *varg, int64_t item, int32_t worker) {
         float wk = j->topk_w[pair];
         const float *h = j->xf + (size_t)t * (size_t)j->H;
         float *o = j->xw + (size_t)r * (size_t)j->H;
-        for (int64_t i = 0; i < j->H; i++)
-            o[i] = moe_round_to(j->dt, h[i] * wk);
+        for (int64_t i0 = 0; i0 < j->H; i0 += 256) {
+            int32_t n = (int32_t)(j->H - i0 < 256 ? j->H - i0 : 256);
+            for (int32_t i = 0; i < n; i++)
+                o[i0 + i] = h[i0 + i] * wk;
+            round_inplace(j->dt, o + i0, n);
+        }
     }
 }
 
@@ -461,7 +482,8 @@ static void sum_item(void *varg, int64_t item, int32_t worker) {
     (void)worker;
     const sum_job *j = varg;
     int64_t t0 = item * ROWS_PER_ITEM, t1 = t0 + ROWS_PER_ITEM < j->T ? t0 + ROWS_PER_ITEM : j->T;
-    float acc[256];
+    const size_t es = moe_dtype_size(j->dt);
+    float acc[256], v[256];
     for (int64_t t = t0; t < t1; t++) {
         for (int64_t h0 = 0; h0 < j->H; h0 += 256) {
             int64_t nh = j->H - h0 < 256 ? j->H - h0 : 256;
@@ -473,15 +495,17 @@ static void sum_item(void *varg, int64_t item, int32_t worker) {
                 if (j->valid && !j->valid[t * j->K + k])
                     continue;
                 size_t base = (size_t)((t * j->K + k) * j->H + h0);
+                moe_to_f32(j->dt, (const char *)j->slots + base * es, v, (size_t)nh);
                 for (int64_t q = 0; q < nh; q++)
-                    acc[q] += moe_load_f32(j->dt, j->slots, base + (size_t)q);
+                    acc[q] += v[q];
             }
             size_t ob = (size_t)(t * j->H + h0);
-            if (j->shared)
+            if (j->shared) {
+                moe_to_f32(j->dt, (const char *)j->shared + ob * es, v, (size_t)nh);
                 for (int64_t q = 0; q < nh; q++)
-                    acc[q] += moe_load_f32(j->dt, j->shared, ob + (size_t)q);
-            for (int64_t q = 0; q < nh; q++)
-                moe_store_f32(j->dt, j->y, ob + (size_t)q, acc[q]);
+                    acc[q] += v[q];
+            }
+            moe_from_f32(j->dt, acc, (char *)j->y + ob * es, (size_t)nh);
         }
     }
 }

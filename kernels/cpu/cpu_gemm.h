@@ -17,8 +17,10 @@
  * would, and a row's result depends on nothing but its own data: not on M, the row's
  * position, the panel it shares, the tile shape, or the thread that runs it.
  *
- * Speed comes from register blocking (4 rows x 16 columns = 8 accumulator vectors), the packed
- * panel (contiguous 16-float lines, one per k), and AVX2 where the CPU has it (chosen at run
+ * Speed comes from register blocking (4 rows x 16 columns = 8 accumulator vectors; 1-2 rows
+ * against two panels at once for decode), k blocking (a 16 KiB block of the panel stays in L1
+ * while every row tile passes over it), the packed panel (contiguous 16-float lines, one per
+ * k, written by an in-register 8x8 transpose), and AVX2 where the CPU has it (chosen at run
  * time; the SSE2 path computes the same bits, more slowly). On AMD Zen the separate multiply
  * and add issue on separate pipes, so they cost the same as an FMA would.
  *
@@ -32,18 +34,26 @@
 #include "engine/base/moe_base.h"
 
 #define CPU_NR 16 /* columns of a packed panel (weight rows) */
-#define CPU_MR 4  /* activation rows per register tile */
+#define CPU_MR 4      /* activation rows per register tile */
+#define CPU_KC 256    /* k per block: 16 KiB of panel, kept in L1 across the row tiles */
+#define CPU_MROWS 64  /* rows per cpu_gemm_rows call (its outputs: 4 KiB per panel) */
 
 /* Packs nr (1..16) rows of a row-major matrix of dtype dt, starting at `b` with row stride ldb
  * (elements), columns [0, kd), into p[k * 16 + j] as fp32 (exact conversion); lanes j >= nr are
  * zero. p must be 32-byte aligned and hold kd * 16 floats. */
 void cpu_pack_panel(moe_dtype dt, const void *b, int64_t ldb, int32_t nr, int64_t kd, float *p);
 
-/* out[m * 16 + j] = the fixed-order product above of row a_rows[m] (fp32, kd long) and panel
- * column j, for m < mr (1..CPU_MR). */
-void cpu_gemm_tile(const float *const *a_rows, int32_t mr, const float *p, int64_t kd, float *out);
+/* out0[i * 16 + j] = the fixed-order product above of row a_rows[i] (fp32, kd long) and column
+ * j of panel pa, for i < m (m <= CPU_MROWS); the same into out1 for panel pb when pb is not
+ * NULL. k runs in blocks of CPU_KC (partial sums kept in out0/out1 between blocks), which
+ * changes no bit. */
+void cpu_gemm_rows(const float *const *a_rows, int32_t m, const float *pa, const float *pb, int64_t kd, float *out0,
+                   float *out1);
 
-/* Which code path cpu_gemm_tile and cpu_pack_panel use on this CPU ("avx2" or "sse2"). */
+/* cpu_pack_panel's portable path (the tests check that the fast path packs the same panel). */
+void cpu_pack_panel_scalar(moe_dtype dt, const void *b, int64_t ldb, int32_t nr, int64_t kd, float *p);
+
+/* Which code path cpu_gemm_rows and cpu_pack_panel use on this CPU ("avx2" or "sse2"). */
 const char *cpu_gemm_isa(void);
 
 #endif /* KERN_CPU_GEMM_H */

@@ -875,45 +875,71 @@ static void test_threads_determinism(void **state) {
 /* ==========================================================================================
  * The product kernel, and the OpenBLAS probe.
  * ======================================================================================== */
-/* cpu_gemm_tile gives each row the bits of the plain loop (acc += a * p, k in order, from
- * +0.0) whatever the tile height and the row's position in it. */
+/* cpu_gemm_rows gives each row the bits of the plain loop (acc += a * p, k in order, from +0.0)
+ * whatever the number of rows, the row's position, one panel or two, and the k blocks (kd
+ * around and past CPU_KC); the fast packing
+ * writes the same panel as the portable one, for every dtype, row count and length. */
 static void test_gemm_tile_order(void **state) {
     (void)state;
     moe_rng r;
     moe_rng_seed(&r, 5);
-    const int64_t kds[] = {1, 7, 16, 33, 300, 2051};
+    const int64_t kds[] = {1, 7, 8, 16, 33, 255, 256, 257, 300, 2051};
+    const moe_dtype dts[] = {MOE_DTYPE_BF16, MOE_DTYPE_F16, MOE_DTYPE_F32};
     for (size_t q = 0; q < sizeof kds / sizeof kds[0]; q++) {
         int64_t kd = kds[q];
         float *a = moe_alloc(sizeof(float) * (size_t)(4 * kd));
-        float *p = moe_alloc(sizeof(float) * (size_t)(16 * kd));
-        moe_tensor bt = host_tensor(MOE_DTYPE_BF16, 2, (int64_t[]){13, kd});
-        fill_normal(&r, &bt, 1.0f);
+        float *p = moe_alloc(sizeof(float) * (size_t)(16 * kd)), *p2 = moe_alloc(sizeof(float) * (size_t)(16 * kd));
         for (int64_t i = 0; i < 4 * kd; i++)
             a[i] = moe_rng_normal(&r);
-        cpu_pack_panel(MOE_DTYPE_BF16, bt.data, kd, 13, kd, p);
-        for (int64_t k = 0; k < kd; k++)
-            for (int j = 0; j < 16; j++) {
-                float want = j < 13 ? moe_load_f32(MOE_DTYPE_BF16, bt.data, (size_t)(j * kd + k)) : 0.0f;
-                assert_true(memcmp(&p[k * 16 + j], &want, 4) == 0);
+        for (size_t d = 0; d < 3; d++) {
+            moe_tensor bt = host_tensor(dts[d], 2, (int64_t[]){16, kd + 3}); /* row stride kd + 3 */
+            fill_normal(&r, &bt, 1.0f);
+            for (int32_t nr = 1; nr <= 16; nr += 5) {
+                cpu_pack_panel(dts[d], bt.data, kd + 3, nr, kd, p);
+                cpu_pack_panel_scalar(dts[d], bt.data, kd + 3, nr, kd, p2);
+                assert_memory_equal(p, p2, sizeof(float) * (size_t)(16 * kd));
+                for (int64_t k = 0; k < kd; k++)
+                    for (int j = 0; j < 16; j++) {
+                        float want = j < nr ? moe_load_f32(dts[d], bt.data, (size_t)(j * (kd + 3) + k)) : 0.0f;
+                        assert_true(memcmp(&p[k * 16 + j], &want, 4) == 0);
+                    }
             }
-        for (int32_t mr = 1; mr <= CPU_MR; mr++) {
-            const float *rows[CPU_MR] = {a + 3 * kd, a, a + 2 * kd, a + kd}; /* any order */
-            float out[CPU_MR * 16];
-            cpu_gemm_tile(rows, mr, p, kd, out);
-            for (int32_t i = 0; i < mr; i++)
+            moe_tensor_free(&bt);
+        }
+        /* p: a bf16 panel of 13 rows; p2: another panel */
+        moe_tensor bt = host_tensor(MOE_DTYPE_BF16, 2, (int64_t[]){13, kd});
+        fill_normal(&r, &bt, 1.0f);
+        cpu_pack_panel(MOE_DTYPE_BF16, bt.data, kd, 13, kd, p);
+        for (int64_t i = 0; i < 16 * kd; i++)
+            p2[i] = moe_rng_normal(&r);
+        /* every row count 1..9 (tiles of 4, pairs, singles), one and two panels; rows in any
+         * order, some repeated */
+        for (int32_t m = 1; m <= 9; m++) {
+            const float *rows[9];
+            for (int32_t i = 0; i < m; i++)
+                rows[i] = a + (size_t)((i * 3 + 1) % 4) * (size_t)kd;
+            float out[9 * 16], o0[9 * 16], o1[9 * 16];
+            cpu_gemm_rows(rows, m, p, NULL, kd, out, NULL);
+            cpu_gemm_rows(rows, m, p, p2, kd, o0, o1);
+            for (int32_t i = 0; i < m; i++)
                 for (int j = 0; j < 16; j++) {
-                    float acc = 0.0f;
-                    for (int64_t k = 0; k < kd; k++)
+                    float acc = 0.0f, acc2 = 0.0f;
+                    for (int64_t k = 0; k < kd; k++) {
                         acc += rows[i][k] * p[k * 16 + j];
-                    if (memcmp(&acc, &out[i * 16 + j], 4) != 0) {
-                        print_error("tile mr=%d kd=%lld row %d col %d: %a, loop %a\n", (int)mr, (long long)kd, (int)i,
-                                    j, (double)out[i * 16 + j], (double)acc);
+                        acc2 += rows[i][k] * p2[k * 16 + j];
+                    }
+                    if (memcmp(&acc, &out[i * 16 + j], 4) != 0 || memcmp(&acc, &o0[i * 16 + j], 4) != 0 ||
+                        memcmp(&acc2, &o1[i * 16 + j], 4) != 0) {
+                        print_error("rows m=%d kd=%lld row %d col %d: %a / %a %a, loop %a %a\n", (int)m,
+                                    (long long)kd, (int)i, j, (double)out[i * 16 + j], (double)o0[i * 16 + j],
+                                    (double)o1[i * 16 + j], (double)acc, (double)acc2);
                         fail();
                     }
                 }
         }
         moe_free(a);
         moe_free(p);
+        moe_free(p2);
         moe_tensor_free(&bt);
     }
 }

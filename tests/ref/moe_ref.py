@@ -233,7 +233,9 @@ def softmax(x):
 
 
 def sigmoid(x):
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        x = x.astype(np.float64)
     return 1.0 / (1.0 + np.exp(-x))
 
 
@@ -242,14 +244,17 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 def act_fn(name, x):
     """silu (x * sigmoid(x)), gelu (exact, erf) and gelu_tanh (the tanh approximation,
-    "gelu_pytorch_tanh")."""
-    x = np.asarray(x, dtype=np.float64)
+    "gelu_pytorch_tanh"). Computed in x's precision when x is float32 (the benchmark's plain
+    numpy path), else in float64."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        x = x.astype(np.float64)
     if name in ("silu", "swish"):
         return x * sigmoid(x)
     if name == "gelu":
         return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
     if name in ("gelu_tanh", "gelu_pytorch_tanh", "gelu_new"):
-        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
     raise ValueError("activation %r (silu, gelu, gelu_tanh)" % (name,))
 
 
