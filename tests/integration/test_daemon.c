@@ -487,6 +487,61 @@ static void test_kill_worker_in_flight(void **state) {
     assert_int_equal(h_daemon_stop(&d, 20), 0);
 }
 
+/* A worker that stops answering (SIGSTOP): idle, it misses its heartbeats; busy, its step
+ * misses the deadline. Either way the requests in flight get MOE_ERR_WORKER within the bounded
+ * time, the group is replaced, and service resumes. */
+static void test_hung_worker(void **state) {
+    (void)state;
+    daemon_proc d;
+    assert_true(h_daemon_start(&d, (const char *[]){"--workers", "2", "--heartbeat-ms", "50", "--worker-timeout-ms",
+                                                    "600", "--step-timeout-ms", "1500", NULL},
+                               60));
+    h_client c;
+    assert_true(h_client_open(&c, d.endpoint));
+    req r;
+    req_make(&r, 8, 77, 0);
+    assert_int_equal(submit(&c, &r, 1, 0, NULL), 0);
+    /* Idle hang: detected by heartbeats. */
+    pid_t kids[8];
+    assert_int_equal(h_daemon_workers(&d, kids, 8), 2);
+    kill(kids[0], SIGSTOP);
+    double t0 = moe_now_s();
+    int32_t st;
+    do { /* the new group takes over within worker-timeout + restart */
+        usleep(100000);
+        st = submit(&c, &r, 2, 0, NULL);
+    } while (st != 0 && moe_now_s() - t0 < 20);
+    fprintf(stderr, "idle hang: service back after %.2f s\n", moe_now_s() - t0);
+    assert_int_equal(st, 0);
+    kill(kids[0], SIGCONT); /* it was killed with its group; harmless if gone */
+    /* Busy hang: a step in flight on a stopped worker fails by the step deadline. */
+    assert_int_equal(h_daemon_workers(&d, kids, 8), 2);
+    kill(kids[1], SIGSTOP);
+    ipc_msg m;
+    req_msg(&r, 3, 0, &m);
+    t0 = moe_now_s();
+    assert_true(h_send_msg(&c, &m));
+    void *buf = NULL;
+    size_t len;
+    ipc_msg rep;
+    assert_true(h_recv(&c, 10000, &buf, &len, &rep));
+    double dt = moe_now_s() - t0;
+    fprintf(stderr, "busy hang: request answered %d after %.2f s\n", (int)rep.status, dt);
+    assert_int_equal(rep.status, MOE_ERR_WORKER);
+    assert_true(dt < 5.0);
+    moe_free(buf);
+    t0 = moe_now_s();
+    do {
+        usleep(100000);
+        st = submit(&c, &r, 4, 1, NULL);
+    } while (st != 0 && moe_now_s() - t0 < 20);
+    assert_int_equal(st, 0);
+    kill(kids[1], SIGCONT);
+    req_free(&r);
+    h_client_close(&c);
+    assert_int_equal(h_daemon_stop(&d, 20), 0);
+}
+
 static void test_sigterm_drains(void **state) {
     (void)state;
     daemon_proc d;
@@ -661,6 +716,7 @@ int main(void) {
         cmocka_unit_test(test_bits_across_world_sizes),
         cmocka_unit_test(test_malformed_requests),
         cmocka_unit_test(test_kill_worker_in_flight),
+        cmocka_unit_test(test_hung_worker),
         cmocka_unit_test(test_sigterm_drains),
         cmocka_unit_test(test_flood_busy),
         cmocka_unit_test(test_probes),
