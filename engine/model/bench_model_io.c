@@ -12,6 +12,7 @@
  * loader's overhead, not the disk), ~2-10 GB/s for a same-dtype copy on one core, less where
  * it converts. A rank of a 4-way placement reads a quarter of the expert bytes.
  */
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,6 +117,21 @@ int main(int argc, char **argv) {
         s += strcspn(s, ",");
         if (*s == ',')
             s++;
+    }
+    if (dir == tmpl) { /* ours: remove what the writer put there, then the folder */
+        DIR *dh = opendir(dir);
+        struct dirent *de;
+        char path[512];
+        while (dh && (de = readdir(dh))) {
+            if (!strcmp(de->d_name, "config.json") || !strncmp(de->d_name, "model", 5)) {
+                snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+                unlink(path);
+            }
+        }
+        if (dh)
+            closedir(dh);
+        if (rmdir(dir) != 0)
+            fprintf(stderr, "bench_model_io: could not remove %s\n", dir);
     }
     return 0;
 }
