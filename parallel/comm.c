@@ -48,3 +48,11 @@ moe_status par_comm_gatherv(par_comm_t *c, uint64_t seq, const void *send, size_
                  moe_status_str(st), moe_errmsg());
     return st;
 }
+
+moe_status par_comm_wait(par_comm_t *c, void *stream, int32_t timeout_ms) {
+    MOE_REQUIRE(c, MOE_ERR_INVALID_ARG, "comm_wait: NULL communicator");
+    MOE_REQUIRE(timeout_ms > 0, MOE_ERR_INVALID_ARG, "comm_wait: timeout %d ms", (int)timeout_ms);
+    if (atomic_load(&c->aborted))
+        return moe_fail(MOE_ERR_SHUTDOWN, "communicator aborted");
+    return c->ops->wait ? c->ops->wait(c, stream, timeout_ms) : MOE_OK;
+}

@@ -14,6 +14,7 @@ typedef struct par_comm_ops {
     moe_status (*gatherv)(par_comm_t *c, uint64_t seq, const void *send, size_t send_bytes, void *const *recv,
                           const size_t *recv_bytes, int32_t root, int32_t timeout_ms, void *stream);
     void (*abort)(par_comm_t *c);
+    moe_status (*wait)(par_comm_t *c, void *stream, int32_t timeout_ms); /* NULL: synchronous */
     void (*free)(par_comm_t *c);
 } par_comm_ops;
 

@@ -85,8 +85,40 @@ int32_t par_comm_world_size(const par_comm_t *c);
 moe_status par_comm_gatherv(par_comm_t *c, uint64_t seq, const void *send, size_t send_bytes, void *const *recv,
                             const size_t *recv_bytes, int32_t root, int32_t timeout_ms, void *stream);
 
-/* Marks the communicator failed: waits in progress return, later operations fail at once. */
+/* Marks the communicator failed: waits in progress return, later operations fail at once.
+ * The NCCL backend also aborts the NCCL communicator (ncclCommAbort), which ends the
+ * collectives in flight on every rank that does the same. */
 void par_comm_abort(par_comm_t *c);
+
+/*
+ * Waits until the operations enqueued on `stream` have finished, polling the communicator's
+ * asynchronous error, until the deadline: MOE_ERR_TIMEOUT (and the communicator aborted) when a
+ * peer does not take part in time, MOE_ERR_NCCL when NCCL reports an error. A result of a
+ * failed or timed-out collective must never be used. The host backend's operations are
+ * synchronous: there it returns at once.
+ */
+moe_status par_comm_wait(par_comm_t *c, void *stream, int32_t timeout_ms);
+
+/* ------------------------------------------------------------------------------------------
+ * The NCCL backend (parallel/nccl). The unique id is made by rank 0 and handed to the others
+ * by the coordinator over ZeroMQ; the communicator is non-blocking (every NCCL call returns at
+ * once and completion is polled against a deadline), so no call can hang a worker forever.
+ * ---------------------------------------------------------------------------------------- */
+#define PAR_NCCL_ID_BYTES 128
+
+typedef struct par_comm_nccl_params {
+    int32_t rank;
+    int32_t world_size;
+    int32_t device;                                /* CUDA device ordinal of this rank */
+    uint8_t unique_id[PAR_NCCL_ID_BYTES];          /* from par_comm_nccl_unique_id on rank 0 */
+    int32_t init_timeout_ms;                       /* the communicator's creation deadline */
+} par_comm_nccl_params;
+
+/* MOE_ERR_UNSUPPORTED when the build has no NCCL. */
+moe_status par_comm_nccl_unique_id(uint8_t out[PAR_NCCL_ID_BYTES]);
+moe_status par_comm_nccl_init(par_comm_t **out, const par_comm_nccl_params *p);
+/* NCCL's version code (22803 for 2.28.3), or 0 without NCCL. */
+int par_comm_nccl_version(void);
 
 /* ------------------------------------------------------------------------------------------
  * The combine plan of one step: which (token, slot) pairs each rank computes, in canonical

@@ -1,0 +1,207 @@
+/*
+ * comm_nccl.c: the NCCL communicator of GPU workers (par.h). The communicator is created
+ * non-blocking (ncclConfig_t.blocking = 0): every NCCL call returns at once, and this file
+ * polls ncclCommGetAsyncError (and, for completion, a CUDA event on the caller's stream)
+ * against a deadline. So a peer that died or hangs never blocks the worker's step loop: the
+ * wait times out, the communicator is aborted (ncclCommAbort), and the error goes up; the
+ * coordinator then restarts the whole group. Nothing of a failed collective is ever used.
+ *
+ * The gather is point to point: the root posts one ncclRecv per other rank and copies its own
+ * part on the stream; the others post one ncclSend; all inside one NCCL group, so the transfers
+ * of all ranks run concurrently.
+ *
+ * Owner: the worker's step loop thread (one communicator per process, one device).
+ */
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "parallel/comm_impl.h"
+
+typedef struct nccl_comm {
+    ncclComm_t comm;
+    int32_t device;
+    cudaEvent_t done;
+    bool nccl_aborted;
+} nccl_comm;
+
+int par_comm_nccl_version(void) {
+    int v = 0;
+    if (ncclGetVersion(&v) != ncclSuccess)
+        return 0;
+    return v;
+}
+
+moe_status par_comm_nccl_unique_id(uint8_t out[PAR_NCCL_ID_BYTES]) {
+    MOE_REQUIRE(out, MOE_ERR_INVALID_ARG, "nccl unique id: NULL");
+    ncclUniqueId id;
+    MOE_NCCL_CHECK(ncclGetUniqueId(&id));
+    memcpy(out, id.internal, PAR_NCCL_ID_BYTES);
+    return MOE_OK;
+}
+
+static void abort_nccl(par_comm_t *c) {
+    nccl_comm *n = c->impl;
+    if (n->comm && !n->nccl_aborted) {
+        ncclCommAbort(n->comm);
+        n->nccl_aborted = true;
+    }
+    atomic_store(&c->aborted, 1);
+}
+
+static void short_pause(void) {
+    struct timespec ts = {0, 20000}; /* 20 us: polling cost stays far below a collective */
+    nanosleep(&ts, NULL);
+}
+
+/* Polls until NCCL is no longer in progress and (when ev) the event has completed. */
+static moe_status poll_until(par_comm_t *c, uint64_t deadline, cudaEvent_t ev, const char *what) {
+    nccl_comm *n = c->impl;
+    for (;;) {
+        if (atomic_load(&c->aborted))
+            return moe_fail(MOE_ERR_SHUTDOWN, "rank %d: %s: communicator aborted", (int)c->rank, what);
+        ncclResult_t ar = ncclSuccess;
+        ncclResult_t qr = ncclCommGetAsyncError(n->comm, &ar);
+        if (qr != ncclSuccess)
+            ar = qr;
+        if (ar != ncclSuccess && ar != ncclInProgress) {
+            moe_status st = moe_fail(MOE_ERR_NCCL, "rank %d: %s: %s (%s)", (int)c->rank, what, ncclGetErrorString(ar),
+                                     ncclGetLastError(n->comm));
+            abort_nccl(c);
+            return st;
+        }
+        if (ar == ncclSuccess) {
+            if (!ev)
+                return MOE_OK;
+            cudaError_t e = cudaEventQuery(ev);
+            if (e == cudaSuccess)
+                return MOE_OK;
+            if (e != cudaErrorNotReady) {
+                moe_status st = moe_fail(MOE_ERR_CUDA, "rank %d: %s: %s", (int)c->rank, what, cudaGetErrorString(e));
+                abort_nccl(c);
+                return st;
+            }
+        }
+        if (moe_now_ns() > deadline) {
+            abort_nccl(c);
+            return moe_fail(MOE_ERR_TIMEOUT, "rank %d: %s did not finish in time: a peer is gone or hung", (int)c->rank,
+                            what);
+        }
+        short_pause();
+    }
+}
+
+static moe_status nccl_gatherv(par_comm_t *c, uint64_t seq, const void *send, size_t send_bytes, void *const *recv,
+                               const size_t *recv_bytes, int32_t root, int32_t timeout_ms, void *stream) {
+    (void)seq; /* NCCL orders the operations of one communicator itself */
+    nccl_comm *n = c->impl;
+    cudaStream_t s = (cudaStream_t)stream;
+    uint64_t deadline = moe_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    moe_status st = MOE_OK;
+    MOE_NCCL_CHECK_GOTO(ncclGroupStart(), st, fail);
+    if (c->rank == root) {
+        for (int32_t q = 0; q < c->world_size; q++) {
+            if (q == root || recv_bytes[q] == 0)
+                continue;
+            MOE_NCCL_CHECK_GOTO(ncclRecv(recv[q], recv_bytes[q], ncclUint8, q, n->comm, s), st, fail_group);
+        }
+        if (send_bytes)
+            MOE_CUDA_CHECK_GOTO(cudaMemcpyAsync(recv[root], send, send_bytes, cudaMemcpyDeviceToDevice, s), st,
+                                fail_group);
+    } else if (send_bytes) {
+        MOE_NCCL_CHECK_GOTO(ncclSend(send, send_bytes, ncclUint8, root, n->comm, s), st, fail_group);
+    }
+    MOE_NCCL_CHECK_GOTO(ncclGroupEnd(), st, fail);
+    /* Non-blocking: the group is enqueued once NCCL leaves "in progress". */
+    return poll_until(c, deadline, NULL, "gatherv enqueue");
+fail_group:
+    ncclGroupEnd();
+fail:
+    abort_nccl(c);
+    return st;
+}
+
+static moe_status nccl_wait(par_comm_t *c, void *stream, int32_t timeout_ms) {
+    nccl_comm *n = c->impl;
+    MOE_CUDA_CHECK(cudaEventRecord(n->done, (cudaStream_t)stream));
+    return poll_until(c, moe_now_ns() + (uint64_t)timeout_ms * 1000000ull, n->done, "collective");
+}
+
+static void nccl_abort_op(par_comm_t *c) { abort_nccl(c); }
+
+static void nccl_free(par_comm_t *c) {
+    nccl_comm *n = c->impl;
+    if (n) {
+        if (n->comm && !n->nccl_aborted) {
+            /* Flush, then free; bounded so that a dead peer cannot hold us. */
+            ncclCommFinalize(n->comm);
+            uint64_t deadline = moe_now_ns() + 5000000000ull;
+            ncclResult_t ar = ncclInProgress;
+            while (ar == ncclInProgress && moe_now_ns() < deadline) {
+                ncclCommGetAsyncError(n->comm, &ar);
+                if (ar == ncclInProgress)
+                    short_pause();
+            }
+            if (ar == ncclSuccess)
+                ncclCommDestroy(n->comm);
+            else
+                ncclCommAbort(n->comm);
+        }
+        if (n->done)
+            cudaEventDestroy(n->done);
+        free(n);
+    }
+    free(c);
+}
+
+static const par_comm_ops nccl_ops = {
+    .name = "nccl",
+    .gatherv = nccl_gatherv,
+    .abort = nccl_abort_op,
+    .wait = nccl_wait,
+    .free = nccl_free,
+};
+
+moe_status par_comm_nccl_init(par_comm_t **out, const par_comm_nccl_params *p) {
+    MOE_REQUIRE(out && p, MOE_ERR_INVALID_ARG, "comm_nccl_init: NULL argument");
+    *out = NULL;
+    MOE_REQUIRE(p->world_size >= 1 && p->rank >= 0 && p->rank < p->world_size, MOE_ERR_INVALID_ARG,
+                "comm_nccl_init: rank %d of %d", (int)p->rank, (int)p->world_size);
+    MOE_REQUIRE(p->init_timeout_ms > 0, MOE_ERR_INVALID_ARG, "comm_nccl_init: timeout %d ms", (int)p->init_timeout_ms);
+    par_comm_t *c = calloc(1, sizeof *c);
+    nccl_comm *n = calloc(1, sizeof *n);
+    if (!c || !n) {
+        free(c);
+        free(n);
+        return moe_fail(MOE_ERR_NOMEM, "comm_nccl_init");
+    }
+    c->ops = &nccl_ops;
+    c->kind = PAR_COMM_NCCL;
+    c->rank = p->rank;
+    c->world_size = p->world_size;
+    atomic_init(&c->aborted, 0);
+    c->impl = n;
+    n->device = p->device;
+    moe_status st = MOE_OK;
+    MOE_CUDA_CHECK_GOTO(cudaSetDevice(p->device), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&n->done, cudaEventDisableTiming), st, fail);
+    ncclUniqueId id;
+    memcpy(id.internal, p->unique_id, PAR_NCCL_ID_BYTES);
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    cfg.blocking = 0;
+    MOE_NCCL_CHECK_GOTO(ncclCommInitRankConfig(&n->comm, p->world_size, id, p->rank, &cfg), st, fail);
+    MOE_CHECK_GOTO(poll_until(c, moe_now_ns() + (uint64_t)p->init_timeout_ms * 1000000ull, NULL, "communicator init"),
+                   st, fail);
+    MOE_INFO(MOE_SUB_PAR, "rank %d of %d: NCCL %d communicator on device %d", (int)p->rank, (int)p->world_size,
+             par_comm_nccl_version(), (int)p->device);
+    *out = c;
+    return MOE_OK;
+fail:
+    if (n->comm && !n->nccl_aborted)
+        ncclCommAbort(n->comm);
+    n->comm = NULL;
+    nccl_free(c);
+    return st;
+}
