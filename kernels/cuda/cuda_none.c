@@ -60,6 +60,11 @@ moe_status kern_cuda_set_small_max(kern_ctx_t *ctx, int32_t max_pairs) {
     return not_built();
 }
 
+moe_status kern_cuda_set_fused(kern_ctx_t *ctx, bool on) {
+    (void)ctx, (void)on;
+    return not_built();
+}
+
 moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on) {
     (void)ctx, (void)on;
     return not_built();

@@ -177,8 +177,37 @@ static __device__ __forceinline__ int kc_local_of(const kc_gemm_args &a, int p) 
     return kc_local_slot(a.ids, a.map, a.n_experts, a.n_local, p);
 }
 
+/* The fused small-T launch (kc_small_fused_kernel) runs gate-up and down tiles in one
+ * persistent grid: a down tile waits until every gate-up tile of its expert has signalled a
+ * counter (ctr[first pair of the expert] == (seq << 32) | target); seq is new for each call,
+ * so the counters never need zeroing. */
+typedef struct kc_fuse_sync {
+    int fused;
+    unsigned long long *ctr;
+    uint32_t seq;
+    int target;
+} kc_fuse_sync;
+
+static __device__ __forceinline__ void kc_fuse_signal(unsigned long long *p, uint32_t seq) {
+    unsigned long long old = *(volatile unsigned long long *)p;
+    for (;;) {
+        const unsigned long long nv = (uint32_t)(old >> 32) == seq ? old + 1 : (((unsigned long long)seq << 32) | 1ull);
+        const unsigned long long prev = atomicCAS(p, old, nv);
+        if (prev == old)
+            break;
+        old = prev;
+    }
+}
+
+static __device__ __forceinline__ void kc_fuse_wait(const unsigned long long *p, uint32_t seq, int target) {
+    const unsigned long long want = ((unsigned long long)seq << 32) | (unsigned)target;
+    while (*(volatile const unsigned long long *)p != want)
+        __nanosleep(64);
+    __threadfence();
+}
+
 template <typename T, int NWG, int BN, int PATH, int MODE>
-__global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_args a) {
+__device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb, const int rb, const kc_fuse_sync fs) {
     constexpr int ACCB = kc_accb(MODE, BN);
     typedef kc_tile<NWG, BN, ACCB> TL;
     constexpr int S = TL::stages;
@@ -201,25 +230,15 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
     const int tid = threadIdx.x;
     const int M = a.M, K = a.K;
     const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 64 * ACCB * NWG;
-    const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
-    const int max_nb = a.max_blocks;
-    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
-    const int id = blockIdx.x;
-    const int gi = id / (gsz_full * max_nb);
-    const int g0 = gi * gsz_full;
-    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
-    const int local = id - gi * gsz_full * max_nb;
-    const int nb = local / gs;
-    const int rb = g0 + local % gs;
-    if (nb >= max_nb || rb >= n_rb)
-        return;
 
     /* The gate-up product reads what the previous kernel wrote (ids, the alignment) from the
      * start; the down product reads only routing data that was complete before the gate-up
      * product started, so it streams its first weight stages before waiting (below). */
-    if (MODE == KC_MODE_GATE_UP)
-        kc_pdl_wait();
-    kc_pdl_trigger();
+    if (!fs.fused) {
+        if (MODE == KC_MODE_GATE_UP)
+            kc_pdl_wait();
+        kc_pdl_trigger();
+    }
 
     int expert = 0;
     int n_chunks = 1;
@@ -393,8 +412,15 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
         for (int s = 0; s < D; s++)
             if (s < nk)
                 load_a(s);
-        if (MODE == KC_MODE_DOWN && chunk == 0)
-            kc_pdl_wait();
+        if (MODE == KC_MODE_DOWN && chunk == 0) {
+            if (fs.fused) {
+                if (tid == 0)
+                    kc_fuse_wait(fs.ctr + nb, fs.seq, fs.target);
+                __syncthreads();
+            } else {
+                kc_pdl_wait();
+            }
+        }
 #pragma unroll 1
         for (int s = 0; s < D; s++) {
             if (s < nk)
@@ -514,7 +540,62 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
         }
         __syncthreads(); /* the next chunk rewrites the column tables and the stages */
     }
+    if (MODE == KC_MODE_GATE_UP && fs.fused) { /* this expert's tile is written: count it */
+        __threadfence();
+        __syncthreads();
+        if (tid == 0)
+            kc_fuse_signal(fs.ctr + nb, fs.seq);
+    }
 #endif
+}
+
+template <typename T, int NWG, int BN, int PATH, int MODE>
+__global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_args a) {
+    constexpr int ACCB = kc_accb(MODE, BN);
+    const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 64 * ACCB * NWG;
+    const int n_rb = (a.M + rows_per_cta - 1) / rows_per_cta;
+    const int max_nb = a.max_blocks;
+    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
+    const int id = blockIdx.x;
+    const int gi = id / (gsz_full * max_nb);
+    const int g0 = gi * gsz_full;
+    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
+    const int local = id - gi * gsz_full * max_nb;
+    const int nb = local / gs;
+    const int rb = g0 + local % gs;
+    if (nb >= max_nb || rb >= n_rb)
+        return;
+    const kc_fuse_sync fs = {0, nullptr, 0, 0};
+    kc_gemm_tile<T, NWG, BN, PATH, MODE>(a, nb, rb, fs);
+}
+
+/* The small-T path in one persistent launch (one CTA per SM): items 0 .. n_gu-1 are the
+ * gate-up tiles (pair i, row block rb; only the first pair of each expert works), then the
+ * down tiles; a CTA takes items blockIdx.x, + gridDim.x, ... in order, so every gate-up tile
+ * is taken before any down tile that waits for it, and the CTAs that start with a down tile
+ * stream W2 while the gate-up tiles finish. All CTAs must be resident: the host launches at
+ * most one per SM. */
+template <typename T, int BN, int PATH>
+__global__ void __launch_bounds__(128, 1)
+    kc_small_fused_kernel(const kc_gemm_args gu, const kc_gemm_args dn, unsigned long long *ctr, uint32_t seq) {
+    kc_pdl_wait();
+    kc_pdl_trigger();
+    const int P = gu.n_pairs;
+    const int n_rb_gu = (gu.M + 63) / 64;
+    constexpr int rows_dn = 64 * kc_accb(KC_MODE_DOWN, BN);
+    const int n_rb_dn = (dn.M + rows_dn - 1) / rows_dn;
+    const int n_gu = P * n_rb_gu, n_all = n_gu + P * n_rb_dn;
+    for (int it = blockIdx.x; it < n_all; it += gridDim.x) {
+        if (it < n_gu) {
+            const kc_fuse_sync fs = {1, ctr, seq, 0};
+            kc_gemm_tile<T, 1, BN, PATH, KC_MODE_GATE_UP>(gu, it / n_rb_gu, it % n_rb_gu, fs);
+        } else {
+            const int u = it - n_gu;
+            const kc_fuse_sync fs = {1, ctr, seq, n_rb_gu};
+            kc_gemm_tile<T, 1, BN, PATH, KC_MODE_DOWN>(dn, u / n_rb_dn, u % n_rb_dn, fs);
+        }
+        __syncthreads();
+    }
 }
 
 /* ---- warp-specialized wgmma kernel (sm_90a), the large tile ------------------------------
@@ -891,3 +972,71 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
 #define KC_GEMM_WS_(T)                                   \
     if (path == KC_PATH_WGMMA && nwg == 3 && bn == 128) \
         return kc_gemm_ws_launch_t<T>(a, st);
+
+/* Host: the fused small-T launch (see kc_small_fused_kernel); grid = min(items, n_sm). */
+template <typename T, int BN, int PATH>
+static int kc_small_fused_launch_t(const kc_gemm_args *gu, const kc_gemm_args *dn, unsigned long long *ctr,
+                                   uint32_t seq, int n_sm, cudaStream_t st) {
+    constexpr int smem_gu = kc_tile<1, BN, kc_accb(KC_MODE_GATE_UP, BN)>::smem;
+    constexpr int smem_dn = kc_tile<1, BN, kc_accb(KC_MODE_DOWN, BN)>::smem;
+    constexpr int smem = smem_gu > smem_dn ? smem_gu : smem_dn;
+    static unsigned long long attr_done; /* bit d: set on device d (d < 64) */
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess)
+        return (int)e;
+    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
+    if (!(attr_done & bit)) {
+        e = cudaFuncSetAttribute(kc_small_fused_kernel<T, BN, PATH>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess)
+            return (int)e;
+        attr_done |= bit;
+    }
+    const long items = (long)gu->n_pairs * ((gu->M + 63) / 64 + (dn->M + 64 * kc_accb(KC_MODE_DOWN, BN) - 1) /
+                                                                      (64 * kc_accb(KC_MODE_DOWN, BN)));
+    const long grid = items < n_sm ? items : n_sm;
+    if (grid <= 0)
+        return 0;
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3(128);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    if (gu->pdl) {
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    e = cudaLaunchKernelEx(&cfg, kc_small_fused_kernel<T, BN, PATH>, *gu, *dn, ctr, seq);
+    if (e != cudaSuccess)
+        return (int)e;
+    return (int)cudaGetLastError();
+}
+
+/* Defines the fused small-T dispatch for element type T (bn 8, 16, 32, 64; nwg 1). */
+#define KC_SMALL_FUSED_DEFINE_(NAME, T)                                                                               \
+    extern "C" int NAME(const kc_gemm_args *gu, const kc_gemm_args *dn, int path, int bn, unsigned long long *ctr, \
+                        uint32_t seq, int n_sm, cudaStream_t st) {                                                  \
+        if (path == KC_PATH_WGMMA) {                                                                                \
+            if (bn == 8)                                                                                            \
+                return kc_small_fused_launch_t<T, 8, KC_PATH_WGMMA>(gu, dn, ctr, seq, n_sm, st);                    \
+            if (bn == 16)                                                                                           \
+                return kc_small_fused_launch_t<T, 16, KC_PATH_WGMMA>(gu, dn, ctr, seq, n_sm, st);                   \
+            if (bn == 32)                                                                                           \
+                return kc_small_fused_launch_t<T, 32, KC_PATH_WGMMA>(gu, dn, ctr, seq, n_sm, st);                   \
+            if (bn == 64)                                                                                           \
+                return kc_small_fused_launch_t<T, 64, KC_PATH_WGMMA>(gu, dn, ctr, seq, n_sm, st);                   \
+        } else {                                                                                                    \
+            if (bn == 8)                                                                                            \
+                return kc_small_fused_launch_t<T, 8, KC_PATH_MMA>(gu, dn, ctr, seq, n_sm, st);                      \
+            if (bn == 16)                                                                                           \
+                return kc_small_fused_launch_t<T, 16, KC_PATH_MMA>(gu, dn, ctr, seq, n_sm, st);                     \
+            if (bn == 32)                                                                                           \
+                return kc_small_fused_launch_t<T, 32, KC_PATH_MMA>(gu, dn, ctr, seq, n_sm, st);                     \
+            if (bn == 64)                                                                                           \
+                return kc_small_fused_launch_t<T, 64, KC_PATH_MMA>(gu, dn, ctr, seq, n_sm, st);                     \
+        }                                                                                                           \
+        return (int)cudaErrorInvalidValue;                                                                          \
+    }

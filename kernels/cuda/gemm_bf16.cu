@@ -5,6 +5,19 @@
 #include "kernels/cuda/gemm.cuh"
 
 extern "C" int kc_launch_gemm_f16(const kc_gemm_args *a, int path, int nwg, int bn, cudaStream_t st);
+extern "C" int kc_launch_small_fused_bf16(const kc_gemm_args *gu, const kc_gemm_args *dn, int path, int bn,
+                                          unsigned long long *ctr, uint32_t seq, int n_sm, cudaStream_t st);
+extern "C" int kc_launch_small_fused_f16(const kc_gemm_args *gu, const kc_gemm_args *dn, int path, int bn,
+                                         unsigned long long *ctr, uint32_t seq, int n_sm, cudaStream_t st);
+
+extern "C" int kc_launch_small_fused(const kc_gemm_args *gu, const kc_gemm_args *dn, int path, int bn,
+                                     unsigned long long *ctr, uint32_t seq, int n_sm, cudaStream_t st) {
+    if (gu->dtype == MOE_DTYPE_BF16)
+        return kc_launch_small_fused_bf16(gu, dn, path, bn, ctr, seq, n_sm, st);
+    if (gu->dtype == MOE_DTYPE_F16)
+        return kc_launch_small_fused_f16(gu, dn, path, bn, ctr, seq, n_sm, st);
+    return (int)cudaErrorInvalidValue;
+}
 
 #define KC_T_ __nv_bfloat16
 static int kc_launch_gemm_bf16(const kc_gemm_args *a, int path, int nwg, int bn, cudaStream_t st) {
@@ -30,3 +43,5 @@ extern "C" int kc_launch_gemm(const kc_gemm_args *a, int path, int nwg, int bn, 
         return kc_launch_gemm_f16(a, path, nwg, bn, st);
     return (int)cudaErrorInvalidValue;
 }
+
+KC_SMALL_FUSED_DEFINE_(kc_launch_small_fused_bf16, __nv_bfloat16)

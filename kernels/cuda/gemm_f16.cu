@@ -10,3 +10,5 @@ extern "C" int kc_launch_gemm_f16(const kc_gemm_args *a, int path, int nwg, int 
     return (int)cudaErrorInvalidValue;
 }
 #undef KC_T_
+
+KC_SMALL_FUSED_DEFINE_(kc_launch_small_fused_f16, __half)

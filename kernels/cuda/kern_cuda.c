@@ -43,6 +43,9 @@ typedef struct kc_state {
     kern_cuda_path path;
     int32_t force_nwg, force_bn;
     int32_t small_max; /* pairs up to which the alignment-free mode is used */
+    bool fused;        /* small mode: both products in one persistent launch */
+    unsigned long long *fuse_ctr; /* [KC_SMALL_MAX_PAIRS] device counters of the fused launch */
+    uint32_t fuse_seq;            /* the last call's sequence number (never 0 after the first) */
     int pdl;           /* programmatic dependent launch (sm_90) */
     kc_err *err_host; /* mapped pinned */
     kc_err *err_dev;  /* its device view */
@@ -168,6 +171,9 @@ static moe_status cuda_init(kern_ctx_t *ctx) {
     MOE_CUDA_CHECK_GOTO(cudaHostGetDevicePointer((void **)&s->err_dev, s->err_host, 0), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&s->claim, sizeof(int32_t)), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaMemset(s->claim, 0, sizeof(int32_t)), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&s->fuse_ctr, KC_SMALL_MAX_PAIRS * sizeof(unsigned long long)), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMemset(s->fuse_ctr, 0, KC_SMALL_MAX_PAIRS * sizeof(unsigned long long)), st, fail);
+    s->fused = true;
 
     s->path = (s->cc_major == 9 && s->cc_minor == 0) ? KERN_CUDA_PATH_WGMMA : KERN_CUDA_PATH_MMA;
     s->pdl = s->cc_major >= 9;
@@ -221,6 +227,8 @@ static void cuda_free(kern_ctx_t *ctx) {
         (void)cudaFreeHost(s->err_host);
     if (s->claim)
         (void)cudaFree(s->claim);
+    if (s->fuse_ctr)
+        (void)cudaFree(s->fuse_ctr);
     free(s);
     ctx->impl = NULL;
 }
@@ -405,7 +413,9 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     if (small)
         a.err = sink;
     a.pdl = s->pdl;
-    MOE_CHECK(launch_gemm(s, &a, nwg, bn, s->stream, "gate-up"));
+    kc_gemm_args gu = a;
+    if (!(small && s->fused && nwg == 1))
+        MOE_CHECK(launch_gemm(s, &a, nwg, bn, s->stream, "gate-up"));
     a.err.rec = NULL;
     a.err.claim = NULL;
 
@@ -421,6 +431,15 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     a.out = slots_out;
     a.out_ld = (int32_t)H;
     a.topk_w = p->weight_on_input ? NULL : w->data;
+    if (small && s->fused && nwg == 1) {
+        /* one persistent launch for both products (gemm.cuh, kc_small_fused_kernel) */
+        s->fuse_seq = s->fuse_seq + 1 ? s->fuse_seq + 1 : 1;
+        int e = kc_launch_small_fused(&gu, &a, kc_path(s), bn, s->fuse_ctr, s->fuse_seq, s->n_sm, s->stream);
+        if (e != 0)
+            return moe_fail(MOE_ERR_CUDA, "cuda backend: fused small-T products (tile 1 x %d): %s", (int)bn,
+                            cudaGetErrorString((cudaError_t)e));
+        return MOE_OK;
+    }
     MOE_CHECK(launch_gemm(s, &a, nwg, bn, s->stream, "down"));
     return MOE_OK;
 }
@@ -654,6 +673,12 @@ moe_status kern_cuda_set_small_max(kern_ctx_t *ctx, int32_t max_pairs) {
     MOE_REQUIRE(max_pairs >= 0 && max_pairs <= KC_SMALL_MAX_PAIRS, MOE_ERR_INVALID_ARG,
                 "kern_cuda_set_small_max: %d not in [0, %d]", (int)max_pairs, KC_SMALL_MAX_PAIRS);
     st_of(ctx)->small_max = max_pairs;
+    return MOE_OK;
+}
+
+moe_status kern_cuda_set_fused(kern_ctx_t *ctx, bool on) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    st_of(ctx)->fused = on;
     return MOE_OK;
 }
 

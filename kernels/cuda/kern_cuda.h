@@ -54,6 +54,10 @@ int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap);
  * its expert itself; 0 turns this off; at most 256). Same bits either way. */
 moe_status kern_cuda_set_small_max(kern_ctx_t *ctx, int32_t max_pairs);
 
+/* In the alignment-free mode, run the gate-up and down products in one persistent launch
+ * (default on; off: two launches). Same bits either way. */
+moe_status kern_cuda_set_fused(kern_ctx_t *ctx, bool on);
+
 /* Programmatic dependent launch between the kernels of a call (on by default on sm_90: the
  * next kernel starts streaming its weights while the previous one finishes). */
 moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on);

@@ -119,6 +119,12 @@ typedef struct kc_tile_cfg {
 int kc_gemm_has_cfg(int path, int nwg, int bn);
 int kc_launch_gemm(const kc_gemm_args *a, int path, int nwg, int bn, cudaStream_t st);
 
+/* The small mode's gate-up and down products in one persistent launch (at most one CTA per SM,
+ * n_sm of them): down tiles wait on per-expert counters ctr[KC_SMALL_MAX_PAIRS] (device
+ * memory, never reset: seq must differ from the previous call's). Tiles (1, bn). */
+int kc_launch_small_fused(const kc_gemm_args *gu, const kc_gemm_args *dn, int path, int bn, unsigned long long *ctr,
+                          uint32_t seq, int n_sm, cudaStream_t st);
+
 /* Routing: logits [T, E] (f32/f16/bf16) -> ids [T, K], w [T, K]. E <= KC_ROUTE_MAX_E. */
 #define KC_ROUTE_MAX_E 1024
 int kc_launch_route(const kern_route_params *p, const void *logits, int32_t dtype, int64_t T, int32_t *ids,

@@ -243,17 +243,18 @@ int main(int argc, char **argv) {
                 int32_t nt = kern_cuda_tiles(paths[pi], tiles, 16);
                 /* k < nt: a forced tile; k == nt: auto; then (last path only) auto with the
                  * alignment-free mode forced on / off, and auto without PDL. */
-                const int extra = pi == npaths - 1 ? 3 : 0;
+                const int extra = pi == npaths - 1 ? 4 : 0;
                 for (int32_t k = 0; k <= nt + extra; k++) {
                     if (one_model && (k != nt || pi != npaths - 1))
                         continue;
                     int32_t nwg = k < nt ? tiles[2 * k] : 0, bn = k < nt ? tiles[2 * k + 1] : 0;
                     if (k < nt && (m > 16 * (int64_t)bn || (int64_t)bn > 2 * m + 8))
                         continue; /* too many weight re-reads, or a tile mostly padding */
-                    if ((k == nt + 1 || k == nt + 2) && T * K > 256)
+                    if ((k == nt + 1 || k == nt + 2 || k == nt + 4) && T * K > 256)
                         continue;
                     LB_CHECK(kern_cuda_set_tile(gpu, nwg, bn));
                     LB_CHECK(kern_cuda_set_small_max(gpu, k == nt + 1 ? 256 : k == nt + 2 ? 0 : 64));
+                    LB_CHECK(kern_cuda_set_fused(gpu, k != nt + 4));
                     LB_CHECK(kern_cuda_set_pdl(gpu, k != nt + 3 && prop.major >= 9));
                     for (int wu = 0; wu < 2; wu++)
                         LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
@@ -273,7 +274,7 @@ int main(int argc, char **argv) {
                     lb_row *rw = &rows[nrows++];
                     snprintf(rw->model, sizeof rw->model, "%s", models[mi].name);
                     rw->T = T;
-                    static const char *ex[] = {"auto", "auto small", "auto aligned", "auto no-pdl"};
+                    static const char *ex[] = {"auto", "auto small", "auto aligned", "auto no-pdl", "auto unfused"};
                     if (k < nt)
                         snprintf(rw->variant, sizeof rw->variant, "%d %s %dx%d", pi + 1, path_name(paths[pi]),
                                  (int)nwg, (int)bn);
@@ -285,6 +286,7 @@ int main(int argc, char **argv) {
                     fprintf(stderr, "lab: %s T=%lld %s: %.1f us\n", rw->model, (long long)T, rw->variant, rw->us);
                 }
                 LB_CHECK(kern_cuda_set_small_max(gpu, 64));
+                LB_CHECK(kern_cuda_set_fused(gpu, true));
                 LB_CHECK(kern_cuda_set_pdl(gpu, prop.major >= 9));
             }
             LB_CHECK(kern_cuda_set_tile(gpu, 0, 0));

@@ -283,17 +283,21 @@ static void check_fused_all_tiles(moe_dtype dt, kern_act act, bool woi, bool slo
         assert_true(nt > 0);
         moe_tensor path_first = {0};
         /* ti < nt: a forced tile; nt: the automatic choice; nt + 1: auto with the
-         * alignment-free mode up to 256 pairs; nt + 2: auto, always aligned, without PDL. */
-        for (int32_t ti = 0; ti <= nt + 2; ti++) {
+         * alignment-free mode up to 256 pairs; nt + 2: auto, always aligned, without PDL;
+         * nt + 3: alignment-free up to 256 pairs, the two products in two launches. */
+        for (int32_t ti = 0; ti <= nt + 3; ti++) {
             if (ti < nt)
                 CT_OK(kern_cuda_set_tile(g_gpu, tiles[2 * ti], tiles[2 * ti + 1]));
             else
                 CT_OK(kern_cuda_set_tile(g_gpu, 0, 0));
-            CT_OK(kern_cuda_set_small_max(g_gpu, ti == nt + 1 ? 256 : ti == nt + 2 ? 0 : 64));
+            CT_OK(kern_cuda_set_small_max(g_gpu, ti == nt + 1 || ti == nt + 3 ? 256 : ti == nt + 2 ? 0 : 64));
             if (ti == nt + 2)
                 (void)kern_cuda_set_pdl(g_gpu, false);
+            if (ti == nt + 3)
+                CT_OK(kern_cuda_set_fused(g_gpu, false));
             run_gpu(&pr, slot_mode, &got);
             CT_OK(kern_cuda_set_small_max(g_gpu, 64));
+            CT_OK(kern_cuda_set_fused(g_gpu, true));
             (void)kern_cuda_set_pdl(g_gpu, true);
             char what[160];
             snprintf(what, sizeof what, "fused %s %s %s%s T=%lld E=%d K=%d H=%lld I=%lld path %s tile %d x %d",
