@@ -40,7 +40,7 @@
 #define NAME_CAP 256
 
 typedef struct ck_entry {
-    const char *name;       /* points into the shard's header */
+    const char *name; /* points into the shard's header */
     int32_t file;
     const eng_st_tensor *t;
 } ck_entry;
@@ -184,9 +184,9 @@ static moe_status open_indexed(eng_ckpt_t *ck, const char *index_path) {
         MOE_CHECK_GOTO(find_file(ck, e->valuestring, &fi), st, done);
         const eng_st_tensor *t = eng_st_header_find(&ck->files[fi].hdr, e->string);
         if (!t) {
-            st = moe_fail(MOE_ERR_NOT_FOUND, "%s: tensor '%s' is not in %s, where %s puts it", ck->dir,
-                          eng_sanitize(e->string, b, sizeof b), eng_sanitize(e->valuestring, b2, sizeof b2),
-                          INDEX_NAME);
+            st =
+                moe_fail(MOE_ERR_NOT_FOUND, "%s: tensor '%s' is not in %s, where %s puts it", ck->dir,
+                         eng_sanitize(e->string, b, sizeof b), eng_sanitize(e->valuestring, b2, sizeof b2), INDEX_NAME);
             goto done;
         }
         ck->entries[k].name = t->name; /* the header's copy outlives the JSON */
@@ -218,8 +218,8 @@ static moe_status open_unindexed(eng_ckpt_t *ck) {
     char b[96];
     DIR *dh = opendir(ck->dir);
     if (!dh)
-        return moe_fail(errno == ENOENT ? MOE_ERR_NOT_FOUND : MOE_ERR_IO, "%s: cannot open the directory: %s",
-                        ck->dir, moe_strerror_(errno));
+        return moe_fail(errno == ENOENT ? MOE_ERR_NOT_FOUND : MOE_ERR_IO, "%s: cannot open the directory: %s", ck->dir,
+                        moe_strerror_(errno));
     struct dirent *de;
     while ((de = readdir(dh))) {
         size_t l = strlen(de->d_name);
@@ -341,8 +341,8 @@ static moe_status check_found(const eng_ckpt_t *ck, const ck_entry *e, int32_t n
         for (int32_t i = 0; i < nd; i++)
             n += snprintf(want + n, sizeof want - (size_t)n, "%s%lld", i ? ", " : "", (long long)shape[i]);
         snprintf(want + n, sizeof want - (size_t)n, "]");
-        return moe_fail(MOE_ERR_FORMAT, "%s/%s: tensor '%s' is %s, expected %s (%s, from config.json)", ck->dir,
-                        fname, t->name, eng_st_tensor_desc(t, got, sizeof got), want, dims);
+        return moe_fail(MOE_ERR_FORMAT, "%s/%s: tensor '%s' is %s, expected %s (%s, from config.json)", ck->dir, fname,
+                        t->name, eng_st_tensor_desc(t, got, sizeof got), want, dims);
     }
     return MOE_OK;
 }
@@ -384,8 +384,9 @@ static moe_status expect_fused(const eng_ckpt_t *ck, int32_t layer, int which, c
         return MOE_OK;
     int64_t E = d->n_experts, H = d->hidden_size, I = d->moe_intermediate;
     int64_t shape[3] = {E, which ? H : 2 * I, which ? I : H};
-    MOE_CHECK(check_found(ck, e, 3, shape,
-                          which ? "n_experts x hidden_size x intermediate" : "n_experts x 2 intermediate x hidden_size"));
+    MOE_CHECK(
+        check_found(ck, e, 3, shape,
+                    which ? "n_experts x hidden_size x intermediate" : "n_experts x 2 intermediate x hidden_size"));
     *out = e->t;
     *file = e->file;
     return MOE_OK;
@@ -545,8 +546,14 @@ static moe_status alloc_t(moe_tensor *t, moe_dtype dt, int32_t nd, int64_t d0, i
 static void push(load_task *tasks, int64_t *n, const eng_st_tensor *t, int32_t f, uint64_t first, uint64_t count,
                  moe_dtype dt, void *dst, uint64_t *total) {
     uint64_t es = (uint64_t)eng_st_dtype_bits(t->dtype) / 8;
-    tasks[*n] = (load_task){.t = t, .file = f, .dt = dt, .dst = dst, .first = first, .count = count,
-                            .src_off = t->offset + first * es, .src_bytes = count * es};
+    tasks[*n] = (load_task){.t = t,
+                            .file = f,
+                            .dt = dt,
+                            .dst = dst,
+                            .first = first,
+                            .count = count,
+                            .src_off = t->offset + first * es,
+                            .src_bytes = count * es};
     (*n)++;
     *total += count * es;
 }
@@ -611,8 +618,9 @@ moe_status eng_model_load(eng_ckpt_t *ck, const eng_model_load_params *pin, eng_
     for (int32_t i = 0; i < n_layers; i++) {
         int32_t l = p.layers ? p.layers[i] : d->moe_layers[i];
         if (l < 0 || l >= d->n_layers || !eng_model_is_moe_layer(d, l)) {
-            st = moe_fail(MOE_ERR_INVALID_ARG, "model_load: layer %d is not a MoE layer of this model (%d layers, %d MoE)",
-                          (int)l, (int)d->n_layers, (int)d->n_moe_layers);
+            st = moe_fail(MOE_ERR_INVALID_ARG,
+                          "model_load: layer %d is not a MoE layer of this model (%d layers, %d MoE)", (int)l,
+                          (int)d->n_layers, (int)d->n_moe_layers);
             goto fail;
         }
         if (seen[l]) {
@@ -686,9 +694,9 @@ moe_status eng_model_load(eng_ckpt_t *ck, const eng_model_load_params *pin, eng_
                            fail);
             if (d->has_shared_gate) {
                 MOE_CHECK_GOTO(alloc_t(&L->shared_gate, dt, 1, H, 0, 0, &w.bytes), st, fail);
-                MOE_CHECK_GOTO(queue(ck, tasks, &nt, ENG_TENSOR_SHARED_EXPERT_GATE, l, 0, dt, L->shared_gate.data,
-                                     &total),
-                               st, fail);
+                MOE_CHECK_GOTO(
+                    queue(ck, tasks, &nt, ENG_TENSOR_SHARED_EXPERT_GATE, l, 0, dt, L->shared_gate.data, &total), st,
+                    fail);
             }
         }
     }

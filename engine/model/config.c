@@ -141,8 +141,8 @@ static moe_status cfg_int(const cfg *c, const char *key, const char *alias, opt_
     if (!cJSON_IsNumber(j) || !(d >= -9.0e15 && d <= 9.0e15) || d != floor(d))
         return moe_fail(MOE_ERR_FORMAT, "config.json: '%s' must be an integer", used);
     if (d < (double)lo || d > (double)hi)
-        return moe_fail(MOE_ERR_FORMAT, "config.json: '%s' = %lld is out of range [%lld, %lld]", used,
-                        (long long)d, (long long)lo, (long long)hi);
+        return moe_fail(MOE_ERR_FORMAT, "config.json: '%s' = %lld is out of range [%lld, %lld]", used, (long long)d,
+                        (long long)lo, (long long)hi);
     out->v = (int64_t)d;
     return MOE_OK;
 }
@@ -249,11 +249,10 @@ static moe_status parse_qwen(const cfg *c, eng_model_desc *d, bool qwen2) {
                         e.st == F_SET ? "0" : "null");
     d->n_experts = (int32_t)e.v;
     MOE_CHECK(cfg_int_req(c, "num_experts_per_tok", NULL, DEF(qwen2 ? 4 : 8), 1, 1 << 16, &d->top_k));
-    MOE_CHECK(cfg_int_req(c, "moe_intermediate_size", NULL, DEF(qwen2 ? 1408 : 768), 1, 1 << 22,
-                          &d->moe_intermediate));
+    MOE_CHECK(cfg_int_req(c, "moe_intermediate_size", NULL, DEF(qwen2 ? 1408 : 768), 1, 1 << 22, &d->moe_intermediate));
     if (qwen2) {
-        MOE_CHECK(cfg_int_req(c, "shared_expert_intermediate_size", NULL, DEF(5632), 0, 1 << 24,
-                              &d->shared_intermediate));
+        MOE_CHECK(
+            cfg_int_req(c, "shared_expert_intermediate_size", NULL, DEF(5632), 0, 1 << 24, &d->shared_intermediate));
         d->n_shared_experts = d->shared_intermediate > 0 ? 1 : 0;
         d->has_shared_gate = d->shared_intermediate > 0;
     }
@@ -306,16 +305,14 @@ static moe_status parse_deepseek(const cfg *c, eng_model_desc *d, bool v3) {
     MOE_CHECK(cfg_int_req(c, "hidden_size", NULL, DEF(v3 ? 7168 : 4096), 1, 1 << 20, &d->hidden_size));
     MOE_CHECK(cfg_int_req(c, "num_hidden_layers", NULL, DEF(v3 ? 61 : 32), 1, ENG_MODEL_MAX_LAYERS, &d->n_layers));
     opt_int e;
-    MOE_CHECK(cfg_int(c, "n_routed_experts", v3 ? "num_local_experts" : "num_experts", DEF(v3 ? 256 : 64), 0, 1 << 16,
-                      &e));
+    MOE_CHECK(
+        cfg_int(c, "n_routed_experts", v3 ? "num_local_experts" : "num_experts", DEF(v3 ? 256 : 64), 0, 1 << 16, &e));
     if (e.st != F_SET || e.v == 0)
-        return moe_fail(MOE_ERR_FORMAT,
-                        "config.json: 'n_routed_experts' is %s: a dense model, no MoE layers to serve",
+        return moe_fail(MOE_ERR_FORMAT, "config.json: 'n_routed_experts' is %s: a dense model, no MoE layers to serve",
                         e.st == F_SET ? "0" : "null");
     d->n_experts = (int32_t)e.v;
     MOE_CHECK(cfg_int_req(c, "num_experts_per_tok", NULL, v3 ? DEF(8) : DEF_NONE, 1, 1 << 16, &d->top_k));
-    MOE_CHECK(cfg_int_req(c, "moe_intermediate_size", NULL, DEF(v3 ? 2048 : 1407), 1, 1 << 22,
-                          &d->moe_intermediate));
+    MOE_CHECK(cfg_int_req(c, "moe_intermediate_size", NULL, DEF(v3 ? 2048 : 1407), 1, 1 << 22, &d->moe_intermediate));
     opt_int ns;
     MOE_CHECK(cfg_int(c, "n_shared_experts", NULL, DEF(v3 ? 1 : 2), 0, 1 << 10, &ns));
     d->n_shared_experts = ns.st == F_SET ? (int32_t)ns.v : 0; /* None: no shared experts */

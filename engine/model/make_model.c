@@ -327,8 +327,8 @@ int eng_make_model_main(int argc, char **argv) {
         if (!set[ints[k].o])
             continue;
         if (!parse_i64(val[ints[k].o], ints[k].lo, ints[k].hi, &v))
-            return usage_error("--%s '%s': expected an integer in [%lld, %lld]", opts[ints[k].o].name,
-                               val[ints[k].o], (long long)ints[k].lo, (long long)ints[k].hi);
+            return usage_error("--%s '%s': expected an integer in [%lld, %lld]", opts[ints[k].o].name, val[ints[k].o],
+                               (long long)ints[k].lo, (long long)ints[k].hi);
         *ints[k].dst = (int32_t)v;
     }
     if (fam == ENG_FAMILY_QWEN2_MOE && !set[O_SHARED_INTER])
@@ -359,8 +359,7 @@ int eng_make_model_main(int argc, char **argv) {
             char item[32];
             size_t l = strcspn(s, ",");
             if (l == 0 || l >= sizeof item)
-                return usage_error("--mlp-only-layers '%s': expected comma-separated layer numbers",
-                                   val[O_MLP_ONLY]);
+                return usage_error("--mlp-only-layers '%s': expected comma-separated layer numbers", val[O_MLP_ONLY]);
             memcpy(item, s, l);
             item[l] = '\0';
             if (p.n_mlp_only >= ENG_MODEL_MAX_LAYERS || !parse_i64(item, 0, ENG_MODEL_MAX_LAYERS - 1, &v))

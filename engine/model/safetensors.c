@@ -165,8 +165,8 @@ static moe_status parse_entry(const cJSON *e, const char *what, const char *snam
         return moe_fail(MOE_ERR_FORMAT, "%s: tensor '%s': missing or non-array \"shape\"", what, sname);
     int nd = cJSON_GetArraySize(js);
     if (nd > ENG_ST_MAX_DIMS)
-        return moe_fail(MOE_ERR_FORMAT, "%s: tensor '%s': %d dimensions, more than the %d supported", what, sname,
-                        nd, ENG_ST_MAX_DIMS);
+        return moe_fail(MOE_ERR_FORMAT, "%s: tensor '%s': %d dimensions, more than the %d supported", what, sname, nd,
+                        ENG_ST_MAX_DIMS);
     t->ndim = nd;
     uint64_t numel = 1;
     bool overflow = false;
@@ -174,15 +174,13 @@ static moe_status parse_entry(const cJSON *e, const char *what, const char *snam
     for (const cJSON *d = js->child; d; d = d->next, i++) {
         uint64_t v;
         if (!json_u53(d, &v))
-            return moe_fail(MOE_ERR_FORMAT, "%s: tensor '%s': shape[%d] is not a non-negative integer", what, sname,
-                            i);
+            return moe_fail(MOE_ERR_FORMAT, "%s: tensor '%s': shape[%d] is not a non-negative integer", what, sname, i);
         t->shape[i] = (int64_t)v;
         if (!overflow && __builtin_mul_overflow(numel, v, &numel))
             overflow = true;
     }
     if (!cJSON_IsArray(jo) || cJSON_GetArraySize(jo) != 2)
-        return moe_fail(MOE_ERR_FORMAT, "%s: tensor '%s': \"data_offsets\" must be an array [begin, end]", what,
-                        sname);
+        return moe_fail(MOE_ERR_FORMAT, "%s: tensor '%s': \"data_offsets\" must be an array [begin, end]", what, sname);
     uint64_t begin, end;
     if (!json_u53(jo->child, &begin) || !json_u53(jo->child->next, &end))
         return moe_fail(MOE_ERR_FORMAT, "%s: tensor '%s': data_offsets are not non-negative integers", what, sname);
@@ -193,8 +191,7 @@ static moe_status parse_entry(const cJSON *e, const char *what, const char *snam
         return moe_fail(MOE_ERR_FORMAT,
                         "%s: tensor '%s': data_offsets [%llu, %llu] run past the end of the data (%llu bytes; file "
                         "truncated?)",
-                        what, sname, (unsigned long long)begin, (unsigned long long)end,
-                        (unsigned long long)data_len);
+                        what, sname, (unsigned long long)begin, (unsigned long long)end, (unsigned long long)data_len);
     uint64_t bits;
     if (overflow || __builtin_mul_overflow(numel, (uint64_t)eng_st_dtype_bits(t->dtype), &bits))
         return moe_fail(MOE_ERR_FORMAT, "%s: tensor '%s': shape too large", what, sname);
@@ -219,12 +216,13 @@ moe_status eng_st_header_parse(const uint8_t *buf, size_t len, uint64_t file_siz
     if (!what)
         what = "safetensors";
     if (file_size < 8 || len < 8)
-        return moe_fail(MOE_ERR_FORMAT, "%s: %llu bytes, too short for a safetensors file (8-byte header length)",
-                        what, (unsigned long long)(file_size < len ? file_size : len));
+        return moe_fail(MOE_ERR_FORMAT, "%s: %llu bytes, too short for a safetensors file (8-byte header length)", what,
+                        (unsigned long long)(file_size < len ? file_size : len));
     uint64_t n = le64(buf);
     if (n > ENG_ST_MAX_HEADER)
-        return moe_fail(MOE_ERR_FORMAT, "%s: header length %llu exceeds the limit of %u bytes (not a safetensors file?)",
-                        what, (unsigned long long)n, ENG_ST_MAX_HEADER);
+        return moe_fail(MOE_ERR_FORMAT,
+                        "%s: header length %llu exceeds the limit of %u bytes (not a safetensors file?)", what,
+                        (unsigned long long)n, ENG_ST_MAX_HEADER);
     if (n > file_size - 8)
         return moe_fail(MOE_ERR_FORMAT, "%s: header length %llu runs past the end of the file (%llu bytes)", what,
                         (unsigned long long)n, (unsigned long long)file_size);
@@ -515,8 +513,8 @@ moe_status eng_st_file_read(eng_st_file *f, const eng_st_tensor *t, moe_dtype ds
     return eng_st_file_read_part(f, t, 0, bits ? t->nbytes * 8 / (uint64_t)bits : 0, dst_dt, dst);
 }
 
-moe_status eng_st_file_read_part(eng_st_file *f, const eng_st_tensor *t, uint64_t first, uint64_t n,
-                                 moe_dtype dst_dt, void *dst) {
+moe_status eng_st_file_read_part(eng_st_file *f, const eng_st_tensor *t, uint64_t first, uint64_t n, moe_dtype dst_dt,
+                                 void *dst) {
     MOE_REQUIRE(f && t && (dst || n == 0), MOE_ERR_INVALID_ARG, "st_file_read: NULL argument");
     moe_dtype src_dt;
     char sb[96];

@@ -41,8 +41,7 @@
 
 moe_status eng_synth_params_default(eng_synth_params *p, eng_model_family family) {
     MOE_REQUIRE(p, MOE_ERR_INVALID_ARG, "synth_params_default: NULL");
-    MOE_REQUIRE((int)family >= 0 && family < ENG_FAMILY_COUNT_, MOE_ERR_INVALID_ARG, "synth: family %d",
-                (int)family);
+    MOE_REQUIRE((int)family >= 0 && family < ENG_FAMILY_COUNT_, MOE_ERR_INVALID_ARG, "synth: family %d", (int)family);
     memset(p, 0, sizeof *p);
     p->family = family;
     p->n_layers = 2;
@@ -105,8 +104,8 @@ static moe_status build_config(const eng_synth_params *p, char **out) {
     MOE_REQUIRE(moe_dtype_is_float(p->dtype), MOE_ERR_INVALID_ARG, "make-model: dtype %s is not bf16, f16 or f32",
                 moe_dtype_name(p->dtype));
     MOE_REQUIRE(p->shard_bytes >= 1, MOE_ERR_INVALID_ARG, "make-model: shard size must be >= 1 byte");
-    MOE_REQUIRE(p->shared_intermediate >= 0 && p->n_shared_experts >= 0 && p->dense_layers >= 0 &&
-                    p->n_mlp_only >= 0 && p->n_mlp_only <= ENG_MODEL_MAX_LAYERS,
+    MOE_REQUIRE(p->shared_intermediate >= 0 && p->n_shared_experts >= 0 && p->dense_layers >= 0 && p->n_mlp_only >= 0 &&
+                    p->n_mlp_only <= ENG_MODEL_MAX_LAYERS,
                 MOE_ERR_INVALID_ARG, "make-model: negative count");
     cJSON *c = cJSON_CreateObject();
     if (!c)
@@ -229,11 +228,11 @@ static inline float ih_normal(uint64_t r) {
  * Layout.
  * ---------------------------------------------------------------------------------------- */
 typedef struct syn_tensor {
-    char name[160];          /* on disk */
-    char seed_name[160];     /* the published per-expert name its values are seeded from */
+    char name[160];      /* on disk */
+    char seed_name[160]; /* the published per-expert name its values are seeded from */
     eng_model_tensor kind;
     int32_t layer;
-    int fused;               /* 0: one tensor; 1: fused gate_up_proj [E, 2I, H]; 2: down_proj [E, H, I] */
+    int fused; /* 0: one tensor; 1: fused gate_up_proj [E, 2I, H]; 2: down_proj [E, H, I] */
     moe_dtype dt;
     int32_t ndim;
     int64_t shape[3];
@@ -289,8 +288,8 @@ static moe_status grow(syn_tensor **ts, int64_t n, int64_t *cap) {
     return MOE_OK;
 }
 
-static moe_status add_tensor(syn_tensor **ts, int64_t *n, int64_t *cap, const eng_model_desc *d,
-                             eng_model_tensor kind, int32_t layer, int32_t expert, moe_dtype dt, bool fused_names) {
+static moe_status add_tensor(syn_tensor **ts, int64_t *n, int64_t *cap, const eng_model_desc *d, eng_model_tensor kind,
+                             int32_t layer, int32_t expert, moe_dtype dt, bool fused_names) {
     MOE_CHECK(grow(ts, *n, cap));
     syn_tensor *t = &(*ts)[*n];
     memset(t, 0, sizeof *t);
@@ -333,8 +332,7 @@ static moe_status add_fused(syn_tensor **ts, int64_t *n, int64_t *cap, const eng
 }
 
 /* n values of the generator seeded by (seed, name), times scale, as dt. */
-static moe_status write_values(syn_writer *w, const char *name, uint64_t n, float scale, moe_dtype dt,
-                               uint64_t seed) {
+static moe_status write_values(syn_writer *w, const char *name, uint64_t n, float scale, moe_dtype dt, uint64_t seed) {
     moe_rng rng;
     moe_rng_seed(&rng, seed ^ fnv1a64(name));
     enum { CH = 16384 };
@@ -443,7 +441,8 @@ static moe_status prepare_dir(const char *dir, bool force) {
         if (!ours)
             continue;
         if (!force) {
-            st = moe_fail(MOE_ERR_INVALID_ARG, "%s already holds a checkpoint (%s); pass --force to replace it", dir, n);
+            st =
+                moe_fail(MOE_ERR_INVALID_ARG, "%s already holds a checkpoint (%s); pass --force to replace it", dir, n);
             break;
         }
         MOE_CHECK_GOTO(eng_path_join(path, sizeof path, dir, n), st, done);

@@ -168,7 +168,6 @@ void eng_model_log_placement(const eng_model_desc *d, const par_placement *pl, i
         char ids[200];
         uint64_t b = eng_model_rank_bytes(d, pl->n_local[r], n_layers, router, shared, dt);
         MOE_INFO(MOE_SUB_ENG, "  rank %d: %d experts [%s], %.1f MiB (%" PRIu64 " bytes)", (int)r, (int)pl->n_local[r],
-                 eng_model_ids_str(pl->experts[r], pl->n_local[r], ids, sizeof ids), (double)b / (1024.0 * 1024.0),
-                 b);
+                 eng_model_ids_str(pl->experts[r], pl->n_local[r], ids, sizeof ids), (double)b / (1024.0 * 1024.0), b);
     }
 }

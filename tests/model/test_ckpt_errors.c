@@ -192,7 +192,8 @@ static void test_config_problems(void **state) {
     expect_open_error(dir, MOE_ERR_FORMAT, "shared_expert.gate_proj.weight", "expected [25, 32]");
     /* an architecture we do not serve */
     c = load_json(dir, "config.json");
-    cJSON_ReplaceItemInObjectCaseSensitive(c, "architectures", cJSON_CreateStringArray((const char *[]){"GPT2LMHeadModel"}, 1));
+    cJSON_ReplaceItemInObjectCaseSensitive(c, "architectures",
+                                           cJSON_CreateStringArray((const char *[]){"GPT2LMHeadModel"}, 1));
     cJSON_ReplaceItemInObjectCaseSensitive(c, "model_type", cJSON_CreateString("gpt2"));
     save_json(dir, "config.json", c);
     expect_open_error(dir, MOE_ERR_UNSUPPORTED, "unknown architecture 'GPT2LMHeadModel'", "config.json");
@@ -238,9 +239,7 @@ static int hm_list(hm_tensor *t) {
     return n;
 }
 
-static size_t esize(const char *dt) {
-    return !strcmp(dt, "F32") ? 4 : !strcmp(dt, "F8_E4M3") ? 1 : 2;
-}
+static size_t esize(const char *dt) { return !strcmp(dt, "F32") ? 4 : !strcmp(dt, "F8_E4M3") ? 1 : 2; }
 
 /* Writes dir/file with tensors [from, to) of t, laid out in order; `overlap_at` >= 0 makes that
  * tensor start 4 bytes before the previous one ends. */
@@ -254,8 +253,8 @@ static void hm_write(const char *dir, const char *file, const hm_tensor *t, int 
             off -= 4;
         used += (size_t)snprintf(json + used, sizeof json - used,
                                  ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%lld,%lld],\"data_offsets\":[%llu,%llu]}",
-                                 t[i].name, t[i].dtype, (long long)t[i].d0, (long long)t[i].d1,
-                                 (unsigned long long)off, (unsigned long long)(off + nb));
+                                 t[i].name, t[i].dtype, (long long)t[i].d0, (long long)t[i].d1, (unsigned long long)off,
+                                 (unsigned long long)(off + nb));
         off += nb;
     }
     snprintf(json + used, sizeof json - used, "}");
@@ -314,7 +313,8 @@ static void test_handmade(void **state) {
     memcpy(t2, t, sizeof t);
     snprintf(t2[5].dtype, sizeof t2[5].dtype, "F8_E4M3");
     hm_write(dir, "model.safetensors", t2, 0, n, -1);
-    expect_open_error(dir, MOE_ERR_UNSUPPORTED, "model.safetensors: tensor 'model.layers.0.block_sparse_moe.experts.1.w3",
+    expect_open_error(dir, MOE_ERR_UNSUPPORTED,
+                      "model.safetensors: tensor 'model.layers.0.block_sparse_moe.experts.1.w3",
                       "F8_E4M3: not supported yet");
     free(dir);
 
@@ -362,7 +362,8 @@ static void test_fused_problems(void **state) {
         snprintf(t[i].dtype, sizeof t[i].dtype, "F32");
     char *dir = hm_dir();
     hm_write(dir, "model.safetensors", t, 0, 3, -1);
-    expect_open_error(dir, MOE_ERR_FORMAT, "'model.layers.0.mlp.experts.gate_up_proj' is F32[2, 16], expected [2, 4, 4]",
+    expect_open_error(dir, MOE_ERR_FORMAT,
+                      "'model.layers.0.mlp.experts.gate_up_proj' is F32[2, 16], expected [2, 4, 4]",
                       "n_experts x 2 intermediate x hidden_size");
     hm_write(dir, "model.safetensors", t, 0, 2, -1);
     expect_open_error(dir, MOE_ERR_FORMAT, "gate_up_proj", NULL);
@@ -390,10 +391,8 @@ static void test_fused_problems(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_index_problems),
-        cmocka_unit_test(test_shard_problems),
-        cmocka_unit_test(test_config_problems),
-        cmocka_unit_test(test_handmade),
+        cmocka_unit_test(test_index_problems),  cmocka_unit_test(test_shard_problems),
+        cmocka_unit_test(test_config_problems), cmocka_unit_test(test_handmade),
         cmocka_unit_test(test_fused_problems),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -218,8 +218,8 @@ static int run_case(const char *name, eng_model_family *fam) {
             check_route(ctx, &rp, &r.logits, &r, what);
             check_route(ctx, &rp, &lg, &r, what);
 
-            kern_experts_params ep = {.n_experts = d->n_experts, .n_local = w.n_local, .expert_map = NULL,
-                                      .act = d->act};
+            kern_experts_params ep = {
+                .n_experts = d->n_experts, .n_local = w.n_local, .expert_map = NULL, .act = d->act};
             kern_shared_expert se;
             bool has_se = eng_model_shared_expert(d, L, &se);
             assert_int_equal(has_se, d->shared_intermediate > 0);

@@ -19,9 +19,7 @@
 
 #include "engine/model/model.h"
 
-static moe_status parse(const char *json, eng_model_desc *d) {
-    return eng_model_config_parse(json, strlen(json), d);
-}
+static moe_status parse(const char *json, eng_model_desc *d) { return eng_model_config_parse(json, strlen(json), d); }
 
 static void expect_error(const char *json, moe_status want, const char *w1, const char *w2) {
     eng_model_desc d;
@@ -42,14 +40,15 @@ static void expect_layers(const eng_model_desc *d, const int32_t *want, int32_t 
 /* mistralai/Mixtral-8x7B-v0.1 */
 static void test_mixtral_real(void **state) {
     (void)state;
-    const char *j = "{\"architectures\": [\"MixtralForCausalLM\"], \"attention_dropout\": 0.0, \"bos_token_id\": 1,"
-                    " \"eos_token_id\": 2, \"hidden_act\": \"silu\", \"hidden_size\": 4096, \"initializer_range\": 0.02,"
-                    " \"intermediate_size\": 14336, \"max_position_embeddings\": 32768, \"model_type\": \"mixtral\","
-                    " \"num_attention_heads\": 32, \"num_experts_per_tok\": 2, \"num_hidden_layers\": 32,"
-                    " \"num_key_value_heads\": 8, \"num_local_experts\": 8, \"output_router_logits\": false,"
-                    " \"rms_norm_eps\": 1e-05, \"rope_theta\": 1000000.0, \"router_aux_loss_coef\": 0.02,"
-                    " \"sliding_window\": null, \"tie_word_embeddings\": false, \"torch_dtype\": \"bfloat16\","
-                    " \"transformers_version\": \"4.36.0.dev0\", \"use_cache\": true, \"vocab_size\": 32000}";
+    const char *j =
+        "{\"architectures\": [\"MixtralForCausalLM\"], \"attention_dropout\": 0.0, \"bos_token_id\": 1,"
+        " \"eos_token_id\": 2, \"hidden_act\": \"silu\", \"hidden_size\": 4096, \"initializer_range\": 0.02,"
+        " \"intermediate_size\": 14336, \"max_position_embeddings\": 32768, \"model_type\": \"mixtral\","
+        " \"num_attention_heads\": 32, \"num_experts_per_tok\": 2, \"num_hidden_layers\": 32,"
+        " \"num_key_value_heads\": 8, \"num_local_experts\": 8, \"output_router_logits\": false,"
+        " \"rms_norm_eps\": 1e-05, \"rope_theta\": 1000000.0, \"router_aux_loss_coef\": 0.02,"
+        " \"sliding_window\": null, \"tie_word_embeddings\": false, \"torch_dtype\": \"bfloat16\","
+        " \"transformers_version\": \"4.36.0.dev0\", \"use_cache\": true, \"vocab_size\": 32000}";
     eng_model_desc d;
     assert_int_equal(parse(j, &d), MOE_OK);
     assert_int_equal(d.family, ENG_FAMILY_MIXTRAL);
@@ -90,17 +89,18 @@ static void test_mixtral_real(void **state) {
 /* Qwen/Qwen1.5-MoE-A2.7B */
 static void test_qwen2_real(void **state) {
     (void)state;
-    const char *j = "{\"architectures\": [\"Qwen2MoeForCausalLM\"], \"attention_dropout\": 0.0, \"bos_token_id\": 151643,"
-                    " \"eos_token_id\": 151643, \"hidden_act\": \"silu\", \"hidden_size\": 2048,"
-                    " \"initializer_range\": 0.02, \"intermediate_size\": 5632, \"max_position_embeddings\": 8192,"
-                    " \"max_window_layers\": 21, \"model_type\": \"qwen2_moe\", \"num_attention_heads\": 16,"
-                    " \"num_hidden_layers\": 24, \"num_key_value_heads\": 16, \"rms_norm_eps\": 1e-06,"
-                    " \"rope_theta\": 1000000.0, \"sliding_window\": 32768, \"tie_word_embeddings\": false,"
-                    " \"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.39.0.dev0\", \"use_cache\": true,"
-                    " \"use_sliding_window\": false, \"vocab_size\": 151936, \"decoder_sparse_step\": 1,"
-                    " \"moe_intermediate_size\": 1408, \"shared_expert_intermediate_size\": 5632,"
-                    " \"num_experts_per_tok\": 4, \"num_experts\": 60, \"norm_topk_prob\": false,"
-                    " \"output_router_logits\": false, \"router_aux_loss_coef\": 0.001}";
+    const char *j =
+        "{\"architectures\": [\"Qwen2MoeForCausalLM\"], \"attention_dropout\": 0.0, \"bos_token_id\": 151643,"
+        " \"eos_token_id\": 151643, \"hidden_act\": \"silu\", \"hidden_size\": 2048,"
+        " \"initializer_range\": 0.02, \"intermediate_size\": 5632, \"max_position_embeddings\": 8192,"
+        " \"max_window_layers\": 21, \"model_type\": \"qwen2_moe\", \"num_attention_heads\": 16,"
+        " \"num_hidden_layers\": 24, \"num_key_value_heads\": 16, \"rms_norm_eps\": 1e-06,"
+        " \"rope_theta\": 1000000.0, \"sliding_window\": 32768, \"tie_word_embeddings\": false,"
+        " \"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.39.0.dev0\", \"use_cache\": true,"
+        " \"use_sliding_window\": false, \"vocab_size\": 151936, \"decoder_sparse_step\": 1,"
+        " \"moe_intermediate_size\": 1408, \"shared_expert_intermediate_size\": 5632,"
+        " \"num_experts_per_tok\": 4, \"num_experts\": 60, \"norm_topk_prob\": false,"
+        " \"output_router_logits\": false, \"router_aux_loss_coef\": 0.001}";
     eng_model_desc d;
     assert_int_equal(parse(j, &d), MOE_OK);
     assert_int_equal(d.family, ENG_FAMILY_QWEN2_MOE);
@@ -131,17 +131,18 @@ static void test_qwen2_real(void **state) {
 /* Qwen/Qwen3-30B-A3B */
 static void test_qwen3_real(void **state) {
     (void)state;
-    const char *j = "{\"architectures\": [\"Qwen3MoeForCausalLM\"], \"attention_bias\": false, \"attention_dropout\": 0.0,"
-                    " \"bos_token_id\": 151643, \"decoder_sparse_step\": 1, \"eos_token_id\": 151645, \"head_dim\": 128,"
-                    " \"hidden_act\": \"silu\", \"hidden_size\": 2048, \"initializer_range\": 0.02,"
-                    " \"intermediate_size\": 6144, \"max_position_embeddings\": 40960, \"max_window_layers\": 48,"
-                    " \"mlp_only_layers\": [], \"model_type\": \"qwen3_moe\", \"moe_intermediate_size\": 768,"
-                    " \"norm_topk_prob\": true, \"num_attention_heads\": 32, \"num_experts\": 128,"
-                    " \"num_experts_per_tok\": 8, \"num_hidden_layers\": 48, \"num_key_value_heads\": 4,"
-                    " \"output_router_logits\": false, \"rms_norm_eps\": 1e-06, \"rope_scaling\": null,"
-                    " \"rope_theta\": 1000000.0, \"router_aux_loss_coef\": 0.001, \"sliding_window\": null,"
-                    " \"tie_word_embeddings\": false, \"torch_dtype\": \"bfloat16\", \"use_cache\": true,"
-                    " \"use_sliding_window\": false, \"vocab_size\": 151936}";
+    const char *j =
+        "{\"architectures\": [\"Qwen3MoeForCausalLM\"], \"attention_bias\": false, \"attention_dropout\": 0.0,"
+        " \"bos_token_id\": 151643, \"decoder_sparse_step\": 1, \"eos_token_id\": 151645, \"head_dim\": 128,"
+        " \"hidden_act\": \"silu\", \"hidden_size\": 2048, \"initializer_range\": 0.02,"
+        " \"intermediate_size\": 6144, \"max_position_embeddings\": 40960, \"max_window_layers\": 48,"
+        " \"mlp_only_layers\": [], \"model_type\": \"qwen3_moe\", \"moe_intermediate_size\": 768,"
+        " \"norm_topk_prob\": true, \"num_attention_heads\": 32, \"num_experts\": 128,"
+        " \"num_experts_per_tok\": 8, \"num_hidden_layers\": 48, \"num_key_value_heads\": 4,"
+        " \"output_router_logits\": false, \"rms_norm_eps\": 1e-06, \"rope_scaling\": null,"
+        " \"rope_theta\": 1000000.0, \"router_aux_loss_coef\": 0.001, \"sliding_window\": null,"
+        " \"tie_word_embeddings\": false, \"torch_dtype\": \"bfloat16\", \"use_cache\": true,"
+        " \"use_sliding_window\": false, \"vocab_size\": 151936}";
     eng_model_desc d;
     assert_int_equal(parse(j, &d), MOE_OK);
     assert_int_equal(d.family, ENG_FAMILY_QWEN3_MOE);
@@ -158,21 +159,22 @@ static void test_qwen3_real(void **state) {
 /* deepseek-ai/DeepSeek-V2-Lite (its config.json, remote-code format) */
 static void test_deepseek_v2_lite_real(void **state) {
     (void)state;
-    const char *j = "{\"architectures\": [\"DeepseekV2ForCausalLM\"], \"attention_bias\": false,"
-                    " \"attention_dropout\": 0.0, \"auto_map\": {\"AutoConfig\": \"configuration_deepseek.DeepseekV2Config\"},"
-                    " \"aux_loss_alpha\": 0.001, \"bos_token_id\": 100000, \"eos_token_id\": 100001,"
-                    " \"first_k_dense_replace\": 1, \"hidden_act\": \"silu\", \"hidden_size\": 2048,"
-                    " \"initializer_range\": 0.02, \"intermediate_size\": 10944, \"kv_lora_rank\": 512,"
-                    " \"max_position_embeddings\": 163840, \"model_type\": \"deepseek_v2\","
-                    " \"moe_intermediate_size\": 1408, \"moe_layer_freq\": 1, \"n_group\": 1, \"n_routed_experts\": 64,"
-                    " \"n_shared_experts\": 2, \"norm_topk_prob\": false, \"num_attention_heads\": 16,"
-                    " \"num_experts_per_tok\": 6, \"num_hidden_layers\": 27, \"num_key_value_heads\": 16,"
-                    " \"pretraining_tp\": 1, \"q_lora_rank\": null, \"qk_nope_head_dim\": 128, \"qk_rope_head_dim\": 64,"
-                    " \"rms_norm_eps\": 1e-06, \"rope_theta\": 10000, \"routed_scaling_factor\": 1.0,"
-                    " \"scoring_func\": \"softmax\", \"seq_aux\": true, \"tie_word_embeddings\": false,"
-                    " \"topk_group\": 1, \"topk_method\": \"greedy\", \"torch_dtype\": \"bfloat16\","
-                    " \"transformers_version\": \"4.33.1\", \"use_cache\": true, \"v_head_dim\": 128,"
-                    " \"vocab_size\": 102400}";
+    const char *j =
+        "{\"architectures\": [\"DeepseekV2ForCausalLM\"], \"attention_bias\": false,"
+        " \"attention_dropout\": 0.0, \"auto_map\": {\"AutoConfig\": \"configuration_deepseek.DeepseekV2Config\"},"
+        " \"aux_loss_alpha\": 0.001, \"bos_token_id\": 100000, \"eos_token_id\": 100001,"
+        " \"first_k_dense_replace\": 1, \"hidden_act\": \"silu\", \"hidden_size\": 2048,"
+        " \"initializer_range\": 0.02, \"intermediate_size\": 10944, \"kv_lora_rank\": 512,"
+        " \"max_position_embeddings\": 163840, \"model_type\": \"deepseek_v2\","
+        " \"moe_intermediate_size\": 1408, \"moe_layer_freq\": 1, \"n_group\": 1, \"n_routed_experts\": 64,"
+        " \"n_shared_experts\": 2, \"norm_topk_prob\": false, \"num_attention_heads\": 16,"
+        " \"num_experts_per_tok\": 6, \"num_hidden_layers\": 27, \"num_key_value_heads\": 16,"
+        " \"pretraining_tp\": 1, \"q_lora_rank\": null, \"qk_nope_head_dim\": 128, \"qk_rope_head_dim\": 64,"
+        " \"rms_norm_eps\": 1e-06, \"rope_theta\": 10000, \"routed_scaling_factor\": 1.0,"
+        " \"scoring_func\": \"softmax\", \"seq_aux\": true, \"tie_word_embeddings\": false,"
+        " \"topk_group\": 1, \"topk_method\": \"greedy\", \"torch_dtype\": \"bfloat16\","
+        " \"transformers_version\": \"4.33.1\", \"use_cache\": true, \"v_head_dim\": 128,"
+        " \"vocab_size\": 102400}";
     eng_model_desc d;
     assert_int_equal(parse(j, &d), MOE_OK);
     assert_int_equal(d.family, ENG_FAMILY_DEEPSEEK_V2);
@@ -201,21 +203,22 @@ static void test_deepseek_v2_lite_real(void **state) {
 /* deepseek-ai/DeepSeek-V3 (its config.json: FP8 weights, but the config parses) */
 static void test_deepseek_v3_real(void **state) {
     (void)state;
-    const char *j = "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"attention_bias\": false,"
-                    " \"attention_dropout\": 0.0, \"bos_token_id\": 0, \"eos_token_id\": 1, \"ep_size\": 1,"
-                    " \"first_k_dense_replace\": 3, \"hidden_act\": \"silu\", \"hidden_size\": 7168,"
-                    " \"initializer_range\": 0.02, \"intermediate_size\": 18432, \"kv_lora_rank\": 512,"
-                    " \"max_position_embeddings\": 163840, \"model_type\": \"deepseek_v3\","
-                    " \"moe_intermediate_size\": 2048, \"moe_layer_freq\": 1, \"n_group\": 8, \"n_routed_experts\": 256,"
-                    " \"n_shared_experts\": 1, \"norm_topk_prob\": true, \"num_attention_heads\": 128,"
-                    " \"num_experts_per_tok\": 8, \"num_hidden_layers\": 61, \"num_key_value_heads\": 128,"
-                    " \"num_nextn_predict_layers\": 1, \"q_lora_rank\": 1536, \"qk_nope_head_dim\": 128,"
-                    " \"qk_rope_head_dim\": 64, \"quantization_config\": {\"activation_scheme\": \"dynamic\","
-                    " \"fmt\": \"e4m3\", \"quant_method\": \"fp8\", \"weight_block_size\": [128, 128]},"
-                    " \"rms_norm_eps\": 1e-06, \"rope_theta\": 10000, \"routed_scaling_factor\": 2.5,"
-                    " \"scoring_func\": \"sigmoid\", \"tie_word_embeddings\": false, \"topk_group\": 4,"
-                    " \"topk_method\": \"noaux_tc\", \"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.46.3\","
-                    " \"use_cache\": true, \"v_head_dim\": 128, \"vocab_size\": 129280}";
+    const char *j =
+        "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"attention_bias\": false,"
+        " \"attention_dropout\": 0.0, \"bos_token_id\": 0, \"eos_token_id\": 1, \"ep_size\": 1,"
+        " \"first_k_dense_replace\": 3, \"hidden_act\": \"silu\", \"hidden_size\": 7168,"
+        " \"initializer_range\": 0.02, \"intermediate_size\": 18432, \"kv_lora_rank\": 512,"
+        " \"max_position_embeddings\": 163840, \"model_type\": \"deepseek_v3\","
+        " \"moe_intermediate_size\": 2048, \"moe_layer_freq\": 1, \"n_group\": 8, \"n_routed_experts\": 256,"
+        " \"n_shared_experts\": 1, \"norm_topk_prob\": true, \"num_attention_heads\": 128,"
+        " \"num_experts_per_tok\": 8, \"num_hidden_layers\": 61, \"num_key_value_heads\": 128,"
+        " \"num_nextn_predict_layers\": 1, \"q_lora_rank\": 1536, \"qk_nope_head_dim\": 128,"
+        " \"qk_rope_head_dim\": 64, \"quantization_config\": {\"activation_scheme\": \"dynamic\","
+        " \"fmt\": \"e4m3\", \"quant_method\": \"fp8\", \"weight_block_size\": [128, 128]},"
+        " \"rms_norm_eps\": 1e-06, \"rope_theta\": 10000, \"routed_scaling_factor\": 2.5,"
+        " \"scoring_func\": \"sigmoid\", \"tie_word_embeddings\": false, \"topk_group\": 4,"
+        " \"topk_method\": \"noaux_tc\", \"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.46.3\","
+        " \"use_cache\": true, \"v_head_dim\": 128, \"vocab_size\": 129280}";
     eng_model_desc d;
     assert_int_equal(parse(j, &d), MOE_OK);
     assert_int_equal(d.family, ENG_FAMILY_DEEPSEEK_V3);
@@ -261,7 +264,7 @@ static void test_deepseek_v3_transformers5_defaults(void **state) {
     assert_int_equal(d.route.group_mode, KERN_GROUP_TOP2_SUM);
     assert_true(d.has_correction_bias);
     assert_string_equal(d.topk_method, "noaux_tc");
-    assert_true(d.route.renormalize);                  /* DeepseekV3Config norm_topk_prob=True */
+    assert_true(d.route.renormalize);                   /* DeepseekV3Config norm_topk_prob=True */
     assert_true(d.route.routed_scaling_factor == 2.5f); /* DeepseekV3Config routed_scaling_factor */
     assert_int_equal(d.n_shared_experts, 1);            /* DeepseekV3Config n_shared_experts */
     int32_t want[] = {1, 2, 3};
@@ -382,9 +385,9 @@ static void test_routing_rules(void **state) {
     assert_false(d.route.renormalize);
     assert_true(d.route.routed_scaling_factor == 16.0f);
     /* DeepSeek-V3: renormalize, then always scale */
-    assert_int_equal(parse("{\"model_type\": \"deepseek_v3\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 1.5}",
-                           &d),
-                     MOE_OK);
+    assert_int_equal(
+        parse("{\"model_type\": \"deepseek_v3\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 1.5}", &d),
+        MOE_OK);
     assert_true(d.route.renormalize);
     assert_true(d.route.routed_scaling_factor == 1.5f);
     /* group_limited_greedy: max-score groups, no bias */
@@ -397,9 +400,9 @@ static void test_routing_rules(void **state) {
     assert_int_equal(d.route.topk_group, 3);
     assert_false(d.has_correction_bias);
     /* DeepSeek's own default spelling "gready" is greedy */
-    assert_int_equal(parse("{\"model_type\": \"deepseek_v2\", \"num_experts_per_tok\": 2, \"topk_method\": \"gready\"}",
-                           &d),
-                     MOE_OK);
+    assert_int_equal(
+        parse("{\"model_type\": \"deepseek_v2\", \"num_experts_per_tok\": 2, \"topk_method\": \"gready\"}", &d),
+        MOE_OK);
     assert_int_equal(d.route.group_mode, KERN_GROUP_NONE);
     assert_string_equal(d.topk_method, "greedy");
     /* noaux_tc with one group: no group selection, but the bias */
@@ -499,7 +502,8 @@ static void test_mutated_configs(void **state) {
     (void)state;
     static const char *seeds[] = {
         "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\", \"hidden_size\": 64,"
-        " \"num_hidden_layers\": 4, \"moe_intermediate_size\": 32, \"n_routed_experts\": 16, \"num_experts_per_tok\": 4,"
+        " \"num_hidden_layers\": 4, \"moe_intermediate_size\": 32, \"n_routed_experts\": 16, \"num_experts_per_tok\": "
+        "4,"
         " \"first_k_dense_replace\": 1, \"n_group\": 4, \"topk_group\": 2, \"topk_method\": \"noaux_tc\","
         " \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 2.5}",
         "{\"model_type\": \"qwen2_moe\", \"num_hidden_layers\": 8, \"decoder_sparse_step\": 2,"
@@ -572,18 +576,12 @@ static void test_config_file(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_mixtral_real),
-        cmocka_unit_test(test_qwen2_real),
-        cmocka_unit_test(test_qwen3_real),
-        cmocka_unit_test(test_deepseek_v2_lite_real),
-        cmocka_unit_test(test_deepseek_v3_real),
-        cmocka_unit_test(test_deepseek_v3_transformers5_defaults),
-        cmocka_unit_test(test_family_defaults),
-        cmocka_unit_test(test_moe_layer_rules),
-        cmocka_unit_test(test_routing_rules),
-        cmocka_unit_test(test_broken_configs),
-        cmocka_unit_test(test_family_names),
-        cmocka_unit_test(test_mutated_configs),
+        cmocka_unit_test(test_mixtral_real),     cmocka_unit_test(test_qwen2_real),
+        cmocka_unit_test(test_qwen3_real),       cmocka_unit_test(test_deepseek_v2_lite_real),
+        cmocka_unit_test(test_deepseek_v3_real), cmocka_unit_test(test_deepseek_v3_transformers5_defaults),
+        cmocka_unit_test(test_family_defaults),  cmocka_unit_test(test_moe_layer_rules),
+        cmocka_unit_test(test_routing_rules),    cmocka_unit_test(test_broken_configs),
+        cmocka_unit_test(test_family_names),     cmocka_unit_test(test_mutated_configs),
         cmocka_unit_test(test_config_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

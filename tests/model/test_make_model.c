@@ -460,10 +460,10 @@ static void expect_same_weights(const eng_model_weights *a, const eng_model_weig
     assert_int_equal(a->n_layers, b->n_layers);
     for (int32_t i = 0; i < a->n_layers; i++) {
         const eng_model_layer *x = &a->layers[i], *y = &b->layers[i];
-        const moe_tensor *tx[] = {&x->w13, &x->w2, &x->router, &x->correction_bias, &x->shared_w13, &x->shared_w2,
-                                  &x->shared_gate};
-        const moe_tensor *ty[] = {&y->w13, &y->w2, &y->router, &y->correction_bias, &y->shared_w13, &y->shared_w2,
-                                  &y->shared_gate};
+        const moe_tensor *tx[] = {&x->w13,        &x->w2,        &x->router,     &x->correction_bias,
+                                  &x->shared_w13, &x->shared_w2, &x->shared_gate};
+        const moe_tensor *ty[] = {&y->w13,        &y->w2,        &y->router,     &y->correction_bias,
+                                  &y->shared_w13, &y->shared_w2, &y->shared_gate};
         for (int k = 0; k < 7; k++) {
             assert_int_equal(moe_tensor_nbytes(tx[k]), moe_tensor_nbytes(ty[k]));
             assert_int_equal(tx[k]->data != NULL, ty[k]->data != NULL);
@@ -559,9 +559,9 @@ static void test_cli(void **state) {
     char *dir = stb_tmpdir("mm_cli");
     assert_int_equal(run_cli("--help", NULL), 0);
     assert_int_equal(run_cli(NULL), 2);
-    assert_int_equal(run_cli("--out", dir, NULL), 2);                                  /* no family */
-    assert_int_equal(run_cli("--family", "llama", "--out", dir, NULL), 2);             /* unknown family */
-    assert_int_equal(run_cli("--family", "mixtral", NULL), 2);                         /* no --out */
+    assert_int_equal(run_cli("--out", dir, NULL), 2);                                   /* no family */
+    assert_int_equal(run_cli("--family", "llama", "--out", dir, NULL), 2);              /* unknown family */
+    assert_int_equal(run_cli("--family", "mixtral", NULL), 2);                          /* no --out */
     assert_int_equal(run_cli("--family", "mixtral", "--out", dir, "--bogus", NULL), 2); /* unknown flag */
     assert_int_equal(run_cli("--family", "mixtral", "--out", dir, "--layers", NULL), 2);
     assert_int_equal(run_cli("--family", "mixtral", "--out", dir, "--layers", "two", NULL), 2);
@@ -577,8 +577,8 @@ static void test_cli(void **state) {
     assert_int_equal(run_cli("--family", "mixtral", "--out", dir, "--seed", "-1", NULL), 2);
     assert_int_equal(run_cli("--family", "mixtral", "--out", dir, "--force=yes", NULL), 2);
     /* a valid run, and a second one refused without --force */
-    assert_int_equal(run_cli("--family", "qwen2_moe", "--out", dir, "--layers", "2", "--experts", "4", "--hidden",
-                             "32", "--intermediate", "16", "--top-k=2", "--shard-size", "8K", "--seed", "7",
+    assert_int_equal(run_cli("--family", "qwen2_moe", "--out", dir, "--layers", "2", "--experts", "4", "--hidden", "32",
+                             "--intermediate", "16", "--top-k=2", "--shard-size", "8K", "--seed", "7",
                              "--mlp-only-layers", "1", "--quiet", NULL),
                      0);
     eng_ckpt_t *ck;
@@ -617,9 +617,9 @@ static void test_cli(void **state) {
     assert_int_equal(d->route.topk_group, 2);
     assert_true(d->has_correction_bias);
     eng_ckpt_close(ck);
-    assert_int_equal(run_cli("--family", "deepseek_v3", "--out", dir, "--force", "--quiet", "--experts", "3",
-                             "--top-k", "3", NULL),
-                     0);
+    assert_int_equal(
+        run_cli("--family", "deepseek_v3", "--out", dir, "--force", "--quiet", "--experts", "3", "--top-k", "3", NULL),
+        0);
     assert_int_equal(eng_ckpt_open(&ck, dir), MOE_OK);
     assert_int_equal(eng_ckpt_desc(ck)->route.group_mode, KERN_GROUP_NONE); /* one group */
     eng_ckpt_close(ck);
@@ -628,8 +628,12 @@ static void test_cli(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_streaming),   cmocka_unit_test(test_each_family), cmocka_unit_test(test_values_and_seeds),
-        cmocka_unit_test(test_rank_loads),  cmocka_unit_test(test_fused_experts), cmocka_unit_test(test_ids_str),
+        cmocka_unit_test(test_streaming),
+        cmocka_unit_test(test_each_family),
+        cmocka_unit_test(test_values_and_seeds),
+        cmocka_unit_test(test_rank_loads),
+        cmocka_unit_test(test_fused_experts),
+        cmocka_unit_test(test_ids_str),
         cmocka_unit_test(test_cli),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
