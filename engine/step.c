@@ -1,9 +1,9 @@
 /*
  * step.c: one step's computation on a worker (see step.h). Owned by the step loop thread.
  *
- * Router logits from hidden states are computed in fp32 (x and the router weight widened,
- * fp32 accumulation in index order), as DeepSeek's gate does; they are not rounded to the
- * model dtype. Every rank computes them the same way, so every rank routes the same.
+ * Router logits from hidden states are computed in fp32 (kern_router_logits: x widened, the
+ * fp32 router, one fixed-order sum per logit), as DeepSeek's gate does; they are not rounded
+ * to the model dtype. Every rank computes them the same way, so every rank routes the same.
  */
 #include "engine/step.h"
 
@@ -21,36 +21,6 @@ void eng_step_free(eng_step *s) {
     par_combine_plan_free(&s->plan);
     free(s->expert_tokens);
     memset(s, 0, sizeof *s);
-}
-
-/* logits[t, e] = sum_h x[t, h] * router[e, h] in fp32. */
-static moe_status router_logits(const eng_step_model *m, const eng_layer *layer, const void *x, int64_t T,
-                                float *logits) {
-    MOE_REQUIRE(layer->router.data, MOE_ERR_UNSUPPORTED,
-                "layer %d: this engine has no router weights: send topk ids and weights, or router logits",
-                (int)layer->layer);
-    const int64_t H = m->hidden, E = m->n_experts;
-    float *xr = malloc(sizeof(float) * (size_t)H);
-    float *wr = malloc(sizeof(float) * (size_t)H);
-    if (!xr || !wr) {
-        free(xr);
-        free(wr);
-        return moe_fail(MOE_ERR_NOMEM, "router logits");
-    }
-    const size_t es = moe_dtype_size(m->dtype), rs = moe_dtype_size(layer->router.dtype);
-    for (int64_t t = 0; t < T; t++) {
-        moe_to_f32(m->dtype, (const char *)x + (size_t)(t * H) * es, xr, (size_t)H);
-        for (int64_t e = 0; e < E; e++) {
-            moe_to_f32(layer->router.dtype, (const char *)layer->router.data + (size_t)(e * H) * rs, wr, (size_t)H);
-            float acc = 0.0f;
-            for (int64_t h = 0; h < H; h++)
-                acc += xr[h] * wr[h];
-            logits[t * E + e] = acc;
-        }
-    }
-    free(xr);
-    free(wr);
-    return MOE_OK;
 }
 
 moe_status eng_step_init(eng_step *s, const eng_step_model *m, const eng_layer *layer, int32_t rank,
@@ -93,13 +63,21 @@ moe_status eng_step_init(eng_step *s, const eng_step_model *m, const eng_layer *
             if (r->src == ENG_ROUTE_LOGITS) {
                 lg = moe_tensor_view2((void *)r->logits, r->logits_dtype, n, E);
             } else {
+                if (!layer->router.data) {
+                    st = moe_fail(MOE_ERR_UNSUPPORTED,
+                                  "layer %d: this engine has no router weights: send topk ids and weights, or router "
+                                  "logits",
+                                  (int)layer->layer);
+                    goto fail;
+                }
                 logits = malloc(sizeof(float) * (size_t)(n * E));
                 if (!logits) {
                     st = moe_fail(MOE_ERR_NOMEM, "router logits");
                     goto fail;
                 }
-                MOE_CHECK_GOTO(router_logits(m, layer, r->x, n, logits), st, fail);
                 lg = moe_tensor_view2(logits, MOE_DTYPE_F32, n, E);
+                moe_tensor xv = moe_tensor_view2((void *)r->x, m->dtype, n, H);
+                MOE_CHECK_GOTO(kern_router_logits(kctx, &xv, &layer->router, &lg), st, fail);
             }
             moe_tensor ti = moe_tensor_view2(ids, MOE_DTYPE_I32, n, K);
             moe_tensor tw = moe_tensor_view2(w, MOE_DTYPE_F32, n, K);

@@ -23,8 +23,8 @@ typedef struct eng_layer {
     int32_t layer;             /* index in the model */
     moe_tensor w13;            /* [E_local, 2I, H] */
     moe_tensor w2;             /* [E_local, H, I] */
-    moe_tensor router;         /* [E, H] (any float dtype; the loader gives fp32), or data == NULL when
-                                  the rank cannot route */
+    moe_tensor router;         /* [E, H] fp32 (as the loader gives it), or data == NULL when the rank
+                                  cannot route */
     float *correction_bias;    /* [E] or NULL */
     bool has_shared;           /* shared expert present (used by the answering rank) */
     moe_tensor shared_w13;     /* [2I_s, H] */

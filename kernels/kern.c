@@ -408,6 +408,44 @@ done:
     return st;
 }
 
+moe_status kern_router_logits(kern_ctx_t *ctx, const moe_tensor *x, const moe_tensor *router, moe_tensor *logits) {
+    MOE_REQUIRE(ctx, MOE_ERR_INVALID_ARG, "router_logits: NULL context");
+    MOE_CHECK(check_float_act(x, "router_logits: x"));
+    MOE_CHECK(moe_tensor_expect(x, "router_logits: x", x->dtype, 2, NULL));
+    const int64_t T = x->shape[0], H = x->shape[1];
+    MOE_CHECK(moe_tensor_expect(router, "router_logits: router", MOE_DTYPE_F32, 2, (int64_t[]){-1, H}));
+    const int64_t E = router->shape[0];
+    MOE_REQUIRE(E >= 1, MOE_ERR_INVALID_ARG, "router_logits: router has no expert");
+    MOE_CHECK(moe_tensor_expect(logits, "router_logits: logits", MOE_DTYPE_F32, 2, (int64_t[]){T, E}));
+    const moe_tensor *ins[] = {x, router};
+    const char *names[] = {"x", "router"};
+    MOE_CHECK(check_no_alias(logits, "logits", ins, names, 2));
+    if (T == 0)
+        return MOE_OK;
+    if (ctx->ops->router_logits)
+        return ctx->ops->router_logits(ctx, x, router, logits);
+    MOE_REQUIRE(ctx->ops->host_data, MOE_ERR_UNSUPPORTED, "backend %s has no router_logits", ctx->ops->name);
+    /* Host backends: one fixed-order dot product per logit (h = 0 .. H-1). */
+    float *xr = malloc(sizeof(float) * (size_t)H);
+    if (!xr)
+        return moe_fail(MOE_ERR_NOMEM, "router_logits");
+    const float *rw = router->data;
+    float *out = logits->data;
+    const size_t es = moe_dtype_size(x->dtype);
+    for (int64_t t = 0; t < T; t++) {
+        moe_to_f32(x->dtype, (const char *)x->data + (size_t)(t * H) * es, xr, (size_t)H);
+        for (int64_t e = 0; e < E; e++) {
+            const float *r = rw + e * H;
+            float acc = 0.0f;
+            for (int64_t h = 0; h < H; h++)
+                acc += xr[h] * r[h];
+            out[t * E + e] = acc;
+        }
+    }
+    free(xr);
+    return MOE_OK;
+}
+
 /* ------------------------------------------------------------------------------------------
  * Host helpers.
  * ---------------------------------------------------------------------------------------- */

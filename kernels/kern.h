@@ -194,6 +194,15 @@ moe_status kern_moe_forward(kern_ctx_t *ctx, const kern_experts_params *p, const
                             const moe_tensor *w13, const moe_tensor *w2, const moe_tensor *topk_ids,
                             const moe_tensor *topk_w, const kern_shared_expert *se, moe_tensor *y);
 
+/* ------------------------------------------------------------------------------------------
+ * Router logits from hidden states: logits[t, e] = sum_h x[t, h] * router[e, h], products and
+ * sums in fp32, x of any float dtype, router fp32 [E, H], logits fp32 [T, E] (fresh). Each
+ * logit is one fixed-order sum (the CPU backends in index order h = 0 .. H-1, as
+ * eng_model_router_logits; the CUDA backend in its own fixed order), so a row's logits never
+ * depend on the other rows of the batch.
+ * ---------------------------------------------------------------------------------------- */
+moe_status kern_router_logits(kern_ctx_t *ctx, const moe_tensor *x, const moe_tensor *router, moe_tensor *logits);
+
 /* Scalar activations, exposed so that every backend and test uses one definition. */
 float kern_act_f32(kern_act a, float x);
 

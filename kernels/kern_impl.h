@@ -31,6 +31,9 @@ typedef struct kern_backend_ops {
     moe_status (*moe_sum)(kern_ctx_t *ctx, const moe_tensor *slots, const moe_tensor *shared, moe_tensor *y);
     /* Optional: the whole layer at once (NULL: kern.c composes fused_experts, shared_expert
      * and moe_sum, which costs a [T, K, H] slot buffer). */
+    /* Optional: router logits (NULL: host backends use kern.c's loop; a device backend
+     * without it reports MOE_ERR_UNSUPPORTED). */
+    moe_status (*router_logits)(kern_ctx_t *ctx, const moe_tensor *x, const moe_tensor *router, moe_tensor *logits);
     moe_status (*moe_forward)(kern_ctx_t *ctx, const kern_experts_params *p, const moe_tensor *x,
                               const moe_tensor *w13, const moe_tensor *w2, const moe_tensor *ids,
                               const moe_tensor *w, const kern_shared_expert *se, moe_tensor *y);

@@ -43,7 +43,7 @@ static void model_init(model_fixture *f, moe_dtype dt, bool shared, bool grouped
     moe_rng_seed(&r, 7);
     assert_int_equal(moe_tensor_alloc(&f->w13, dt, 3, (int64_t[]){f->E, 2 * f->I, f->H}), MOE_OK);
     assert_int_equal(moe_tensor_alloc(&f->w2, dt, 3, (int64_t[]){f->E, f->H, f->I}), MOE_OK);
-    assert_int_equal(moe_tensor_alloc(&f->router, dt, 2, (int64_t[]){f->E, f->H}), MOE_OK);
+    assert_int_equal(moe_tensor_alloc(&f->router, MOE_DTYPE_F32, 2, (int64_t[]){f->E, f->H}), MOE_OK);
     fill(&f->w13, &r, 0.2f);
     fill(&f->w2, &r, 0.2f);
     fill(&f->router, &r, 0.3f);
