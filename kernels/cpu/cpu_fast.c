@@ -306,9 +306,9 @@ typedef struct experts_job {
     int64_t H;
     const unit *units;
     const int32_t *item_unit;  /* per item: unit index */
-    const int32_t *item_panel; /* per item: panel index (16 features each) */
-    float *pack;              /* per worker: 2 panels of 16 x max(H, I) floats */
-    size_t pack_per;          /* floats per worker */
+    const int32_t *item_panel; /* per item: panel index (gate/up: 16 features, down: 32) */
+    float *pack;               /* per worker: 2 panels of 16 x max(H, I) floats */
+    size_t pack_per;           /* floats per worker */
 } experts_job;
 
 /* Step 2 item: 16 intermediate features of one unit, for all its rows. */
@@ -343,7 +343,8 @@ static void down_item(void *varg, int64_t item, int32_t worker) {
     const int64_t H = j->H, I = u->I;
     const int64_t h0 = (int64_t)j->item_panel[item] * 2 * CPU_NR;
     const int32_t nr0 = (int32_t)(H - h0 < CPU_NR ? H - h0 : CPU_NR);
-    const int32_t nr1 = (int32_t)(H - h0 - CPU_NR < CPU_NR ? (H - h0 - CPU_NR > 0 ? H - h0 - CPU_NR : 0) : CPU_NR);
+    const int64_t rest = H - h0 - CPU_NR; /* features of the second panel */
+    const int32_t nr1 = (int32_t)(rest <= 0 ? 0 : rest < CPU_NR ? rest : CPU_NR);
     const size_t es = moe_dtype_size(j->dt);
     float *pd0 = j->pack + (size_t)worker * j->pack_per;
     float *pd1 = pd0 + (size_t)I * CPU_NR;

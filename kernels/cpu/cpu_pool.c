@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define POOL_SPIN 20000 /* polls of the generation before a worker sleeps (~tens of µs) */
+#define POOL_SPIN 4000 /* polls of the generation before a worker sleeps (~50-250 µs) */
 
 struct cpu_pool {
     int32_t n;          /* threads in all, the owner included */

@@ -8,7 +8,8 @@
  *             touched expert's weights (converted per call). Not batch-invariant (see
  *             kernels/cpu/cpu_gemm.h), so not a backend: it shows what the fixed order costs
  *   numpy     the per-expert loop of the Hugging Face models in numpy float32
- *             (tools/bench/bench_numpy.py, run as a subprocess; numpy's BLAS is OpenBLAS)
+ *             (tools/bench/bench_numpy.py, a subprocess serving one shape's weights and timing
+ *             one T per request; numpy's BLAS is OpenBLAS)
  *
  * and prints each time next to the two floors of this machine:
  *   memory floor  = weight bytes touched / memcpy bandwidth (measured here, all threads);
@@ -19,6 +20,11 @@
  * "x floor" is the time over the larger floor. numpy reads fp32 weights (twice the bytes of
  * bf16); its floor is not scaled for that.
  *
+ * Noise: on a shared machine the load changes from minute to minute, so the implementations of
+ * one cell run back to back, the whole table is repeated --rounds times, and each cell keeps
+ * its best round (cpu-ref runs in the first round only); the ceilings are re-measured after
+ * each shape and the best seen is used.
+ *
  * Run (it is a program, not a test; it takes a few minutes at the default sizes):
  *   bazel run -c opt //tools/bench:cpu_bench -- [options]
  *   (or bazel build -c opt //tools/bench:cpu_bench && bazel-bin/tools/bench/cpu_bench)
@@ -27,17 +33,22 @@
  *   --tokens 1,16,128  batch sizes T
  *   --threads N        threads of the fast backend (default: all cores)
  *   --no-numpy --no-ref --no-openblas   skip a column
- *   --min-time S       seconds of timed calls per cell (default 0.5; the median is printed)
+ *   --rounds N         repetitions of each shape's table, best kept (default 3)
+ *   --min-time S       seconds of timed calls per cell and round (default 0.5; their median counts)
  *   --numpy-script P   path of bench_numpy.py (default: found in the runfiles)
  *
  * Threads: single-threaded driver; the fast backend and OpenBLAS run their own threads (not
- * at the same time).
+ * at the same time). The program re-executes itself once with OPENBLAS_THREAD_TIMEOUT=4 (idle
+ * OpenBLAS threads sleep at once instead of spinning into the next measurement; the numpy
+ * subprocess inherits it).
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cblas.h>
@@ -73,6 +84,7 @@ typedef struct options {
     int32_t threads;
     bool numpy, ref, openblas;
     double min_time;
+    int rounds;
     char numpy_script[1200];
     char argv0[900];
 } options;
@@ -403,41 +415,90 @@ static void find_numpy_script(options *o) {
         }
 }
 
-/* Fills us[i] for tokens[i] (NAN where it did not run). */
-static void run_numpy(const options *o, const bench_shape *sh, double *us) {
-    for (int i = 0; i < o->n_tokens; i++)
-        us[i] = NAN;
+/* A numpy server (bench_numpy.py --serve) holding one shape's weights: asked for one T at a
+ * time, so that its cells are timed next to the C implementations' cells. */
+typedef struct np_server {
+    pid_t pid;
+    FILE *to, *from;
+} np_server;
+
+static bool np_start(np_server *s, const options *o, const bench_shape *sh) {
+    memset(s, 0, sizeof *s);
     if (!o->numpy_script[0])
-        return;
-    char toks[256] = "", cmd[2048];
-    for (int i = 0; i < o->n_tokens; i++)
-        snprintf(toks + strlen(toks), sizeof toks - strlen(toks), "%s%lld", i ? "," : "", (long long)o->tokens[i]);
+        return false;
     /* moe_ref.py sits in tests/ref next to tools/ in the runfiles and in the source tree */
-    char refdir[1100];
+    char refdir[1300];
     snprintf(refdir, sizeof refdir, "%s", o->numpy_script);
-    char *slash = strstr(refdir, "tools/bench/bench_numpy.py");
-    if (slash)
-        snprintf(slash, sizeof refdir - (size_t)(slash - refdir), "tests/ref");
+    char *at = strstr(refdir, "tools/bench/bench_numpy.py");
+    if (at)
+        snprintf(at, sizeof refdir - (size_t)(at - refdir), "tests/ref");
     else
         snprintf(refdir, sizeof refdir, "tests/ref");
-    snprintf(cmd, sizeof cmd,
-             "/usr/bin/python3 '%s' --hidden %lld --inter %lld --experts %lld --topk %lld --shared-inter %lld "
-             "--tokens %s --min-time %g --ref-dir '%s'",
-             o->numpy_script, (long long)sh->H, (long long)sh->I, (long long)sh->E, (long long)sh->K,
-             (long long)sh->Is, toks, o->min_time, refdir);
-    FILE *p = popen(cmd, "r");
-    if (!p)
-        return;
-    char line[256];
-    while (fgets(line, sizeof line, p)) {
-        long long t;
-        double v;
-        if (sscanf(line, "T=%lld us=%lf", &t, &v) == 2)
-            for (int i = 0; i < o->n_tokens; i++)
-                if (o->tokens[i] == t)
-                    us[i] = v;
+    char h[32], i[32], e[32], k[32], is[32];
+    snprintf(h, sizeof h, "%lld", (long long)sh->H);
+    snprintf(i, sizeof i, "%lld", (long long)sh->I);
+    snprintf(e, sizeof e, "%lld", (long long)sh->E);
+    snprintf(k, sizeof k, "%lld", (long long)sh->K);
+    snprintf(is, sizeof is, "%lld", (long long)sh->Is);
+    int in[2], out[2];
+    if (pipe(in) != 0)
+        return false;
+    if (pipe(out) != 0) {
+        close(in[0]);
+        close(in[1]);
+        return false;
     }
-    pclose(p);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        close(in[0]);
+        close(in[1]);
+        close(out[0]);
+        close(out[1]);
+        execl("/usr/bin/python3", "python3", o->numpy_script, "--serve", "--hidden", h, "--inter", i, "--experts", e,
+              "--topk", k, "--shared-inter", is, "--ref-dir", refdir, (char *)NULL);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    if (pid < 0) {
+        close(in[1]);
+        close(out[0]);
+        return false;
+    }
+    s->pid = pid;
+    s->to = fdopen(in[1], "w");
+    s->from = fdopen(out[0], "r");
+    char line[256];
+    while (fgets(line, sizeof line, s->from))
+        if (strncmp(line, "ready", 5) == 0)
+            return true;
+    fprintf(stderr, "cpu_bench: the numpy server did not start\n");
+    return false;
+}
+
+static double np_measure(np_server *s, int64_t T, double min_time) {
+    if (!s->pid || !s->to || !s->from)
+        return NAN;
+    fprintf(s->to, "%lld %g\n", (long long)T, min_time);
+    fflush(s->to);
+    char line[256];
+    long long t;
+    double v;
+    if (fgets(line, sizeof line, s->from) && sscanf(line, "T=%lld us=%lf", &t, &v) == 2 && t == T)
+        return v;
+    return NAN;
+}
+
+static void np_stop(np_server *s) {
+    if (s->to)
+        fclose(s->to);
+    if (s->from)
+        fclose(s->from);
+    if (s->pid > 0)
+        waitpid(s->pid, NULL, 0);
+    memset(s, 0, sizeof *s);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -445,7 +506,7 @@ static void run_numpy(const options *o, const bench_shape *sh, double *us) {
  * ---------------------------------------------------------------------------------------- */
 static void usage(void) {
     fprintf(stderr, "usage: cpu_bench [--shapes a,b] [--tokens 1,16,128] [--threads N] [--no-numpy] [--no-ref] "
-                    "[--no-openblas] [--min-time S] [--numpy-script P]\n");
+                    "[--no-openblas] [--rounds N] [--min-time S] [--numpy-script P]\n");
 }
 
 static bool parse_args(int argc, char **argv, options *o) {
@@ -453,6 +514,7 @@ static bool parse_args(int argc, char **argv, options *o) {
     snprintf(o->argv0, sizeof o->argv0, "%s", argv[0]);
     o->numpy = o->ref = o->openblas = true;
     o->min_time = 0.5;
+    o->rounds = 3;
     int64_t def[] = {1, 16, 128};
     o->n_tokens = 3;
     memcpy(o->tokens, def, sizeof def);
@@ -471,6 +533,9 @@ static bool parse_args(int argc, char **argv, options *o) {
             i++;
         } else if (!strcmp(a, "--threads") && v) {
             o->threads = atoi(v);
+            i++;
+        } else if (!strcmp(a, "--rounds") && v) {
+            o->rounds = atoi(v) > 0 ? atoi(v) : 1;
             i++;
         } else if (!strcmp(a, "--min-time") && v) {
             o->min_time = atof(v);
@@ -512,11 +577,23 @@ static void print_row(const char *shape, const char *dt, int64_t T, const char *
         return;
     }
     double floor_us = mem_us > comp_us ? mem_us : comp_us;
-    printf("%-12s %-5s %5lld  %-9s %12.1f %11.1f %8.2f %11.1f %11.1f %8.2f %5d\n", shape, dt, (long long)T, impl, us,
-           (double)T / (us * 1e-6), flops / (us * 1e-6) / 1e9, mem_us, comp_us, us / floor_us, reps);
+    char r[16] = "-";
+    if (reps > 0)
+        snprintf(r, sizeof r, "%d", reps);
+    printf("%-12s %-5s %5lld  %-9s %12.1f %11.1f %8.2f %11.1f %11.1f %8.2f %5s\n", shape, dt, (long long)T, impl, us,
+           (double)T / (us * 1e-6), flops / (us * 1e-6) / 1e9, mem_us, comp_us, us / floor_us, r);
 }
 
 int main(int argc, char **argv) {
+    /* OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each parallel call before they
+     * sleep; on a 2-core machine that spinning (ours after the openblas cell, numpy's in its
+     * subprocess) eats into the next cell's time. OpenBLAS reads the timeout when it loads, so
+     * set it and start again. */
+    if (!getenv("OPENBLAS_THREAD_TIMEOUT")) {
+        setenv("OPENBLAS_THREAD_TIMEOUT", "4", 1);
+        execv("/proc/self/exe", argv);
+        /* if the exec fails, carry on with the spinning threads */
+    }
     options o;
     if (!parse_args(argc, argv, &o))
         return 2;
@@ -531,16 +608,15 @@ int main(int argc, char **argv) {
     double bw1 = memcpy_bw(1), bwn = memcpy_bw(nthreads), gemm = sgemm_rate();
     printf("moe-engine CPU benchmark: %s, %ld cores online, fast backend: %d threads, %s products\n", model, ncpu,
            nthreads, cpu_gemm_isa());
-    printf("%s(core %s, %d threads): sgemm 1024^3 %.1f GFLOP/s; memcpy %.1f GB/s (1 thread), %.1f GB/s (%d "
-           "threads)\n",
+    printf("%s(core %s, %d threads); at start: sgemm 1024^3 %.1f GFLOP/s, memcpy %.1f GB/s (1 thread), %.1f GB/s "
+           "(%d threads)\n",
            OPENBLAS_VERSION, openblas_get_corename(), openblas_get_num_threads(), gemm / 1e9, bw1 / 1e9, bwn / 1e9,
            nthreads);
     if (o.numpy && !o.numpy_script[0])
         printf("numpy: bench_numpy.py not found (--numpy-script), column skipped\n");
-    printf("floors: memory = weight bytes touched / %.1f GB/s; compute = flops / %.1f GFLOP/s. Median of timed calls.\n\n",
-           bwn / 1e9, gemm / 1e9);
-    printf("%-12s %-5s %5s  %-9s %12s %11s %8s %11s %11s %8s %5s\n", "shape", "dtype", "T", "impl", "us/call",
-           "tokens/s", "GFLOP/s", "mem floor", "comp floor", "x floor", "reps");
+    printf("Each cell: the median of its timed calls, the best of %d rounds (the implementations of a cell run back to "
+           "back, round after round). Floors: the best ceilings measured so far in this run.\n",
+           o.rounds);
 
     kern_ctx_t *ref = NULL, *fast = NULL;
     kern_ctx_params fp = {.n_threads = nthreads};
@@ -548,6 +624,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "cpu_bench: %s\n", moe_errmsg());
         return 1;
     }
+    enum { IMPL_REF, IMPL_CPU, IMPL_BLAS, IMPL_NUMPY, N_IMPL };
+    static const char *impl_name[N_IMPL] = {"cpu-ref", "cpu", "openblas", "numpy"};
     for (int s = 0; s < N_SHAPES; s++) {
         const bench_shape *sh = &SHAPES[s];
         if (!shape_selected(&o, sh->name))
@@ -570,48 +648,80 @@ int main(int argc, char **argv) {
             se = (kern_shared_expert){&sw13, &sw2, NULL, KERN_ACT_SILU};
             sep = &se;
         }
-        printf("-- %s: %s; H %lld, I %lld, E %lld, K %lld%s\n", sh->name, sh->what, (long long)sh->H, (long long)sh->I,
-               (long long)sh->E, (long long)sh->K, sh->Is ? ", shared expert" : "");
-        fflush(stdout);
-        double np_us[16];
+        np_server nps = {0};
         if (o.numpy)
-            run_numpy(&o, sh, np_us);
+            np_start(&nps, &o, sh);
+        problem pbs[16];
+        double best[16][N_IMPL];
+        int reps_of[16][N_IMPL];
         for (int ti = 0; ti < o.n_tokens; ti++) {
-            int64_t T = o.tokens[ti];
-            problem pb;
-            problem_init(&pb, sh, T, &w13, &w2, sep, 100 + (uint64_t)T);
+            problem_init(&pbs[ti], sh, o.tokens[ti], &w13, &w2, sep, 100 + (uint64_t)o.tokens[ti]);
+            for (int q = 0; q < N_IMPL; q++) {
+                best[ti][q] = NAN;
+                reps_of[ti][q] = 0;
+            }
+        }
+        for (int round = 0; round < o.rounds; round++) {
+            for (int ti = 0; ti < o.n_tokens; ti++) {
+                problem *pb = &pbs[ti];
+                double flops = 2.0 * (double)pb->T * (double)sh->K * 3.0 * (double)(sh->H * sh->I) +
+                               2.0 * (double)pb->T * 3.0 * (double)(sh->H * sh->Is);
+                double us[N_IMPL] = {NAN, NAN, NAN, NAN};
+                int reps[N_IMPL] = {0};
+                void *args[2] = {pb, NULL};
+                /* cpu-ref runs at ~0.2-0.4 GFLOP/s: only where a call takes < ~3 s, in round 0 */
+                if (o.ref && round == 0 && flops / 0.3e9 < 3.0) {
+                    args[1] = ref;
+                    us[IMPL_REF] = time_median_us(run_backend, args, o.min_time, &reps[IMPL_REF]);
+                }
+                args[1] = fast;
+                us[IMPL_CPU] = time_median_us(run_backend, args, o.min_time, &reps[IMPL_CPU]);
+                if (o.openblas) {
+                    blas_scratch bs;
+                    blas_scratch_init(&bs, sh, pb->T);
+                    args[1] = &bs;
+                    us[IMPL_BLAS] = time_median_us(run_openblas, args, o.min_time, &reps[IMPL_BLAS]);
+                    blas_scratch_free(&bs);
+                }
+                if (o.numpy)
+                    us[IMPL_NUMPY] = np_measure(&nps, pb->T, o.min_time);
+                for (int q = 0; q < N_IMPL; q++)
+                    if (!isnan(us[q]) && (isnan(best[ti][q]) || us[q] < best[ti][q])) {
+                        best[ti][q] = us[q];
+                        reps_of[ti][q] = reps[q];
+                    }
+            }
+        }
+        np_stop(&nps);
+        /* re-measure the ceilings: the best seen in the run is the closest to the idle machine */
+        double b = memcpy_bw(nthreads), g = sgemm_rate();
+        bwn = b > bwn ? b : bwn;
+        gemm = g > gemm ? g : gemm;
+
+        printf("\n-- %s: %s; H %lld, I %lld, E %lld, K %lld%s; floors: %.1f GB/s, %.1f GFLOP/s\n", sh->name, sh->what,
+               (long long)sh->H, (long long)sh->I, (long long)sh->E, (long long)sh->K, sh->Is ? ", shared expert" : "",
+               bwn / 1e9, gemm / 1e9);
+        printf("%-12s %-5s %5s  %-9s %12s %11s %8s %11s %11s %8s %5s\n", "shape", "dtype", "T", "impl", "us/call",
+               "tokens/s", "GFLOP/s", "mem floor", "comp floor", "x floor", "reps");
+        for (int ti = 0; ti < o.n_tokens; ti++) {
+            problem *pb = &pbs[ti];
+            int64_t T = pb->T;
             const double es = (double)moe_dtype_size(sh->dt);
-            double bytes = (double)pb.touched * 3.0 * (double)(sh->H * sh->I) * es + 3.0 * (double)(sh->H * sh->Is) * es;
+            double bytes = (double)pb->touched * 3.0 * (double)(sh->H * sh->I) * es + 3.0 * (double)(sh->H * sh->Is) * es;
             double flops = 2.0 * (double)T * (double)sh->K * 3.0 * (double)(sh->H * sh->I) +
                            2.0 * (double)T * 3.0 * (double)(sh->H * sh->Is);
             double mem_us = bytes / bwn * 1e6, comp_us = flops / gemm * 1e6;
-            int reps = 0;
-            void *args[2] = {&pb, NULL};
-            if (o.ref && flops / 0.4e9 < 3.0) { /* cpu-ref runs at ~0.4 GFLOP/s or better */
-                args[1] = ref;
-                double us = time_median_us(run_backend, args, o.min_time, &reps);
-                print_row(sh->name, dtn, T, "cpu-ref", us, flops, mem_us, comp_us, reps);
-            } else if (o.ref) {
-                print_row(sh->name, dtn, T, "cpu-ref", NAN, flops, mem_us, comp_us, 0);
+            for (int q = 0; q < N_IMPL; q++) {
+                if ((q == IMPL_REF && !o.ref) || (q == IMPL_BLAS && !o.openblas) || (q == IMPL_NUMPY && !o.numpy))
+                    continue;
+                print_row(sh->name, q == IMPL_NUMPY ? "f32" : dtn, T, impl_name[q], best[ti][q], flops, mem_us, comp_us,
+                          reps_of[ti][q]);
             }
-            args[1] = fast;
-            double us = time_median_us(run_backend, args, o.min_time, &reps);
-            print_row(sh->name, dtn, T, "cpu", us, flops, mem_us, comp_us, reps);
-            if (o.openblas) {
-                blas_scratch bs;
-                blas_scratch_init(&bs, sh, T);
-                args[1] = &bs;
-                us = time_median_us(run_openblas, args, o.min_time, &reps);
-                print_row(sh->name, dtn, T, "openblas", us, flops, mem_us, comp_us, reps);
-                blas_scratch_free(&bs);
-            }
-            if (o.numpy)
-                print_row(sh->name, "f32", T, "numpy", np_us[ti], flops, mem_us, comp_us, 0);
-            printf("%-12s %-5s %5lld  (%lld of %lld experts touched: %.1f MB of weights)\n", "", "", (long long)T,
-                   (long long)pb.touched, (long long)sh->E, bytes / 1e6);
-            fflush(stdout);
-            problem_free(&pb);
+            printf("%-12s %-5s %5lld  (%lld of %lld experts touched: %.1f MB of weights, %.2f GFLOP)\n", "", "",
+                   (long long)T, (long long)pb->touched, (long long)sh->E, bytes / 1e6, flops / 1e9);
+            problem_free(pb);
         }
+        fflush(stdout);
         moe_tensor_free(&w13);
         moe_tensor_free(&w2);
         moe_tensor_free(&sw13);
