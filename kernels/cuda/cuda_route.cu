@@ -219,3 +219,60 @@ extern "C" int kc_launch_route(const kern_route_params *p, const void *logits, i
     }
     return (int)cudaGetLastError();
 }
+
+/* ---- router logits ------------------------------------------------------------------------
+ * logits[t, e] = sum_h x[t, h] * router[e, h] in fp32. One CTA per token (x row in shared
+ * memory as fp32), one warp per expert at a time: lane l sums h = l, l + 32, ... in order, then a
+ * fixed xor-tree over the lanes. The order depends on nothing but H: a row's logits never
+ * depend on the other rows. */
+#define KC_RL_THREADS 256
+
+template <typename T>
+__global__ void __launch_bounds__(KC_RL_THREADS)
+    kc_router_logits_kernel(const T *x, const float *router, float *logits, int64_t E, int64_t H) {
+    extern __shared__ float xs[]; /* [H] */
+    const int64_t t = blockIdx.x;
+    for (int64_t h = threadIdx.x; h < H; h += KC_RL_THREADS)
+        xs[h] = kc_ld<T>(x + t * H, h);
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int64_t e = warp; e < E; e += KC_RL_THREADS / 32) {
+        const float *r = router + e * H;
+        float acc = 0.0f;
+        for (int64_t h = lane; h < H; h += 32)
+            acc += xs[h] * r[h];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+            acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0)
+            logits[t * E + e] = acc;
+    }
+}
+
+extern "C" int kc_launch_router_logits(int32_t dtype, const void *x, const float *router, float *logits, int64_t T,
+                                       int64_t E, int64_t H, cudaStream_t st) {
+    const size_t smem = (size_t)H * sizeof(float);
+    if (smem > 200 * 1024)
+        return (int)cudaErrorInvalidValue;
+    cudaError_t e = cudaSuccess;
+#define KC_RL_CASE(DT, TY)                                                                                        \
+    case DT:                                                                                                      \
+        if (smem > 48 * 1024)                                                                                     \
+            e = cudaFuncSetAttribute(kc_router_logits_kernel<TY>, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
+                                     (int)smem);                                                                  \
+        if (e == cudaSuccess)                                                                                     \
+            kc_router_logits_kernel<TY><<<(unsigned)T, KC_RL_THREADS, smem, st>>>((const TY *)x, router, logits, \
+                                                                                 E, H);                          \
+        break;
+    switch (dtype) {
+        KC_RL_CASE(MOE_DTYPE_F32, float)
+        KC_RL_CASE(MOE_DTYPE_F16, __half)
+        KC_RL_CASE(MOE_DTYPE_BF16, __nv_bfloat16)
+    default:
+        return (int)cudaErrorInvalidValue;
+    }
+#undef KC_RL_CASE
+    if (e != cudaSuccess)
+        return (int)e;
+    return (int)cudaGetLastError();
+}

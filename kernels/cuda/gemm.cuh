@@ -67,6 +67,12 @@ static __device__ __forceinline__ float kc_act(int act, float x) {
 static __device__ __forceinline__ void kc_cp_async16(uint32_t dst, const void *src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
+/* The same for weight rows, with a 256-byte L2 prefetch: a row's next 128 bytes are the next
+ * stage's, so DRAM serves them in one longer burst. */
+static __device__ __forceinline__ void kc_cp_async16_w(uint32_t dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
 static __device__ __forceinline__ void kc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> static __device__ __forceinline__ void kc_cp_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -322,7 +328,7 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
             const int r = (tid >> 3) + i * (TL::threads / 8);
             const bool ok = kok && arow[i] != nullptr;
             const void *src = ok ? (const void *)(arow[i] + (size_t)kel * sizeof(T)) : a.w;
-            kc_cp_async16(sa + kc_swz(r, my_c), src, ok);
+            kc_cp_async16_w(sa + kc_swz(r, my_c), src, ok);
         }
     };
     auto load_b = [&](int kb) {
@@ -747,7 +753,7 @@ __global__ void __launch_bounds__(384, 1) kc_gemm_ws_kernel(const kc_gemm_args a
                 }
                 ok = ok && kok;
                 const void *src = ok ? (const void *)(wbase + ((size_t)grow * K + kel) * sizeof(T)) : a.w;
-                kc_cp_async16(sa + kc_swz(r, c), src, ok);
+                kc_cp_async16_w(sa + kc_swz(r, c), src, ok);
             }
 #pragma unroll 4
             for (int i = 0; i < BN / 16; i++) {

@@ -173,7 +173,7 @@ static moe_status cuda_init(kern_ctx_t *ctx) {
     MOE_CUDA_CHECK_GOTO(cudaMemset(s->claim, 0, sizeof(int32_t)), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&s->fuse_ctr, KC_SMALL_MAX_PAIRS * sizeof(unsigned long long)), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaMemset(s->fuse_ctr, 0, KC_SMALL_MAX_PAIRS * sizeof(unsigned long long)), st, fail);
-    s->fused = true;
+    s->fused = false; /* measured slower than two launches with PDL (docs/PERF.md, lab run 6) */
 
     s->path = (s->cc_major == 9 && s->cc_minor == 0) ? KERN_CUDA_PATH_WGMMA : KERN_CUDA_PATH_MMA;
     s->pdl = s->cc_major >= 9;
@@ -563,6 +563,20 @@ static moe_status cuda_moe_forward(kern_ctx_t *ctx, const kern_experts_params *p
     return MOE_OK;
 }
 
+static moe_status cuda_router_logits(kern_ctx_t *ctx, const moe_tensor *x, const moe_tensor *router,
+                                     moe_tensor *logits) {
+    kc_state *s = st_of(ctx);
+    const int64_t T = x->shape[0], H = x->shape[1], E = router->shape[0];
+    MOE_REQUIRE(H <= 51200, MOE_ERR_UNSUPPORTED, "cuda router_logits: hidden size %lld over the backend's limit 51200",
+                (long long)H);
+    MOE_REQUIRE(T <= INT32_MAX, MOE_ERR_LIMIT, "cuda router_logits: %lld tokens over the limit", (long long)T);
+    MOE_CUDA_CHECK(cudaSetDevice(s->device));
+    MOE_CHECK(check_device_errors(s));
+    KC_LAUNCH(kc_launch_router_logits(x->dtype, x->data, router->data, logits->data, T, E, H, s->stream),
+              "router logits");
+    return MOE_OK;
+}
+
 const kern_backend_ops kern_cuda_ops = {
     .name = "cuda",
     .host_data = false,
@@ -574,6 +588,7 @@ const kern_backend_ops kern_cuda_ops = {
     .fused_experts = cuda_fused_experts,
     .shared_expert = cuda_shared_expert,
     .moe_sum = cuda_moe_sum,
+    .router_logits = cuda_router_logits,
     .moe_forward = cuda_moe_forward,
 };
 

@@ -55,7 +55,8 @@ int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap);
 moe_status kern_cuda_set_small_max(kern_ctx_t *ctx, int32_t max_pairs);
 
 /* In the alignment-free mode, run the gate-up and down products in one persistent launch
- * (default on; off: two launches). Same bits either way. */
+ * (default off: it measured slower on H100 than two launches with PDL, docs/PERF.md). Same
+ * bits either way. */
 moe_status kern_cuda_set_fused(kern_ctx_t *ctx, bool on);
 
 /* Programmatic dependent launch between the kernels of a call (on by default on sm_90: the

@@ -130,6 +130,11 @@ int kc_launch_small_fused(const kc_gemm_args *gu, const kc_gemm_args *dn, int pa
 int kc_launch_route(const kern_route_params *p, const void *logits, int32_t dtype, int64_t T, int32_t *ids,
                     float *w, cudaStream_t st);
 
+/* Router logits: logits[t, e] = x[t] . router[e] in fp32 (fixed order per logit). H * 4 bytes
+ * must fit in 200 KB of shared memory. */
+int kc_launch_router_logits(int32_t dtype, const void *x, const float *router, float *logits, int64_t T, int64_t E,
+                            int64_t H, cudaStream_t st);
+
 /* Alignment: sorts the (token, slot) pairs by local expert into blocks of bn rows (each
  * expert's rows padded to a multiple of bn with -1), checks ids, the map and the weights
  * (errors into err; a bad pair is skipped), and writes:

@@ -254,7 +254,7 @@ int main(int argc, char **argv) {
                         continue;
                     LB_CHECK(kern_cuda_set_tile(gpu, nwg, bn));
                     LB_CHECK(kern_cuda_set_small_max(gpu, k == nt + 1 ? 256 : k == nt + 2 ? 0 : 64));
-                    LB_CHECK(kern_cuda_set_fused(gpu, k != nt + 4));
+                    LB_CHECK(kern_cuda_set_fused(gpu, k == nt + 4));
                     LB_CHECK(kern_cuda_set_pdl(gpu, k != nt + 3 && prop.major >= 9));
                     for (int wu = 0; wu < 2; wu++)
                         LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
@@ -274,7 +274,7 @@ int main(int argc, char **argv) {
                     lb_row *rw = &rows[nrows++];
                     snprintf(rw->model, sizeof rw->model, "%s", models[mi].name);
                     rw->T = T;
-                    static const char *ex[] = {"auto", "auto small", "auto aligned", "auto no-pdl", "auto unfused"};
+                    static const char *ex[] = {"auto", "auto small", "auto aligned", "auto no-pdl", "auto fused"};
                     if (k < nt)
                         snprintf(rw->variant, sizeof rw->variant, "%d %s %dx%d", pi + 1, path_name(paths[pi]),
                                  (int)nwg, (int)bn);
@@ -286,7 +286,7 @@ int main(int argc, char **argv) {
                     fprintf(stderr, "lab: %s T=%lld %s: %.1f us\n", rw->model, (long long)T, rw->variant, rw->us);
                 }
                 LB_CHECK(kern_cuda_set_small_max(gpu, 64));
-                LB_CHECK(kern_cuda_set_fused(gpu, true));
+                LB_CHECK(kern_cuda_set_fused(gpu, false));
                 LB_CHECK(kern_cuda_set_pdl(gpu, prop.major >= 9));
             }
             LB_CHECK(kern_cuda_set_tile(gpu, 0, 0));

@@ -284,7 +284,7 @@ static void check_fused_all_tiles(moe_dtype dt, kern_act act, bool woi, bool slo
         moe_tensor path_first = {0};
         /* ti < nt: a forced tile; nt: the automatic choice; nt + 1: auto with the
          * alignment-free mode up to 256 pairs; nt + 2: auto, always aligned, without PDL;
-         * nt + 3: alignment-free up to 256 pairs, the two products in two launches. */
+         * nt + 3: alignment-free up to 256 pairs, the two products in one persistent launch. */
         for (int32_t ti = 0; ti <= nt + 3; ti++) {
             if (ti < nt)
                 CT_OK(kern_cuda_set_tile(g_gpu, tiles[2 * ti], tiles[2 * ti + 1]));
@@ -294,10 +294,10 @@ static void check_fused_all_tiles(moe_dtype dt, kern_act act, bool woi, bool slo
             if (ti == nt + 2)
                 (void)kern_cuda_set_pdl(g_gpu, false);
             if (ti == nt + 3)
-                CT_OK(kern_cuda_set_fused(g_gpu, false));
+                CT_OK(kern_cuda_set_fused(g_gpu, true));
             run_gpu(&pr, slot_mode, &got);
             CT_OK(kern_cuda_set_small_max(g_gpu, 64));
-            CT_OK(kern_cuda_set_fused(g_gpu, true));
+            CT_OK(kern_cuda_set_fused(g_gpu, false));
             (void)kern_cuda_set_pdl(g_gpu, true);
             char what[160];
             snprintf(what, sizeof what, "fused %s %s %s%s T=%lld E=%d K=%d H=%lld I=%lld path %s tile %d x %d",
@@ -571,6 +571,50 @@ static void test_shared_and_forward(void **state) {
     }
 }
 
+/* Router logits: against the CPU's fixed-order sums (fp32, tolerance for the different order),
+ * and row-independent bits (a row alone equals the row in a batch). */
+static void test_router_logits(void **state) {
+    (void)state;
+    moe_rng r;
+    moe_rng_seed(&r, g_seed ^ 0x90);
+    const int64_t T = 37, E = 64, H = 1024;
+    moe_tensor x, rt, lc, lg, l1;
+    ct_host_randn(&x, MOE_DTYPE_BF16, 2, (int64_t[]){T, H}, &r, 1.0f);
+    ct_host_randn(&rt, MOE_DTYPE_F32, 2, (int64_t[]){E, H}, &r, 0.05f);
+    CT_OK(moe_tensor_alloc(&lc, MOE_DTYPE_F32, 2, (int64_t[]){T, E}));
+    CT_OK(moe_tensor_alloc(&lg, MOE_DTYPE_F32, 2, (int64_t[]){T, E}));
+    CT_OK(moe_tensor_alloc(&l1, MOE_DTYPE_F32, 2, (int64_t[]){1, E}));
+    ct_dev dx, dr, dl, dl1;
+    ct_dev_alloc(&dx, MOE_DTYPE_BF16, 2, x.shape);
+    ct_dev_alloc(&dr, MOE_DTYPE_F32, 2, rt.shape);
+    ct_dev_alloc(&dl, MOE_DTYPE_F32, 2, lc.shape);
+    ct_dev_alloc(&dl1, MOE_DTYPE_F32, 2, l1.shape);
+    ct_upload(&dx, &x);
+    ct_upload(&dr, &rt);
+    ct_dev_poison(&dl);
+    ct_dev_poison(&dl1);
+    CT_OK(kern_router_logits(g_cpu, &x, &rt, &lc));
+    CT_OK(kern_router_logits(g_gpu, &dx.t, &dr.t, &dl.t));
+    moe_tensor x5 = moe_tensor_view2((char *)dx.t.data + 5 * H * 2, MOE_DTYPE_BF16, 1, H);
+    CT_OK(kern_router_logits(g_gpu, &x5, &dr.t, &dl1.t));
+    CT_OK(kern_ctx_sync(g_gpu));
+    ct_download(&lg, &dl);
+    ct_download(&l1, &dl1);
+    ct_dev_check_guards(&dl, "router logits");
+    ct_compare(&lg, &lc, 1e-4, "router logits");
+    if (memcmp((float *)lg.data + 5 * E, l1.data, sizeof(float) * (size_t)E) != 0)
+        fail_msg("router logits: row 5 alone differs from row 5 in the batch");
+    moe_tensor_free(&x);
+    moe_tensor_free(&rt);
+    moe_tensor_free(&lc);
+    moe_tensor_free(&lg);
+    moe_tensor_free(&l1);
+    ct_dev_free(&dx);
+    ct_dev_free(&dr);
+    ct_dev_free(&dl);
+    ct_dev_free(&dl1);
+}
+
 /* ------------------------------------------------------------------------------------------
  * Errors found on the device.
  * ---------------------------------------------------------------------------------------- */
@@ -653,6 +697,7 @@ int main(void) {
         cmocka_unit_test(test_row_independence),
         cmocka_unit_test(test_moe_sum_exact),
         cmocka_unit_test(test_shared_and_forward),
+        cmocka_unit_test(test_router_logits),
         cmocka_unit_test(test_device_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
