@@ -80,6 +80,8 @@ typedef struct coord_worker {
     int32_t rank;
     uv_process_t proc;
     bool running;   /* spawned and not yet exited */
+    bool hello;     /* said HELLO */
+    bool id_sent;   /* got the NCCL id (GPU groups) */
     bool ready;
     uint64_t last_seen;
     uint64_t steps;
@@ -137,7 +139,10 @@ typedef struct coord {
     char rundir[ENG_PATH_MAX];
     char worker_ep[ENG_PATH_MAX + 16];
     char worker_threads[16];
-    char hb_str[16], step_to_str[16];
+    char hb_str[16], step_to_str[16], start_to_str[16], step_tokens_str[16], dbo_min_str[16];
+    int32_t gpu_ids[MAX_WORKERS];
+    uint8_t nccl_id[PAR_NCCL_ID_BYTES];
+    bool has_nccl_id;
 
     /* work */
     layer_queue *queues;      /* [n_layers] */
@@ -723,6 +728,7 @@ static void spawn_group(coord *co) {
                  (int)co->cfg.max_restarts);
     }
     co->epoch++;
+    co->has_nccl_id = false;
     co->gstate = GROUP_STARTING;
     co->group_started = now_ns();
     char comm_dir[ENG_PATH_MAX + 32];
@@ -741,15 +747,46 @@ static void spawn_group(coord *co) {
         wk->co = co;
         wk->rank = r;
         snprintf(wk->ident, sizeof wk->ident, "w%d.%llu", (int)r, (unsigned long long)co->epoch);
-        char rank[16];
+        char rank[16], device[16];
         snprintf(rank, sizeof rank, "%d", (int)r);
-        char *args[] = {co->exe,           "worker",          "--rank",         rank,
-                        "--world",         world,             "--epoch",        epoch,
-                        "--coord",         co->worker_ep,     "--comm-dir",     comm_dir,
-                        "--model",         co->model_dir,     "--backend",      (char *)backend,
-                        "--placement",     co->cfg.placement, "--layers",       co->cfg.layers,
-                        "--threads",       co->worker_threads, "--heartbeat-ms", co->hb_str,
-                        "--step-timeout-ms", co->step_to_str, NULL};
+        snprintf(device, sizeof device, "%d", (int)co->gpu_ids[r]);
+        char *args[] = {co->exe,
+                        "worker",
+                        "--rank",
+                        rank,
+                        "--world",
+                        world,
+                        "--epoch",
+                        epoch,
+                        "--coord",
+                        co->worker_ep,
+                        "--comm-dir",
+                        comm_dir,
+                        "--model",
+                        co->model_dir,
+                        "--backend",
+                        (char *)backend,
+                        "--placement",
+                        co->cfg.placement,
+                        "--layers",
+                        co->cfg.layers,
+                        "--threads",
+                        co->worker_threads,
+                        "--heartbeat-ms",
+                        co->hb_str,
+                        "--step-timeout-ms",
+                        co->step_to_str,
+                        "--start-timeout-ms",
+                        co->start_to_str,
+                        "--max-step-tokens",
+                        co->step_tokens_str,
+                        "--device",
+                        device,
+                        "--dbo",
+                        co->cfg.dbo,
+                        "--dbo-min-tokens",
+                        co->dbo_min_str,
+                        NULL};
         uv_stdio_container_t stdio[3] = {{.flags = UV_IGNORE}, {.flags = UV_INHERIT_FD, .data.fd = 1},
                                          {.flags = UV_INHERIT_FD, .data.fd = 2}};
         /* Detached: a new session, so a terminal's Ctrl-C reaches the coordinator alone, which
@@ -828,9 +865,29 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         why[tl] = '\0';
     }
     switch (m.op) {
-    case ENG_OP_HELLO:
+    case ENG_OP_HELLO: {
         MOE_DEBUG(MOE_SUB_ENG, "worker %d (pid %u) connected", (int)wk->rank, (unsigned)m.n_tokens);
+        wk->hello = true;
+        const ipc_section *id = ipc_msg_find(&m, ENG_SEC_NCCL_ID);
+        if (wk->rank == 0 && id && id->nbytes == PAR_NCCL_ID_BYTES) {
+            memcpy(co->nccl_id, id->data, PAR_NCCL_ID_BYTES);
+            co->has_nccl_id = true;
+        }
+        /* Hand the NCCL id to every rank that has said hello and not got it yet. */
+        if (co->has_nccl_id) {
+            ipc_msg idm;
+            ipc_msg_init(&idm, ENG_OP_NCCL_ID, co->epoch);
+            ipc_msg_add(&idm, ENG_SEC_NCCL_ID, IPC_DTYPE_BYTES, 1, (int64_t[]){PAR_NCCL_ID_BYTES}, co->nccl_id);
+            for (int32_t q = 1; q < co->world; q++) {
+                coord_worker *o = &co->workers[q];
+                if (o->running && o->hello && !o->id_sent) {
+                    if (send_to_worker(co, q, &idm, NULL) == MOE_OK)
+                        o->id_sent = true;
+                }
+            }
+        }
         return;
+    }
     case ENG_OP_HEARTBEAT:
         wk->steps = m.n_tokens;
         return;
@@ -1126,11 +1183,25 @@ static moe_status coord_init(coord *co) {
 
     /* Workers and placement. */
     if (co->cfg.gpus[0]) {
-        co->world = 1;
-        for (const char *p = co->cfg.gpus; *p; p++)
-            co->world += *p == ',';
+        co->world = 0;
+        const char *p = co->cfg.gpus;
+        while (*p && co->world < MAX_WORKERS) {
+            char *end = NULL;
+            long g = strtol(p, &end, 10);
+            MOE_REQUIRE(end != p && g >= 0 && g < 1024, MOE_ERR_INVALID_ARG, "--gpus %s: not a list of GPU ordinals",
+                        co->cfg.gpus);
+            for (int32_t q = 0; q < co->world; q++)
+                MOE_REQUIRE(co->gpu_ids[q] != (int32_t)g, MOE_ERR_INVALID_ARG, "--gpus %s: GPU %ld twice",
+                            co->cfg.gpus, g);
+            co->gpu_ids[co->world++] = (int32_t)g;
+            p = *end == ',' ? end + 1 : end;
+        }
+        MOE_REQUIRE(strcmp(co->cfg.backend, "auto") == 0 || strcmp(co->cfg.backend, "cuda") == 0,
+                    MOE_ERR_INVALID_ARG, "--gpus needs the cuda backend (not --backend %s)", co->cfg.backend);
     } else {
         co->world = co->cfg.workers;
+        MOE_REQUIRE(strcmp(co->cfg.backend, "cuda") != 0, MOE_ERR_INVALID_ARG,
+                    "--backend cuda needs --gpus (the GPU of each worker)");
     }
     MOE_REQUIRE(co->world <= co->desc->n_experts && co->world <= MAX_WORKERS, MOE_ERR_INVALID_ARG,
                 "%d workers for %d experts: every worker must hold at least one expert", (int)co->world,
@@ -1144,6 +1215,9 @@ static moe_status coord_init(coord *co) {
     snprintf(co->worker_threads, sizeof co->worker_threads, "%d", threads);
     snprintf(co->hb_str, sizeof co->hb_str, "%d", (int)co->cfg.heartbeat_ms);
     snprintf(co->step_to_str, sizeof co->step_to_str, "%d", (int)co->cfg.step_timeout_ms);
+    snprintf(co->start_to_str, sizeof co->start_to_str, "%d", (int)co->cfg.start_timeout_ms);
+    snprintf(co->step_tokens_str, sizeof co->step_tokens_str, "%d", (int)co->cfg.max_step_tokens);
+    snprintf(co->dbo_min_str, sizeof co->dbo_min_str, "%d", (int)co->cfg.dbo_min_tokens);
     co->st.expert_tokens = calloc((size_t)co->desc->n_experts, sizeof(int64_t));
     co->inflight = calloc((size_t)co->cfg.max_inflight_steps + 1, sizeof(coord_step));
     MOE_REQUIRE(co->st.expert_tokens && co->inflight, MOE_ERR_NOMEM, "stats");

@@ -17,7 +17,8 @@
 
 #include "ipc/ipc_proto.h"
 
-/* HELLO, worker -> coordinator, at connect:   request_id = epoch, layer = rank, n_tokens = pid */
+/* HELLO, worker -> coordinator, at connect:   request_id = epoch, layer = rank, n_tokens = pid;
+ * rank 0 of a GPU group with W > 1 adds its NCCL unique id (ENG_SEC_NCCL_ID) */
 #define ENG_OP_HELLO 0x80
 /* READY, worker -> coordinator, after loading: request_id = epoch, layer = rank, status;
  * sections: TEXT (error message) or JSON {"weight_bytes", "load_ms", "backend", "experts"} */
@@ -40,8 +41,12 @@
 #define ENG_OP_RESULT 0x84
 /* SHUTDOWN, coordinator -> workers: finish, free, exit 0 */
 #define ENG_OP_SHUTDOWN 0x85
+/* NCCL_ID, coordinator -> ranks 1..W-1 of a GPU group: the ENG_SEC_NCCL_ID section of rank 0's
+ * HELLO, before their communicators are made */
+#define ENG_OP_NCCL_ID 0x88
 
 /* Section kinds of the internal messages. */
 #define ENG_SEC_EXPERT_TOKENS 0x100 /* RESULT: [E] tokens per expert in the step, i32 */
+#define ENG_SEC_NCCL_ID 0x101       /* HELLO (rank 0), NCCL_ID: the 128-byte NCCL unique id */
 
 #endif /* ENG_WIRE_H */

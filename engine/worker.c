@@ -23,6 +23,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "engine/gpu_step.h"
 #include "engine/model/model.h"
 #include "engine/step.h"
 #include "engine/wire.h"
@@ -40,6 +41,11 @@ typedef struct worker_args {
     int32_t threads;
     int32_t heartbeat_ms;
     int32_t step_timeout_ms;
+    int32_t device;         /* GPU ordinal (backend cuda) */
+    int32_t dbo;            /* 0 off, 1 on, 2 auto */
+    int32_t dbo_min_tokens;
+    int64_t max_step_tokens;
+    int32_t start_timeout_ms;
 } worker_args;
 
 typedef struct worker {
@@ -53,6 +59,9 @@ typedef struct worker {
     eng_step_model model;
     kern_ctx_t *kctx;
     par_comm_t *comm;
+    bool gpu;           /* backend cuda: the step runs in eng_gpu */
+    eng_gpu_t *g;
+    uint8_t nccl_id[PAR_NCCL_ID_BYTES];
     pid_t parent;
     uint64_t steps_done;
 } worker;
@@ -61,7 +70,8 @@ static void usage_worker(void) {
     fprintf(stderr, "moe-engine worker is started by `moe-engine serve`; it is not meant to be run by hand.\n"
                     "flags: --rank R --world W --epoch N --coord ENDPOINT --comm-dir DIR --model DIR\n"
                     "       --backend cpu|cpu-ref|cuda --placement P --layers L --threads N\n"
-                    "       --heartbeat-ms N --step-timeout-ms N\n");
+                    "       --heartbeat-ms N --step-timeout-ms N --device N --dbo on|off|auto\n"
+                    "       --dbo-min-tokens N --max-step-tokens N --start-timeout-ms N\n");
 }
 
 static moe_status parse_int(const char *flag, const char *v, int64_t lo, int64_t hi, int64_t *out) {
@@ -82,6 +92,10 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
     a->layers = "all";
     a->heartbeat_ms = 200;
     a->step_timeout_ms = 30000;
+    a->dbo = 2;
+    a->dbo_min_tokens = 1024;
+    a->max_step_tokens = 16384;
+    a->start_timeout_ms = 120000;
     a->world = -1;
     a->rank = -1;
     for (int i = 0; i < argc; i++) {
@@ -108,6 +122,27 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
         } else if (strcmp(f, "--step-timeout-ms") == 0) {
             MOE_CHECK(parse_int(f, v, 1, 3600000, &x));
             a->step_timeout_ms = (int32_t)x;
+        } else if (strcmp(f, "--device") == 0) {
+            MOE_CHECK(parse_int(f, v, 0, 1023, &x));
+            a->device = (int32_t)x;
+        } else if (strcmp(f, "--dbo") == 0) {
+            if (strcmp(v, "off") == 0)
+                a->dbo = 0;
+            else if (strcmp(v, "on") == 0)
+                a->dbo = 1;
+            else if (strcmp(v, "auto") == 0)
+                a->dbo = 2;
+            else
+                return moe_fail(MOE_ERR_INVALID_ARG, "worker: --dbo '%s' is not on, off or auto", v);
+        } else if (strcmp(f, "--dbo-min-tokens") == 0) {
+            MOE_CHECK(parse_int(f, v, 1, INT32_MAX, &x));
+            a->dbo_min_tokens = (int32_t)x;
+        } else if (strcmp(f, "--max-step-tokens") == 0) {
+            MOE_CHECK(parse_int(f, v, 1, 1 << 24, &x));
+            a->max_step_tokens = x;
+        } else if (strcmp(f, "--start-timeout-ms") == 0) {
+            MOE_CHECK(parse_int(f, v, 1, 3600000, &x));
+            a->start_timeout_ms = (int32_t)x;
         } else if (strcmp(f, "--coord") == 0) {
             a->coord = v;
         } else if (strcmp(f, "--comm-dir") == 0) {
@@ -194,6 +229,73 @@ static void log_progress(void *arg, const char *stage, uint64_t done, uint64_t t
     (void)w;
 }
 
+/* Waits for the coordinator's NCCL_ID message (the unique id made by rank 0). */
+static moe_status wait_nccl_id(worker *w) {
+    uint64_t deadline = moe_now_ns() + (uint64_t)w->a.start_timeout_ms * 1000000ull;
+    while (moe_now_ns() < deadline) {
+        zmq_pollitem_t it = {w->sock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&it, 1, 100) <= 0)
+            continue;
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, w->sock, 0) == -1) {
+            zmq_msg_close(&m);
+            continue;
+        }
+        ipc_msg h;
+        ipc_limits lim = ipc_limits_default();
+        lim.allow_internal = true;
+        bool ok = ipc_decode(zmq_msg_data(&m), zmq_msg_size(&m), &lim, &h) == MOE_OK && h.op == ENG_OP_NCCL_ID;
+        const ipc_section *id = ok ? ipc_msg_find(&h, ENG_SEC_NCCL_ID) : NULL;
+        if (id && id->nbytes == PAR_NCCL_ID_BYTES) {
+            memcpy(w->nccl_id, id->data, PAR_NCCL_ID_BYTES);
+            zmq_msg_close(&m);
+            return MOE_OK;
+        }
+        zmq_msg_close(&m);
+    }
+    return moe_fail(MOE_ERR_TIMEOUT, "worker %d: no NCCL id from the coordinator within %d ms", (int)w->a.rank,
+                    (int)w->a.start_timeout_ms);
+}
+
+/* GPU mode: the NCCL communicator (world > 1), the weights uploaded, the host copies freed. */
+static moe_status worker_gpu_setup(worker *w) {
+    MOE_REQUIRE(eng_gpu_available(), MOE_ERR_UNSUPPORTED,
+                "this build has no GPU workers (no CUDA toolkit or NCCL at build time)");
+    if (w->a.world > 1) {
+        if (w->a.rank != 0)
+            MOE_CHECK(wait_nccl_id(w));
+        par_comm_nccl_params np = {.rank = w->a.rank,
+                                   .world_size = w->a.world,
+                                   .device = w->a.device,
+                                   .init_timeout_ms = w->a.start_timeout_ms};
+        memcpy(np.unique_id, w->nccl_id, PAR_NCCL_ID_BYTES);
+        MOE_CHECK(par_comm_nccl_init(&w->comm, &np));
+    }
+    eng_gpu_params gp = {.device = w->a.device,
+                         .rank = w->a.rank,
+                         .model = &w->model,
+                         .max_tokens = w->a.max_step_tokens,
+                         .comm = w->comm,
+                         .timeout_ms = w->a.step_timeout_ms,
+                         .dbo = w->a.dbo,
+                         .dbo_min_tokens = w->a.dbo_min_tokens};
+    MOE_CHECK(eng_gpu_init(&w->g, &gp, w->layers, w->weights.n_layers));
+    /* The host copies of the weights are no longer needed; the layer list stays (it names the
+     * served layers), its tensors cleared. */
+    for (int32_t i = 0; i < w->weights.n_layers; i++) {
+        int32_t keep = w->layers[i].layer;
+        memset(&w->layers[i], 0, sizeof w->layers[i]);
+        w->layers[i].layer = keep;
+    }
+    uint64_t bytes = w->weights.bytes;
+    int32_t n_layers = w->weights.n_layers;
+    eng_model_weights_free(&w->weights);
+    w->weights.bytes = bytes;
+    w->weights.n_layers = n_layers;
+    return MOE_OK;
+}
+
 static moe_status worker_load(worker *w, char *why, size_t whycap) {
     moe_status st = MOE_OK;
     double t0 = moe_now_s();
@@ -249,6 +351,14 @@ static moe_status worker_load(worker *w, char *why, size_t whycap) {
     };
     kern_backend kb;
     MOE_CHECK_GOTO(kern_backend_parse(w->a.backend, &kb), st, fail);
+    if (kb == KERN_BACKEND_CUDA) {
+        w->gpu = true;
+        MOE_CHECK_GOTO(worker_gpu_setup(w), st, fail);
+        MOE_INFO(MOE_SUB_ENG, "ready on GPU %d: %d experts, %d layers, %.1f MB uploaded, in %.2f s", (int)w->a.device,
+                 (int)w->placement.n_local[w->a.rank], (int)w->weights.n_layers, (double)w->weights.bytes / 1e6,
+                 moe_now_s() - t0);
+        return MOE_OK;
+    }
     kern_ctx_params kp = {.device = 0, .n_threads = w->a.threads, .stream = NULL};
     MOE_CHECK_GOTO(kern_ctx_init(&w->kctx, kb, &kp), st, fail);
     if (w->a.world > 1) {
@@ -299,6 +409,7 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
     void **recv = NULL;
     size_t *recv_bytes = NULL;
     moe_tensor *bufs = NULL;
+    int64_t *gpu_counts = NULL;
     const int32_t W = w->a.world, r = w->a.rank;
     const eng_layer *layer = find_layer(w, hdr->layer);
     if (!layer) {
@@ -333,6 +444,18 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
             reqs[i].src = ENG_ROUTE_HIDDEN;
         }
     }
+    const void *ydata = NULL;
+    const int64_t *counts64 = NULL;
+    if (w->gpu) {
+        gpu_counts = calloc((size_t)w->model.n_experts, sizeof(int64_t));
+        if (!gpu_counts) {
+            st = moe_fail(MOE_ERR_NOMEM, "step counts");
+            goto done;
+        }
+        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->layer, reqs, fr->n, &ydata, gpu_counts), st, done);
+        counts64 = gpu_counts;
+        goto answer;
+    }
     MOE_CHECK_GOTO(eng_step_init(&s, &w->model, layer, r, reqs, fr->n, w->kctx), st, done);
     if (W == 1) {
         MOE_CHECK_GOTO(eng_step_single(&s, w->kctx), st, done);
@@ -361,14 +484,17 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
         if (r == 0)
             MOE_CHECK_GOTO(eng_step_combine(&s, (const void *const *)recv, w->kctx), st, done);
     }
+    ydata = s.y.data;
+    counts64 = s.expert_tokens;
 
+answer:
     /* Rank 0: one REPLY per request (forwarded to its client as soon as it arrives). */
     if (r == 0) {
         const size_t row = (size_t)w->model.hidden * moe_dtype_size(w->model.dtype);
         int64_t t0 = 0;
         for (int i = 0; i < fr->n; i++) {
             const ipc_msg *m = &fr->dec[i];
-            moe_tensor yi = moe_tensor_view2((char *)s.y.data + (size_t)t0 * row, w->model.dtype, m->n_tokens,
+            moe_tensor yi = moe_tensor_view2((char *)ydata + (size_t)t0 * row, w->model.dtype, m->n_tokens,
                                              w->model.hidden);
             t0 += m->n_tokens;
             ipc_msg rep, hdr_rep;
@@ -406,7 +532,7 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
                 goto done;
             }
             for (int32_t e = 0; e < w->model.n_experts; e++)
-                counts[e] = (int32_t)s.expert_tokens[e];
+                counts[e] = (int32_t)counts64[e];
             st = ipc_msg_add(&res, ENG_SEC_EXPERT_TOKENS, MOE_DTYPE_I32, 1, (int64_t[]){w->model.n_experts}, counts);
         }
         if (st == MOE_OK)
@@ -421,6 +547,7 @@ done:
     free(recv);
     free(recv_bytes);
     free(reqs);
+    free(gpu_counts);
     eng_step_free(&s);
     return st;
 }
@@ -478,6 +605,7 @@ static moe_status recv_step_frames(worker *w, const ipc_msg *step, step_frames *
 }
 
 static void worker_free(worker *w) {
+    eng_gpu_free(w->g);
     par_comm_free(w->comm);
     kern_ctx_free(w->kctx);
     free(w->layers);
@@ -524,8 +652,27 @@ int eng_worker_main(int argc, char **argv) {
         MOE_ERROR(MOE_SUB_ENG, "connect %s: %s", w.a.coord, zmq_strerror(zmq_errno()));
         goto out;
     }
-    if (send_simple(&w, ENG_OP_HELLO, MOE_OK, NULL, (uint32_t)getpid()) != MOE_OK)
-        goto out;
+    {
+        /* Rank 0 of a GPU group makes the NCCL unique id; the coordinator hands it out. */
+        ipc_msg hello;
+        ipc_msg_init(&hello, ENG_OP_HELLO, w.a.epoch);
+        hello.layer = w.a.rank;
+        hello.n_tokens = (uint32_t)getpid();
+        if (strcmp(w.a.backend, "cuda") == 0 && !getenv("NCCL_NVLS_ENABLE"))
+            setenv("NCCL_NVLS_ENABLE", "0", 1); /* no NVLink multicast unless the user asks for it */
+        if (strcmp(w.a.backend, "cuda") == 0 && w.a.world > 1 && w.a.rank == 0) {
+            if (par_comm_nccl_unique_id(w.nccl_id) != MOE_OK) {
+                MOE_ERROR(MOE_SUB_ENG, "%s", moe_errmsg());
+                snprintf(why, sizeof why, "worker 0: %s", moe_errmsg());
+                send_msg(&w, &hello, false);
+                send_simple(&w, ENG_OP_READY, MOE_ERR_NCCL, why, 0);
+                goto out;
+            }
+            ipc_msg_add(&hello, ENG_SEC_NCCL_ID, IPC_DTYPE_BYTES, 1, (int64_t[]){PAR_NCCL_ID_BYTES}, w.nccl_id);
+        }
+        if (send_msg(&w, &hello, false) != MOE_OK)
+            goto out;
+    }
     st = worker_load(&w, why, sizeof why);
     if (st != MOE_OK) {
         MOE_ERROR(MOE_SUB_ENG, "%s", why);

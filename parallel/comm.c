@@ -56,3 +56,18 @@ moe_status par_comm_wait(par_comm_t *c, void *stream, int32_t timeout_ms) {
         return moe_fail(MOE_ERR_SHUTDOWN, "communicator aborted");
     return c->ops->wait ? c->ops->wait(c, stream, timeout_ms) : MOE_OK;
 }
+
+moe_status par_comm_reduce_sum(par_comm_t *c, const void *send, void *recv, size_t count, moe_dtype dt, int32_t root,
+                               int32_t timeout_ms, void *stream) {
+    MOE_REQUIRE(c, MOE_ERR_INVALID_ARG, "reduce_sum: NULL communicator");
+    MOE_REQUIRE(root >= 0 && root < c->world_size, MOE_ERR_INVALID_ARG, "reduce_sum: root %d not in [0, %d)",
+                (int)root, (int)c->world_size);
+    MOE_REQUIRE(moe_dtype_is_float(dt), MOE_ERR_INVALID_ARG, "reduce_sum: dtype %s is not a float type",
+                moe_dtype_name(dt));
+    MOE_REQUIRE((send && (recv || c->rank != root)) || count == 0, MOE_ERR_INVALID_ARG, "reduce_sum: NULL buffer");
+    MOE_REQUIRE(timeout_ms > 0, MOE_ERR_INVALID_ARG, "reduce_sum: timeout %d ms", (int)timeout_ms);
+    MOE_REQUIRE(c->ops->reduce_sum, MOE_ERR_UNSUPPORTED, "reduce_sum: the %s communicator has none", c->ops->name);
+    if (atomic_load(&c->aborted))
+        return moe_fail(MOE_ERR_SHUTDOWN, "communicator aborted");
+    return c->ops->reduce_sum(c, send, recv, count, dt, root, timeout_ms, stream);
+}

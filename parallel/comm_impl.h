@@ -13,6 +13,8 @@ typedef struct par_comm_ops {
     const char *name;
     moe_status (*gatherv)(par_comm_t *c, uint64_t seq, const void *send, size_t send_bytes, void *const *recv,
                           const size_t *recv_bytes, int32_t root, int32_t timeout_ms, void *stream);
+    moe_status (*reduce_sum)(par_comm_t *c, const void *send, void *recv, size_t count, moe_dtype dt, int32_t root,
+                             int32_t timeout_ms, void *stream); /* NULL: not supported */
     void (*abort)(par_comm_t *c);
     moe_status (*wait)(par_comm_t *c, void *stream, int32_t timeout_ms); /* NULL: synchronous */
     void (*free)(par_comm_t *c);

@@ -123,6 +123,18 @@ fail:
     return st;
 }
 
+static moe_status nccl_reduce_sum(par_comm_t *c, const void *send, void *recv, size_t count, moe_dtype dt,
+                                  int32_t root, int32_t timeout_ms, void *stream) {
+    nccl_comm *n = c->impl;
+    ncclDataType_t t = dt == MOE_DTYPE_F32 ? ncclFloat32 : dt == MOE_DTYPE_F16 ? ncclFloat16 : ncclBfloat16;
+    moe_status st = MOE_OK;
+    MOE_NCCL_CHECK_GOTO(ncclReduce(send, recv, count, t, ncclSum, root, n->comm, (cudaStream_t)stream), st, fail);
+    return poll_until(c, moe_now_ns() + (uint64_t)timeout_ms * 1000000ull, NULL, "reduce enqueue");
+fail:
+    abort_nccl(c);
+    return st;
+}
+
 static moe_status nccl_wait(par_comm_t *c, void *stream, int32_t timeout_ms) {
     nccl_comm *n = c->impl;
     MOE_CUDA_CHECK(cudaEventRecord(n->done, (cudaStream_t)stream));
@@ -159,6 +171,7 @@ static void nccl_free(par_comm_t *c) {
 static const par_comm_ops nccl_ops = {
     .name = "nccl",
     .gatherv = nccl_gatherv,
+    .reduce_sum = nccl_reduce_sum,
     .abort = nccl_abort_op,
     .wait = nccl_wait,
     .free = nccl_free,

@@ -85,6 +85,15 @@ int32_t par_comm_world_size(const par_comm_t *c);
 moe_status par_comm_gatherv(par_comm_t *c, uint64_t seq, const void *send, size_t send_bytes, void *const *recv,
                             const size_t *recv_bytes, int32_t root, int32_t timeout_ms, void *stream);
 
+/*
+ * Sum-reduce to `root`: recv (root only) = sum over ranks of send, `count` elements of a float
+ * dtype. Used by GPU workers to combine per-slot contributions: each rank's [T, K, H] slot
+ * tensor is zero where another rank holds the slot, so the sum is exact (x + 0 = x) and its
+ * bits do not depend on the order NCCL adds in. NCCL backend only (device buffers, `stream`).
+ */
+moe_status par_comm_reduce_sum(par_comm_t *c, const void *send, void *recv, size_t count, moe_dtype dt, int32_t root,
+                               int32_t timeout_ms, void *stream);
+
 /* Marks the communicator failed: waits in progress return, later operations fail at once.
  * The NCCL backend also aborts the NCCL communicator (ncclCommAbort), which ends the
  * collectives in flight on every rank that does the same. */

@@ -1,0 +1,400 @@
+/*
+ * gpu_step.c: a GPU worker's step (gpu_step.h says what it does and why). Plain C11 over the
+ * CUDA runtime; every kernel comes from kernels/ (kern.h, the CUDA backend), every collective
+ * from parallel/ (the NCCL communicator).
+ *
+ * Streams: s_main (routing, the routed experts, the fixed-order sum, the copies), s_side (the
+ * shared expert, rank 0), s_comm (the reduces). Events order them; the host waits once per
+ * step, polling with a deadline (never an unbounded cudaStreamSynchronize), so a hung device or
+ * peer turns into an error the coordinator acts on.
+ *
+ * Buffers: pinned staging for the inputs and the output, device buffers for x, ids, weights,
+ * logits, slots, the reduced slots, the shared output and y, all sized once for max_tokens.
+ */
+#include "engine/gpu_step.h"
+
+#include <cuda_runtime.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/cuda/kern_cuda.h"
+
+typedef struct gpu_layer {
+    int32_t layer;
+    moe_tensor w13, w2, router;   /* device; router fp32 [E, H] or empty */
+    float *bias;                  /* device [E] or NULL */
+    bool has_shared;
+    moe_tensor sw13, sw2, sgate;  /* device (rank 0) */
+} gpu_layer;
+
+struct eng_gpu {
+    eng_gpu_params p;
+    eng_step_model m;
+    int32_t world;
+    int32_t n_layers;
+    gpu_layer *layers;
+    kern_ctx_t *k, *kside;
+    cudaStream_t s_main, s_side, s_comm;
+    cudaEvent_t ev_in, ev_side, ev_mb[2], ev_red[2], ev_done;
+    /* pinned host */
+    void *x_h, *lg_h, *y_h;
+    int32_t *ids_h;
+    float *w_h;
+    /* device */
+    void *x_d, *lg_d, *slots_d, *sum_d, *sh_d, *y_d;
+    int32_t *ids_d, *map_d;
+    float *w_d;
+};
+
+bool eng_gpu_available(void) { return true; }
+
+static void dfree(void *p) {
+    if (p)
+        cudaFree(p);
+}
+
+static moe_status upload(const moe_tensor *h, moe_tensor *d) {
+    memset(d, 0, sizeof *d);
+    if (!h->data)
+        return MOE_OK;
+    size_t n = moe_tensor_nbytes(h);
+    void *p = NULL;
+    MOE_CUDA_CHECK(cudaMalloc(&p, n ? n : 1));
+    cudaError_t e = cudaMemcpy(p, h->data, n, cudaMemcpyHostToDevice);
+    if (e != cudaSuccess) {
+        cudaFree(p);
+        return moe_fail(MOE_ERR_CUDA, "upload of %zu bytes: %s", n, cudaGetErrorString(e));
+    }
+    *d = moe_tensor_view(p, h->dtype, h->ndim, h->shape);
+    return MOE_OK;
+}
+
+void eng_gpu_free(eng_gpu_t *g) {
+    if (!g)
+        return;
+    cudaSetDevice(g->p.device);
+    if (g->s_main)
+        cudaStreamSynchronize(g->s_main);
+    for (int32_t i = 0; i < g->n_layers && g->layers; i++) {
+        gpu_layer *l = &g->layers[i];
+        dfree(l->w13.data);
+        dfree(l->w2.data);
+        dfree(l->router.data);
+        dfree(l->bias);
+        dfree(l->sw13.data);
+        dfree(l->sw2.data);
+        dfree(l->sgate.data);
+    }
+    free(g->layers);
+    kern_ctx_free(g->k);
+    kern_ctx_free(g->kside);
+    void *dev[] = {g->x_d, g->lg_d, g->slots_d, g->sum_d, g->sh_d, g->y_d, g->ids_d, g->map_d, g->w_d};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        dfree(dev[i]);
+    void *host[] = {g->x_h, g->lg_h, g->y_h, g->ids_h, g->w_h};
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
+        if (host[i])
+            cudaFreeHost(host[i]);
+    cudaEvent_t evs[] = {g->ev_in, g->ev_side, g->ev_mb[0], g->ev_mb[1], g->ev_red[0], g->ev_red[1], g->ev_done};
+    for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
+        if (evs[i])
+            cudaEventDestroy(evs[i]);
+    cudaStream_t ss[] = {g->s_main, g->s_side, g->s_comm};
+    for (size_t i = 0; i < 3; i++)
+        if (ss[i])
+            cudaStreamDestroy(ss[i]);
+    free(g);
+}
+
+moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_layer *layers, int32_t n_layers) {
+    MOE_REQUIRE(out && p && p->model && (layers || n_layers == 0), MOE_ERR_INVALID_ARG, "gpu: NULL argument");
+    *out = NULL;
+    MOE_REQUIRE(p->max_tokens >= 1, MOE_ERR_INVALID_ARG, "gpu: max_tokens %lld", (long long)p->max_tokens);
+    eng_gpu_t *g = calloc(1, sizeof *g);
+    if (!g)
+        return moe_fail(MOE_ERR_NOMEM, "gpu");
+    g->p = *p;
+    g->m = *p->model;
+    g->world = g->m.placement->world_size;
+    moe_status st = MOE_OK;
+    const int64_t H = g->m.hidden, E = g->m.n_experts, K = g->m.top_k, TM = p->max_tokens;
+    const size_t es = moe_dtype_size(g->m.dtype);
+    MOE_CUDA_CHECK_GOTO(cudaSetDevice(p->device), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_main, cudaStreamNonBlocking), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_side, cudaStreamNonBlocking), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_comm, cudaStreamNonBlocking), st, fail);
+    cudaEvent_t *evs[] = {&g->ev_in, &g->ev_side, &g->ev_mb[0], &g->ev_mb[1], &g->ev_red[0], &g->ev_red[1], &g->ev_done};
+    for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
+        MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), st, fail);
+    kern_ctx_params kp = {.device = p->device, .stream = g->s_main};
+    MOE_CHECK_GOTO(kern_ctx_init(&g->k, KERN_BACKEND_CUDA, &kp), st, fail);
+    kern_ctx_params kps = {.device = p->device, .stream = g->s_side};
+    MOE_CHECK_GOTO(kern_ctx_init(&g->kside, KERN_BACKEND_CUDA, &kps), st, fail);
+
+    /* Weights. */
+    g->layers = calloc((size_t)(n_layers ? n_layers : 1), sizeof(gpu_layer));
+    if (!g->layers) {
+        st = moe_fail(MOE_ERR_NOMEM, "gpu layers");
+        goto fail;
+    }
+    g->n_layers = n_layers;
+    int64_t I = 0, Is = 0;
+    for (int32_t i = 0; i < n_layers; i++) {
+        const eng_layer *hl = &layers[i];
+        gpu_layer *l = &g->layers[i];
+        l->layer = hl->layer;
+        MOE_CHECK_GOTO(upload(&hl->w13, &l->w13), st, fail);
+        MOE_CHECK_GOTO(upload(&hl->w2, &l->w2), st, fail);
+        MOE_CHECK_GOTO(upload(&hl->router, &l->router), st, fail);
+        I = hl->w13.shape[1] / 2;
+        if (hl->correction_bias) {
+            moe_tensor b = moe_tensor_view1(hl->correction_bias, MOE_DTYPE_F32, E), bd;
+            MOE_CHECK_GOTO(upload(&b, &bd), st, fail);
+            l->bias = bd.data;
+        }
+        l->has_shared = hl->has_shared && p->rank == 0;
+        if (l->has_shared) {
+            MOE_CHECK_GOTO(upload(&hl->shared_w13, &l->sw13), st, fail);
+            MOE_CHECK_GOTO(upload(&hl->shared_w2, &l->sw2), st, fail);
+            MOE_CHECK_GOTO(upload(&hl->shared_gate, &l->sgate), st, fail);
+            if (hl->shared_w13.shape[0] / 2 > Is)
+                Is = hl->shared_w13.shape[0] / 2;
+        }
+    }
+    /* The expert map of this rank, on the device. */
+    int32_t *map = malloc(sizeof(int32_t) * (size_t)E);
+    if (!map) {
+        st = moe_fail(MOE_ERR_NOMEM, "gpu map");
+        goto fail;
+    }
+    st = par_placement_expert_map(g->m.placement, p->rank, map);
+    if (st == MOE_OK) {
+        moe_tensor mh = moe_tensor_view1(map, MOE_DTYPE_I32, E), md;
+        st = upload(&mh, &md);
+        g->map_d = md.data;
+    }
+    free(map);
+    if (st != MOE_OK)
+        goto fail;
+
+    /* Buffers for max_tokens. */
+    MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&g->x_h, (size_t)(TM * H) * es, cudaHostAllocDefault), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&g->y_h, (size_t)(TM * H) * es, cudaHostAllocDefault), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->ids_h, sizeof(int32_t) * (size_t)(TM * K), cudaHostAllocDefault), st,
+                        fail);
+    MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->w_h, sizeof(float) * (size_t)(TM * K), cudaHostAllocDefault), st,
+                        fail);
+    MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&g->lg_h, sizeof(float) * (size_t)(TM * E), cudaHostAllocDefault), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->x_d, (size_t)(TM * H) * es), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->y_d, (size_t)(TM * H) * es), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->ids_d, sizeof(int32_t) * (size_t)(TM * K)), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->w_d, sizeof(float) * (size_t)(TM * K)), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->lg_d, sizeof(float) * (size_t)(TM * E)), st, fail);
+    if (g->world > 1) {
+        MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->slots_d, (size_t)(TM * K * H) * es), st, fail);
+        if (p->rank == 0)
+            MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->sum_d, (size_t)(TM * K * H) * es), st, fail);
+        if (Is > 0)
+            MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->sh_d, (size_t)(TM * H) * es), st, fail);
+    }
+    MOE_CHECK_GOTO(kern_cuda_reserve(g->k, TM, (int32_t)K, H, I, g->m.placement->n_local[p->rank],
+                                     g->world == 1 ? Is : 0),
+                   st, fail);
+    if (Is > 0 && g->world > 1)
+        MOE_CHECK_GOTO(kern_cuda_reserve(g->kside, TM, (int32_t)K, H, I, 0, Is), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaDeviceSynchronize(), st, fail);
+    *out = g;
+    return MOE_OK;
+fail:
+    eng_gpu_free(g);
+    return st;
+}
+
+/* Polls an event until done or the deadline: spins first (a step of small T ends in tens of
+ * microseconds), then sleeps briefly between looks. */
+static moe_status poll_event(cudaEvent_t ev, uint64_t deadline, const char *what) {
+    for (int i = 0;; i++) {
+        cudaError_t e = cudaEventQuery(ev);
+        if (e == cudaSuccess)
+            return MOE_OK;
+        if (e != cudaErrorNotReady)
+            return moe_fail(MOE_ERR_CUDA, "%s: %s", what, cudaGetErrorString(e));
+        if (moe_now_ns() > deadline)
+            return moe_fail(MOE_ERR_TIMEOUT, "%s: the device did not finish the step in time", what);
+        if (i < 20000) {
+            sched_yield();
+        } else {
+            struct timespec ts = {0, 50000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+static gpu_layer *find(eng_gpu_t *g, int32_t layer) {
+    for (int32_t i = 0; i < g->n_layers; i++)
+        if (g->layers[i].layer == layer)
+            return &g->layers[i];
+    return NULL;
+}
+
+moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
+                        int64_t *expert_tokens) {
+    MOE_REQUIRE(g && (reqs || n == 0), MOE_ERR_INVALID_ARG, "gpu step: NULL argument");
+    gpu_layer *l = find(g, layer);
+    MOE_REQUIRE(l, MOE_ERR_NOT_FOUND, "gpu step: layer %d is not loaded", (int)layer);
+    const eng_step_model *m = &g->m;
+    const int64_t H = m->hidden, E = m->n_experts, K = m->top_k;
+    const size_t es = moe_dtype_size(m->dtype);
+    const int32_t W = g->world, r = g->p.rank;
+    int64_t T = 0;
+    for (int32_t i = 0; i < n; i++)
+        T += reqs[i].n_tokens;
+    MOE_REQUIRE(T <= g->p.max_tokens, MOE_ERR_LIMIT, "gpu step: %lld tokens over the step's %lld", (long long)T,
+                (long long)g->p.max_tokens);
+    if (y)
+        *y = NULL;
+    const uint64_t deadline = moe_now_ns() + (uint64_t)g->p.timeout_ms * 1000000ull;
+    MOE_CUDA_CHECK(cudaSetDevice(g->p.device));
+
+    /* Stage into pinned memory, then one copy of each kind. */
+    bool routed = false;
+    int64_t t0 = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const eng_step_req *q = &reqs[i];
+        memcpy((char *)g->x_h + (size_t)(t0 * H) * es, q->x, (size_t)(q->n_tokens * H) * es);
+        if (q->src == ENG_ROUTE_IDS) {
+            memcpy(g->ids_h + t0 * K, q->ids, sizeof(int32_t) * (size_t)(q->n_tokens * K));
+            memcpy(g->w_h + t0 * K, q->weights, sizeof(float) * (size_t)(q->n_tokens * K));
+        } else {
+            routed = true;
+            if (q->src == ENG_ROUTE_LOGITS)
+                memcpy((char *)g->lg_h + (size_t)(t0 * E) * sizeof(float), q->logits,
+                       (size_t)(q->n_tokens * E) * moe_dtype_size(q->logits_dtype));
+        }
+        t0 += q->n_tokens;
+    }
+    if (T == 0)
+        return MOE_OK;
+    MOE_CUDA_CHECK(cudaMemcpyAsync(g->x_d, g->x_h, (size_t)(T * H) * es, cudaMemcpyHostToDevice, g->s_main));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(g->ids_d, g->ids_h, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice,
+                                   g->s_main));
+    MOE_CUDA_CHECK(
+        cudaMemcpyAsync(g->w_d, g->w_h, sizeof(float) * (size_t)(T * K), cudaMemcpyHostToDevice, g->s_main));
+    if (routed)
+        MOE_CUDA_CHECK(cudaMemcpyAsync(g->lg_d, g->lg_h, sizeof(float) * (size_t)(T * E), cudaMemcpyHostToDevice,
+                                       g->s_main));
+
+    /* Routing on the device, request by request. */
+    kern_route_params rp = m->route;
+    rp.correction_bias = l->bias;
+    t0 = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const eng_step_req *q = &reqs[i];
+        const int64_t nt = q->n_tokens;
+        if (q->src != ENG_ROUTE_IDS && nt > 0) {
+            void *lgp = (char *)g->lg_d + (size_t)(t0 * E) * sizeof(float);
+            moe_tensor lg = moe_tensor_view2(lgp, q->src == ENG_ROUTE_LOGITS ? q->logits_dtype : MOE_DTYPE_F32, nt, E);
+            if (q->src == ENG_ROUTE_HIDDEN) {
+                MOE_REQUIRE(l->router.data, MOE_ERR_UNSUPPORTED,
+                            "layer %d: this engine has no router weights: send topk ids and weights, or router logits",
+                            (int)layer);
+                moe_tensor xv = moe_tensor_view2((char *)g->x_d + (size_t)(t0 * H) * es, m->dtype, nt, H);
+                MOE_CHECK(kern_router_logits(g->k, &xv, &l->router, &lg));
+            }
+            moe_tensor ti = moe_tensor_view2(g->ids_d + t0 * K, MOE_DTYPE_I32, nt, K);
+            moe_tensor tw = moe_tensor_view2(g->w_d + t0 * K, MOE_DTYPE_F32, nt, K);
+            MOE_CHECK(kern_route(g->k, &rp, &lg, &ti, &tw));
+        }
+        t0 += nt;
+    }
+    if (routed) /* for the per-expert counts, read after the step's one wait */
+        MOE_CUDA_CHECK(cudaMemcpyAsync(g->ids_h, g->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
+                                       g->s_main));
+
+    kern_shared_expert se;
+    memset(&se, 0, sizeof se);
+    if (l->has_shared) {
+        se.w13 = &l->sw13;
+        se.w2 = &l->sw2;
+        se.gate = l->sgate.data ? &l->sgate : NULL;
+        se.act = m->act;
+    }
+    moe_tensor x = moe_tensor_view2(g->x_d, m->dtype, T, H);
+    moe_tensor ids = moe_tensor_view2(g->ids_d, MOE_DTYPE_I32, T, K);
+    moe_tensor wt = moe_tensor_view2(g->w_d, MOE_DTYPE_F32, T, K);
+    moe_tensor yd = moe_tensor_view2(g->y_d, m->dtype, T, H);
+
+    if (W == 1) {
+        /* The unwrapped fast path: one call on one stream, straight into y. */
+        kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = m->act};
+        MOE_CHECK(kern_moe_forward(g->k, &ep, &x, &l->w13, &l->w2, &ids, &wt, l->has_shared ? &se : NULL, &yd));
+        MOE_CUDA_CHECK(cudaMemcpyAsync(g->y_h, g->y_d, (size_t)(T * H) * es, cudaMemcpyDeviceToHost, g->s_main));
+        MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
+        MOE_CHECK(poll_event(g->ev_done, deadline, "step"));
+    } else {
+        kern_experts_params ep = {.n_experts = (int32_t)E,
+                                  .n_local = g->m.placement->n_local[r],
+                                  .expert_map = g->map_d,
+                                  .act = m->act};
+        /* The shared expert on its own stream, beside the routed experts and the reduce. */
+        if (l->has_shared) {
+            MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
+            MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_side, g->ev_in, 0));
+            moe_tensor sh = moe_tensor_view2(g->sh_d, m->dtype, T, H);
+            MOE_CHECK(kern_shared_expert_forward(g->kside, &se, &x, &sh));
+            MOE_CUDA_CHECK(cudaEventRecord(g->ev_side, g->s_side));
+        }
+        bool dbo = T >= 2 && (g->p.dbo == 1 || (g->p.dbo == 2 && T >= g->p.dbo_min_tokens));
+        int parts = dbo ? 2 : 1;
+        int64_t bounds[3] = {0, dbo ? T / 2 : T, T};
+        for (int mb = 0; mb < parts; mb++) {
+            int64_t a = bounds[mb], nt = bounds[mb + 1] - bounds[mb];
+            moe_tensor xv = moe_tensor_view2((char *)g->x_d + (size_t)(a * H) * es, m->dtype, nt, H);
+            moe_tensor iv = moe_tensor_view2(g->ids_d + a * K, MOE_DTYPE_I32, nt, K);
+            moe_tensor wv = moe_tensor_view2(g->w_d + a * K, MOE_DTYPE_F32, nt, K);
+            void *sp = (char *)g->slots_d + (size_t)(a * K * H) * es;
+            moe_tensor sv = moe_tensor_view3(sp, m->dtype, nt, K, H);
+            MOE_CHECK(kern_fused_experts(g->k, &ep, &xv, &l->w13, &l->w2, &iv, &wv, &sv));
+            MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[mb], g->s_main));
+            MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_comm, g->ev_mb[mb], 0));
+            void *rp_ = r == 0 ? (char *)g->sum_d + (size_t)(a * K * H) * es : NULL;
+            MOE_CHECK(par_comm_reduce_sum(g->p.comm, sp, rp_, (size_t)(nt * K * H), m->dtype, 0, g->p.timeout_ms,
+                                          g->s_comm));
+            MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[mb], g->s_comm));
+        }
+        if (r == 0) {
+            if (l->has_shared)
+                MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_side, 0));
+            for (int mb = 0; mb < parts; mb++) {
+                int64_t a = bounds[mb], nt = bounds[mb + 1] - bounds[mb];
+                MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[mb], 0));
+                moe_tensor sv = moe_tensor_view3((char *)g->sum_d + (size_t)(a * K * H) * es, m->dtype, nt, K, H);
+                moe_tensor shv = moe_tensor_view2((char *)g->sh_d + (size_t)(a * H) * es, m->dtype, nt, H);
+                moe_tensor yv = moe_tensor_view2((char *)g->y_d + (size_t)(a * H) * es, m->dtype, nt, H);
+                MOE_CHECK(kern_moe_sum(g->k, &sv, l->has_shared ? &shv : NULL, &yv));
+            }
+            MOE_CUDA_CHECK(cudaMemcpyAsync(g->y_h, g->y_d, (size_t)(T * H) * es, cudaMemcpyDeviceToHost, g->s_main));
+        } else {
+            MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[parts - 1], 0));
+        }
+        /* The one wait: the step's work, the reduces included, against the deadline and
+         * NCCL's asynchronous errors. */
+        int32_t left = (int32_t)((deadline > moe_now_ns() ? deadline - moe_now_ns() : 1000000) / 1000000);
+        MOE_CHECK(par_comm_wait(g->p.comm, g->s_main, left > 0 ? left : 1));
+    }
+    /* Errors the kernels found on the device (a bad id is skipped there and reported here). */
+    MOE_CHECK(kern_ctx_sync(g->k));
+    if (l->has_shared && W > 1)
+        MOE_CHECK(kern_ctx_sync(g->kside));
+    if (expert_tokens) {
+        memset(expert_tokens, 0, sizeof(int64_t) * (size_t)E);
+        for (int64_t i = 0; i < T * K; i++)
+            if (g->ids_h[i] >= 0 && g->ids_h[i] < E)
+                expert_tokens[g->ids_h[i]]++;
+    }
+    if (y && r == 0)
+        *y = g->y_h;
+    return MOE_OK;
+}

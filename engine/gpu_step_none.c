@@ -1,0 +1,29 @@
+/*
+ * gpu_step_none.c: the GPU worker's step in a build without the CUDA toolkit or NCCL: every
+ * entry point says the build has no GPU workers.
+ */
+#include "engine/gpu_step.h"
+
+bool eng_gpu_available(void) { return false; }
+
+moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_layer *layers, int32_t n_layers) {
+    (void)p;
+    (void)layers;
+    (void)n_layers;
+    if (out)
+        *out = NULL;
+    return moe_fail(MOE_ERR_UNSUPPORTED, "this build has no GPU workers (no CUDA toolkit or NCCL at build time)");
+}
+
+void eng_gpu_free(eng_gpu_t *g) { (void)g; }
+
+moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
+                        int64_t *expert_tokens) {
+    (void)g;
+    (void)layer;
+    (void)reqs;
+    (void)n;
+    (void)y;
+    (void)expert_tokens;
+    return moe_fail(MOE_ERR_UNSUPPORTED, "this build has no GPU workers");
+}
