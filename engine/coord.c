@@ -102,6 +102,9 @@ typedef struct coord_stats {
     uint64_t pings, infos, stats_calls;
     uint64_t restarts;
     int64_t *expert_tokens; /* [E] */
+    /* GPU workers' device times (rank 0's RESULT; combine: every rank's) */
+    uint64_t gpu_steps;
+    double gpu_step_us, gpu_compute_us, gpu_combine_us, gpu_combine_bytes;
     uint64_t errors_by_status[32];
 } coord_stats;
 
@@ -341,6 +344,14 @@ static char *stats_json(coord *co) {
     cJSON *et = cJSON_AddArrayToObject(root, "per_expert_tokens");
     for (int32_t e = 0; e < co->desc->n_experts; e++)
         cJSON_AddItemToArray(et, cJSON_CreateNumber((double)co->st.expert_tokens[e]));
+    if (co->st.gpu_steps) {
+        cJSON *gp = cJSON_AddObjectToObject(root, "gpu");
+        cJSON_AddNumberToObject(gp, "steps", (double)co->st.gpu_steps);
+        cJSON_AddNumberToObject(gp, "step_us_sum", co->st.gpu_step_us);
+        cJSON_AddNumberToObject(gp, "compute_us_sum", co->st.gpu_compute_us);
+        cJSON_AddNumberToObject(gp, "combine_us_sum", co->st.gpu_combine_us);
+        cJSON_AddNumberToObject(gp, "combine_bytes_sum", co->st.gpu_combine_bytes);
+    }
     cJSON *w = cJSON_AddObjectToObject(root, "workers");
     cJSON_AddNumberToObject(w, "world_size", co->world);
     cJSON_AddNumberToObject(w, "running", co->running);
@@ -951,6 +962,18 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         if (m.status != MOE_OK) {
             group_fail(co, "step %llu failed on worker %d: %s", (unsigned long long)s->id, (int)wk->rank, why);
             return;
+        }
+        const ipc_section *tm = ipc_msg_find(&m, ENG_SEC_TIMING);
+        if (tm && tm->dtype == MOE_DTYPE_F32 && tm->shape[0] == 4) {
+            float tv[4];
+            memcpy(tv, tm->data, sizeof tv);
+            if (wk->rank == 0) {
+                co->st.gpu_steps++;
+                co->st.gpu_step_us += tv[0];
+                co->st.gpu_compute_us += tv[1];
+            }
+            co->st.gpu_combine_us += tv[2];
+            co->st.gpu_combine_bytes += tv[3];
         }
         if (wk->rank != 0)
             return;

@@ -38,6 +38,7 @@ struct eng_gpu {
     kern_ctx_t *k, *kside;
     cudaStream_t s_main, s_side, s_comm;
     cudaEvent_t ev_in, ev_side, ev_mb[2], ev_red[2], ev_done;
+    cudaEvent_t tm_start, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
     /* pinned host */
     void *x_h, *lg_h, *y_h;
     int32_t *ids_h;
@@ -97,7 +98,9 @@ void eng_gpu_free(eng_gpu_t *g) {
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
         if (host[i])
             cudaFreeHost(host[i]);
-    cudaEvent_t evs[] = {g->ev_in, g->ev_side, g->ev_mb[0], g->ev_mb[1], g->ev_red[0], g->ev_red[1], g->ev_done};
+    cudaEvent_t evs[] = {g->ev_in,    g->ev_side,    g->ev_mb[0],    g->ev_mb[1],    g->ev_red[0], g->ev_red[1],
+                         g->ev_done,  g->tm_start,   g->tm_compute,  g->tm_end,      g->tm_cs[0],  g->tm_cs[1],
+                         g->tm_ce[0], g->tm_ce[1]};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i])
             cudaEventDestroy(evs[i]);
@@ -128,6 +131,9 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     cudaEvent_t *evs[] = {&g->ev_in, &g->ev_side, &g->ev_mb[0], &g->ev_mb[1], &g->ev_red[0], &g->ev_red[1], &g->ev_done};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), st, fail);
+    cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end, &g->tm_cs[0], &g->tm_cs[1], &g->tm_ce[0], &g->tm_ce[1]};
+    for (size_t i = 0; i < sizeof tms / sizeof tms[0]; i++)
+        MOE_CUDA_CHECK_GOTO(cudaEventCreate(tms[i]), st, fail);
     kern_ctx_params kp = {.device = p->device, .stream = g->s_main};
     MOE_CHECK_GOTO(kern_ctx_init(&g->k, KERN_BACKEND_CUDA, &kp), st, fail);
     kern_ctx_params kps = {.device = p->device, .stream = g->s_side};
@@ -240,7 +246,7 @@ static gpu_layer *find(eng_gpu_t *g, int32_t layer) {
 }
 
 moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
-                        int64_t *expert_tokens) {
+                        int64_t *expert_tokens, eng_gpu_timing *timing) {
     MOE_REQUIRE(g && (reqs || n == 0), MOE_ERR_INVALID_ARG, "gpu step: NULL argument");
     gpu_layer *l = find(g, layer);
     MOE_REQUIRE(l, MOE_ERR_NOT_FOUND, "gpu step: layer %d is not loaded", (int)layer);
@@ -285,6 +291,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
     if (routed)
         MOE_CUDA_CHECK(cudaMemcpyAsync(g->lg_d, g->lg_h, sizeof(float) * (size_t)(T * E), cudaMemcpyHostToDevice,
                                        g->s_main));
+    MOE_CUDA_CHECK(cudaEventRecord(g->tm_start, g->s_main));
 
     /* Routing on the device, request by request. */
     kern_route_params rp = m->route;
@@ -330,7 +337,9 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         /* The unwrapped fast path: one call on one stream, straight into y. */
         kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = m->act};
         MOE_CHECK(kern_moe_forward(g->k, &ep, &x, &l->w13, &l->w2, &ids, &wt, l->has_shared ? &se : NULL, &yd));
+        MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
         MOE_CUDA_CHECK(cudaMemcpyAsync(g->y_h, g->y_d, (size_t)(T * H) * es, cudaMemcpyDeviceToHost, g->s_main));
+        MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
         MOE_CHECK(poll_event(g->ev_done, deadline, "step"));
     } else {
@@ -359,11 +368,14 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
             MOE_CHECK(kern_fused_experts(g->k, &ep, &xv, &l->w13, &l->w2, &iv, &wv, &sv));
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[mb], g->s_main));
             MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_comm, g->ev_mb[mb], 0));
+            MOE_CUDA_CHECK(cudaEventRecord(g->tm_cs[mb], g->s_comm));
             void *rp_ = r == 0 ? (char *)g->sum_d + (size_t)(a * K * H) * es : NULL;
             MOE_CHECK(par_comm_reduce_sum(g->p.comm, sp, rp_, (size_t)(nt * K * H), m->dtype, 0, g->p.timeout_ms,
                                           g->s_comm));
+            MOE_CUDA_CHECK(cudaEventRecord(g->tm_ce[mb], g->s_comm));
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[mb], g->s_comm));
         }
+        MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
         if (r == 0) {
             if (l->has_shared)
                 MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_side, 0));
@@ -379,6 +391,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         } else {
             MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[parts - 1], 0));
         }
+        MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
         /* The one wait: the step's work, the reduces included, against the deadline and
          * NCCL's asynchronous errors. */
         int32_t left = (int32_t)((deadline > moe_now_ns() ? deadline - moe_now_ns() : 1000000) / 1000000);
@@ -393,6 +406,22 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         for (int64_t i = 0; i < T * K; i++)
             if (g->ids_h[i] >= 0 && g->ids_h[i] < E)
                 expert_tokens[g->ids_h[i]]++;
+    }
+    if (timing) {
+        memset(timing, 0, sizeof *timing);
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, g->tm_start, g->tm_end) == cudaSuccess)
+            timing->step_us = ms * 1e3f;
+        if (cudaEventElapsedTime(&ms, g->tm_start, g->tm_compute) == cudaSuccess)
+            timing->compute_us = ms * 1e3f;
+        if (W > 1) {
+            int parts = (T >= 2 && (g->p.dbo == 1 || (g->p.dbo == 2 && T >= g->p.dbo_min_tokens))) ? 2 : 1;
+            for (int mb = 0; mb < parts; mb++)
+                if (cudaEventElapsedTime(&ms, g->tm_cs[mb], g->tm_ce[mb]) == cudaSuccess)
+                    timing->combine_us += ms * 1e3f;
+            timing->combine_bytes = (float)((double)(T * K * H) * (double)es);
+        }
+        (void)cudaGetLastError();
     }
     if (y && r == 0)
         *y = g->y_h;

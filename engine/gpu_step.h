@@ -46,6 +46,16 @@ typedef struct eng_gpu_params {
 moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_layer *layers, int32_t n_layers);
 void eng_gpu_free(eng_gpu_t *g);
 
+/* Device-side times of a step (CUDA events): from the inputs on the device to the end, the
+ * routed experts' products, and the reduces (their own durations, summed over micro-batches),
+ * with the bytes each reduce moved from this rank. */
+typedef struct eng_gpu_timing {
+    float step_us;
+    float compute_us;
+    float combine_us;
+    float combine_bytes;
+} eng_gpu_timing;
+
 /*
  * Runs one step of `n` requests on layer `layer`. On rank 0, *y points (on success) at the
  * output [T, H] in pinned host memory, valid until the next call; expert_tokens [E] (may be
@@ -53,7 +63,7 @@ void eng_gpu_free(eng_gpu_t *g);
  * communicator error leaves the communicator aborted (the group must be restarted).
  */
 moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
-                        int64_t *expert_tokens);
+                        int64_t *expert_tokens, eng_gpu_timing *timing);
 
 /* Whether this build has GPU workers. */
 bool eng_gpu_available(void);

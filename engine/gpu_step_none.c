@@ -18,7 +18,8 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
 void eng_gpu_free(eng_gpu_t *g) { (void)g; }
 
 moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
-                        int64_t *expert_tokens) {
+                        int64_t *expert_tokens, eng_gpu_timing *timing) {
+    (void)timing;
     (void)g;
     (void)layer;
     (void)reqs;

@@ -48,5 +48,7 @@
 /* Section kinds of the internal messages. */
 #define ENG_SEC_EXPERT_TOKENS 0x100 /* RESULT: [E] tokens per expert in the step, i32 */
 #define ENG_SEC_NCCL_ID 0x101       /* HELLO (rank 0), NCCL_ID: the 128-byte NCCL unique id */
+#define ENG_SEC_TIMING 0x102        /* RESULT of a GPU worker: f32 [4] step_us, compute_us, combine_us,
+                                       combine_bytes (device event times of the step) */
 
 #endif /* ENG_WIRE_H */

@@ -410,6 +410,8 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
     size_t *recv_bytes = NULL;
     moe_tensor *bufs = NULL;
     int64_t *gpu_counts = NULL;
+    eng_gpu_timing timing;
+    bool have_timing = false;
     const int32_t W = w->a.world, r = w->a.rank;
     const eng_layer *layer = find_layer(w, hdr->layer);
     if (!layer) {
@@ -452,7 +454,8 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
             st = moe_fail(MOE_ERR_NOMEM, "step counts");
             goto done;
         }
-        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->layer, reqs, fr->n, &ydata, gpu_counts), st, done);
+        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->layer, reqs, fr->n, &ydata, gpu_counts, &timing), st, done);
+        have_timing = true;
         counts64 = gpu_counts;
         goto answer;
     }
@@ -535,6 +538,9 @@ answer:
                 counts[e] = (int32_t)counts64[e];
             st = ipc_msg_add(&res, ENG_SEC_EXPERT_TOKENS, MOE_DTYPE_I32, 1, (int64_t[]){w->model.n_experts}, counts);
         }
+        float tv[4] = {timing.step_us, timing.compute_us, timing.combine_us, timing.combine_bytes};
+        if (st == MOE_OK && have_timing)
+            st = ipc_msg_add(&res, ENG_SEC_TIMING, MOE_DTYPE_F32, 1, (int64_t[]){4}, tv);
         if (st == MOE_OK)
             st = send_msg(w, &res, false);
         free(counts);

@@ -49,6 +49,9 @@ int h_free_port(void) {
 
 const char *h_engine_path(void) {
     static char path[1024];
+    const char *env = getenv("MOE_ENGINE"); /* a bundle outside Bazel (tools/gpu) */
+    if (env && *env)
+        return env;
     const char *dirs[] = {getenv("TEST_SRCDIR"), ".", NULL};
     const char *ws = getenv("TEST_WORKSPACE");
     for (int i = 0; dirs[i] || i == 0; i++) {
@@ -280,7 +283,8 @@ bool h_reference(const char *dir, int32_t layer, const moe_tensor *x, const moe_
     }
     const eng_model_layer *l = &wts.layers[0];
     const int64_t T = x->shape[0], K = d->top_k, H = d->hidden_size;
-    if (kern_ctx_init(&k, KERN_BACKEND_CPU_REF, NULL) != MOE_OK)
+    /* the fast CPU backend: bit-identical to cpu-ref (tests/kernels), much faster */
+    if (kern_ctx_init(&k, KERN_BACKEND_CPU, NULL) != MOE_OK)
         goto done;
     if (!ids) {
         moe_tensor_alloc(&tid, MOE_DTYPE_I32, 2, (int64_t[]){T, K});

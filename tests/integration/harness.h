@@ -26,7 +26,7 @@ typedef struct daemon_proc {
 void h_tmpdir(char *out, size_t cap, const char *tag);
 /* A free TCP port on 127.0.0.1 (bind to 0, read it, close). */
 int h_free_port(void);
-/* The moe-engine binary from the runfiles. */
+/* The moe-engine binary: $MOE_ENGINE, else the one in the test's runfiles. */
 const char *h_engine_path(void);
 
 /* Starts `moe-engine serve` with the given extra flags (NULL-terminated), a fresh runtime
@@ -58,7 +58,8 @@ bool h_recv(h_client *c, int timeout_ms, void **buf, size_t *len, ipc_msg *m);
 /* The JSON section of a reply as a NUL-terminated string (malloc'd). */
 char *h_json(const ipc_msg *m);
 
-/* Reference output of one SUBMIT computed in-process with the reference kernels (cpu-ref)
+/* Reference output of one SUBMIT computed in-process with the CPU kernels (cpu: bit-identical
+ * to cpu-ref)
  * from the checkpoint at `dir`: y [T, H] as floats. ids/w may be NULL (routing from logits or,
  * when logits is NULL too, from x with the model's router). */
 bool h_reference(const char *dir, int32_t layer, const moe_tensor *x, const moe_tensor *ids, const moe_tensor *w,

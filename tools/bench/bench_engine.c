@@ -3,13 +3,18 @@
  *
  *   bazel build -c opt //engine:moe-engine //tools/bench:bench_engine
  *   bazel-bin/tools/bench/bench_engine --engine bazel-bin/engine/moe-engine [--workers 2]
- *       [--iters 50] [--model DIR]
+ *       [--iters 50] [--model DIR] [--gpu N] [--tokens 1,16,1024]
+ *
+ * With --gpu N the engine runs one GPU worker on GPU N, and the in-process column is the CUDA
+ * kernels on device-resident data (routing from the hidden states + kern_moe_forward, timed
+ * with a device synchronize per call): the kernel time the engine's round trip must contain.
  *
  * For each request size T it prints:
  *   in-proc   the same kernels called in this process on the whole model (route from the hidden
  *             states + kern_moe_forward, cpu backend, all cores): the compute the engine must do;
  *   echo      a bare ZeroMQ round trip of the same request and reply sizes over tcp loopback
  *             (DEALER -> ROUTER that answers with a reply of the output's size): the transport;
+ *             and the same over ipc:// (what a client on the engine's host could use);
  *   engine    the engine's round trip, one request at a time (p50 and p99), and its throughput
  *             with 4 requests in flight;
  *   overhead  engine p50 - in-proc - echo: what the coordinator, the scheduling, the worker
@@ -24,6 +29,8 @@
 #include <string.h>
 #include <unistd.h>
 #include <zmq.h>
+
+#include <cuda_runtime.h>
 
 #include "engine/base/moe_base.h"
 #include "engine/model/model.h"
@@ -76,10 +83,13 @@ static void *echo_main(void *arg) {
     return NULL;
 }
 
-static double echo_us(size_t req_bytes, size_t reply_bytes, int iters) {
+static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc) {
     echo_srv s = {.reply_bytes = reply_bytes};
     s.ctx = zmq_ctx_new();
-    snprintf(s.ep, sizeof s.ep, "tcp://127.0.0.1:%d", engine_free_port());
+    if (ipc)
+        snprintf(s.ep, sizeof s.ep, "ipc:///tmp/moe-echo-%d", (int)getpid());
+    else
+        snprintf(s.ep, sizeof s.ep, "tcp://127.0.0.1:%d", engine_free_port());
     pthread_create(&s.th, NULL, echo_main, &s);
     void *d = zmq_socket(s.ctx, ZMQ_DEALER);
     int linger = 0;
@@ -107,9 +117,73 @@ static double echo_us(size_t req_bytes, size_t reply_bytes, int iters) {
     return med;
 }
 
+/* In-process CUDA: the whole model on one GPU, kernels on device-resident data. */
+typedef struct cuda_inproc {
+    bool on;
+    kern_ctx_t *k;
+    moe_tensor w13, w2, router, sw13, sw2, sgate, x, lg, ids, wt, y;
+} cuda_inproc;
+
+static void *dup_dev(const moe_tensor *h, moe_tensor *d) {
+    memset(d, 0, sizeof *d);
+    if (!h->data)
+        return NULL;
+    void *p = NULL;
+    if (cudaMalloc(&p, moe_tensor_nbytes(h)) != cudaSuccess)
+        return NULL;
+    cudaMemcpy(p, h->data, moe_tensor_nbytes(h), cudaMemcpyHostToDevice);
+    *d = moe_tensor_view(p, h->dtype, h->ndim, h->shape);
+    return p;
+}
+
+static double cuda_inproc_us(cuda_inproc *ci, const eng_model_desc *d, const eng_model_layer *l, const moe_tensor *xh,
+                             int iters) {
+    const int64_t T = xh->shape[0], H = d->hidden_size, E = d->n_experts, K = d->top_k;
+    void *p;
+    cudaMalloc(&p, moe_tensor_nbytes(xh));
+    cudaMemcpy(p, xh->data, moe_tensor_nbytes(xh), cudaMemcpyHostToDevice);
+    moe_tensor x = moe_tensor_view2(p, d->dtype, T, H), lg, ids, wt, y;
+    cudaMalloc(&p, sizeof(float) * (size_t)(T * E));
+    lg = moe_tensor_view2(p, MOE_DTYPE_F32, T, E);
+    cudaMalloc(&p, sizeof(int32_t) * (size_t)(T * K));
+    ids = moe_tensor_view2(p, MOE_DTYPE_I32, T, K);
+    cudaMalloc(&p, sizeof(float) * (size_t)(T * K));
+    wt = moe_tensor_view2(p, MOE_DTYPE_F32, T, K);
+    cudaMalloc(&p, moe_tensor_nbytes(xh));
+    y = moe_tensor_view2(p, d->dtype, T, H);
+    kern_route_params rp = eng_model_route_params(d, l);
+    float *bias_d = NULL;
+    if (rp.correction_bias) {
+        cudaMalloc((void **)&bias_d, sizeof(float) * (size_t)E);
+        cudaMemcpy(bias_d, rp.correction_bias, sizeof(float) * (size_t)E, cudaMemcpyHostToDevice);
+        rp.correction_bias = bias_d;
+    }
+    kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = d->act};
+    kern_shared_expert se = {.w13 = &ci->sw13, .w2 = &ci->sw2, .gate = ci->sgate.data ? &ci->sgate : NULL, .act = d->act};
+    double *t = calloc((size_t)iters, sizeof *t);
+    for (int i = -3; i < iters; i++) {
+        double t0 = moe_now_s();
+        kern_router_logits(ci->k, &x, &ci->router, &lg);
+        kern_route(ci->k, &rp, &lg, &ids, &wt);
+        kern_moe_forward(ci->k, &ep, &x, &ci->w13, &ci->w2, &ids, &wt, ci->sw13.data ? &se : NULL, &y);
+        kern_ctx_sync(ci->k);
+        if (i >= 0)
+            t[i] = (moe_now_s() - t0) * 1e6;
+    }
+    double med = pct(t, iters, 0.5);
+    free(t);
+    cudaFree(x.data);
+    cudaFree(lg.data);
+    cudaFree(ids.data);
+    cudaFree(wt.data);
+    cudaFree(y.data);
+    cudaFree(bias_d);
+    return med;
+}
+
 int main(int argc, char **argv) {
-    const char *engine = NULL, *model = NULL;
-    int workers = 2, iters = 50;
+    const char *engine = NULL, *model = NULL, *tokens_s = "1,4,16,64,256,1024";
+    int workers = 2, iters = 50, gpu = -1;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--engine") == 0 && i + 1 < argc)
             engine = argv[++i];
@@ -119,6 +193,10 @@ int main(int argc, char **argv) {
             iters = atoi(argv[++i]);
         else if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
             model = argv[++i];
+        else if (strcmp(argv[i], "--gpu") == 0 && i + 1 < argc)
+            gpu = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--tokens") == 0 && i + 1 < argc)
+            tokens_s = argv[++i];
         else {
             fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR]\n");
             return 2;
@@ -129,10 +207,12 @@ int main(int argc, char **argv) {
         return 2;
     }
     moe_log_init_from_env();
-    char wk[16];
+    char wk[16], gs[16];
     snprintf(wk, sizeof wk, "%d", workers);
+    snprintf(gs, sizeof gs, "%d", gpu);
     engine_proc e;
-    const char *flags[] = {"--workers", wk, "--log-level", "warn", model ? "--model" : NULL, model, NULL};
+    const char *flags[] = {gpu >= 0 ? "--gpus" : "--workers", gpu >= 0 ? gs : wk, "--log-level", "warn",
+                           "--max-tokens", "16384", model ? "--model" : NULL, model, NULL};
     if (!engine_start(&e, engine, flags))
         return 1;
     moec_client_t *c = NULL;
@@ -152,24 +232,49 @@ int main(int argc, char **argv) {
     else
         engine_default_model_dir(&e, dir, sizeof dir);
     eng_model_load_params lp = eng_model_load_params_default();
+    cuda_inproc ci;
+    memset(&ci, 0, sizeof ci);
+    kern_ctx_params kp = {.device = gpu};
     if (eng_ckpt_open(&ck, dir) != MOE_OK || eng_model_load(ck, &lp, &w) != MOE_OK ||
-        kern_ctx_init(&k, KERN_BACKEND_CPU, NULL) != MOE_OK) {
+        kern_ctx_init(&k, gpu >= 0 ? KERN_BACKEND_CUDA : KERN_BACKEND_CPU, gpu >= 0 ? &kp : NULL) != MOE_OK) {
         fprintf(stderr, "in-process model: %s\n", moe_errmsg());
         goto out;
     }
     const eng_model_desc *d = eng_ckpt_desc(ck);
     const eng_model_layer *l = &w.layers[0];
     const int64_t H = d->hidden_size, E = d->n_experts, K = d->top_k;
+    if (gpu >= 0) {
+        ci.on = true;
+        ci.k = k;
+        cudaSetDevice(gpu);
+        dup_dev(&l->w13, &ci.w13);
+        dup_dev(&l->w2, &ci.w2);
+        dup_dev(&l->router, &ci.router);
+        dup_dev(&l->shared_w13, &ci.sw13);
+        dup_dev(&l->shared_w2, &ci.sw2);
+        dup_dev(&l->shared_gate, &ci.sgate);
+    }
     const size_t es = moe_dtype_size(d->dtype);
     char desc[512];
-    printf("model: %s\nengine: %d CPU workers; in-process: one process, all %ld cores; %d iterations per row\n\n",
-           eng_model_desc_str(d, desc, sizeof desc), workers, sysconf(_SC_NPROCESSORS_ONLN), iters);
-    printf("%6s %12s %10s %12s %12s %12s %10s %14s %14s\n", "T", "in-proc us", "echo us", "engine p50", "engine p99",
-           "overhead us", "overhead", "tok/s (1 in fl)", "tok/s (4 in fl)");
-    const int64_t Ts[] = {1, 4, 16, 64, 256, 1024};
+    if (gpu >= 0)
+        printf("model: %s\nengine: one GPU worker on GPU %d; in-process: the CUDA kernels on device data; %d "
+               "iterations per row\n\n",
+               eng_model_desc_str(d, desc, sizeof desc), gpu, iters);
+    else
+        printf("model: %s\nengine: %d CPU workers; in-process: one process, all %ld cores; %d iterations per row\n\n",
+               eng_model_desc_str(d, desc, sizeof desc), workers, sysconf(_SC_NPROCESSORS_ONLN), iters);
+    printf("%6s %12s %10s %10s %12s %12s %12s %10s %14s %14s\n", "T", "in-proc us", "echo tcp", "echo ipc",
+           "engine p50", "engine p99", "overhead us", "overhead", "tok/s (1 in fl)", "tok/s (4 in fl)");
+    int64_t Ts[16];
+    int n_ts = 0;
+    for (const char *p = tokens_s; *p && n_ts < 16;) {
+        char *end;
+        Ts[n_ts++] = strtoll(p, &end, 10);
+        p = *end == ',' ? end + 1 : end;
+    }
     moe_rng g;
     moe_rng_seed(&g, 1);
-    for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+    for (int ti = 0; ti < n_ts; ti++) {
         const int64_t T = Ts[ti];
         moe_tensor x = {0}, lg = {0}, ids = {0}, wt = {0}, y = {0};
         moe_tensor_alloc(&x, d->dtype, 2, (int64_t[]){T, H});
@@ -185,7 +290,7 @@ int main(int argc, char **argv) {
         kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = d->act};
         kern_shared_expert se;
         bool has = eng_model_shared_expert(d, l, &se);
-        for (int i = -3; i < iters; i++) {
+        for (int i = -3; i < iters && !ci.on; i++) {
             double t0 = moe_now_s();
             eng_model_router_logits(l, &x, &lg);
             kern_route(k, &rp, &lg, &ids, &wt);
@@ -194,9 +299,12 @@ int main(int argc, char **argv) {
                 t[i] = (moe_now_s() - t0) * 1e6;
         }
         double inproc = pct(t, iters, 0.5);
+        if (ci.on)
+            inproc = cuda_inproc_us(&ci, d, l, &x, iters);
         /* transport */
         size_t req_bytes = 64 + 64 + (size_t)(T * H) * es + 64, rep_bytes = req_bytes;
-        double echo = echo_us(req_bytes, rep_bytes, iters);
+        double echo = echo_us(req_bytes, rep_bytes, iters, false);
+        double echo_ipc = echo_us(req_bytes, rep_bytes, iters, true);
         /* engine, one at a time */
         moec_request r = {.layer = l->layer, .dtype = d->dtype, .n_tokens = T, .hidden = H, .x = x.data};
         for (int i = -3; i < iters; i++) {
@@ -235,8 +343,9 @@ int main(int argc, char **argv) {
         for (int j = 0; j < 4; j++)
             free(ys[j]);
         double over = p50 - inproc - echo;
-        printf("%6lld %12.1f %10.1f %12.1f %12.1f %12.1f %9.0f%% %14.0f %14.0f\n", (long long)T, inproc, echo, p50, p99,
-               over, 100.0 * over / p50, (double)(T * iters) / (wall1 * 1e-6), (double)(T * iters) / wall4);
+        printf("%6lld %12.1f %10.1f %10.1f %12.1f %12.1f %12.1f %9.0f%% %14.0f %14.0f\n", (long long)T, inproc, echo,
+               echo_ipc, p50, p99, over, 100.0 * over / p50, (double)(T * iters) / (wall1 * 1e-6),
+               (double)(T * iters) / wall4);
         fflush(stdout);
         free(t);
         moe_tensor_free(&x);
@@ -247,6 +356,14 @@ int main(int argc, char **argv) {
     }
     rc = 0;
 out:
+    if (ci.on) {
+        cudaFree(ci.w13.data);
+        cudaFree(ci.w2.data);
+        cudaFree(ci.router.data);
+        cudaFree(ci.sw13.data);
+        cudaFree(ci.sw2.data);
+        cudaFree(ci.sgate.data);
+    }
     kern_ctx_free(k);
     eng_model_weights_free(&w);
     eng_ckpt_close(ck);

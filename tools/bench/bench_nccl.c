@@ -1,0 +1,171 @@
+/*
+ * bench_nccl.c: the NCCL sum-reduce that the GPU workers' combine uses, measured alone on the
+ * same byte sizes, through the same communicator code (parallel/comm_nccl.c), one process per
+ * GPU, printed in nccl-tests' columns so the numbers compare with everyone's:
+ *
+ *   bench_nccl --gpus 0,1 [--sizes 1048576,16777216,...] [--iters 20]
+ *
+ *   size (bytes)  count (elements)  type  redop  root  time (us)  algbw (GB/s)  busbw (GB/s)  #wrong
+ *
+ * For a reduce, nccl-tests' bus bandwidth equals the algorithm bandwidth (factor 1): bytes /
+ * time. #wrong counts elements of the root's result that differ from the exact sum (each rank
+ * sends (rank + 1) at even positions and 0 elsewhere, so the sum is exact in bf16).
+ */
+#include <cuda_runtime.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "engine/base/moe_base.h"
+#include "parallel/par.h"
+
+#define MAX_GPUS 8
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int run_rank(int rank, int world, int device, const uint8_t *id, const size_t *sizes, int n_sizes, int iters,
+                    int out_fd) {
+    par_comm_t *c = NULL;
+    par_comm_nccl_params p = {.rank = rank, .world_size = world, .device = device, .init_timeout_ms = 60000};
+    memcpy(p.unique_id, id, PAR_NCCL_ID_BYTES);
+    if (par_comm_nccl_init(&c, &p) != MOE_OK) {
+        fprintf(stderr, "rank %d: %s\n", rank, moe_errmsg());
+        return 1;
+    }
+    cudaStream_t s;
+    cudaStreamCreate(&s);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    for (int si = 0; si < n_sizes; si++) {
+        size_t bytes = sizes[si], count = bytes / 2;
+        uint16_t *h = malloc(bytes);
+        for (size_t i = 0; i < count; i++)
+            h[i] = (i % 2 == 0) ? moe_f32_to_bf16((float)(rank + 1)) : 0;
+        void *send = NULL, *recv = NULL;
+        cudaMalloc(&send, bytes);
+        cudaMalloc(&recv, bytes);
+        cudaMemcpy(send, h, bytes, cudaMemcpyHostToDevice);
+        double *t = calloc((size_t)iters, sizeof *t);
+        int ok = 1;
+        for (int it = -3; it < iters && ok; it++) {
+            cudaEventRecord(e0, s);
+            ok = par_comm_reduce_sum(c, send, rank == 0 ? recv : NULL, count, MOE_DTYPE_BF16, 0, 30000, s) == MOE_OK;
+            cudaEventRecord(e1, s);
+            ok = ok && par_comm_wait(c, s, 30000) == MOE_OK;
+            float ms = 0;
+            cudaEventElapsedTime(&ms, e0, e1);
+            if (it >= 0)
+                t[it] = ms * 1e3;
+        }
+        long wrong = 0;
+        if (rank == 0 && ok) {
+            cudaMemcpy(h, recv, bytes, cudaMemcpyDeviceToHost);
+            float want = (float)(world * (world + 1) / 2);
+            for (size_t i = 0; i < count; i++)
+                wrong += moe_bf16_to_f32(h[i]) != (i % 2 == 0 ? want : 0.0f);
+        }
+        qsort(t, (size_t)iters, sizeof *t, cmp_double);
+        double med = t[iters / 2];
+        if (rank == 0) {
+            char line[256];
+            int n = snprintf(line, sizeof line, "%14zu %14zu %6s %6s %5d %11.1f %13.2f %13.2f %7ld%s\n", bytes, count,
+                             "bf16", "sum", 0, med, (double)bytes / med * 1e-3, (double)bytes / med * 1e-3, wrong,
+                             ok ? "" : "  (failed)");
+            if (write(out_fd, line, (size_t)n) != n)
+                ok = 0;
+        }
+        free(t);
+        free(h);
+        cudaFree(send);
+        cudaFree(recv);
+        if (!ok) {
+            fprintf(stderr, "rank %d: %s\n", rank, moe_errmsg());
+            par_comm_free(c);
+            return 1;
+        }
+    }
+    par_comm_free(c);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const char *gpus = "0,1", *sizes_s = "1048576,4194304,16777216,67108864,268435456";
+    int iters = 20;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--gpus") == 0 && i + 1 < argc)
+            gpus = argv[++i];
+        else if (strcmp(argv[i], "--sizes") == 0 && i + 1 < argc)
+            sizes_s = argv[++i];
+        else if (strcmp(argv[i], "--iters") == 0 && i + 1 < argc)
+            iters = atoi(argv[++i]);
+        else {
+            fprintf(stderr, "usage: bench_nccl --gpus 0,1 [--sizes B,B,...] [--iters N]\n");
+            return 2;
+        }
+    }
+    int dev[MAX_GPUS], world = 0;
+    for (const char *p = gpus; *p && world < MAX_GPUS;) {
+        char *end;
+        dev[world++] = (int)strtol(p, &end, 10);
+        p = *end == ',' ? end + 1 : end;
+    }
+    size_t sizes[32];
+    int n_sizes = 0;
+    for (const char *p = sizes_s; *p && n_sizes < 32;) {
+        char *end;
+        sizes[n_sizes++] = (size_t)strtoull(p, &end, 10) & ~(size_t)1;
+        p = *end == ',' ? end + 1 : end;
+    }
+    if (world < 2 || iters < 3) {
+        fprintf(stderr, "bench_nccl: needs at least 2 GPUs (--gpus 0,1) and 3 iterations\n");
+        return 2;
+    }
+    if (!getenv("NCCL_NVLS_ENABLE"))
+        setenv("NCCL_NVLS_ENABLE", "0", 1);
+    moe_log_init_from_env();
+    /* Rank 0's process makes the unique id and hands it to the others through pipes: the
+     * parent never touches CUDA or NCCL, so the forked children can. */
+    int pipes[MAX_GPUS][2];
+    for (int r = 1; r < world; r++)
+        if (pipe(pipes[r]) != 0)
+            return 1;
+    printf("NCCL %d, %d ranks (GPUs %s), reduce to rank 0, bf16 sum; median of %d\n", par_comm_nccl_version(), world,
+           gpus, iters);
+    printf("%14s %14s %6s %6s %5s %11s %13s %13s %7s\n", "size (B)", "count", "type", "redop", "root", "time (us)",
+           "algbw (GB/s)", "busbw (GB/s)", "#wrong");
+    fflush(stdout);
+    pid_t kids[MAX_GPUS];
+    for (int r = 0; r < world; r++) {
+        kids[r] = fork();
+        if (kids[r] == 0) {
+            uint8_t id[PAR_NCCL_ID_BYTES];
+            if (r == 0) {
+                if (par_comm_nccl_unique_id(id) != MOE_OK) {
+                    fprintf(stderr, "bench_nccl: %s\n", moe_errmsg());
+                    _exit(1);
+                }
+                for (int q = 1; q < world; q++)
+                    if (write(pipes[q][1], id, sizeof id) != (ssize_t)sizeof id)
+                        _exit(1);
+            } else if (read(pipes[r][0], id, sizeof id) != (ssize_t)sizeof id) {
+                _exit(1);
+            }
+            _exit(run_rank(r, world, dev[r], id, sizes, n_sizes, iters, 1));
+        }
+    }
+    int rc = 0;
+    for (int r = 0; r < world; r++) {
+        int st = 0;
+        waitpid(kids[r], &st, 0);
+        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+            rc = 1;
+    }
+    return rc;
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# tools/gpu/run_engine.sh: the GPU workers' run (issue 7), on a GPU host, from a bundle made here:
+#
+#   here:       tools/gpu/run_engine.sh --bundle       (builds and bundles into .bundle/engine)
+#   GPU host:   tools/gpu/run_engine.sh [STEPS...]     (STEPS: env test nccl scaleout e2e; default all)
+#
+#   env       nvidia-smi topology, the bundle's MANIFEST                         -> env.txt
+#   test      tests/integration:test_gpu_engine on every GPU (MOE_TEST_GPUS)     -> test.log
+#   nccl      bench_nccl: the bare NCCL reduce on the combine's byte sizes       -> nccl.log
+#   scaleout  bench_scaleout: weak scaling 1 .. N GPUs, DBO off/on, combine      -> scaleout.log
+#   e2e       bench_engine --gpu 0: the engine vs the kernels in-process vs a bare
+#             ZeroMQ echo (tcp and ipc) per request size                          -> e2e.log
+# Output in $OUT (default /tmp/moe-gpu-engine); a summary is printed last.
+# Environment: BUNDLE (default .bundle/engine), OUT, GPUS (default: every GPU), TOKENS.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+BUNDLE="${BUNDLE:-.bundle/engine}"
+
+if [ "${1:-}" = "--bundle" ]; then
+  exec tools/bundle --out "$BUNDLE" //engine:moe-engine //tests/integration:test_gpu_engine \
+    //tools/bench:bench_engine //tools/bench:bench_nccl //tools/bench:bench_scaleout
+fi
+
+OUT="${OUT:-/tmp/moe-gpu-engine}"
+mkdir -p "$OUT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env test nccl scaleout e2e)
+want() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+[ -x "$BUNDLE/bin/moe-engine" ] || { echo "run_engine: no bundle at $BUNDLE (make it with --bundle)"; exit 2; }
+export NCCL_NVLS_ENABLE=0
+export MOE_ENGINE="$ROOT/$BUNDLE/bin/moe-engine"
+n=$(nvidia-smi -L | grep -c '^GPU')
+GPUS="${GPUS:-$(seq -s, 0 $((n - 1)))}"
+rc=0
+
+if want env; then
+  { nvidia-smi; nvidia-smi topo -m; cat "$BUNDLE/MANIFEST"; } >"$OUT/env.txt" 2>&1
+  echo "== GPUs: $GPUS"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+fi
+if want test; then
+  echo "== test_gpu_engine (MOE_TEST_GPUS=$GPUS)"
+  MOE_TEST_GPUS="$GPUS" MOE_LOG_LEVEL=warn timeout 400 "$BUNDLE/bin/test_gpu_engine" >"$OUT/test.log" 2>&1
+  t=$?; [ $t -ne 0 ] && rc=1
+  grep -E "^\[ +(PASSED|FAILED|  ERROR|   LINE) +\]|GPU|differ|error|kill|service" "$OUT/test.log" | grep -v "^20.*Z [IW]" | head -40
+  echo "test exit $t"
+fi
+if want nccl && [ "$n" -ge 2 ]; then
+  echo "== bench_nccl"
+  timeout 120 "$BUNDLE/bin/bench_nccl" --gpus "$GPUS" --sizes 8388608,16777216,67108864,134217728,268435456 \
+    >"$OUT/nccl.log" 2>&1 || rc=1
+  cat "$OUT/nccl.log"
+fi
+if want scaleout; then
+  echo "== bench_scaleout"
+  timeout 500 "$BUNDLE/bin/bench_scaleout" --engine "$MOE_ENGINE" --gpus "$GPUS" --tokens "${TOKENS:-256,1024,4096}" \
+    --requests 30 >"$OUT/scaleout.log" 2>&1 || rc=1
+  grep -v "^20.*Z [IW]" "$OUT/scaleout.log" | tail -16
+fi
+if want e2e; then
+  echo "== bench_engine --gpu 0"
+  m=""; [ -d /tmp/moe-scaleout-model ] && m="--model /tmp/moe-scaleout-model"
+  # shellcheck disable=SC2086
+  timeout 300 "$BUNDLE/bin/bench_engine" --engine "$MOE_ENGINE" --gpu 0 $m --tokens 1,16,128,1024,4096 --iters 30 \
+    >"$OUT/e2e.log" 2>&1 || rc=1
+  grep -v "^20.*Z [IW]" "$OUT/e2e.log" | tail -10
+fi
+exit $rc
