@@ -40,20 +40,20 @@ if want env; then
 fi
 if want test; then
   echo "== test_gpu_engine (MOE_TEST_GPUS=$GPUS)"
-  MOE_TEST_GPUS="$GPUS" MOE_LOG_LEVEL=warn timeout 400 "$BUNDLE/bin/test_gpu_engine" >"$OUT/test.log" 2>&1
+  MOE_TEST_GPUS="$GPUS" MOE_LOG_LEVEL=warn timeout "${TEST_TIMEOUT:-240}" "$BUNDLE/bin/test_gpu_engine" >"$OUT/test.log" 2>&1
   t=$?; [ $t -ne 0 ] && rc=1
   grep -E "^\[ +(PASSED|FAILED|  ERROR|   LINE) +\]|GPU|differ|error|kill|service" "$OUT/test.log" | grep -v "^20.*Z [IW]" | head -40
   echo "test exit $t"
 fi
 if want nccl && [ "$n" -ge 2 ]; then
   echo "== bench_nccl"
-  timeout 120 "$BUNDLE/bin/bench_nccl" --gpus "$GPUS" --sizes 8388608,16777216,67108864,134217728,268435456 \
+  timeout 60 "$BUNDLE/bin/bench_nccl" --gpus "$GPUS" --sizes 8388608,16777216,67108864,134217728,268435456 \
     >"$OUT/nccl.log" 2>&1 || rc=1
   cat "$OUT/nccl.log"
 fi
 if want scaleout; then
   echo "== bench_scaleout"
-  timeout 500 "$BUNDLE/bin/bench_scaleout" --engine "$MOE_ENGINE" --gpus "$GPUS" --tokens "${TOKENS:-256,1024,4096}" \
+  timeout "${SCALE_TIMEOUT:-200}" "$BUNDLE/bin/bench_scaleout" --engine "$MOE_ENGINE" --gpus "$GPUS" --tokens "${TOKENS:-256,1024,4096}" \
     --requests 30 >"$OUT/scaleout.log" 2>&1 || rc=1
   grep -v "^20.*Z [IW]" "$OUT/scaleout.log" | tail -16
 fi
@@ -61,7 +61,7 @@ if want e2e; then
   echo "== bench_engine --gpu 0"
   m=""; [ -d /tmp/moe-scaleout-model ] && m="--model /tmp/moe-scaleout-model"
   # shellcheck disable=SC2086
-  timeout 300 "$BUNDLE/bin/bench_engine" --engine "$MOE_ENGINE" --gpu 0 $m --tokens 1,16,128,1024,4096 --iters 30 \
+  timeout "${E2E_TIMEOUT:-80}" "$BUNDLE/bin/bench_engine" --engine "$MOE_ENGINE" --gpu 0 $m --tokens 1,16,128,1024,4096 --iters 30 \
     >"$OUT/e2e.log" 2>&1 || rc=1
   grep -v "^20.*Z [IW]" "$OUT/e2e.log" | tail -10
 fi
