@@ -212,12 +212,13 @@ static __device__ __forceinline__ void kc_fuse_wait(const unsigned long long *p,
     __threadfence();
 }
 
-template <typename T, int NWG, int BN, int PATH, int MODE>
+template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false>
 __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb, const int rb, const kc_fuse_sync fs) {
     constexpr int ACCB = kc_accb(MODE, BN);
     typedef kc_tile<NWG, BN, ACCB> TL;
     constexpr int S = TL::stages;
-    constexpr int D = S - 2; /* prefetch distance */
+    constexpr bool DEEP_ = DEEP || PATH == KC_PATH_MMA; /* mma.sync is synchronous: its stages free at the barrier */
+    constexpr int D = DEEP_ ? S - 1 : S - 2; /* prefetch distance */
     constexpr int NACC = BN / 2; /* accumulator registers per thread per 64-row block */
 #if !defined(KC_HAVE_MMA)
     return;
@@ -460,7 +461,10 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
                     }
                 }
                 kc_wg_commit();
-                kc_wg_wait<1>();
+                if (DEEP_)
+                    kc_wg_wait<0>(); /* the stage is free at the next barrier: S - 1 stages of lead */
+                else
+                    kc_wg_wait<1>();
 #endif
             } else {
 #pragma unroll
@@ -555,7 +559,7 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
 #endif
 }
 
-template <typename T, int NWG, int BN, int PATH, int MODE>
+template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false>
 __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_args a) {
     constexpr int ACCB = kc_accb(MODE, BN);
     const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 64 * ACCB * NWG;
@@ -572,7 +576,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
     if (nb >= max_nb || rb >= n_rb)
         return;
     const kc_fuse_sync fs = {0, nullptr, 0, 0};
-    kc_gemm_tile<T, NWG, BN, PATH, MODE>(a, nb, rb, fs);
+    kc_gemm_tile<T, NWG, BN, PATH, MODE, DEEP>(a, nb, rb, fs);
 }
 
 /* The small-T path in one persistent launch (one CTA per SM): items 0 .. n_gu-1 are the
@@ -904,7 +908,7 @@ static int kc_gemm_ws_launch_t(const kc_gemm_args *a, cudaStream_t st) {
 }
 
 /* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
-template <typename T, int NWG, int BN, int PATH>
+template <typename T, int NWG, int BN, int PATH, bool DEEP = false>
 static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     const int accb = kc_accb(a->mode, BN);
     const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 64 * NWG : 64 * accb * NWG;
@@ -928,9 +932,9 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
     const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
     if (!(attr_done[mi] & bit)) {
-        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP>,
+        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
-                    : cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN>,
+                    : cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess)
             return (int)e;
@@ -948,8 +952,8 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
         cfg.attrs = attr;
         cfg.numAttrs = 1;
     }
-    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP>, aa)
-                : cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN>, aa);
+    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>, aa)
+                : cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>, aa);
     if (e != cudaSuccess)
         return (int)e;
     return (int)cudaGetLastError();
@@ -974,10 +978,13 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
 #define KC_GEMM_X_(P, W, N)                     \
     if (path == (P) && nwg == (W) && bn == (N)) \
         return kc_gemm_launch_t<KC_T_, W, N, P>(a, st);
-/* (wgmma, 3, 128): the warp-specialized kernel (a producer warpgroup + two consumers). */
+/* (wgmma, 3, 128): the warp-specialized kernel (a producer warpgroup + two consumers).
+ * (wgmma, 4, 128): the (2, 128) tile with S - 1 stages of lead (wgmma waits drain each stage). */
 #define KC_GEMM_WS_(T)                                   \
     if (path == KC_PATH_WGMMA && nwg == 3 && bn == 128) \
-        return kc_gemm_ws_launch_t<T>(a, st);
+        return kc_gemm_ws_launch_t<T>(a, st);            \
+    if (path == KC_PATH_WGMMA && nwg == 4 && bn == 128) \
+        return kc_gemm_launch_t<T, 2, 128, KC_PATH_WGMMA, true>(a, st);
 
 /* Host: the fused small-T launch (see kc_small_fused_kernel); grid = min(items, n_sm). */
 template <typename T, int BN, int PATH>

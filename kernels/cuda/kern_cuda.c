@@ -348,8 +348,8 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     int32_t nwg, bn;
     choose_tile(s, P, p->n_local, &nwg, &bn);
     const bool small = P <= s->small_max && P <= KC_SMALL_MAX_PAIRS;
-    if (small && nwg == 3)
-        nwg = 2; /* the warp-specialized kernel has no small mode; (2, 128) gives the same bits */
+    if (small && nwg >= 3)
+        nwg = 2; /* the (3|4, 128) variants have no small mode; (2, 128) gives the same bits */
     const int64_t max_nb = small ? P : max_blocks_for(P, p->n_local, bn);
     const int64_t rows = small ? P : max_nb * bn;
     if (!small) {
@@ -668,7 +668,7 @@ moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn) {
 }
 
 int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap) {
-    static const int32_t cand[][2] = {{1, 8}, {1, 16}, {1, 32}, {1, 64}, {2, 64}, {2, 128}, {3, 128}};
+    static const int32_t cand[][2] = {{1, 8}, {1, 16}, {1, 32}, {1, 64}, {2, 64}, {2, 128}, {3, 128}, {4, 128}};
     const int kp = path == KERN_CUDA_PATH_WGMMA ? KC_PATH_WGMMA : KC_PATH_MMA;
     int32_t n = 0;
     for (size_t i = 0; i < sizeof cand / sizeof cand[0]; i++) {
