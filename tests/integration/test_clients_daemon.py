@@ -81,12 +81,12 @@ def free_port():
 
 
 class Engine:
-    def __init__(self, model, workers=2):
+    def __init__(self, model, workers=2, extra=(), keys=None):
         self.endpoint = "tcp://127.0.0.1:%d" % free_port()
         self.rundir = tempfile.mkdtemp(prefix="rt.", dir=TMP)
         self.p = subprocess.Popen([ENGINE, "serve", "--model", model, "--workers", str(workers), "--bind", self.endpoint,
-                                   "--http", "", "--runtime-dir", self.rundir, "--log-level", "warn"])
-        c = mc.Client(self.endpoint, timeout_ms=1000)
+                                   "--http", "", "--runtime-dir", self.rundir, "--log-level", "warn"] + list(extra))
+        c = mc.Client(self.endpoint, timeout_ms=1000, **(keys or {}))
         t0 = time.time()
         while time.time() - t0 < 60:
             try:
@@ -229,6 +229,53 @@ class TestDeepseekV3F32(CaseBase, unittest.TestCase):
     case = "deepseek_v3_f32"
     workers = 2
     tol = 1e-5
+
+
+class TestCurveDaemon(unittest.TestCase):
+    """CURVE with the ZAP allow-list on the real daemon: an allowed key is served; no key, an
+    unknown key, and a key revoked by SIGHUP (allow-list reloaded) are refused."""
+
+    def test_allow_list(self):
+        d = tempfile.mkdtemp(prefix="curve.", dir=TMP)
+        for name in ("server", "alice", "mallory"):
+            r = subprocess.run([ENGINE, "keygen", os.path.join(d, name)], capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+        allow = os.path.join(d, "allow.txt")
+        with open(allow, "w") as f:
+            with open(os.path.join(d, "alice.pub")) as pub:
+                f.write("# clients allowed\n" + pub.read())
+        server_pub = mc.load_public_key(os.path.join(d, "server.pub"))
+        alice = mc.load_secret_key(os.path.join(d, "alice.key"))
+        mallory = mc.load_secret_key(os.path.join(d, "mallory.key"))
+        eng = Engine(os.path.join(CKPT, "mixtral_bf16"), 2,
+                     extra=["--curve-secret-file", os.path.join(d, "server.key"), "--curve-allow-file", allow],
+                     keys=dict(server_key=server_pub, client_public=alice[0], client_secret=alice[1]))
+        try:
+            ok = mc.Client(eng.endpoint, timeout_ms=5000, server_key=server_pub, client_public=alice[0],
+                           client_secret=alice[1])
+            ok.ping()
+            x = np.zeros((2, 64), np.float32)
+            self.assertEqual(ok.submit(0, x, dtype="bf16").shape, (2, 64))
+            ok.close()
+            for kw in (dict(), dict(server_key=server_pub, client_public=mallory[0], client_secret=mallory[1])):
+                bad = mc.Client(eng.endpoint, timeout_ms=2000, **kw)
+                with self.assertRaises(mc.MoeError) as e:
+                    bad.ping()
+                self.assertIn(e.exception.code, (mc.MOE_ERR_AUTH, mc.MOE_ERR_TIMEOUT))
+                bad.close()
+            # revoke alice: empty the allow-list and reload it with SIGHUP
+            with open(allow, "w") as f:
+                f.write("# nobody\n")
+            eng.p.send_signal(1)
+            time.sleep(0.5)
+            again = mc.Client(eng.endpoint, timeout_ms=2000, server_key=server_pub, client_public=alice[0],
+                              client_secret=alice[1])
+            with self.assertRaises(mc.MoeError) as e:
+                again.ping()
+            self.assertIn(e.exception.code, (mc.MOE_ERR_AUTH, mc.MOE_ERR_TIMEOUT))
+            again.close()
+        finally:
+            eng.stop()
 
 
 class TestCliBench(unittest.TestCase):

@@ -170,20 +170,32 @@ static void test_gpu_against_reference_and_bits(void **state) {
         free(base);
         return;
     }
-    const char *two[][6] = {{"--dbo", "off", "--placement", "contiguous"},
-                            {"--dbo", "on", "--placement", "contiguous"},
-                            {"--dbo", "on", "--placement", "round-robin"}};
-    for (size_t c = 0; c < 3; c++) {
-        uint8_t *o = run_all((const char *[]){"--model", model_dir, "--gpus", gpus, two[c][0], two[c][1], two[c][2],
-                                              two[c][3], "--dbo-min-tokens", "2", NULL},
-                             &t2);
-        assert_int_equal(t2, total);
-        size_t diff = 0;
-        for (size_t b = 0; b < total; b++)
-            diff += o[b] != base[b];
-        fprintf(stderr, "%s GPUs, dbo %s, %s: %zu bytes differ from 1 GPU\n", gpus, two[c][1], two[c][3], diff);
-        assert_int_equal(diff, 0);
-        free(o);
+    /* World sizes 2, 4, 8 (prefixes of MOE_TEST_GPUS), DBO off and on, both placements. */
+    for (int ws = 2; ws <= n_gpus; ws *= 2) {
+        char list[64] = "";
+        const char *p = gpus;
+        for (int q = 0; q < ws; q++) {
+            size_t n = strcspn(p, ",");
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s%.*s", q ? "," : "", (int)n, p);
+            p += n + (p[n] == ',');
+        }
+        const char *cfg[][4] = {{"--dbo", "off", "--placement", "contiguous"},
+                                {"--dbo", "on", "--placement", "round-robin"},
+                                {"--dbo", "on", "--placement", "contiguous"}};
+        for (size_t c = 0; c < 3; c++) {
+            if (c == 2 && ws != n_gpus)
+                continue;
+            uint8_t *o = run_all((const char *[]){"--model", model_dir, "--gpus", list, cfg[c][0], cfg[c][1], cfg[c][2],
+                                                  cfg[c][3], "--dbo-min-tokens", "2", NULL},
+                                 &t2);
+            assert_int_equal(t2, total);
+            size_t diff = 0;
+            for (size_t b = 0; b < total; b++)
+                diff += o[b] != base[b];
+            fprintf(stderr, "GPUs %s, dbo %s, %s: %zu bytes differ from 1 GPU\n", list, cfg[c][1], cfg[c][3], diff);
+            assert_int_equal(diff, 0);
+            free(o);
+        }
     }
     free(base);
 }

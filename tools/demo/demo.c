@@ -6,7 +6,10 @@
  * latency, tokens/s, max error, expert load), and shuts the engine down with SIGTERM, checking
  * that it exits 0.
  *
- *   moe-demo --engine PATH [--workers N] [--requests N] [--concurrency N] [--keep-dir]
+ *   moe-demo --engine PATH [--workers N | --gpus LIST] [--requests N] [--concurrency N] [--keep-dir]
+ *
+ * With --gpus the engine runs one GPU worker per listed GPU (the CUDA backend: outputs match
+ * the CPU reference within bf16 tolerance); otherwise N CPU workers.
  *
  * Exit status 0 when every output matched and the engine stopped cleanly.
  */
@@ -27,6 +30,7 @@
 
 typedef struct demo_args {
     const char *engine;
+    const char *gpus;
     int workers, requests, concurrency;
     bool keep;
 } demo_args;
@@ -86,7 +90,8 @@ static void ref_free(ref_model *r) {
 }
 
 static int usage(void) {
-    fprintf(stderr, "usage: moe-demo --engine PATH [--workers N] [--requests N] [--concurrency N] [--keep-dir]\n"
+    fprintf(stderr, "usage: moe-demo --engine PATH [--workers N | --gpus LIST] [--requests N] [--concurrency N] "
+                    "[--keep-dir]\n"
                     "Starts the engine on its embedded default model, checks its outputs, prints a table.\n");
     return 2;
 }
@@ -98,6 +103,8 @@ int main(int argc, char **argv) {
             a.engine = argv[++i];
         else if (strcmp(argv[i], "--workers") == 0 && i + 1 < argc)
             a.workers = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--gpus") == 0 && i + 1 < argc)
+            a.gpus = argv[++i];
         else if (strcmp(argv[i], "--requests") == 0 && i + 1 < argc)
             a.requests = atoi(argv[++i]);
         else if (strcmp(argv[i], "--concurrency") == 0 && i + 1 < argc)
@@ -120,10 +127,11 @@ int main(int argc, char **argv) {
     ref_model ref;
     memset(&ref, 0, sizeof ref);
     printf("== moe-engine demo ==\n");
-    if (!engine_start(&e, a.engine, (const char *[]){"--workers", workers, "--log-level", level, NULL}))
+    const char *wflag = a.gpus ? "--gpus" : "--workers", *wval = a.gpus ? a.gpus : workers;
+    if (!engine_start(&e, a.engine, (const char *[]){wflag, wval, "--log-level", level, NULL}))
         return 1;
-    printf("started: %s serve --workers %s --bind %s --http %s --runtime-dir %s\n", a.engine, workers, e.endpoint,
-           e.http, e.rundir);
+    printf("started: %s serve %s %s --bind %s --http %s --runtime-dir %s\n", a.engine, wflag, wval, e.endpoint, e.http,
+           e.rundir);
     fflush(stdout);
     moec_options o;
     moec_options_default(&o);
