@@ -14,6 +14,7 @@
  */
 #include <cuda_runtime.h>
 #include <nccl.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -51,15 +52,21 @@ static void abort_nccl(par_comm_t *c) {
     atomic_store(&c->aborted, 1);
 }
 
-static void short_pause(void) {
-    struct timespec ts = {0, 20000}; /* 20 us: polling cost stays far below a collective */
+/* Between looks: yield for the first few thousand (a small collective ends in tens of
+ * microseconds, and a nanosleep costs more than that in timer slack), then sleep briefly. */
+static void short_pause(int i) {
+    if (i < 5000) {
+        sched_yield();
+        return;
+    }
+    struct timespec ts = {0, 20000};
     nanosleep(&ts, NULL);
 }
 
 /* Polls until NCCL is no longer in progress and (when ev) the event has completed. */
 static moe_status poll_until(par_comm_t *c, uint64_t deadline, cudaEvent_t ev, const char *what) {
     nccl_comm *n = c->impl;
-    for (;;) {
+    for (int i = 0;; i++) {
         if (atomic_load(&c->aborted))
             return moe_fail(MOE_ERR_SHUTDOWN, "rank %d: %s: communicator aborted", (int)c->rank, what);
         ncclResult_t ar = ncclSuccess;
@@ -89,7 +96,7 @@ static moe_status poll_until(par_comm_t *c, uint64_t deadline, cudaEvent_t ev, c
             return moe_fail(MOE_ERR_TIMEOUT, "rank %d: %s did not finish in time: a peer is gone or hung", (int)c->rank,
                             what);
         }
-        short_pause();
+        short_pause(i);
     }
 }
 

@@ -2,10 +2,11 @@
 # tools/gpu/run_engine.sh: the GPU workers' run (issue 7), on a GPU host, from a bundle made here:
 #
 #   here:       tools/gpu/run_engine.sh --bundle       (builds and bundles into .bundle/engine)
-#   GPU host:   tools/gpu/run_engine.sh [STEPS...]     (STEPS: env test nccl scaleout e2e; default all)
+#   GPU host:   tools/gpu/run_engine.sh [STEPS...]     (STEPS: env test demo nccl scaleout e2e; default all)
 #
 #   env       nvidia-smi topology, the bundle's MANIFEST                         -> env.txt
 #   test      tests/integration:test_gpu_engine on every GPU (MOE_TEST_GPUS)     -> test.log
+#   demo      the demo (tools/demo:moe-demo) with GPU workers on 2 GPUs           -> demo.log
 #   nccl      bench_nccl: the bare NCCL reduce on the combine's byte sizes       -> nccl.log
 #   scaleout  bench_scaleout: weak scaling 1 .. N GPUs, DBO off/on, combine      -> scaleout.log
 #   e2e       bench_engine --gpu 0: the engine vs the kernels in-process vs a bare
@@ -18,14 +19,14 @@ cd "$ROOT"
 BUNDLE="${BUNDLE:-.bundle/engine}"
 
 if [ "${1:-}" = "--bundle" ]; then
-  exec tools/bundle --out "$BUNDLE" //engine:moe-engine //tests/integration:test_gpu_engine \
+  exec tools/bundle --out "$BUNDLE" //engine:moe-engine //tests/integration:test_gpu_engine //tools/demo:moe-demo \
     //tools/bench:bench_engine //tools/bench:bench_nccl //tools/bench:bench_scaleout
 fi
 
 OUT="${OUT:-/tmp/moe-gpu-engine}"
 mkdir -p "$OUT"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env test nccl scaleout e2e)
+[ ${#steps[@]} -eq 0 ] && steps=(env test demo nccl scaleout e2e)
 want() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 [ -x "$BUNDLE/bin/moe-engine" ] || { echo "run_engine: no bundle at $BUNDLE (make it with --bundle)"; exit 2; }
 export NCCL_NVLS_ENABLE=0
@@ -44,6 +45,12 @@ if want test; then
   t=$?; [ $t -ne 0 ] && rc=1
   grep -E "^\[ +(PASSED|FAILED|  ERROR|   LINE) +\]|GPU|differ|error|kill|service" "$OUT/test.log" | grep -v "^20.*Z [IW]" | head -40
   echo "test exit $t"
+fi
+if want demo; then
+  echo "== demo"
+  dg=0; [ "$n" -ge 2 ] && dg=0,1
+  timeout 120 "$BUNDLE/bin/moe-demo" --engine "$MOE_ENGINE" --gpus "$dg" >"$OUT/demo.log" 2>&1 || rc=1
+  grep -v "^20.*Z [IW]" "$OUT/demo.log" | tail -16
 fi
 if want nccl && [ "$n" -ge 2 ]; then
   echo "== bench_nccl"
