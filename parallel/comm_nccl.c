@@ -161,7 +161,7 @@ static void nccl_free(par_comm_t *c) {
             while (ar == ncclInProgress && moe_now_ns() < deadline) {
                 ncclCommGetAsyncError(n->comm, &ar);
                 if (ar == ncclInProgress)
-                    short_pause();
+                    short_pause(5000);
             }
             if (ar == ncclSuccess)
                 ncclCommDestroy(n->comm);
