@@ -20,6 +20,7 @@
 #include <zmq.h>
 
 #include "kernels/kern.h"
+#include "tools/common/engine_proc.h"
 
 void h_tmpdir(char *out, size_t cap, const char *tag) {
     const char *base = getenv("TEST_TMPDIR");
@@ -33,19 +34,7 @@ void h_tmpdir(char *out, size_t cap, const char *tag) {
     }
 }
 
-int h_free_port(void) {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0) {
-        close(s);
-        return -1;
-    }
-    socklen_t l = sizeof a;
-    getsockname(s, (struct sockaddr *)&a, &l);
-    close(s);
-    return ntohs(a.sin_port);
-}
+int h_free_port(void) { return engine_free_port(); }
 
 const char *h_engine_path(void) {
     static char path[1024];
