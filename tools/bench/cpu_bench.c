@@ -18,7 +18,8 @@
  *   compute floor = 2*T*K*3*H*I (+ 2*T*3*H*I_s) flops / OpenBLAS sgemm rate (measured here,
  *                   1024^3, all threads).
  * "x floor" is the time over the larger floor. numpy reads fp32 weights (twice the bytes of
- * bf16); its floor is not scaled for that.
+ * bf16); its floor is not scaled for that. The header also prints the read bandwidth (a sum
+ * over 256 MiB): a stream that only reads can beat the memcpy floor by up to that ratio.
  *
  * Noise: on a shared machine the load changes from minute to minute, so the implementations of
  * one cell run back to back, the whole table is repeated --rounds times, and each cell keeps
@@ -137,6 +138,55 @@ static double memcpy_bw(int threads) {
     moe_free(src);
     moe_free(dst);
     return (double)n / best;
+}
+
+typedef struct read_arg {
+    const float *src;
+    size_t n;
+    float sum;
+} read_arg;
+
+static void *read_thread(void *a) {
+    read_arg *r = a;
+    float acc[16] = {0};
+    for (size_t i = 0; i + 16 <= r->n; i += 16)
+        for (int q = 0; q < 16; q++)
+            acc[q] += r->src[i + q];
+    for (int q = 0; q < 16; q++)
+        r->sum += acc[q];
+    return NULL;
+}
+
+/* Bytes read per second (a sum over 256 MiB) with `threads` threads (best of 5): the ceiling of
+ * a weight stream, about twice what memcpy reports (a copy also writes every byte). */
+static double read_bw(int threads) {
+    const size_t n = ((size_t)256 << 20) / sizeof(float);
+    float *src = moe_alloc(n * sizeof(float));
+    if (!src)
+        return 0.0;
+    for (size_t i = 0; i < n; i++)
+        src[i] = 1.0f;
+    double best = 1e30;
+    for (int rep = 0; rep < 5; rep++) {
+        pthread_t th[64];
+        read_arg ra[64];
+        int nt = threads < 64 ? threads : 64;
+        double t0 = moe_now_s();
+        for (int i = 0; i < nt; i++) {
+            size_t a = n / (size_t)nt * (size_t)i, b = i == nt - 1 ? n : n / (size_t)nt * (size_t)(i + 1);
+            ra[i] = (read_arg){src + a, b - a, 0.0f};
+            if (i > 0)
+                pthread_create(&th[i], NULL, read_thread, &ra[i]);
+        }
+        read_thread(&ra[0]);
+        for (int i = 1; i < nt; i++)
+            pthread_join(th[i], NULL);
+        double t = moe_now_s() - t0;
+        if (t < best)
+            best = t;
+    }
+    moe_free(src);
+    return (double)(n * sizeof(float)) / best;
 }
 
 /* OpenBLAS sgemm flop/s on 1024^3 with its default threads (best of 5). */
@@ -605,13 +655,13 @@ int main(int argc, char **argv) {
     int nthreads = o.threads > 0 ? o.threads : (int)(ncpu > 0 ? ncpu : 1);
     char model[256];
     cpu_model(model, sizeof model);
-    double bw1 = memcpy_bw(1), bwn = memcpy_bw(nthreads), gemm = sgemm_rate();
+    double bw1 = memcpy_bw(1), bwn = memcpy_bw(nthreads), gemm = sgemm_rate(), rdn = read_bw(nthreads);
     printf("moe-engine CPU benchmark: %s, %ld cores online, fast backend: %d threads, %s products\n", model, ncpu,
            nthreads, cpu_gemm_isa());
     printf("%s(core %s, %d threads); at start: sgemm 1024^3 %.1f GFLOP/s, memcpy %.1f GB/s (1 thread), %.1f GB/s "
-           "(%d threads)\n",
+           "(%d threads), read %.1f GB/s (%d threads)\n",
            OPENBLAS_VERSION, openblas_get_corename(), openblas_get_num_threads(), gemm / 1e9, bw1 / 1e9, bwn / 1e9,
-           nthreads);
+           nthreads, rdn / 1e9, nthreads);
     if (o.numpy && !o.numpy_script[0])
         printf("numpy: bench_numpy.py not found (--numpy-script), column skipped\n");
     printf("Each cell: the median of its timed calls, the best of %d rounds (the implementations of a cell run back to "
@@ -694,13 +744,15 @@ int main(int argc, char **argv) {
         }
         np_stop(&nps);
         /* re-measure the ceilings: the best seen in the run is the closest to the idle machine */
-        double b = memcpy_bw(nthreads), g = sgemm_rate();
+        double b = memcpy_bw(nthreads), g = sgemm_rate(), r = read_bw(nthreads);
         bwn = b > bwn ? b : bwn;
         gemm = g > gemm ? g : gemm;
+        rdn = r > rdn ? r : rdn;
 
-        printf("\n-- %s: %s; H %lld, I %lld, E %lld, K %lld%s; floors: %.1f GB/s, %.1f GFLOP/s\n", sh->name, sh->what,
-               (long long)sh->H, (long long)sh->I, (long long)sh->E, (long long)sh->K, sh->Is ? ", shared expert" : "",
-               bwn / 1e9, gemm / 1e9);
+        printf("\n-- %s: %s; H %lld, I %lld, E %lld, K %lld%s; floors: memcpy %.1f GB/s, sgemm %.1f GFLOP/s (read "
+               "%.1f GB/s)\n",
+               sh->name, sh->what, (long long)sh->H, (long long)sh->I, (long long)sh->E, (long long)sh->K,
+               sh->Is ? ", shared expert" : "", bwn / 1e9, gemm / 1e9, rdn / 1e9);
         printf("%-12s %-5s %5s  %-9s %12s %11s %8s %11s %11s %8s %5s\n", "shape", "dtype", "T", "impl", "us/call",
                "tokens/s", "GFLOP/s", "mem floor", "comp floor", "x floor", "reps");
         for (int ti = 0; ti < o.n_tokens; ti++) {
