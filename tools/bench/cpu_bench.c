@@ -37,6 +37,8 @@
  *   --rounds N         repetitions of each shape's table, best kept (default 3)
  *   --min-time S       seconds of timed calls per cell and round (default 0.5; their median counts)
  *   --numpy-script P   path of bench_numpy.py (default: found in the runfiles)
+ *   --lab              only the product kernel against OpenBLAS sgemm, one thread (the inner
+ *                      loop of the fast backend; see run_lab)
  *
  * Threads: single-threaded driver; the fast backend and OpenBLAS run their own threads (not
  * at the same time). The program re-executes itself once with OPENBLAS_THREAD_TIMEOUT=4 (idle
@@ -49,6 +51,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
+#include <time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -61,6 +64,7 @@
 extern void openblas_set_num_threads(int);
 extern int openblas_get_num_threads(void);
 extern char *openblas_get_corename(void);
+extern int openblas_get_num_procs(void);
 
 typedef struct bench_shape {
     const char *name;
@@ -83,7 +87,7 @@ typedef struct options {
     int64_t tokens[16];
     int n_tokens;
     int32_t threads;
-    bool numpy, ref, openblas;
+    bool numpy, ref, openblas, lab;
     double min_time;
     int rounds;
     char numpy_script[1200];
@@ -552,11 +556,83 @@ static void np_stop(np_server *s) {
 }
 
 /* ------------------------------------------------------------------------------------------
+ * --lab: the product kernel alone, one thread: cpu_gemm_rows over packed bf16 panels (the
+ * fast backend's inner loop: pack two 16-row panels, multiply all M rows) against OpenBLAS
+ * sgemm on the same matrices in fp32, alternating, best of 6 (thread CPU time, so that other
+ * processes on the machine count less).
+ * ---------------------------------------------------------------------------------------- */
+static double thread_cpu_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static void run_lab(void) {
+    const int shapes[][3] = {{1, 1536, 2048}, {8, 1536, 2048}, {32, 1536, 2048}, {128, 1536, 2048}, {256, 1536, 1024}};
+    openblas_set_num_threads(1);
+    printf("product lab, 1 thread: C[M,N] = A[M,K] B[N,K]^T; ours = pack bf16 B into 16-row fp32 panels + "
+           "cpu_gemm_rows (%s), fixed k order; OpenBLAS sgemm on fp32 B. Best of 6, thread CPU time.\n",
+           cpu_gemm_isa());
+    printf("%6s %6s %6s %12s %12s %10s %12s %10s\n", "M", "N", "K", "ours us", "of which pack", "GFLOP/s",
+           "openblas us", "GFLOP/s");
+    for (size_t q = 0; q < sizeof shapes / sizeof shapes[0]; q++) {
+        const int M = shapes[q][0], N = shapes[q][1], K = shapes[q][2];
+        moe_tensor a, b, bf;
+        moe_tensor_alloc(&a, MOE_DTYPE_F32, 2, (int64_t[]){M, K});
+        moe_tensor_alloc(&b, MOE_DTYPE_BF16, 2, (int64_t[]){N, K});
+        moe_tensor_alloc(&bf, MOE_DTYPE_F32, 2, (int64_t[]){N, K});
+        fill_fast(&a, 1, 1.0f);
+        fill_fast(&b, 2, 1.0f);
+        moe_to_f32(MOE_DTYPE_BF16, b.data, bf.data, (size_t)N * (size_t)K);
+        float *c = moe_alloc(sizeof(float) * (size_t)M * (size_t)N);
+        float *p = moe_alloc(sizeof(float) * 2 * CPU_NR * (size_t)K);
+        float *o0 = moe_alloc(sizeof(float) * CPU_MROWS * CPU_NR), *o1 = moe_alloc(sizeof(float) * CPU_MROWS * CPU_NR);
+        const float **rows = malloc(sizeof(float *) * (size_t)M);
+        for (int m = 0; m < M; m++)
+            rows[m] = (const float *)a.data + (size_t)m * (size_t)K;
+        const uint16_t *bh = b.data;
+        double best_ours = 1e30, best_pack = 1e30, best_blas = 1e30;
+        for (int rep = 0; rep < 6; rep++) {
+            double t0 = thread_cpu_s();
+            for (int n0 = 0; n0 < N; n0 += 2 * CPU_NR) {
+                cpu_pack_panel(MOE_DTYPE_BF16, bh + (size_t)n0 * (size_t)K, K, CPU_NR, K, p);
+                cpu_pack_panel(MOE_DTYPE_BF16, bh + (size_t)(n0 + CPU_NR) * (size_t)K, K, CPU_NR, K, p + CPU_NR * K);
+                for (int m0 = 0; m0 < M; m0 += CPU_MROWS)
+                    cpu_gemm_rows(rows + m0, M - m0 < CPU_MROWS ? M - m0 : CPU_MROWS, p, p + CPU_NR * K, K, o0, o1);
+            }
+            double t1 = thread_cpu_s();
+            for (int n0 = 0; n0 < N; n0 += 2 * CPU_NR) {
+                cpu_pack_panel(MOE_DTYPE_BF16, bh + (size_t)n0 * (size_t)K, K, CPU_NR, K, p);
+                cpu_pack_panel(MOE_DTYPE_BF16, bh + (size_t)(n0 + CPU_NR) * (size_t)K, K, CPU_NR, K, p + CPU_NR * K);
+            }
+            double t2 = thread_cpu_s();
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, a.data, K, bf.data, K, 0.0f, c, N);
+            double t3 = thread_cpu_s();
+            best_ours = t1 - t0 < best_ours ? t1 - t0 : best_ours;
+            best_pack = t2 - t1 < best_pack ? t2 - t1 : best_pack;
+            best_blas = t3 - t2 < best_blas ? t3 - t2 : best_blas;
+        }
+        double fl = 2.0 * M * (double)N * K;
+        printf("%6d %6d %6d %12.1f %12.1f %10.1f %12.1f %10.1f\n", M, N, K, best_ours * 1e6, best_pack * 1e6,
+               fl / best_ours / 1e9, best_blas * 1e6, fl / best_blas / 1e9);
+        free(rows);
+        moe_free(c);
+        moe_free(p);
+        moe_free(o0);
+        moe_free(o1);
+        moe_tensor_free(&a);
+        moe_tensor_free(&b);
+        moe_tensor_free(&bf);
+    }
+    openblas_set_num_threads(openblas_get_num_procs());
+}
+
+/* ------------------------------------------------------------------------------------------
  * main
  * ---------------------------------------------------------------------------------------- */
 static void usage(void) {
     fprintf(stderr, "usage: cpu_bench [--shapes a,b] [--tokens 1,16,128] [--threads N] [--no-numpy] [--no-ref] "
-                    "[--no-openblas] [--rounds N] [--min-time S] [--numpy-script P]\n");
+                    "[--no-openblas] [--rounds N] [--min-time S] [--numpy-script P] [--lab]\n");
 }
 
 static bool parse_args(int argc, char **argv, options *o) {
@@ -599,6 +675,8 @@ static bool parse_args(int argc, char **argv, options *o) {
             o->ref = false;
         } else if (!strcmp(a, "--no-openblas")) {
             o->openblas = false;
+        } else if (!strcmp(a, "--lab")) {
+            o->lab = true;
         } else {
             usage();
             return false;
@@ -648,6 +726,10 @@ int main(int argc, char **argv) {
     if (!parse_args(argc, argv, &o))
         return 2;
     moe_log_init_from_env();
+    if (o.lab) {
+        run_lab();
+        return 0;
+    }
     if (o.numpy)
         find_numpy_script(&o);
 
