@@ -20,10 +20,11 @@
  * result is the same bits for any thread count, any batch, any order of items.
  *
  * Weights are converted from bf16/f16 per call, one 16-row panel at a time, into a per-thread
- * buffer that stays in L2 (16 x H floats: 128 KiB at H = 2048). No fp32 copy of the weights is
- * kept: a cache would double (bf16) the resident weight memory, which is what a MoE host runs
- * short of, while the conversion is one shift per weight read once per call, in the shadow of
- * the memory traffic at small T and of the products at large T (docs/PERF.md has the numbers).
+ * buffer that stays in L2 (two panels of 16 x max(H, I) floats: 256 KiB at H = 2048). No fp32
+ * copy of the weights is kept: a cache would double (bf16) the resident weight memory, which
+ * is what a MoE host runs short of. The price is the transposing pack, once per weight per
+ * call (~0.7 cycles per weight on Zen 3): at decode it, not DRAM, sets the pace (docs/PERF.md);
+ * weights pre-packed at load time in the panel layout would remove it at no memory cost.
  *
  * Large batches are cut into chunks of tokens (at most CHUNK_PAIRS (token, slot) pairs each):
  * a row's result does not depend on its batch, so chunking changes nothing but the scratch size.
