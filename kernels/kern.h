@@ -27,7 +27,13 @@
  *   - a row's result never depends on the other rows of the batch.
  *
  * Out-of-place: every output is a distinct buffer; an output that overlaps any input is
- * MOE_ERR_ALIAS and nothing is written. Any error: nothing is written.
+ * MOE_ERR_ALIAS and nothing is written. Any error found before the work starts (shapes,
+ * dtypes, aliasing; on host backends also ids, the map and the weights): nothing is written.
+ * The exception is what only a device can see: the CUDA backend checks ids, map entries and
+ * weights on the device without a host synchronization, skips a bad pair (it never reads or
+ * writes out of bounds) and reports MOE_ERR_INVALID_ARG from kern_ctx_sync or the next call;
+ * the outputs of that call are then written but must not be used. The engine validates every
+ * id and weight at the protocol, before a step, so its requests never reach that case.
  */
 #ifndef KERN_KERN_H
 #define KERN_KERN_H
