@@ -157,6 +157,13 @@ moe_status ipc_error_init(ipc_msg *m, uint16_t op, uint64_t request_id, moe_stat
 moe_status ipc_encoded_size(const ipc_msg *m, size_t *out);
 /* Encodes into buf[0, cap); *out_len = bytes written. Padding bytes are zero. */
 moe_status ipc_encode(const ipc_msg *m, void *buf, size_t cap, size_t *out_len);
+/* Where each section's data goes in the encoding of m (offsets[n_sections]) and the total. */
+moe_status ipc_section_offsets(const ipc_msg *m, uint64_t *offsets, size_t *total);
+/* Like ipc_encode, for a message whose section data the caller already wrote at the offsets
+ * ipc_section_offsets gives (a device copied y straight there, say): writes the header, the
+ * descriptors and the padding only. Section data pointers must be NULL or point at their
+ * offset in buf. */
+moe_status ipc_encode_in_place(const ipc_msg *m, void *buf, size_t cap, size_t *out_len);
 /* Encodes into a fresh 64-byte aligned allocation (free with moe_free). */
 moe_status ipc_encode_alloc(const ipc_msg *m, void **out, size_t *out_len);
 

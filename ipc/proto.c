@@ -263,7 +263,10 @@ moe_status ipc_encoded_size(const ipc_msg *m, size_t *out) {
     return MOE_OK;
 }
 
-moe_status ipc_encode(const ipc_msg *m, void *buf, size_t cap, size_t *out_len) {
+/* Writes the header, the descriptors and the padding; copies each section's data unless
+ * in_place, where the data must already be at its offset (section data pointers must then be
+ * NULL or point exactly there). */
+static moe_status encode_impl(const ipc_msg *m, void *buf, size_t cap, size_t *out_len, bool in_place) {
     size_t total;
     MOE_CHECK(ipc_encoded_size(m, &total));
     MOE_REQUIRE(buf, MOE_ERR_INVALID_ARG, "ipc_encode: NULL buffer");
@@ -299,13 +302,40 @@ moe_status ipc_encode(const ipc_msg *m, void *buf, size_t cap, size_t *out_len) 
         wr64(d + 16, s->nbytes);
         for (int k = 0; k < s->ndim; k++)
             wr64(d + 24 + 8 * k, (uint64_t)s->shape[k]);
-        if (s->nbytes)
+        if (in_place) {
+            MOE_REQUIRE(!s->data || s->data == p + start, MOE_ERR_INVALID_ARG,
+                        "ipc_encode_in_place: section %u's data is not at its offset %llu", (unsigned)i,
+                        (unsigned long long)start);
+        } else if (s->nbytes) {
             memcpy(p + start, s->data, (size_t)s->nbytes);
+        }
         off = start + s->nbytes;
     }
     MOE_ASSERT(off == total);
     if (out_len)
         *out_len = total;
+    return MOE_OK;
+}
+
+moe_status ipc_encode(const ipc_msg *m, void *buf, size_t cap, size_t *out_len) {
+    return encode_impl(m, buf, cap, out_len, false);
+}
+
+moe_status ipc_encode_in_place(const ipc_msg *m, void *buf, size_t cap, size_t *out_len) {
+    return encode_impl(m, buf, cap, out_len, true);
+}
+
+moe_status ipc_section_offsets(const ipc_msg *m, uint64_t *offsets, size_t *total) {
+    MOE_REQUIRE(m && offsets, MOE_ERR_INVALID_ARG, "ipc_section_offsets: NULL argument");
+    size_t t;
+    MOE_CHECK(ipc_encoded_size(m, &t));
+    uint64_t off = IPC_HEADER_BYTES + IPC_DESC_BYTES * (uint64_t)m->n_sections;
+    for (uint32_t i = 0; i < m->n_sections; i++) {
+        offsets[i] = align_up(off);
+        off = offsets[i] + m->sec[i].nbytes;
+    }
+    if (total)
+        *total = t;
     return MOE_OK;
 }
 
