@@ -23,6 +23,8 @@ const eng_cfg_entry eng_cfg_table[] = {
     {"placement", E(placement), "contiguous", 0, 0, "contiguous|round-robin", "which worker holds which experts"},
     {"layers", S(layers), "all", 0, 0, NULL, "served MoE layers: all, or a comma list of layer indices"},
     {"worker-threads", I(worker_threads), "0", 0, 1024, NULL, "threads per CPU worker (0: cores / workers)"},
+    {"data-path", E(data_path), "shm", 0, 0, "shm|zmq",
+     "how step tensors reach the workers: shared memory (one copy) or ZeroMQ messages"},
     {"bind", S(bind), "tcp://127.0.0.1:5555", 0, 0, NULL, "client endpoint (ZeroMQ); bound to localhost unless told otherwise"},
     {"http", S(http), "127.0.0.1:9464", 0, 0, NULL, "host:port of the /metrics and /health endpoints; empty: off"},
     {"runtime-dir", S(runtime_dir), "", 0, 0, NULL, "folder for worker sockets and the embedded model (default $XDG_RUNTIME_DIR or /tmp)"},

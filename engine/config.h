@@ -29,6 +29,7 @@ typedef struct eng_config {
     char placement[16];            /* contiguous | round-robin */
     char layers[256];              /* served MoE layers: "all" or a comma list of layer indices */
     int32_t worker_threads;        /* threads per CPU worker (0: cores / workers) */
+    char data_path[8];             /* shm | zmq: how step tensors reach the workers */
     /* network */
     char bind[256];                /* client endpoint (ZeroMQ) */
     char http[128];                /* host:port of /metrics and /health ("" = off) */

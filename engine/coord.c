@@ -21,6 +21,7 @@
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <stdatomic.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <signal.h>
@@ -35,6 +36,8 @@
 #include "engine/engine.h"
 #include "engine/http.h"
 #include "engine/model/model.h"
+#include "engine/shm.h"
+#include "engine/step.h"
 #include "engine/wire.h"
 #include "ipc/ipc.h"
 #include "kernels/kern.h"
@@ -56,6 +59,10 @@ typedef struct coord_req {
     uint32_t n_tokens;
     uint64_t t_accept;
     bool answered;
+    /* where the sections are inside body (offsets from its first byte), for the data path */
+    uint8_t src;           /* eng_route_src */
+    uint8_t logits_dtype;
+    size_t x_off, ids_off, w_off, lg_off;
 } coord_req;
 
 typedef struct coord_step {
@@ -66,7 +73,18 @@ typedef struct coord_step {
     coord_req **reqs;
     uint64_t t_dispatch;
     uint32_t n_tokens;
+    int32_t slot;   /* shared-memory data path: the slot (-1: ZeroMQ data path) */
+    bool copied;    /* the slot holds the step's inputs (the copy job finished) */
+    bool sent;      /* STEP sent to the workers */
 } coord_step;
+
+/* A slot of the shared-memory data path. refs: the step using it (from dispatch to its end),
+ * its copy job (until the job's after-callback), and every reply message handed to ZeroMQ
+ * (until ZeroMQ releases it, from its own thread). Free when 0. */
+typedef struct coord_slot {
+    atomic_int refs;
+    struct coord *co;
+} coord_slot;
 
 typedef enum group_state {
     GROUP_STARTING = 0, /* spawned, waiting for READY from every rank */
@@ -154,6 +172,14 @@ typedef struct coord {
     int32_t n_inflight;
     uint64_t next_step_id;
 
+    /* shared-memory data path (one host) */
+    bool use_shm;
+    eng_shm shm;
+    eng_shm_layout lay;
+    coord_slot *slots; /* [max_inflight_steps] */
+    uv_async_t slot_async;
+    char shm_slots_str[16];
+
     /* lifecycle */
     bool draining, stopping, closed;
     bool loop_inited, handles_inited;
@@ -166,6 +192,7 @@ typedef struct coord {
 static void group_fail(coord *co, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void schedule(coord *co);
 static void begin_close(coord *co);
+static void slot_release(coord_slot *sl);
 static void maybe_respawn(coord *co);
 
 /* ------------------------------------------------------------------------------------------
@@ -504,6 +531,22 @@ static void on_client_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         send_error(co, &frames[0], delim, m.op, m.request_id, MOE_ERR_NOMEM, "out of memory");
         return;
     }
+    /* Section offsets for the data path (relative, so they hold after the move). */
+    const uint8_t *base = zmq_msg_data(body);
+    const ipc_section *sx = ipc_msg_find(&m, IPC_SEC_X), *si = ipc_msg_find(&m, IPC_SEC_TOPK_IDS),
+                      *sw = ipc_msg_find(&m, IPC_SEC_TOPK_W), *sl = ipc_msg_find(&m, IPC_SEC_LOGITS);
+    r->x_off = (size_t)((const uint8_t *)sx->data - base);
+    if (si && sw) {
+        r->src = ENG_ROUTE_IDS;
+        r->ids_off = (size_t)((const uint8_t *)si->data - base);
+        r->w_off = (size_t)((const uint8_t *)sw->data - base);
+    } else if (sl) {
+        r->src = ENG_ROUTE_LOGITS;
+        r->lg_off = (size_t)((const uint8_t *)sl->data - base);
+        r->logits_dtype = sl->dtype;
+    } else {
+        r->src = ENG_ROUTE_HIDDEN;
+    }
     zmq_msg_init(&r->ident);
     zmq_msg_init(&r->body);
     zmq_msg_move(&r->ident, &frames[0]);
@@ -558,6 +601,8 @@ static coord_step *find_step(coord *co, uint64_t id) {
 }
 
 static void step_remove(coord *co, coord_step *s) {
+    if (s->slot >= 0)
+        slot_release(&co->slots[s->slot]);
     free(s->reqs);
     int32_t i = (int32_t)(s - co->inflight);
     memmove(&co->inflight[i], &co->inflight[i + 1], sizeof(coord_step) * (size_t)(co->n_inflight - i - 1));
@@ -571,7 +616,164 @@ static void step_fail(coord *co, coord_step *s, moe_status status, const char *t
     step_remove(co, s);
 }
 
-static void dispatch(coord *co, int32_t layer) {
+/* ---- the shared-memory data path ---- */
+
+static void slot_release(coord_slot *sl) {
+    if (atomic_fetch_sub(&sl->refs, 1) == 1)
+        uv_async_send(&sl->co->slot_async); /* any thread: wake the loop to schedule */
+}
+
+/* ZeroMQ's free callback of a reply sent from a slot (runs on ZeroMQ's thread or ours). */
+static void reply_release(void *data, void *hint) {
+    (void)data;
+    slot_release(hint);
+}
+
+static int32_t free_slot(coord *co) {
+    for (int32_t i = 0; i < co->cfg.max_inflight_steps; i++)
+        if (atomic_load(&co->slots[i].refs) == 0)
+            return i;
+    return -1;
+}
+
+/* The copy of a step's inputs into its slot, run by the libuv threadpool. It holds its own
+ * references to the request messages, so a request answered (failed) meanwhile cannot free
+ * the bytes it reads. */
+typedef struct copy_job {
+    uv_work_t work;
+    coord *co;
+    uint64_t step_id;
+    int32_t slot;
+    int32_t n;
+    zmq_msg_t *bodies;
+    coord_req snap[]; /* the offsets and sizes of each request (no ownership) */
+} copy_job;
+
+static void copy_work(uv_work_t *w) {
+    copy_job *j = w->data;
+    const eng_shm_layout *l = &j->co->lay;
+    uint8_t *slot = eng_shm_slot(&j->co->shm, l, j->slot);
+    const size_t es = moe_dtype_size(l->dtype);
+    const size_t H = (size_t)l->hidden, K = (size_t)l->top_k, E = (size_t)l->n_experts;
+    size_t t0 = 0;
+    for (int32_t i = 0; i < j->n; i++) {
+        const coord_req *r = &j->snap[i];
+        const uint8_t *b = zmq_msg_data(&j->bodies[i]);
+        const size_t T = r->n_tokens;
+        memcpy(slot + l->x_off + t0 * H * es, b + r->x_off, T * H * es);
+        if (r->src == ENG_ROUTE_IDS) {
+            memcpy(slot + l->ids_off + t0 * K * 4, b + r->ids_off, T * K * 4);
+            memcpy(slot + l->w_off + t0 * K * 4, b + r->w_off, T * K * 4);
+        } else if (r->src == ENG_ROUTE_LOGITS) {
+            memcpy(slot + l->lg_off + t0 * E * 4, b + r->lg_off, T * E * moe_dtype_size((moe_dtype)r->logits_dtype));
+        }
+        t0 += T;
+    }
+}
+
+static coord_step *find_step(coord *co, uint64_t id);
+static void send_ready_steps(coord *co);
+
+static void copy_done(uv_work_t *w, int status) {
+    copy_job *j = w->data;
+    coord *co = j->co;
+    for (int32_t i = 0; i < j->n; i++)
+        zmq_msg_close(&j->bodies[i]);
+    coord_step *s = find_step(co, j->step_id);
+    if (s && status == 0)
+        s->copied = true;
+    slot_release(&co->slots[j->slot]);
+    free(j->bodies);
+    free(j);
+    if (s)
+        send_ready_steps(co);
+}
+
+static moe_status start_copy(coord *co, coord_step *s) {
+    copy_job *j = calloc(1, sizeof *j + sizeof(coord_req) * (size_t)s->n_reqs);
+    zmq_msg_t *bodies = calloc((size_t)s->n_reqs, sizeof(zmq_msg_t));
+    if (!j || !bodies) {
+        free(j);
+        free(bodies);
+        return moe_fail(MOE_ERR_NOMEM, "copy job");
+    }
+    j->co = co;
+    j->step_id = s->id;
+    j->slot = s->slot;
+    j->n = s->n_reqs;
+    j->bodies = bodies;
+    for (int32_t i = 0; i < s->n_reqs; i++) {
+        j->snap[i] = *s->reqs[i];
+        j->snap[i].next = NULL;
+        zmq_msg_init(&bodies[i]);
+        zmq_msg_copy(&bodies[i], &s->reqs[i]->body); /* reference counted */
+    }
+    j->work.data = j;
+    atomic_fetch_add(&co->slots[s->slot].refs, 1);
+    int rc = uv_queue_work(&co->loop, &j->work, copy_work, copy_done);
+    if (rc != 0) {
+        atomic_fetch_sub(&co->slots[s->slot].refs, 1);
+        for (int32_t i = 0; i < j->n; i++)
+            zmq_msg_close(&bodies[i]);
+        free(bodies);
+        free(j);
+        return moe_fail(MOE_ERR_UV, "uv_queue_work: %s", uv_strerror(rc));
+    }
+    return MOE_OK;
+}
+
+/* Sends the STEP messages of the steps whose inputs are in place, in dispatch order (every
+ * rank must see the steps in one order). */
+static void send_ready_steps(coord *co) {
+    for (int32_t k = 0; k < co->n_inflight; k++) {
+        coord_step *s = &co->inflight[k];
+        if (s->sent)
+            continue;
+        if (!s->copied)
+            return;
+        uint8_t *meta = malloc(sizeof(eng_shm_req) * (size_t)s->n_reqs);
+        if (!meta) {
+            group_fail(co, "out of memory sending step %llu", (unsigned long long)s->id);
+            return;
+        }
+        for (int32_t i = 0; i < s->n_reqs; i++) {
+            eng_shm_req q = {.client_id = s->reqs[i]->client_id,
+                             .n_tokens = s->reqs[i]->n_tokens,
+                             .src = s->reqs[i]->src,
+                             .logits_dtype = s->reqs[i]->logits_dtype};
+            memcpy(meta + sizeof q * (size_t)i, &q, sizeof q);
+        }
+        ipc_msg hdr;
+        ipc_msg_init(&hdr, ENG_OP_STEP, s->id);
+        hdr.layer = s->layer;
+        hdr.n_tokens = s->n_tokens;
+        hdr.top_k = (uint32_t)s->n_reqs;
+        int32_t slot = s->slot;
+        moe_status st = ipc_msg_add(&hdr, ENG_SEC_SLOT, MOE_DTYPE_I32, 1, (int64_t[]){1}, &slot);
+        if (st == MOE_OK)
+            st = ipc_msg_add_bytes(&hdr, ENG_SEC_STEP_REQS, meta, sizeof(eng_shm_req) * (size_t)s->n_reqs);
+        for (int32_t rank = 0; rank < co->world && st == MOE_OK; rank++)
+            st = send_to_worker(co, rank, &hdr, NULL);
+        free(meta);
+        if (st != MOE_OK) {
+            group_fail(co, "cannot send step %llu to the workers: %s", (unsigned long long)s->id, moe_errmsg());
+            return;
+        }
+        s->sent = true;
+        s->t_dispatch = now_ns();
+    }
+}
+
+static void on_slot_free(uv_async_t *a) { schedule(a->data); }
+
+/* Forms and starts one step of `layer`; false when no slot is free (retried when one frees). */
+static bool dispatch(coord *co, int32_t layer) {
+    int32_t slot = -1;
+    if (co->use_shm) {
+        slot = free_slot(co);
+        if (slot < 0)
+            return false; /* every slot still holds replies in flight */
+    }
     layer_queue *q = &co->queues[layer];
     coord_step *s = &co->inflight[co->n_inflight];
     memset(s, 0, sizeof *s);
@@ -584,7 +786,7 @@ static void dispatch(coord *co, int32_t layer) {
     s->reqs = malloc(sizeof(coord_req *) * (size_t)n);
     if (!s->reqs) {
         MOE_ERROR(MOE_SUB_ENG, "out of memory forming a step");
-        return;
+        return false;
     }
     for (int32_t i = 0; i < n; i++) {
         coord_req *r = q->head;
@@ -602,14 +804,22 @@ static void dispatch(coord *co, int32_t layer) {
     s->n_reqs = n;
     s->n_tokens = tokens;
     s->t_dispatch = now_ns();
+    s->slot = slot;
     co->n_inflight++;
+    moe_status st = MOE_OK;
 
+    if (co->use_shm) {
+        atomic_store(&co->slots[slot].refs, 1); /* the step's own reference */
+        st = start_copy(co, s);
+        if (st != MOE_OK)
+            group_fail(co, "cannot stage step %llu: %s", (unsigned long long)s->id, moe_errmsg());
+        return true;
+    }
     ipc_msg hdr;
     ipc_msg_init(&hdr, ENG_OP_STEP, s->id);
     hdr.layer = layer;
     hdr.n_tokens = tokens;
     hdr.top_k = (uint32_t)n;
-    moe_status st = MOE_OK;
     for (int32_t rank = 0; rank < co->world && st == MOE_OK; rank++) {
         st = send_to_worker(co, rank, &hdr, NULL);
         for (int32_t i = 0; i < n && st == MOE_OK; i++) {
@@ -622,11 +832,13 @@ static void dispatch(coord *co, int32_t layer) {
             st = send_to_worker(co, rank, &rq, &copy);
         }
     }
+    s->sent = true;
     if (st != MOE_OK)
         group_fail(co, "cannot send step %llu to the workers: %s", (unsigned long long)s->id, moe_errmsg());
     else
         MOE_TRACE(MOE_SUB_ENG, "step %llu: layer %d, %d requests, %u tokens", (unsigned long long)s->id, (int)layer,
                   (int)n, tokens);
+    return true;
 }
 
 static void schedule(coord *co) {
@@ -641,9 +853,8 @@ static void schedule(coord *co) {
                 best = co->served[i];
             }
         }
-        if (best < 0)
+        if (best < 0 || !dispatch(co, best))
             break;
-        dispatch(co, best);
     }
     if (co->draining && co->n_queued == 0 && co->n_inflight == 0)
         begin_close(co);
@@ -797,15 +1008,21 @@ static void spawn_group(coord *co) {
                         co->cfg.dbo,
                         "--dbo-min-tokens",
                         co->dbo_min_str,
+                        co->use_shm ? "--shm-fd" : NULL,
+                        "3",
+                        "--shm-slots",
+                        co->shm_slots_str,
                         NULL};
-        uv_stdio_container_t stdio[3] = {{.flags = UV_IGNORE}, {.flags = UV_INHERIT_FD, .data.fd = 1},
-                                         {.flags = UV_INHERIT_FD, .data.fd = 2}};
+        uv_stdio_container_t stdio[4] = {{.flags = UV_IGNORE},
+                                         {.flags = UV_INHERIT_FD, .data.fd = 1},
+                                         {.flags = UV_INHERIT_FD, .data.fd = 2},
+                                         {.flags = UV_INHERIT_FD, .data.fd = co->use_shm ? co->shm.fd : 2}};
         /* Detached: a new session, so a terminal's Ctrl-C reaches the coordinator alone, which
          * then drains; the workers still die with it (PR_SET_PDEATHSIG). */
         uv_process_options_t opt = {.exit_cb = on_worker_exit,
                                     .file = co->exe,
                                     .args = args,
-                                    .stdio_count = 3,
+                                    .stdio_count = co->use_shm ? 4 : 3,
                                     .stdio = stdio,
                                     .flags = UV_PROCESS_DETACHED};
         wk->proc.data = wk;
@@ -849,6 +1066,41 @@ static coord_worker *worker_by_ident(coord *co, zmq_msg_t *ident) {
             return wk;
     }
     return NULL;
+}
+
+/* Rank 0 wrote each request's encoded reply into the step's slot: check each and hand it to
+ * ZeroMQ without copying (the slot stays referenced until ZeroMQ releases the message). */
+static bool send_slot_replies(coord *co, coord_step *s) {
+    const eng_shm_layout *l = &co->lay;
+    uint8_t *out = eng_shm_slot(&co->shm, l, s->slot) + l->out_off;
+    size_t off = 0;
+    for (int32_t i = 0; i < s->n_reqs; i++) {
+        coord_req *r = s->reqs[i];
+        size_t len = eng_shm_reply_size(l, r->n_tokens);
+        ipc_msg rep;
+        ipc_limits rl = ipc_limits_default();
+        rl.accept = IPC_ACCEPT_REPLIES;
+        rl.max_msg_bytes = UINT64_MAX >> 1;
+        if (off + len > l->out_bytes || ipc_decode(out + off, len, &rl, &rep) != MOE_OK ||
+            rep.request_id != r->client_id || rep.n_tokens != r->n_tokens) {
+            group_fail(co, "worker 0 wrote a malformed reply for step %llu", (unsigned long long)s->id);
+            return false;
+        }
+        zmq_msg_t m;
+        atomic_fetch_add(&co->slots[s->slot].refs, 1);
+        if (zmq_msg_init_data(&m, out + off, len, reply_release, &co->slots[s->slot]) != 0) {
+            slot_release(&co->slots[s->slot]);
+            group_fail(co, "zmq_msg_init_data: %s", zmq_strerror(zmq_errno()));
+            return false;
+        }
+        r->answered = true;
+        co->st.ok++;
+        co->st.tokens += r->n_tokens;
+        lat_record(co, r->t_accept);
+        send_to_client(co, &r->ident, r->has_delim, &m);
+        off = (off + len + 63) & ~(size_t)63;
+    }
+    return true;
 }
 
 static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user) {
@@ -987,6 +1239,8 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         }
         co->st.steps++;
         co->st.step_tokens += s->n_tokens;
+        if (s->slot >= 0 && !send_slot_replies(co, s))
+            return; /* the group failed: the step was answered with errors */
         for (int32_t i = 0; i < s->n_reqs; i++) {
             if (!s->reqs[i]->answered) /* cannot happen: replies come before the result */
                 req_fail(co, s->reqs[i], MOE_ERR_INTERNAL, "worker 0 finished the step without this reply");
@@ -1097,6 +1351,7 @@ static void begin_close(coord *co) {
         uv_close((uv_handle_t *)&co->sig_term, on_handle_closed);
         uv_close((uv_handle_t *)&co->sig_int, on_handle_closed);
         uv_close((uv_handle_t *)&co->sig_hup, on_handle_closed);
+        uv_close((uv_handle_t *)&co->slot_async, on_handle_closed);
     }
 }
 
@@ -1258,6 +1513,25 @@ static moe_status coord_init(coord *co) {
     co->lim.dtype_mask = 1u << co->desc->dtype;
     co->lim.can_route = true; /* every worker loads the router */
 
+    /* The shared-memory data path: one slot per step in flight. */
+    co->use_shm = strcmp(co->cfg.data_path, "shm") == 0;
+    if (co->use_shm) {
+        MOE_CHECK(eng_shm_layout_init(&co->lay, co->cfg.max_step_tokens, co->desc->hidden_size, co->desc->n_experts,
+                                      co->desc->top_k, co->desc->dtype, co->cfg.max_inflight_steps));
+        MOE_CHECK(eng_shm_create(&co->shm, co->lay.total_bytes));
+        co->slots = calloc((size_t)co->cfg.max_inflight_steps, sizeof(coord_slot));
+        MOE_REQUIRE(co->slots, MOE_ERR_NOMEM, "slots");
+        for (int32_t i = 0; i < co->cfg.max_inflight_steps; i++) {
+            atomic_init(&co->slots[i].refs, 0);
+            co->slots[i].co = co;
+        }
+        snprintf(co->shm_slots_str, sizeof co->shm_slots_str, "%d", (int)co->cfg.max_inflight_steps);
+        MOE_INFO(MOE_SUB_ENG, "data path: shared memory, %d slots of %.1f MiB (pages are used as steps need them)",
+                 (int)co->lay.n_slots, (double)co->lay.slot_bytes / (1 << 20));
+    } else {
+        MOE_INFO(MOE_SUB_ENG, "data path: ZeroMQ messages");
+    }
+
     /* Loop, sockets, handles. */
     MOE_UV_CHECK(uv_loop_init(&co->loop));
     co->loop_inited = true;
@@ -1300,6 +1574,8 @@ static moe_status coord_init(coord *co) {
         MOE_INFO(MOE_SUB_ENG, "probes on http://%.*s:%d/metrics and /health", (int)(colon - co->cfg.http), co->cfg.http,
                  eng_http_port(co->http));
     }
+    uv_async_init(&co->loop, &co->slot_async, on_slot_free);
+    co->slot_async.data = co;
     uv_timer_init(&co->loop, &co->tick);
     co->tick.data = co;
     int period = co->cfg.heartbeat_ms < 100 ? co->cfg.heartbeat_ms : 100;
@@ -1320,8 +1596,10 @@ fail_cs:
 }
 
 static void coord_free(coord *co) {
-    if (co->zctx)
+    if (co->zctx) /* waits for ZeroMQ to release every reply that points into the slots */
         zmq_ctx_term(co->zctx);
+    eng_shm_unmap(&co->shm);
+    free(co->slots);
     par_placement_free(&co->placement);
     eng_ckpt_close(co->ckpt);
     free(co->layer_served);
@@ -1366,6 +1644,8 @@ int eng_serve_main(int argc, char **argv) {
         }
     }
     coord *co = calloc(1, sizeof *co);
+    if (co)
+        co->shm.fd = -1;
     if (!co) {
         fprintf(stderr, "moe-engine: out of memory\n");
         return 1;

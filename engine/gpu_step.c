@@ -51,6 +51,11 @@ struct eng_gpu {
 
 bool eng_gpu_available(void) { return true; }
 
+moe_status eng_gpu_register_host(void *p, size_t bytes) {
+    MOE_CUDA_CHECK(cudaHostRegister(p, bytes, cudaHostRegisterPortable));
+    return MOE_OK;
+}
+
 static void dfree(void *p) {
     if (p)
         cudaFree(p);
@@ -238,6 +243,22 @@ static moe_status poll_event(cudaEvent_t ev, uint64_t deadline, const char *what
     }
 }
 
+/* y back to the host: one copy into the pinned output, or one per request into io->y. */
+static moe_status copy_out(eng_gpu_t *g, const eng_step_req *reqs, int32_t n, int64_t T, const eng_gpu_io *io) {
+    const size_t row = (size_t)g->m.hidden * moe_dtype_size(g->m.dtype);
+    if (!io) {
+        MOE_CUDA_CHECK(cudaMemcpyAsync(g->y_h, g->y_d, (size_t)T * row, cudaMemcpyDeviceToHost, g->s_main));
+        return MOE_OK;
+    }
+    int64_t t0 = 0;
+    for (int32_t i = 0; i < n; i++) {
+        MOE_CUDA_CHECK(cudaMemcpyAsync(io->y[i], (char *)g->y_d + (size_t)t0 * row, (size_t)reqs[i].n_tokens * row,
+                                       cudaMemcpyDeviceToHost, g->s_main));
+        t0 += reqs[i].n_tokens;
+    }
+    return MOE_OK;
+}
+
 static gpu_layer *find(eng_gpu_t *g, int32_t layer) {
     for (int32_t i = 0; i < g->n_layers; i++)
         if (g->layers[i].layer == layer)
@@ -246,7 +267,7 @@ static gpu_layer *find(eng_gpu_t *g, int32_t layer) {
 }
 
 moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
-                        int64_t *expert_tokens, eng_gpu_timing *timing) {
+                        int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io) {
     MOE_REQUIRE(g && (reqs || n == 0), MOE_ERR_INVALID_ARG, "gpu step: NULL argument");
     gpu_layer *l = find(g, layer);
     MOE_REQUIRE(l, MOE_ERR_NOT_FOUND, "gpu step: layer %d is not loaded", (int)layer);
@@ -264,33 +285,37 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
     const uint64_t deadline = moe_now_ns() + (uint64_t)g->p.timeout_ms * 1000000ull;
     MOE_CUDA_CHECK(cudaSetDevice(g->p.device));
 
-    /* Stage into pinned memory, then one copy of each kind. */
+    /* Inputs: from the registered data path as they are, or staged into pinned memory; then one
+     * copy of each kind. */
     bool routed = false;
     int64_t t0 = 0;
     for (int32_t i = 0; i < n; i++) {
         const eng_step_req *q = &reqs[i];
-        memcpy((char *)g->x_h + (size_t)(t0 * H) * es, q->x, (size_t)(q->n_tokens * H) * es);
-        if (q->src == ENG_ROUTE_IDS) {
-            memcpy(g->ids_h + t0 * K, q->ids, sizeof(int32_t) * (size_t)(q->n_tokens * K));
-            memcpy(g->w_h + t0 * K, q->weights, sizeof(float) * (size_t)(q->n_tokens * K));
-        } else {
-            routed = true;
-            if (q->src == ENG_ROUTE_LOGITS)
+        if (!io) {
+            memcpy((char *)g->x_h + (size_t)(t0 * H) * es, q->x, (size_t)(q->n_tokens * H) * es);
+            if (q->src == ENG_ROUTE_IDS) {
+                memcpy(g->ids_h + t0 * K, q->ids, sizeof(int32_t) * (size_t)(q->n_tokens * K));
+                memcpy(g->w_h + t0 * K, q->weights, sizeof(float) * (size_t)(q->n_tokens * K));
+            } else if (q->src == ENG_ROUTE_LOGITS) {
                 memcpy((char *)g->lg_h + (size_t)(t0 * E) * sizeof(float), q->logits,
                        (size_t)(q->n_tokens * E) * moe_dtype_size(q->logits_dtype));
+            }
         }
+        routed |= q->src != ENG_ROUTE_IDS;
         t0 += q->n_tokens;
     }
     if (T == 0)
         return MOE_OK;
-    MOE_CUDA_CHECK(cudaMemcpyAsync(g->x_d, g->x_h, (size_t)(T * H) * es, cudaMemcpyHostToDevice, g->s_main));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(g->ids_d, g->ids_h, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice,
-                                   g->s_main));
+    const void *xs = io ? io->x : g->x_h, *lgs = io ? io->logits : g->lg_h;
+    const int32_t *idss = io ? io->ids : g->ids_h;
+    const float *ws = io ? io->w : g->w_h;
+    MOE_CUDA_CHECK(cudaMemcpyAsync(g->x_d, xs, (size_t)(T * H) * es, cudaMemcpyHostToDevice, g->s_main));
     MOE_CUDA_CHECK(
-        cudaMemcpyAsync(g->w_d, g->w_h, sizeof(float) * (size_t)(T * K), cudaMemcpyHostToDevice, g->s_main));
+        cudaMemcpyAsync(g->ids_d, idss, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice, g->s_main));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(g->w_d, ws, sizeof(float) * (size_t)(T * K), cudaMemcpyHostToDevice, g->s_main));
     if (routed)
-        MOE_CUDA_CHECK(cudaMemcpyAsync(g->lg_d, g->lg_h, sizeof(float) * (size_t)(T * E), cudaMemcpyHostToDevice,
-                                       g->s_main));
+        MOE_CUDA_CHECK(
+            cudaMemcpyAsync(g->lg_d, lgs, sizeof(float) * (size_t)(T * E), cudaMemcpyHostToDevice, g->s_main));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_start, g->s_main));
 
     /* Routing on the device, request by request. */
@@ -316,7 +341,9 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         }
         t0 += nt;
     }
-    if (routed) /* for the per-expert counts, read after the step's one wait */
+    /* The ids of the whole step back into the pinned buffer, for the per-expert counts read
+     * after the step's one wait (with io, the client's ids are not in ids_h otherwise). */
+    if (routed || io)
         MOE_CUDA_CHECK(cudaMemcpyAsync(g->ids_h, g->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
                                        g->s_main));
 
@@ -338,7 +365,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = m->act};
         MOE_CHECK(kern_moe_forward(g->k, &ep, &x, &l->w13, &l->w2, &ids, &wt, l->has_shared ? &se : NULL, &yd));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
-        MOE_CUDA_CHECK(cudaMemcpyAsync(g->y_h, g->y_d, (size_t)(T * H) * es, cudaMemcpyDeviceToHost, g->s_main));
+        MOE_CHECK(copy_out(g, reqs, n, T, io));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
         MOE_CHECK(poll_event(g->ev_done, deadline, "step"));
@@ -387,7 +414,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
                 moe_tensor yv = moe_tensor_view2((char *)g->y_d + (size_t)(a * H) * es, m->dtype, nt, H);
                 MOE_CHECK(kern_moe_sum(g->k, &sv, l->has_shared ? &shv : NULL, &yv));
             }
-            MOE_CUDA_CHECK(cudaMemcpyAsync(g->y_h, g->y_d, (size_t)(T * H) * es, cudaMemcpyDeviceToHost, g->s_main));
+            MOE_CHECK(copy_out(g, reqs, n, T, io));
         } else {
             MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[parts - 1], 0));
         }
@@ -423,7 +450,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         }
         (void)cudaGetLastError();
     }
-    if (y && r == 0)
+    if (y && r == 0 && !io)
         *y = g->y_h;
     return MOE_OK;
 }

@@ -56,14 +56,32 @@ typedef struct eng_gpu_timing {
     float combine_bytes;
 } eng_gpu_timing;
 
+/* The step's inputs and outputs in host memory registered with CUDA (the shared-memory data
+ * path): inputs contiguous for the whole step (x [T, H], ids and w [T, K], logits at E * 4
+ * bytes per token), outputs one pointer per request ([T_i, H]). The step then copies to and
+ * from the device straight from there, with no staging copy. */
+typedef struct eng_gpu_io {
+    const void *x;
+    const int32_t *ids;
+    const float *w;
+    const void *logits;
+    void *const *y; /* [n] (rank 0) */
+} eng_gpu_io;
+
+/* Registers host memory with CUDA (page-locked, for direct copies); the memory stays mapped
+ * by the caller. */
+moe_status eng_gpu_register_host(void *p, size_t bytes);
+
 /*
- * Runs one step of `n` requests on layer `layer`. On rank 0, *y points (on success) at the
- * output [T, H] in pinned host memory, valid until the next call; expert_tokens [E] (may be
+ * Runs one step of `n` requests on layer `layer`. With io, the inputs are read from io (the
+ * reqs still give each request's size and routing form) and rank 0 writes each request's
+ * output to io->y[i]; without io, the inputs are staged from reqs, and on rank 0 *y points (on
+ * success) at the output [T, H] in pinned host memory, valid until the next call; expert_tokens [E] (may be
  * NULL) gets the tokens routed to each expert. On error nothing is returned, and a
  * communicator error leaves the communicator aborted (the group must be restarted).
  */
 moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
-                        int64_t *expert_tokens, eng_gpu_timing *timing);
+                        int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io);
 
 /* Whether this build has GPU workers. */
 bool eng_gpu_available(void);

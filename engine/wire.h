@@ -27,7 +27,10 @@
  * n_tokens = steps done */
 #define ENG_OP_HEARTBEAT 0x82
 /* STEP, coordinator -> workers: request_id = step id, layer = layer, n_tokens = T (all
- * requests), top_k = number of STEP_REQ messages that follow */
+ * requests), top_k = number of requests. On the ZeroMQ data path, top_k STEP_REQ messages
+ * follow; on the shared-memory data path (ENG_SEC_SLOT present) none do: the inputs are in the
+ * slot (engine/shm.h), ENG_SEC_STEP_REQS describes the requests, and rank 0 writes the
+ * encoded replies into the slot instead of sending REPLY messages. */
 #define ENG_OP_STEP 0x83
 /* STEP_REQ, coordinator -> workers: request_id = step id, n_tokens = index of the request in
  * the step; second frame: the client's SUBMIT request */
@@ -48,6 +51,9 @@
 /* Section kinds of the internal messages. */
 #define ENG_SEC_EXPERT_TOKENS 0x100 /* RESULT: [E] tokens per expert in the step, i32 */
 #define ENG_SEC_NCCL_ID 0x101       /* HELLO (rank 0), NCCL_ID: the 128-byte NCCL unique id */
+#define ENG_SEC_SLOT 0x103          /* STEP on the shared-memory data path: i32 [1], the slot */
+#define ENG_SEC_STEP_REQS 0x104     /* STEP on the shared-memory data path: bytes, one eng_shm_req
+                                       (engine/shm.h) per request, in order */
 #define ENG_SEC_TIMING 0x102        /* RESULT of a GPU worker: f32 [4] step_us, compute_us, combine_us,
                                        combine_bytes (device event times of the step) */
 

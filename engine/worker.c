@@ -25,6 +25,7 @@
 
 #include "engine/gpu_step.h"
 #include "engine/model/model.h"
+#include "engine/shm.h"
 #include "engine/step.h"
 #include "engine/wire.h"
 #include "parallel/par.h"
@@ -46,6 +47,8 @@ typedef struct worker_args {
     int32_t dbo_min_tokens;
     int64_t max_step_tokens;
     int32_t start_timeout_ms;
+    int32_t shm_fd;    /* the shared-memory data path's descriptor (-1: ZeroMQ data path) */
+    int32_t shm_slots;
 } worker_args;
 
 typedef struct worker {
@@ -60,6 +63,8 @@ typedef struct worker {
     kern_ctx_t *kctx;
     par_comm_t *comm;
     bool gpu;           /* backend cuda: the step runs in eng_gpu */
+    eng_shm shm;        /* the data path's mapping (base NULL: ZeroMQ data path) */
+    eng_shm_layout lay;
     eng_gpu_t *g;
     uint8_t nccl_id[PAR_NCCL_ID_BYTES];
     pid_t parent;
@@ -96,6 +101,8 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
     a->dbo_min_tokens = 1024;
     a->max_step_tokens = 16384;
     a->start_timeout_ms = 120000;
+    a->shm_fd = -1;
+    a->shm_slots = 2;
     a->world = -1;
     a->rank = -1;
     for (int i = 0; i < argc; i++) {
@@ -140,6 +147,12 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
         } else if (strcmp(f, "--max-step-tokens") == 0) {
             MOE_CHECK(parse_int(f, v, 1, 1 << 24, &x));
             a->max_step_tokens = x;
+        } else if (strcmp(f, "--shm-fd") == 0) {
+            MOE_CHECK(parse_int(f, v, 0, 1 << 20, &x));
+            a->shm_fd = (int32_t)x;
+        } else if (strcmp(f, "--shm-slots") == 0) {
+            MOE_CHECK(parse_int(f, v, 1, 64, &x));
+            a->shm_slots = (int32_t)x;
         } else if (strcmp(f, "--start-timeout-ms") == 0) {
             MOE_CHECK(parse_int(f, v, 1, 3600000, &x));
             a->start_timeout_ms = (int32_t)x;
@@ -281,6 +294,8 @@ static moe_status worker_gpu_setup(worker *w) {
                          .dbo = w->a.dbo,
                          .dbo_min_tokens = w->a.dbo_min_tokens};
     MOE_CHECK(eng_gpu_init(&w->g, &gp, w->layers, w->weights.n_layers));
+    if (w->shm.base) /* copies to and from the device straight from the data path */
+        MOE_CHECK(eng_gpu_register_host(w->shm.base, w->shm.bytes));
     /* The host copies of the weights are no longer needed; the layer list stays (it names the
      * served layers), its tensors cleared. */
     for (int32_t i = 0; i < w->weights.n_layers; i++) {
@@ -349,6 +364,12 @@ static moe_status worker_load(worker *w, char *why, size_t whycap) {
         .route = w->desc->route,
         .placement = &w->placement,
     };
+    if (w->a.shm_fd >= 0) {
+        MOE_CHECK_GOTO(eng_shm_layout_init(&w->lay, w->a.max_step_tokens, w->model.hidden, w->model.n_experts,
+                                           w->model.top_k, w->model.dtype, w->a.shm_slots),
+                       st, fail);
+        MOE_CHECK_GOTO(eng_shm_map(&w->shm, w->a.shm_fd, w->lay.total_bytes), st, fail);
+    }
     kern_backend kb;
     MOE_CHECK_GOTO(kern_backend_parse(w->a.backend, &kb), st, fail);
     if (kb == KERN_BACKEND_CUDA) {
@@ -400,8 +421,38 @@ static void step_frames_free(step_frames *f) {
     memset(f, 0, sizeof *f);
 }
 
-/* Runs one step: every rank computes its part; rank 0 answers. */
-static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
+/* Rank 0 on the shared-memory data path: each request's reply written in place in the slot
+ * (y was copied there by the caller, or is copied here from a host buffer). */
+static moe_status write_slot_replies(worker *w, int32_t slot, const eng_step_req *reqs, const uint64_t *ids, int n,
+                                     const void *y_host) {
+    uint8_t *out = eng_shm_slot(&w->shm, &w->lay, slot) + w->lay.out_off;
+    const size_t row = (size_t)w->model.hidden * moe_dtype_size(w->model.dtype);
+    size_t off = 0;
+    int64_t t0 = 0;
+    for (int i = 0; i < n; i++) {
+        size_t len = eng_shm_reply_size(&w->lay, reqs[i].n_tokens);
+        MOE_REQUIRE(off + len <= w->lay.out_bytes, MOE_ERR_INTERNAL, "slot output area overflow");
+        uint8_t *yp = out + off + ENG_SHM_REPLY_HEAD;
+        if (y_host)
+            memcpy(yp, (const char *)y_host + (size_t)t0 * row, (size_t)reqs[i].n_tokens * row);
+        moe_tensor yi = moe_tensor_view2(yp, w->model.dtype, reqs[i].n_tokens, w->model.hidden);
+        ipc_msg rep;
+        MOE_CHECK(ipc_submit_reply_init(&rep, ids[i], &yi));
+        uint64_t so[IPC_MAX_SECTIONS];
+        size_t total = 0;
+        MOE_CHECK(ipc_section_offsets(&rep, so, &total));
+        MOE_REQUIRE(total == len && so[0] == ENG_SHM_REPLY_HEAD, MOE_ERR_INTERNAL, "reply layout mismatch");
+        MOE_CHECK(ipc_encode_in_place(&rep, out + off, len, NULL));
+        t0 += reqs[i].n_tokens;
+        off = (off + len + 63) & ~(size_t)63;
+    }
+    return MOE_OK;
+}
+
+/* Runs one step: every rank computes its part; rank 0 answers. On the ZeroMQ data path the
+ * requests are the decoded frames in fr; on the shared-memory data path (slot >= 0) they are
+ * described by meta and read from the slot. */
+static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr, int32_t slot, const eng_shm_req *meta) {
     moe_status st = MOE_OK;
     eng_step s;
     memset(&s, 0, sizeof s);
@@ -410,6 +461,8 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
     size_t *recv_bytes = NULL;
     moe_tensor *bufs = NULL;
     int64_t *gpu_counts = NULL;
+    uint64_t *client_ids = NULL;
+    void **y_dst = NULL;
     eng_gpu_timing timing;
     bool have_timing = false;
     const int32_t W = w->a.world, r = w->a.rank;
@@ -418,12 +471,42 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
         st = moe_fail(MOE_ERR_NOT_FOUND, "worker %d: layer %d is not loaded", (int)r, (int)hdr->layer);
         goto done;
     }
-    reqs = calloc((size_t)(fr->n ? fr->n : 1), sizeof *reqs);
-    if (!reqs) {
+    const int n_reqs = slot >= 0 ? (int)hdr->top_k : fr->n;
+    reqs = calloc((size_t)(n_reqs ? n_reqs : 1), sizeof *reqs);
+    client_ids = calloc((size_t)(n_reqs ? n_reqs : 1), sizeof *client_ids);
+    y_dst = calloc((size_t)(n_reqs ? n_reqs : 1), sizeof *y_dst);
+    if (!reqs || !client_ids || !y_dst) {
         st = moe_fail(MOE_ERR_NOMEM, "step");
         goto done;
     }
-    for (int i = 0; i < fr->n; i++) {
+    if (slot >= 0) {
+        /* the slot's layout (engine/shm.h) */
+        uint8_t *b = eng_shm_slot(&w->shm, &w->lay, slot);
+        const size_t es = moe_dtype_size(w->model.dtype), H = (size_t)w->model.hidden, K = (size_t)w->model.top_k,
+                     E = (size_t)w->model.n_experts;
+        size_t t0 = 0, off = 0;
+        for (int i = 0; i < n_reqs; i++) {
+            const eng_shm_req *q = &meta[i];
+            if (q->n_tokens == 0 || t0 + q->n_tokens > (size_t)w->lay.max_tokens || q->src > ENG_ROUTE_HIDDEN ||
+                (q->src == ENG_ROUTE_LOGITS && !moe_dtype_is_float((moe_dtype)q->logits_dtype))) {
+                st = moe_fail(MOE_ERR_INTERNAL, "worker %d: request %d of step %llu is malformed", (int)r, i,
+                              (unsigned long long)hdr->request_id);
+                goto done;
+            }
+            reqs[i].n_tokens = q->n_tokens;
+            reqs[i].src = (eng_route_src)q->src;
+            reqs[i].x = b + w->lay.x_off + t0 * H * es;
+            reqs[i].ids = (const int32_t *)(b + w->lay.ids_off + t0 * K * 4);
+            reqs[i].weights = (const float *)(b + w->lay.w_off + t0 * K * 4);
+            reqs[i].logits = b + w->lay.lg_off + t0 * E * 4;
+            reqs[i].logits_dtype = (moe_dtype)q->logits_dtype;
+            client_ids[i] = q->client_id;
+            y_dst[i] = b + w->lay.out_off + off + ENG_SHM_REPLY_HEAD;
+            off = (off + eng_shm_reply_size(&w->lay, q->n_tokens) + 63) & ~(size_t)63;
+            t0 += q->n_tokens;
+        }
+    }
+    for (int i = 0; slot < 0 && i < fr->n; i++) {
         const ipc_msg *m = &fr->dec[i];
         const ipc_section *x = ipc_msg_find(m, IPC_SEC_X), *ids = ipc_msg_find(m, IPC_SEC_TOPK_IDS),
                           *wt = ipc_msg_find(m, IPC_SEC_TOPK_W), *lg = ipc_msg_find(m, IPC_SEC_LOGITS);
@@ -432,6 +515,7 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
                           (unsigned long long)hdr->request_id);
             goto done;
         }
+        client_ids[i] = m->request_id;
         reqs[i].n_tokens = m->n_tokens;
         reqs[i].x = x->data;
         if (ids && wt) {
@@ -454,12 +538,22 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
             st = moe_fail(MOE_ERR_NOMEM, "step counts");
             goto done;
         }
-        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->layer, reqs, fr->n, &ydata, gpu_counts, &timing), st, done);
+        eng_gpu_io io;
+        if (slot >= 0) {
+            uint8_t *b = eng_shm_slot(&w->shm, &w->lay, slot);
+            io = (eng_gpu_io){.x = b + w->lay.x_off,
+                              .ids = (const int32_t *)(b + w->lay.ids_off),
+                              .w = (const float *)(b + w->lay.w_off),
+                              .logits = b + w->lay.lg_off,
+                              .y = y_dst};
+        }
+        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->layer, reqs, n_reqs, &ydata, gpu_counts, &timing, slot >= 0 ? &io : NULL),
+                       st, done);
         have_timing = true;
         counts64 = gpu_counts;
         goto answer;
     }
-    MOE_CHECK_GOTO(eng_step_init(&s, &w->model, layer, r, reqs, fr->n, w->kctx), st, done);
+    MOE_CHECK_GOTO(eng_step_init(&s, &w->model, layer, r, reqs, n_reqs, w->kctx), st, done);
     if (W == 1) {
         MOE_CHECK_GOTO(eng_step_single(&s, w->kctx), st, done);
     } else {
@@ -491,19 +585,21 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr) {
     counts64 = s.expert_tokens;
 
 answer:
-    /* Rank 0: one REPLY per request (forwarded to its client as soon as it arrives). */
-    if (r == 0) {
+    /* Rank 0, shared-memory data path: the replies in place in the slot. */
+    if (r == 0 && slot >= 0)
+        MOE_CHECK_GOTO(write_slot_replies(w, slot, reqs, client_ids, n_reqs, w->gpu ? NULL : ydata), st, done);
+    /* Rank 0, ZeroMQ data path: one REPLY per request (forwarded to its client at once). */
+    if (r == 0 && slot < 0) {
         const size_t row = (size_t)w->model.hidden * moe_dtype_size(w->model.dtype);
         int64_t t0 = 0;
-        for (int i = 0; i < fr->n; i++) {
-            const ipc_msg *m = &fr->dec[i];
-            moe_tensor yi = moe_tensor_view2((char *)ydata + (size_t)t0 * row, w->model.dtype, m->n_tokens,
+        for (int i = 0; i < n_reqs; i++) {
+            moe_tensor yi = moe_tensor_view2((char *)ydata + (size_t)t0 * row, w->model.dtype, reqs[i].n_tokens,
                                              w->model.hidden);
-            t0 += m->n_tokens;
+            t0 += reqs[i].n_tokens;
             ipc_msg rep, hdr_rep;
             void *buf = NULL;
             size_t len = 0;
-            MOE_CHECK_GOTO(ipc_submit_reply_init(&rep, m->request_id, &yi), st, done);
+            MOE_CHECK_GOTO(ipc_submit_reply_init(&rep, client_ids[i], &yi), st, done);
             MOE_CHECK_GOTO(ipc_encode_alloc(&rep, &buf, &len), st, done);
             ipc_msg_init(&hdr_rep, ENG_OP_REPLY, hdr->request_id);
             hdr_rep.layer = r;
@@ -553,6 +649,8 @@ done:
     free(recv);
     free(recv_bytes);
     free(reqs);
+    free(client_ids);
+    free(y_dst);
     free(gpu_counts);
     eng_step_free(&s);
     return st;
@@ -612,6 +710,7 @@ static moe_status recv_step_frames(worker *w, const ipc_msg *step, step_frames *
 
 static void worker_free(worker *w) {
     eng_gpu_free(w->g);
+    eng_shm_unmap(&w->shm);
     par_comm_free(w->comm);
     kern_ctx_free(w->kctx);
     free(w->layers);
@@ -627,6 +726,7 @@ static void worker_free(worker *w) {
 int eng_worker_main(int argc, char **argv) {
     worker w;
     memset(&w, 0, sizeof w);
+    w.shm.fd = -1;
     moe_status st = parse_args(&w.a, argc, argv);
     if (st != MOE_OK) {
         fprintf(stderr, "moe-engine worker: %s\n", moe_errmsg());
@@ -750,10 +850,29 @@ int eng_worker_main(int argc, char **argv) {
             continue;
         }
         step_frames fr;
+        memset(&fr, 0, sizeof fr);
         double t0 = moe_now_s();
-        st = recv_step_frames(&w, &hdr, &fr);
-        if (st == MOE_OK)
-            st = run_step(&w, &hdr, &fr);
+        const ipc_section *slot_sec = ipc_msg_find(&hdr, ENG_SEC_SLOT), *meta = ipc_msg_find(&hdr, ENG_SEC_STEP_REQS);
+        if (slot_sec) { /* shared-memory data path */
+            int32_t slot = -1;
+            if (slot_sec->nbytes == 4)
+                memcpy(&slot, slot_sec->data, 4);
+            eng_shm_req *mq = NULL;
+            if (!w.shm.base || slot < 0 || slot >= w.lay.n_slots || !meta ||
+                meta->nbytes != sizeof(eng_shm_req) * (uint64_t)hdr.top_k ||
+                !(mq = malloc(meta->nbytes ? (size_t)meta->nbytes : 1))) {
+                st = moe_fail(MOE_ERR_INTERNAL, "worker %d: step %llu names no usable slot", (int)w.a.rank,
+                              (unsigned long long)hdr.request_id);
+            } else {
+                memcpy(mq, meta->data, (size_t)meta->nbytes);
+                st = run_step(&w, &hdr, NULL, slot, mq);
+            }
+            free(mq);
+        } else {
+            st = recv_step_frames(&w, &hdr, &fr);
+            if (st == MOE_OK)
+                st = run_step(&w, &hdr, &fr, -1, NULL);
+        }
         step_frames_free(&fr);
         if (st != MOE_OK) {
             char msg[600];

@@ -4,7 +4,8 @@
  * a gated shared expert, MoE layers 0 and 1) and talks to it with raw protocol messages:
  *   - outputs against the reference kernels computed in-process from the same checkpoint,
  *     for ids, logits and hidden-state routing, single and pipelined;
- *   - identical output bits with 1, 2, 3 and 4 workers and both placements;
+ *   - identical output bits with 1, 2, 3 and 4 workers, both placements and both data paths
+ *     (shared memory, ZeroMQ messages);
  *   - more than 30 malformed or hostile messages, each answered with an error, and a good
  *     request served after each;
  *   - kill -9 of a worker with requests in flight: every request answered, later ones served;
@@ -240,11 +241,13 @@ static void test_bits_across_world_sizes(void **state) {
         total += (size_t)rs[i].x.shape[0] * H * 2;
     }
     uint8_t *base = NULL;
-    const char *configs[][4] = {{"1", "contiguous"}, {"2", "contiguous"}, {"3", "round-robin"},
-                                {"4", "contiguous"}, {"4", "round-robin"}};
+    /* workers, placement, data path (shared memory, or the tensors in ZeroMQ messages) */
+    const char *configs[][3] = {{"1", "contiguous", "shm"}, {"2", "contiguous", "zmq"}, {"3", "round-robin", "shm"},
+                                {"4", "contiguous", "shm"}, {"4", "round-robin", "zmq"}, {"1", "contiguous", "zmq"}};
     for (size_t ci = 0; ci < sizeof configs / sizeof configs[0]; ci++) {
         daemon_proc d;
-        assert_true(h_daemon_start(&d, (const char *[]){"--workers", configs[ci][0], "--placement", configs[ci][1], NULL},
+        assert_true(h_daemon_start(&d, (const char *[]){"--workers", configs[ci][0], "--placement", configs[ci][1],
+                                                        "--data-path", configs[ci][2], NULL},
                                    60));
         h_client c;
         assert_true(h_client_open(&c, d.endpoint));
@@ -275,7 +278,8 @@ static void test_bits_across_world_sizes(void **state) {
             base = out;
         } else {
             if (memcmp(out, base, total) != 0)
-                fprintf(stderr, "outputs differ with %s workers, %s placement\n", configs[ci][0], configs[ci][1]);
+                fprintf(stderr, "outputs differ with %s workers, %s placement, %s data path\n", configs[ci][0],
+                        configs[ci][1], configs[ci][2]);
             assert_memory_equal(out, base, total);
             free(out);
         }
