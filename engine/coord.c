@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <stdatomic.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -178,6 +179,8 @@ typedef struct coord {
     eng_shm_layout lay;
     coord_slot *slots; /* [max_inflight_steps] */
     uv_async_t slot_async;
+    pthread_mutex_t wake_mu; /* guards wake_ok: ZeroMQ's thread may release a reply at any time */
+    bool wake_ok;            /* slot_async may be signalled (false once it is closing) */
     char shm_slots_str[16];
 
     /* lifecycle */
@@ -619,8 +622,15 @@ static void step_fail(coord *co, coord_step *s, moe_status status, const char *t
 /* ---- the shared-memory data path ---- */
 
 static void slot_release(coord_slot *sl) {
-    if (atomic_fetch_sub(&sl->refs, 1) == 1)
-        uv_async_send(&sl->co->slot_async); /* any thread: wake the loop to schedule */
+    if (atomic_fetch_sub(&sl->refs, 1) != 1)
+        return;
+    /* any thread: wake the loop to schedule, unless the loop is closing (ZeroMQ releases the
+     * last replies during zmq_ctx_term, after the loop is gone) */
+    coord *co = sl->co;
+    pthread_mutex_lock(&co->wake_mu);
+    if (co->wake_ok)
+        uv_async_send(&co->slot_async);
+    pthread_mutex_unlock(&co->wake_mu);
 }
 
 /* ZeroMQ's free callback of a reply sent from a slot (runs on ZeroMQ's thread or ours). */
@@ -1351,6 +1361,9 @@ static void begin_close(coord *co) {
         uv_close((uv_handle_t *)&co->sig_term, on_handle_closed);
         uv_close((uv_handle_t *)&co->sig_int, on_handle_closed);
         uv_close((uv_handle_t *)&co->sig_hup, on_handle_closed);
+        pthread_mutex_lock(&co->wake_mu);
+        co->wake_ok = false;
+        pthread_mutex_unlock(&co->wake_mu);
         uv_close((uv_handle_t *)&co->slot_async, on_handle_closed);
     }
 }
@@ -1576,6 +1589,9 @@ static moe_status coord_init(coord *co) {
     }
     uv_async_init(&co->loop, &co->slot_async, on_slot_free);
     co->slot_async.data = co;
+    pthread_mutex_lock(&co->wake_mu);
+    co->wake_ok = true;
+    pthread_mutex_unlock(&co->wake_mu);
     uv_timer_init(&co->loop, &co->tick);
     co->tick.data = co;
     int period = co->cfg.heartbeat_ms < 100 ? co->cfg.heartbeat_ms : 100;
@@ -1600,6 +1616,7 @@ static void coord_free(coord *co) {
         zmq_ctx_term(co->zctx);
     eng_shm_unmap(&co->shm);
     free(co->slots);
+    pthread_mutex_destroy(&co->wake_mu);
     par_placement_free(&co->placement);
     eng_ckpt_close(co->ckpt);
     free(co->layer_served);
@@ -1644,8 +1661,10 @@ int eng_serve_main(int argc, char **argv) {
         }
     }
     coord *co = calloc(1, sizeof *co);
-    if (co)
+    if (co) {
         co->shm.fd = -1;
+        pthread_mutex_init(&co->wake_mu, NULL);
+    }
     if (!co) {
         fprintf(stderr, "moe-engine: out of memory\n");
         return 1;
