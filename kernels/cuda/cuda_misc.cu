@@ -20,6 +20,60 @@
 /* ---- alignment ----------------------------------------------------------------------- */
 #define KC_ALIGN_THREADS 1024
 
+/* The tile blocks of each expert, over one CTA of at most KC_ALIGN_THREADS threads, each thread
+ * a contiguous range of experts: an exclusive scan of ceil(cnt[e] / bn) (warp shuffles, then
+ * the warps' sums), offb[e] = the expert's first block, block_expert[b] = its expert, the
+ * padding rows of each expert's last block set to -1, *n_blocks = the total. cnt may be in
+ * shared or global memory; wsum is shared scratch of KC_ALIGN_THREADS / 32 words. Callers
+ * synchronize after it before reading what it wrote. */
+__device__ __forceinline__ void kc_block_scan_fill(const int32_t *cnt, int32_t n_local, int32_t bn, int32_t *offb,
+                                                   int32_t *sorted_rows, int32_t *block_expert, int32_t *n_blocks,
+                                                   int32_t *wsum) {
+    const int tid = threadIdx.x;
+    const int chunk = (n_local + blockDim.x - 1) / blockDim.x;
+    const int e0 = tid * chunk, e1 = min(n_local, e0 + chunk);
+    int32_t mine = 0;
+    for (int e = e0; e < e1; e++)
+        mine += (cnt[e] + bn - 1) / bn;
+    const int lane = tid & 31, warp = tid >> 5;
+    int32_t incl = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int32_t v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off)
+            incl += v;
+    }
+    if (lane == 31)
+        wsum[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int32_t v = lane < (int)(blockDim.x / 32) ? wsum[lane] : 0;
+        int32_t iv = v;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int32_t u = __shfl_up_sync(0xffffffffu, iv, off);
+            if (lane >= off)
+                iv += u;
+        }
+        if (lane < (int)(blockDim.x / 32))
+            wsum[lane] = iv - v; /* exclusive */
+        if (lane == 31)
+            *n_blocks = iv;
+    }
+    __syncthreads();
+    int32_t run = wsum[warp] + incl - mine;
+    for (int e = e0; e < e1; e++) {
+        offb[e] = run;
+        const int32_t c = cnt[e];
+        const int32_t nbe = (c + bn - 1) / bn;
+        for (int b = 0; b < nbe; b++)
+            block_expert[run + b] = e;
+        for (int i = c; i < nbe * bn; i++)
+            sorted_rows[run * bn + i] = -1;
+        run += nbe;
+    }
+}
+
 __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     kc_align_kernel(const int32_t *ids, const float *w, int64_t P, int32_t K, const int32_t *map, int32_t E,
                     int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows, int32_t *block_expert,
@@ -57,49 +111,8 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     }
     __syncthreads();
 
-    /* Exclusive scan of the blocks per expert: each thread a contiguous range of experts. */
-    const int chunk = (n_local + blockDim.x - 1) / blockDim.x;
-    const int e0 = tid * chunk, e1 = min(n_local, e0 + chunk);
-    int32_t mine = 0;
-    for (int e = e0; e < e1; e++)
-        mine += (cnt[e] + bn - 1) / bn;
-    const int lane = tid & 31, warp = tid >> 5;
-    int32_t incl = mine;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-        const int32_t v = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off)
-            incl += v;
-    }
-    if (lane == 31)
-        wsum[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-        int32_t v = lane < (int)(blockDim.x / 32) ? wsum[lane] : 0;
-        int32_t iv = v;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-            const int32_t u = __shfl_up_sync(0xffffffffu, iv, off);
-            if (lane >= off)
-                iv += u;
-        }
-        if (lane < (int)(blockDim.x / 32))
-            wsum[lane] = iv - v; /* exclusive */
-        if (lane == 31)
-            *n_blocks = iv;
-    }
-    __syncthreads();
-    int32_t run = wsum[warp] + incl - mine;
-    for (int e = e0; e < e1; e++) {
-        offb[e] = run;
-        const int32_t nbe = (cnt[e] + bn - 1) / bn;
-        for (int b = 0; b < nbe; b++)
-            block_expert[run + b] = e;
-        /* padding rows of the expert's last block */
-        for (int i = cnt[e]; i < nbe * bn; i++)
-            sorted_rows[run * bn + i] = -1;
-        run += nbe;
-    }
+    /* Blocks per expert: their exclusive scan, block_expert and the padding rows. */
+    kc_block_scan_fill(cnt, n_local, bn, offb, sorted_rows, block_expert, n_blocks, wsum);
     __syncthreads();
 
     /* Pass 2: place each pair. */
@@ -191,49 +204,7 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     __shared__ int32_t wsum[KC_ALIGN_THREADS / 32];
     kc_pdl_wait();
     kc_pdl_trigger();
-    const int tid = threadIdx.x;
-    const int chunk = (n_local + blockDim.x - 1) / blockDim.x;
-    const int e0 = tid * chunk, e1 = min(n_local, e0 + chunk);
-    int32_t mine = 0;
-    for (int e = e0; e < e1; e++)
-        mine += (gcnt[e] + bn - 1) / bn;
-    const int lane = tid & 31, warp = tid >> 5;
-    int32_t incl = mine;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-        const int32_t v = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off)
-            incl += v;
-    }
-    if (lane == 31)
-        wsum[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-        int32_t v = lane < (int)(blockDim.x / 32) ? wsum[lane] : 0;
-        int32_t iv = v;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-            const int32_t u = __shfl_up_sync(0xffffffffu, iv, off);
-            if (lane >= off)
-                iv += u;
-        }
-        if (lane < (int)(blockDim.x / 32))
-            wsum[lane] = iv - v;
-        if (lane == 31)
-            *n_blocks = iv;
-    }
-    __syncthreads();
-    int32_t run = wsum[warp] + incl - mine;
-    for (int e = e0; e < e1; e++) {
-        offb[e] = run;
-        const int32_t c = gcnt[e];
-        const int32_t nbe = (c + bn - 1) / bn;
-        for (int b = 0; b < nbe; b++)
-            block_expert[run + b] = e;
-        for (int i = c; i < nbe * bn; i++)
-            sorted_rows[run * bn + i] = -1;
-        run += nbe;
-    }
+    kc_block_scan_fill(gcnt, n_local, bn, offb, sorted_rows, block_expert, n_blocks, wsum);
 }
 
 __global__ void kc_align_place_kernel(const int32_t *ids, const int32_t *map, int64_t P, const int32_t *offb, int32_t bn,
