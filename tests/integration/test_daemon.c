@@ -204,6 +204,7 @@ static void test_serve_and_reference(void **state) {
         assert_true(h_send_msg(&c, &q));
     }
     int seen[NP] = {0};
+    void *got[NP] = {0};
     for (int i = 0; i < NP; i++) {
         assert_true(h_recv(&c, 20000, &buf, &len, &rep));
         assert_int_equal(rep.status, 0);
@@ -212,17 +213,26 @@ static void test_serve_and_reference(void **state) {
         assert_int_equal(seen[idx], 0);
         seen[idx] = 1;
         assert_int_equal(rep.n_tokens, rs[idx].x.shape[0]);
-        /* the same request alone gives the same bits (coalescing does not change results) */
+        const ipc_section *ys = ipc_msg_find(&rep, IPC_SEC_Y);
+        assert_non_null(ys);
+        got[idx] = malloc(ys->nbytes);
+        memcpy(got[idx], ys->data, ys->nbytes);
         moe_free(buf);
     }
+    /* the same request alone gives the same bits (coalescing does not change results) */
     for (int i = 0; i < NP; i += 7) {
         ipc_msg q;
         req_msg(&rs[i], 20000 + (uint64_t)i, i % 2, &q);
         assert_true(h_send_msg(&c, &q));
         assert_true(h_recv(&c, 20000, &buf, &len, &rep));
         assert_int_equal(rep.status, 0);
+        const ipc_section *ys = ipc_msg_find(&rep, IPC_SEC_Y);
+        assert_non_null(ys);
+        assert_memory_equal(ys->data, got[i], ys->nbytes);
         moe_free(buf);
     }
+    for (int i = 0; i < NP; i++)
+        free(got[i]);
     for (int i = 0; i < NP; i++)
         req_free(&rs[i]);
     h_client_close(&c);
@@ -283,10 +293,14 @@ static void test_bits_across_world_sizes(void **state) {
             assert_memory_equal(out, base, total);
             free(out);
         }
-        /* one request alone: its bits equal its bits in company */
-        float *y = malloc(sizeof(float) * (size_t)(rs[3].x.shape[0] * H));
-        assert_int_equal(submit(&c, &rs[3], 99, 1, NULL), 0);
-        free(y);
+        /* one request alone: its bits equal its bits in company (bf16 -> f32 is exact) */
+        const size_t n3 = (size_t)(rs[3].x.shape[0] * H);
+        float *alone = malloc(sizeof(float) * n3), *company = malloc(sizeof(float) * n3);
+        assert_int_equal(submit(&c, &rs[3], 99, 1, alone), 0);
+        moe_to_f32(MOE_DTYPE_BF16, base + off[3], company, n3);
+        assert_memory_equal(alone, company, sizeof(float) * n3);
+        free(alone);
+        free(company);
         h_client_close(&c);
         assert_int_equal(h_daemon_stop(&d, 20), 0);
     }

@@ -3,8 +3,10 @@
  * independent numpy writer (tests/model/write_checkpoints.py), against the numpy reference's
  * expected outputs (tests/ref/moe_ref.py): for every MoE layer, the engine routes from the
  * hidden states itself, then from the reference's own top-k ids and weights; both outputs must
- * match the reference's y (fp32 <= 1e-5, bf16/fp16 <= 1e-2 normalized error), and the engine's
- * routing is checked through the second path agreeing with the first bit for bit.
+ * match the reference's y (fp32 <= 1e-5, bf16/fp16 <= 1e-2 normalized error). (The two paths
+ * are not compared with each other bit for bit: the engine's fp32 routing weights may differ in
+ * the last bit from the reference's float64 ones; tests/model/test_ckpt_ref checks the routed
+ * ids themselves.)
  */
 #include <math.h>
 #include <setjmp.h>
@@ -81,7 +83,6 @@ static void run_case(const char *name, const char *workers) {
         const size_t n = (size_t)moe_tensor_numel(&y);
         float *ref = malloc(n * sizeof(float));
         moe_to_f32(y.dtype, y.data, ref, n);
-        void *outs[2] = {NULL, NULL};
         for (int path = 0; path < 2; path++) { /* 0: the engine routes; 1: the reference's ids */
             ipc_msg m;
             assert_int_equal(ipc_submit_init(&m, (uint64_t)(L * 2 + path), L, &x, path ? &ids : NULL, path ? &w : NULL,
@@ -108,15 +109,9 @@ static void run_case(const char *name, const char *workers) {
             fprintf(stderr, "%-22s layer %d (%s routing, %s workers): normalized error %.2e (tolerance %.0e)\n", name,
                     (int)L, path ? "given" : "engine", workers, err, tol);
             assert_true(err <= tol);
-            outs[path] = malloc(s->nbytes);
-            memcpy(outs[path], s->data, s->nbytes);
             free(got);
             moe_free(buf);
         }
-        /* The engine's own routing chose the reference's experts: both paths agree exactly
-         * where the routing weights agree (the weights themselves may differ in the last bit). */
-        free(outs[0]);
-        free(outs[1]);
         free(ref);
         moe_tensor_free(&x);
         moe_tensor_free(&ids);
