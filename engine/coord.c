@@ -77,6 +77,9 @@ typedef struct coord_step {
     int32_t slot;   /* shared-memory data path: the slot (-1: ZeroMQ data path) */
     bool copied;    /* the slot holds the step's inputs (the copy job finished) */
     bool sent;      /* STEP sent to the workers */
+    int32_t results; /* RESULTs received: the step is done when every rank has answered (GPU
+                        workers each write the rows they own of the replies) */
+    float gpu_step_us, gpu_compute_us, gpu_h2d_us, gpu_host_us, gpu_plan_us; /* the slowest rank's times */
 } coord_step;
 
 /* A slot of the shared-memory data path. refs: the step using it (from dispatch to its end),
@@ -122,8 +125,8 @@ typedef struct coord_stats {
     uint64_t restarts;
     int64_t *expert_tokens; /* [E] */
     /* GPU workers' device times (rank 0's RESULT; combine: every rank's) */
-    uint64_t gpu_steps;
-    double gpu_step_us, gpu_compute_us, gpu_combine_us, gpu_combine_bytes;
+    uint64_t gpu_steps, gpu_step_tokens;
+    double gpu_step_us, gpu_compute_us, gpu_combine_us, gpu_combine_bytes, gpu_h2d_us, gpu_host_us, gpu_plan_us;
     uint64_t errors_by_status[32];
 } coord_stats;
 
@@ -377,10 +380,14 @@ static char *stats_json(coord *co) {
     if (co->st.gpu_steps) {
         cJSON *gp = cJSON_AddObjectToObject(root, "gpu");
         cJSON_AddNumberToObject(gp, "steps", (double)co->st.gpu_steps);
+        cJSON_AddNumberToObject(gp, "step_tokens", (double)co->st.gpu_step_tokens);
         cJSON_AddNumberToObject(gp, "step_us_sum", co->st.gpu_step_us);
         cJSON_AddNumberToObject(gp, "compute_us_sum", co->st.gpu_compute_us);
         cJSON_AddNumberToObject(gp, "combine_us_sum", co->st.gpu_combine_us);
         cJSON_AddNumberToObject(gp, "combine_bytes_sum", co->st.gpu_combine_bytes);
+        cJSON_AddNumberToObject(gp, "h2d_us_sum", co->st.gpu_h2d_us);
+        cJSON_AddNumberToObject(gp, "host_us_sum", co->st.gpu_host_us);
+        cJSON_AddNumberToObject(gp, "plan_us_sum", co->st.gpu_plan_us);
     }
     cJSON *w = cJSON_AddObjectToObject(root, "workers");
     cJSON_AddNumberToObject(w, "world_size", co->world);
@@ -1226,26 +1233,35 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
             return;
         }
         const ipc_section *tm = ipc_msg_find(&m, ENG_SEC_TIMING);
-        if (tm && tm->dtype == MOE_DTYPE_F32 && tm->shape[0] == 4) {
-            float tv[4];
+        if (tm && tm->dtype == MOE_DTYPE_F32 && tm->shape[0] == ENG_GPU_TIMING_N) {
+            float tv[ENG_GPU_TIMING_N];
             memcpy(tv, tm->data, sizeof tv);
-            if (wk->rank == 0) {
-                co->st.gpu_steps++;
-                co->st.gpu_step_us += tv[0];
-                co->st.gpu_compute_us += tv[1];
-            }
+            float *mx[] = {&s->gpu_step_us, &s->gpu_compute_us, NULL, NULL, &s->gpu_h2d_us, &s->gpu_host_us,
+                           &s->gpu_plan_us};
+            for (int k = 0; k < ENG_GPU_TIMING_N; k++)
+                if (mx[k] && tv[k] > *mx[k])
+                    *mx[k] = tv[k];
             co->st.gpu_combine_us += tv[2];
             co->st.gpu_combine_bytes += tv[3];
         }
-        if (wk->rank != 0)
-            return;
-        const ipc_section *et = ipc_msg_find(&m, ENG_SEC_EXPERT_TOKENS);
+        const ipc_section *et = wk->rank == 0 ? ipc_msg_find(&m, ENG_SEC_EXPERT_TOKENS) : NULL;
         if (et && et->dtype == MOE_DTYPE_I32 && et->shape[0] == co->desc->n_experts) {
             for (int32_t e = 0; e < co->desc->n_experts; e++) {
                 int32_t v;
                 memcpy(&v, (const char *)et->data + 4 * (size_t)e, 4);
                 co->st.expert_tokens[e] += v;
             }
+        }
+        if (++s->results < co->world)
+            return;
+        co->st.gpu_step_us += s->gpu_step_us;
+        co->st.gpu_compute_us += s->gpu_compute_us;
+        co->st.gpu_h2d_us += s->gpu_h2d_us;
+        co->st.gpu_host_us += s->gpu_host_us;
+        co->st.gpu_plan_us += s->gpu_plan_us;
+        if (s->gpu_step_us > 0) {
+            co->st.gpu_steps++;
+            co->st.gpu_step_tokens += s->n_tokens;
         }
         co->st.steps++;
         co->st.step_tokens += s->n_tokens;

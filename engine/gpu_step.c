@@ -19,6 +19,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "engine/gpu_rows.h"
 #include "kernels/cuda/kern_cuda.h"
 
 typedef struct gpu_layer {
@@ -26,7 +27,7 @@ typedef struct gpu_layer {
     moe_tensor w13, w2, router;   /* device; router fp32 [E, H] or empty */
     float *bias;                  /* device [E] or NULL */
     bool has_shared;
-    moe_tensor sw13, sw2, sgate;  /* device (rank 0) */
+    moe_tensor sw13, sw2, sgate;  /* device (every rank: each adds it to the rows it owns) */
 } gpu_layer;
 
 struct eng_gpu {
@@ -35,18 +36,23 @@ struct eng_gpu {
     int32_t world;
     int32_t n_layers;
     gpu_layer *layers;
-    kern_ctx_t *k, *kside;
+    kern_ctx_t *k, *kside, *kcomm;
     cudaStream_t s_main, s_side, s_comm;
-    cudaEvent_t ev_in, ev_side, ev_mb[2], ev_red[2], ev_done;
-    cudaEvent_t tm_start, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
+    cudaEvent_t ev_in, ev_side[2], ev_mb[2], ev_red[2], ev_done;
+    cudaEvent_t tm_h2d, tm_start, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
     /* pinned host */
     void *x_h, *lg_h, *y_h;
     int32_t *ids_h;
     float *w_h;
     /* device */
-    void *x_d, *lg_d, *slots_d, *sum_d, *sh_d, *y_d;
+    void *x_d, *lg_d, *slots_d, *sh_d, *y_d;
     int32_t *ids_d, *map_d;
     float *w_d;
+    /* the combine (W > 1): one exchange plan per micro-batch, its indices in pinned memory and
+     * on the device ([mb][send, recv][T K]), the packed rows sent and received */
+    par_exchange_plan plan[2];
+    int32_t *idx_h, *idx_d;
+    void *send_d, *recv_d;
 };
 
 bool eng_gpu_available(void) { return true; }
@@ -96,16 +102,21 @@ void eng_gpu_free(eng_gpu_t *g) {
     free(g->layers);
     kern_ctx_free(g->k);
     kern_ctx_free(g->kside);
-    void *dev[] = {g->x_d, g->lg_d, g->slots_d, g->sum_d, g->sh_d, g->y_d, g->ids_d, g->map_d, g->w_d};
+    kern_ctx_free(g->kcomm);
+    par_exchange_plan_free(&g->plan[0]);
+    par_exchange_plan_free(&g->plan[1]);
+    void *dev[] = {g->x_d,  g->lg_d, g->slots_d, g->sh_d,   g->y_d,   g->ids_d,
+                   g->map_d, g->w_d, g->idx_d,   g->send_d, g->recv_d};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         dfree(dev[i]);
-    void *host[] = {g->x_h, g->lg_h, g->y_h, g->ids_h, g->w_h};
+    void *host[] = {g->x_h, g->lg_h, g->y_h, g->ids_h, g->w_h, g->idx_h};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
         if (host[i])
             cudaFreeHost(host[i]);
-    cudaEvent_t evs[] = {g->ev_in,    g->ev_side,    g->ev_mb[0],    g->ev_mb[1],    g->ev_red[0], g->ev_red[1],
-                         g->ev_done,  g->tm_start,   g->tm_compute,  g->tm_end,      g->tm_cs[0],  g->tm_cs[1],
-                         g->tm_ce[0], g->tm_ce[1]};
+    cudaEvent_t evs[] = {g->ev_in,     g->ev_side[0], g->ev_side[1], g->ev_mb[0],  g->ev_mb[1],
+                         g->ev_red[0], g->ev_red[1],  g->ev_done,    g->tm_start,  g->tm_compute,
+                         g->tm_end,    g->tm_cs[0],   g->tm_cs[1],   g->tm_ce[0],  g->tm_ce[1],
+                         g->tm_h2d};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i])
             cudaEventDestroy(evs[i]);
@@ -133,16 +144,20 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_main, cudaStreamNonBlocking), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_side, cudaStreamNonBlocking), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_comm, cudaStreamNonBlocking), st, fail);
-    cudaEvent_t *evs[] = {&g->ev_in, &g->ev_side, &g->ev_mb[0], &g->ev_mb[1], &g->ev_red[0], &g->ev_red[1], &g->ev_done};
+    cudaEvent_t *evs[] = {&g->ev_in,     &g->ev_side[0], &g->ev_side[1], &g->ev_mb[0],
+                          &g->ev_mb[1],  &g->ev_red[0],  &g->ev_red[1],  &g->ev_done};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), st, fail);
-    cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end, &g->tm_cs[0], &g->tm_cs[1], &g->tm_ce[0], &g->tm_ce[1]};
+    cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end,   &g->tm_cs[0],
+                          &g->tm_cs[1], &g->tm_ce[0],   &g->tm_ce[1], &g->tm_h2d};
     for (size_t i = 0; i < sizeof tms / sizeof tms[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreate(tms[i]), st, fail);
     kern_ctx_params kp = {.device = p->device, .stream = g->s_main};
     MOE_CHECK_GOTO(kern_ctx_init(&g->k, KERN_BACKEND_CUDA, &kp), st, fail);
     kern_ctx_params kps = {.device = p->device, .stream = g->s_side};
     MOE_CHECK_GOTO(kern_ctx_init(&g->kside, KERN_BACKEND_CUDA, &kps), st, fail);
+    kern_ctx_params kpc = {.device = p->device, .stream = g->s_comm};
+    MOE_CHECK_GOTO(kern_ctx_init(&g->kcomm, KERN_BACKEND_CUDA, &kpc), st, fail);
 
     /* Weights. */
     g->layers = calloc((size_t)(n_layers ? n_layers : 1), sizeof(gpu_layer));
@@ -165,7 +180,7 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
             MOE_CHECK_GOTO(upload(&b, &bd), st, fail);
             l->bias = bd.data;
         }
-        l->has_shared = hl->has_shared && p->rank == 0;
+        l->has_shared = hl->has_shared;
         if (l->has_shared) {
             MOE_CHECK_GOTO(upload(&hl->shared_w13, &l->sw13), st, fail);
             MOE_CHECK_GOTO(upload(&hl->shared_w2, &l->sw2), st, fail);
@@ -204,9 +219,17 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->w_d, sizeof(float) * (size_t)(TM * K)), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->lg_d, sizeof(float) * (size_t)(TM * E)), st, fail);
     if (g->world > 1) {
-        MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->slots_d, (size_t)(TM * K * H) * es), st, fail);
-        if (p->rank == 0)
-            MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->sum_d, (size_t)(TM * K * H) * es), st, fail);
+        const size_t pairs = (size_t)(TM * K);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->slots_d, pairs * (size_t)H * es), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->send_d, pairs * (size_t)H * es), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->recv_d, pairs * (size_t)H * es), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->idx_h, 4 * pairs * sizeof(int32_t), cudaHostAllocDefault), st,
+                            fail);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->idx_d, 4 * pairs * sizeof(int32_t)), st, fail);
+        for (int mb = 0; mb < 2; mb++)
+            MOE_CHECK_GOTO(par_exchange_plan_init(&g->plan[mb], g->world, p->rank, (int64_t)pairs,
+                                                  g->idx_h + (2 * mb) * pairs, g->idx_h + (2 * mb + 1) * pairs),
+                           st, fail);
         if (Is > 0)
             MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->sh_d, (size_t)(TM * H) * es), st, fail);
     }
@@ -243,18 +266,25 @@ static moe_status poll_event(cudaEvent_t ev, uint64_t deadline, const char *what
     }
 }
 
-/* y back to the host: one copy into the pinned output, or one per request into io->y. */
-static moe_status copy_out(eng_gpu_t *g, const eng_step_req *reqs, int32_t n, int64_t T, const eng_gpu_io *io) {
+/* Rows [lo, hi) of y back to the host: with io, the part of each request that falls in them,
+ * straight into its output; else (lo = 0, hi = T, rank 0) one copy into the pinned output. */
+static moe_status copy_out(eng_gpu_t *g, const eng_step_req *reqs, int32_t n, int64_t lo, int64_t hi,
+                           const eng_gpu_io *io, cudaStream_t s) {
     const size_t row = (size_t)g->m.hidden * moe_dtype_size(g->m.dtype);
+    if (hi <= lo)
+        return MOE_OK;
     if (!io) {
-        MOE_CUDA_CHECK(cudaMemcpyAsync(g->y_h, g->y_d, (size_t)T * row, cudaMemcpyDeviceToHost, g->s_main));
+        MOE_CUDA_CHECK(cudaMemcpyAsync((char *)g->y_h + (size_t)lo * row, (char *)g->y_d + (size_t)lo * row,
+                                       (size_t)(hi - lo) * row, cudaMemcpyDeviceToHost, s));
         return MOE_OK;
     }
     int64_t t0 = 0;
-    for (int32_t i = 0; i < n; i++) {
-        MOE_CUDA_CHECK(cudaMemcpyAsync(io->y[i], (char *)g->y_d + (size_t)t0 * row, (size_t)reqs[i].n_tokens * row,
-                                       cudaMemcpyDeviceToHost, g->s_main));
-        t0 += reqs[i].n_tokens;
+    for (int32_t i = 0; i < n && t0 < hi; i++) {
+        const int64_t t1 = t0 + reqs[i].n_tokens, a = t0 > lo ? t0 : lo, b = t1 < hi ? t1 : hi;
+        if (b > a)
+            MOE_CUDA_CHECK(cudaMemcpyAsync((char *)io->y[i] + (size_t)(a - t0) * row, (char *)g->y_d + (size_t)a * row,
+                                           (size_t)(b - a) * row, cudaMemcpyDeviceToHost, s));
+        t0 = t1;
     }
     return MOE_OK;
 }
@@ -264,6 +294,94 @@ static gpu_layer *find(eng_gpu_t *g, int32_t layer) {
         if (g->layers[i].layer == layer)
             return &g->layers[i];
     return NULL;
+}
+
+static bool use_dbo(const eng_gpu_t *g, int64_t T) {
+    return g->world > 1 && T >= 2 && (g->p.dbo == 1 || (g->p.dbo == 2 && T >= g->p.dbo_min_tokens));
+}
+
+/*
+ * The combine of micro-batch mb (rows [a, b)) on s_comm, once its products are done: this
+ * rank's slot rows of other ranks' tokens packed and sent, the rows of its own tokens computed
+ * elsewhere received and put in place, then the fixed-order sum over the slots (plus the
+ * shared expert) of the rows it owns, and those rows copied out. Returns the bytes sent.
+ */
+static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, int mb, const eng_step_req *reqs, int32_t n,
+                             const eng_gpu_io *io, size_t *sent) {
+    const eng_step_model *m = &g->m;
+    const int64_t H = m->hidden, K = m->top_k;
+    const size_t es = moe_dtype_size(m->dtype), row = (size_t)H * es;
+    const int32_t W = g->world, r = g->p.rank;
+    par_exchange_plan *pl = &g->plan[mb];
+    const size_t pairs = (size_t)(g->p.max_tokens * K);
+    int32_t *sidx_h = g->idx_h + (2 * mb) * pairs, *ridx_h = g->idx_h + (2 * mb + 1) * pairs;
+    int32_t *sidx_d = g->idx_d + (2 * mb) * pairs, *ridx_d = g->idx_d + (2 * mb + 1) * pairs;
+    cudaStream_t s = g->s_comm;
+    /* the indices go up while the products run */
+    if (pl->n_send)
+        MOE_CUDA_CHECK(cudaMemcpyAsync(sidx_d, sidx_h, sizeof(int32_t) * (size_t)pl->n_send, cudaMemcpyHostToDevice, s));
+    if (pl->n_recv)
+        MOE_CUDA_CHECK(cudaMemcpyAsync(ridx_d, ridx_h, sizeof(int32_t) * (size_t)pl->n_recv, cudaMemcpyHostToDevice, s));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_mb[mb], 0));
+    MOE_CUDA_CHECK(cudaEventRecord(g->tm_cs[mb], s));
+    int ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
+    if (ce)
+        return moe_fail(MOE_ERR_CUDA, "combine: pack: %s", cudaGetErrorString((cudaError_t)ce));
+    size_t sb[64], so[64], rb[64], ro[64];
+    size_t *sbp = W <= 64 ? sb : malloc(4 * sizeof(size_t) * (size_t)W);
+    if (!sbp)
+        return moe_fail(MOE_ERR_NOMEM, "combine sizes");
+    size_t *sop = W <= 64 ? so : sbp + W, *rbp = W <= 64 ? rb : sbp + 2 * W, *rop = W <= 64 ? ro : sbp + 3 * W;
+    *sent = 0;
+    for (int32_t q = 0; q < W; q++) {
+        sbp[q] = (size_t)pl->send_count[q] * row;
+        sop[q] = (size_t)pl->send_off[q] * row;
+        rbp[q] = (size_t)pl->recv_count[q] * row;
+        rop[q] = (size_t)pl->recv_off[q] * row;
+        *sent += sbp[q];
+    }
+    moe_status st = par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s);
+    if (sbp != sb)
+        free(sbp);
+    MOE_CHECK(st);
+    ce = eng_gpu_copy_rows(g->slots_d, ridx_d, g->recv_d, NULL, pl->n_recv, row, s);
+    if (ce)
+        return moe_fail(MOE_ERR_CUDA, "combine: unpack: %s", cudaGetErrorString((cudaError_t)ce));
+    MOE_CUDA_CHECK(cudaEventRecord(g->tm_ce[mb], s));
+    const int64_t lo = pl->bound[r], hi = pl->bound[r + 1];
+    if (hi > lo) {
+        if (l->has_shared)
+            MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_side[mb], 0));
+        moe_tensor sv = moe_tensor_view3((char *)g->slots_d + (size_t)(lo * K) * row, m->dtype, hi - lo, K, H);
+        moe_tensor shv = moe_tensor_view2((char *)g->sh_d + (size_t)lo * row, m->dtype, hi - lo, H);
+        moe_tensor yv = moe_tensor_view2((char *)g->y_d + (size_t)lo * row, m->dtype, hi - lo, H);
+        MOE_CHECK(kern_moe_sum(g->kcomm, &sv, l->has_shared ? &shv : NULL, &yv));
+    }
+    if (io)
+        return copy_out(g, reqs, n, lo, hi, io, s);
+    /* ZeroMQ data path: rank 0 answers for every row, so the owners' rows go to it */
+    void *rv[64];
+    size_t rvb[64];
+    void **rvp = W <= 64 ? rv : malloc(sizeof(void *) * (size_t)W);
+    size_t *rvbp = W <= 64 ? rvb : malloc(sizeof(size_t) * (size_t)W);
+    if (!rvp || !rvbp) {
+        if (rvp != rv)
+            free(rvp);
+        if (rvbp != rvb)
+            free(rvbp);
+        return moe_fail(MOE_ERR_NOMEM, "combine gather");
+    }
+    for (int32_t q = 0; q < W; q++) {
+        rvp[q] = (char *)g->y_d + (size_t)pl->bound[q] * row;
+        rvbp[q] = (size_t)(pl->bound[q + 1] - pl->bound[q]) * row;
+    }
+    st = par_comm_gatherv(g->p.comm, 0, (char *)g->y_d + (size_t)lo * row, (size_t)(hi - lo) * row, rvp, rvbp, 0,
+                          g->p.timeout_ms, s);
+    if (rvp != rv)
+        free(rvp);
+    if (rvbp != rvb)
+        free(rvbp);
+    return st;
 }
 
 moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
@@ -282,7 +400,8 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
                 (long long)g->p.max_tokens);
     if (y)
         *y = NULL;
-    const uint64_t deadline = moe_now_ns() + (uint64_t)g->p.timeout_ms * 1000000ull;
+    const uint64_t t_entry = moe_now_ns(), deadline = t_entry + (uint64_t)g->p.timeout_ms * 1000000ull;
+    uint64_t t_plan = 0, t_wait = 0;
     MOE_CUDA_CHECK(cudaSetDevice(g->p.device));
 
     /* Inputs: from the registered data path as they are, or staged into pinned memory; then one
@@ -309,6 +428,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
     const void *xs = io ? io->x : g->x_h, *lgs = io ? io->logits : g->lg_h;
     const int32_t *idss = io ? io->ids : g->ids_h;
     const float *ws = io ? io->w : g->w_h;
+    MOE_CUDA_CHECK(cudaEventRecord(g->tm_h2d, g->s_main));
     MOE_CUDA_CHECK(cudaMemcpyAsync(g->x_d, xs, (size_t)(T * H) * es, cudaMemcpyHostToDevice, g->s_main));
     MOE_CUDA_CHECK(
         cudaMemcpyAsync(g->ids_d, idss, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice, g->s_main));
@@ -341,9 +461,11 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         }
         t0 += nt;
     }
-    /* The ids of the whole step back into the pinned buffer, for the per-expert counts read
-     * after the step's one wait (with io, the client's ids are not in ids_h otherwise). */
-    if (routed || io)
+    /* The step's ids on the host: as they came (the client's), or copied back after the
+     * device routed them (read after the step's wait at W = 1; at W > 1 the exchange plan
+     * needs them first: the one extra wait of a step the engine routes). */
+    const int32_t *ids_host = routed ? g->ids_h : idss;
+    if (routed)
         MOE_CUDA_CHECK(cudaMemcpyAsync(g->ids_h, g->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
                                        g->s_main));
 
@@ -359,80 +481,89 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
     moe_tensor ids = moe_tensor_view2(g->ids_d, MOE_DTYPE_I32, T, K);
     moe_tensor wt = moe_tensor_view2(g->w_d, MOE_DTYPE_F32, T, K);
     moe_tensor yd = moe_tensor_view2(g->y_d, m->dtype, T, H);
+    const bool dbo = use_dbo(g, T);
+    const int parts = dbo ? 2 : 1;
+    size_t sent_bytes = 0;
 
     if (W == 1) {
         /* The unwrapped fast path: one call on one stream, straight into y. */
         kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = m->act};
         MOE_CHECK(kern_moe_forward(g->k, &ep, &x, &l->w13, &l->w2, &ids, &wt, l->has_shared ? &se : NULL, &yd));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
-        MOE_CHECK(copy_out(g, reqs, n, T, io));
+        MOE_CHECK(copy_out(g, reqs, n, 0, T, io, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
+        t_wait = moe_now_ns();
         MOE_CHECK(poll_event(g->ev_done, deadline, "step"));
     } else {
         kern_experts_params ep = {.n_experts = (int32_t)E,
                                   .n_local = g->m.placement->n_local[r],
                                   .expert_map = g->map_d,
                                   .act = m->act};
-        /* The shared expert on its own stream, beside the routed experts and the reduce. */
+        if (routed) {
+            MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
+            MOE_CHECK(poll_event(g->ev_in, deadline, "routing"));
+        }
+        int64_t bounds[3] = {0, dbo ? T / 2 : T, T};
+        const uint64_t tp0 = moe_now_ns();
+        for (int mb = 0; mb < parts; mb++)
+            MOE_CHECK(par_exchange_plan_build(&g->plan[mb], g->m.placement, ids_host, bounds[mb], bounds[mb + 1],
+                                              (int32_t)K));
+        t_plan = moe_now_ns() - tp0;
+        /* The shared expert of the rows this rank owns, on its own stream, beside the routed
+         * experts and the exchange. */
         if (l->has_shared) {
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
             MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_side, g->ev_in, 0));
-            moe_tensor sh = moe_tensor_view2(g->sh_d, m->dtype, T, H);
-            MOE_CHECK(kern_shared_expert_forward(g->kside, &se, &x, &sh));
-            MOE_CUDA_CHECK(cudaEventRecord(g->ev_side, g->s_side));
+            for (int mb = 0; mb < parts; mb++) {
+                const int64_t lo = g->plan[mb].bound[r], hi = g->plan[mb].bound[r + 1];
+                if (hi > lo) {
+                    moe_tensor xv = moe_tensor_view2((char *)g->x_d + (size_t)(lo * H) * es, m->dtype, hi - lo, H);
+                    moe_tensor sh = moe_tensor_view2((char *)g->sh_d + (size_t)(lo * H) * es, m->dtype, hi - lo, H);
+                    MOE_CHECK(kern_shared_expert_forward(g->kside, &se, &xv, &sh));
+                }
+                MOE_CUDA_CHECK(cudaEventRecord(g->ev_side[mb], g->s_side));
+            }
         }
-        bool dbo = T >= 2 && (g->p.dbo == 1 || (g->p.dbo == 2 && T >= g->p.dbo_min_tokens));
-        int parts = dbo ? 2 : 1;
-        int64_t bounds[3] = {0, dbo ? T / 2 : T, T};
+        /* The routed experts of each micro-batch on s_main; the combine of micro-batch 0 runs
+         * on s_comm while micro-batch 1 computes. */
         for (int mb = 0; mb < parts; mb++) {
             int64_t a = bounds[mb], nt = bounds[mb + 1] - bounds[mb];
             moe_tensor xv = moe_tensor_view2((char *)g->x_d + (size_t)(a * H) * es, m->dtype, nt, H);
             moe_tensor iv = moe_tensor_view2(g->ids_d + a * K, MOE_DTYPE_I32, nt, K);
             moe_tensor wv = moe_tensor_view2(g->w_d + a * K, MOE_DTYPE_F32, nt, K);
-            void *sp = (char *)g->slots_d + (size_t)(a * K * H) * es;
-            moe_tensor sv = moe_tensor_view3(sp, m->dtype, nt, K, H);
+            moe_tensor sv = moe_tensor_view3((char *)g->slots_d + (size_t)(a * K * H) * es, m->dtype, nt, K, H);
             MOE_CHECK(kern_fused_experts(g->k, &ep, &xv, &l->w13, &l->w2, &iv, &wv, &sv));
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[mb], g->s_main));
-            MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_comm, g->ev_mb[mb], 0));
-            MOE_CUDA_CHECK(cudaEventRecord(g->tm_cs[mb], g->s_comm));
-            void *rp_ = r == 0 ? (char *)g->sum_d + (size_t)(a * K * H) * es : NULL;
-            MOE_CHECK(par_comm_reduce_sum(g->p.comm, sp, rp_, (size_t)(nt * K * H), m->dtype, 0, g->p.timeout_ms,
-                                          g->s_comm));
-            MOE_CUDA_CHECK(cudaEventRecord(g->tm_ce[mb], g->s_comm));
-            MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[mb], g->s_comm));
+            if (mb == parts - 1) /* the products' end, before any host time of the combine */
+                MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
+            size_t sent = 0;
+            MOE_CHECK(combine_mb(g, l, mb, reqs, n, io, &sent));
+            sent_bytes += sent;
         }
-        MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
-        if (r == 0) {
-            if (l->has_shared)
-                MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_side, 0));
-            for (int mb = 0; mb < parts; mb++) {
-                int64_t a = bounds[mb], nt = bounds[mb + 1] - bounds[mb];
-                MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[mb], 0));
-                moe_tensor sv = moe_tensor_view3((char *)g->sum_d + (size_t)(a * K * H) * es, m->dtype, nt, K, H);
-                moe_tensor shv = moe_tensor_view2((char *)g->sh_d + (size_t)(a * H) * es, m->dtype, nt, H);
-                moe_tensor yv = moe_tensor_view2((char *)g->y_d + (size_t)(a * H) * es, m->dtype, nt, H);
-                MOE_CHECK(kern_moe_sum(g->k, &sv, l->has_shared ? &shv : NULL, &yv));
-            }
-            MOE_CHECK(copy_out(g, reqs, n, T, io));
-        } else {
-            MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[parts - 1], 0));
-        }
+        MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[0], g->s_comm));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[0], 0));
+        if (!io && r == 0)
+            MOE_CHECK(copy_out(g, reqs, n, 0, T, NULL, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
-        /* The one wait: the step's work, the reduces included, against the deadline and
+        /* The one wait: the step's work, the exchanges included, against the deadline and
          * NCCL's asynchronous errors. */
-        int32_t left = (int32_t)((deadline > moe_now_ns() ? deadline - moe_now_ns() : 1000000) / 1000000);
+        t_wait = moe_now_ns();
+        int32_t left = (int32_t)((deadline > t_wait ? deadline - t_wait : 1000000) / 1000000);
         MOE_CHECK(par_comm_wait(g->p.comm, g->s_main, left > 0 ? left : 1));
     }
     /* Errors the kernels found on the device (a bad id is skipped there and reported here). */
     MOE_CHECK(kern_ctx_sync(g->k));
-    if (l->has_shared && W > 1)
-        MOE_CHECK(kern_ctx_sync(g->kside));
+    if (W > 1) {
+        MOE_CHECK(kern_ctx_sync(g->kcomm));
+        if (l->has_shared)
+            MOE_CHECK(kern_ctx_sync(g->kside));
+    }
     if (expert_tokens) {
         memset(expert_tokens, 0, sizeof(int64_t) * (size_t)E);
         for (int64_t i = 0; i < T * K; i++)
-            if (g->ids_h[i] >= 0 && g->ids_h[i] < E)
-                expert_tokens[g->ids_h[i]]++;
+            if (ids_host[i] >= 0 && ids_host[i] < E)
+                expert_tokens[ids_host[i]]++;
     }
     if (timing) {
         memset(timing, 0, sizeof *timing);
@@ -441,12 +572,15 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
             timing->step_us = ms * 1e3f;
         if (cudaEventElapsedTime(&ms, g->tm_start, g->tm_compute) == cudaSuccess)
             timing->compute_us = ms * 1e3f;
+        if (cudaEventElapsedTime(&ms, g->tm_h2d, g->tm_start) == cudaSuccess)
+            timing->h2d_us = ms * 1e3f;
+        timing->host_us = (float)((double)(t_wait - t_entry) * 1e-3);
+        timing->plan_us = (float)((double)t_plan * 1e-3);
         if (W > 1) {
-            int parts = (T >= 2 && (g->p.dbo == 1 || (g->p.dbo == 2 && T >= g->p.dbo_min_tokens))) ? 2 : 1;
             for (int mb = 0; mb < parts; mb++)
                 if (cudaEventElapsedTime(&ms, g->tm_cs[mb], g->tm_ce[mb]) == cudaSuccess)
                     timing->combine_us += ms * 1e3f;
-            timing->combine_bytes = (float)((double)(T * K * H) * (double)es);
+            timing->combine_bytes = (float)sent_bytes;
         }
         (void)cudaGetLastError();
     }

@@ -3,23 +3,28 @@
  * resident on the device, pinned staging buffers, a compute stream, a side stream for the
  * shared expert and a communication stream for the NCCL combine.
  *
- * One step: the requests are staged into pinned memory and copied to the device; routing runs
- * on the device where a request did not bring ids; then
+ * One step: the requests are staged into pinned memory (or read in place from the registered
+ * shared-memory data path) and copied to the device; routing runs on the device where a
+ * request did not bring ids; then
  *   W = 1, no DBO  the unwrapped fast path: one kern_moe_forward on one stream, straight into y;
- *   W > 1          each rank computes its slots (kern_fused_experts in slot mode: zero where
- *                  another rank holds the expert) and the combine is an NCCL sum-reduce of the
- *                  [T, K, H] slot tensors to rank 0 (exact: every slot is non-zero on one rank
- *                  only), which adds the shared expert (run beside, on its own stream) and sums
- *                  the slots in fixed order (kern_moe_sum);
- *   DBO            the rows split in two micro-batches: the reduce of the first runs on the
- *                  communication stream while the second computes.
+ *   W > 1          the rows of the step belong to the ranks in contiguous blocks. Each rank
+ *                  computes the (token, slot) pairs of its experts for every row
+ *                  (kern_fused_experts in slot mode), sends the pairs of other ranks' rows to
+ *                  their owners and receives those of its own rows (one NCCL all-to-all of
+ *                  exactly those rows: par_exchange_plan), sums the slots of its rows in fixed
+ *                  order with the shared expert it computed for them on its own stream
+ *                  (kern_moe_sum), and copies its rows out: straight into the requests'
+ *                  outputs on the shared-memory data path (every rank writes its part), or to
+ *                  rank 0 (an NCCL gather) on the ZeroMQ data path;
+ *   DBO            the rows split in two micro-batches: the exchange and sum of the first run
+ *                  on the communication stream while the second computes.
  * The only host wait of a step is the one that hands the result back (polled against the
- * step's deadline, with NCCL's asynchronous errors), except when the engine routes: then the
- * routed ids are copied back for the per-expert counts after that same wait.
+ * step's deadline, with NCCL's asynchronous errors), except when the engine routes at W > 1:
+ * the exchange plan needs the routed ids on the host, so the step waits once for the routing.
  *
- * Results are the same bits for every W, placement and DBO setting: slots are placement-
- * independent (a row's contribution never depends on the other rows) and the sum is in fixed
- * slot order.
+ * Results are the same bits for every W, placement and DBO setting: a slot's contribution
+ * never depends on the other rows, the exchange moves rows without touching their bits, and
+ * each row's sum is in fixed slot order from +0.0, as at W = 1.
  *
  * Threads: the worker's step loop only.
  */
@@ -47,13 +52,16 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
 void eng_gpu_free(eng_gpu_t *g);
 
 /* Device-side times of a step (CUDA events): from the inputs on the device to the end, the
- * routed experts' products, and the reduces (their own durations, summed over micro-batches),
- * with the bytes each reduce moved from this rank. */
+ * routed experts' products, and the exchanges (pack, all-to-all, unpack: their own durations,
+ * summed over micro-batches), with the bytes this rank sent in them. */
 typedef struct eng_gpu_timing {
     float step_us;
-    float compute_us;
+    float compute_us;    /* the routed products (and routing), from the inputs on the device */
     float combine_us;
     float combine_bytes;
+    float h2d_us;        /* the inputs' copy to the device (not in step_us) */
+    float host_us;       /* host time from the step's start to its one wait (enqueueing) */
+    float plan_us;       /* host time building the exchange plans (W > 1) */
 } eng_gpu_timing;
 
 /* The step's inputs and outputs in host memory registered with CUDA (the shared-memory data
@@ -65,7 +73,7 @@ typedef struct eng_gpu_io {
     const int32_t *ids;
     const float *w;
     const void *logits;
-    void *const *y; /* [n] (rank 0) */
+    void *const *y; /* [n] (every rank writes the rows it owns) */
 } eng_gpu_io;
 
 /* Registers host memory with CUDA (page-locked, for direct copies); the memory stays mapped
@@ -74,8 +82,8 @@ moe_status eng_gpu_register_host(void *p, size_t bytes);
 
 /*
  * Runs one step of `n` requests on layer `layer`. With io, the inputs are read from io (the
- * reqs still give each request's size and routing form) and rank 0 writes each request's
- * output to io->y[i]; without io, the inputs are staged from reqs, and on rank 0 *y points (on
+ * reqs still give each request's size and routing form) and every rank writes the rows it owns
+ * of each request's output to io->y[i] (the step is answered when all ranks have finished); without io, the inputs are staged from reqs, and on rank 0 *y points (on
  * success) at the output [T, H] in pinned host memory, valid until the next call; expert_tokens [E] (may be
  * NULL) gets the tokens routed to each expert. On error nothing is returned, and a
  * communicator error leaves the communicator aborted (the group must be restarted).

@@ -54,7 +54,9 @@
 #define ENG_SEC_SLOT 0x103          /* STEP on the shared-memory data path: i32 [1], the slot */
 #define ENG_SEC_STEP_REQS 0x104     /* STEP on the shared-memory data path: bytes, one eng_shm_req
                                        (engine/shm.h) per request, in order */
-#define ENG_SEC_TIMING 0x102        /* RESULT of a GPU worker: f32 [4] step_us, compute_us, combine_us,
-                                       combine_bytes (device event times of the step) */
+#define ENG_SEC_TIMING 0x102        /* RESULT of a GPU worker: f32 [ENG_GPU_TIMING_N]: step_us,
+                                       compute_us, combine_us, combine_bytes, h2d_us, host_us,
+                                       plan_us (eng_gpu_timing, engine/gpu_step.h) */
+#define ENG_GPU_TIMING_N 7
 
 #endif /* ENG_WIRE_H */

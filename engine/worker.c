@@ -327,7 +327,9 @@ static moe_status worker_load(worker *w, char *why, size_t whycap) {
     lp.layers = layers;
     lp.n_layers = n_layers;
     lp.router = true;
-    lp.shared = w->a.rank == 0;
+    /* CPU workers: rank 0 adds the shared expert after the gather; GPU workers: every rank
+     * adds it to the rows it owns in the combine. */
+    lp.shared = w->a.rank == 0 || strcmp(w->a.backend, "cuda") == 0;
     lp.progress = log_progress;
     lp.progress_arg = w;
     st = eng_model_load(w->ckpt, &lp, &w->weights);
@@ -634,9 +636,10 @@ answer:
                 counts[e] = (int32_t)counts64[e];
             st = ipc_msg_add(&res, ENG_SEC_EXPERT_TOKENS, MOE_DTYPE_I32, 1, (int64_t[]){w->model.n_experts}, counts);
         }
-        float tv[4] = {timing.step_us, timing.compute_us, timing.combine_us, timing.combine_bytes};
+        float tv[ENG_GPU_TIMING_N] = {timing.step_us, timing.compute_us, timing.combine_us, timing.combine_bytes,
+                                      timing.h2d_us,  timing.host_us,    timing.plan_us};
         if (st == MOE_OK && have_timing)
-            st = ipc_msg_add(&res, ENG_SEC_TIMING, MOE_DTYPE_F32, 1, (int64_t[]){4}, tv);
+            st = ipc_msg_add(&res, ENG_SEC_TIMING, MOE_DTYPE_F32, 1, (int64_t[]){ENG_GPU_TIMING_N}, tv);
         if (st == MOE_OK)
             st = send_msg(w, &res, false);
         free(counts);

@@ -71,3 +71,25 @@ moe_status par_comm_reduce_sum(par_comm_t *c, const void *send, void *recv, size
         return moe_fail(MOE_ERR_SHUTDOWN, "communicator aborted");
     return c->ops->reduce_sum(c, send, recv, count, dt, root, timeout_ms, stream);
 }
+
+moe_status par_comm_alltoallv(par_comm_t *c, const void *send, const size_t *send_bytes, const size_t *send_off,
+                              void *recv, const size_t *recv_bytes, const size_t *recv_off, int32_t timeout_ms,
+                              void *stream) {
+    MOE_REQUIRE(c, MOE_ERR_INVALID_ARG, "alltoallv: NULL communicator");
+    MOE_REQUIRE(send_bytes && send_off && recv_bytes && recv_off, MOE_ERR_INVALID_ARG, "alltoallv: NULL size array");
+    MOE_REQUIRE(send_bytes[c->rank] == 0 && recv_bytes[c->rank] == 0, MOE_ERR_INVALID_ARG,
+                "alltoallv: rank %d sends %zu and receives %zu bytes to and from itself (must be 0)", (int)c->rank,
+                send_bytes[c->rank], recv_bytes[c->rank]);
+    for (int32_t q = 0; q < c->world_size; q++) {
+        MOE_REQUIRE(send || send_bytes[q] == 0, MOE_ERR_INVALID_ARG, "alltoallv: NULL send buffer");
+        MOE_REQUIRE(recv || recv_bytes[q] == 0, MOE_ERR_INVALID_ARG, "alltoallv: NULL receive buffer");
+    }
+    MOE_REQUIRE(timeout_ms > 0, MOE_ERR_INVALID_ARG, "alltoallv: timeout %d ms", (int)timeout_ms);
+    MOE_REQUIRE(c->ops->alltoallv, MOE_ERR_UNSUPPORTED, "alltoallv: the %s communicator has none", c->ops->name);
+    if (atomic_load(&c->aborted))
+        return moe_fail(MOE_ERR_SHUTDOWN, "communicator aborted");
+    moe_status st = c->ops->alltoallv(c, send, send_bytes, send_off, recv, recv_bytes, recv_off, timeout_ms, stream);
+    if (st != MOE_OK && st != MOE_ERR_SHUTDOWN)
+        MOE_WARN(MOE_SUB_PAR, "rank %d: alltoallv failed: %s: %s", (int)c->rank, moe_status_str(st), moe_errmsg());
+    return st;
+}

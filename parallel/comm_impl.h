@@ -15,6 +15,9 @@ typedef struct par_comm_ops {
                           const size_t *recv_bytes, int32_t root, int32_t timeout_ms, void *stream);
     moe_status (*reduce_sum)(par_comm_t *c, const void *send, void *recv, size_t count, moe_dtype dt, int32_t root,
                              int32_t timeout_ms, void *stream); /* NULL: not supported */
+    moe_status (*alltoallv)(par_comm_t *c, const void *send, const size_t *send_bytes, const size_t *send_off,
+                            void *recv, const size_t *recv_bytes, const size_t *recv_off, int32_t timeout_ms,
+                            void *stream); /* NULL: not supported */
     void (*abort)(par_comm_t *c);
     moe_status (*wait)(par_comm_t *c, void *stream, int32_t timeout_ms); /* NULL: synchronous */
     void (*free)(par_comm_t *c);

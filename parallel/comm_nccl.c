@@ -114,7 +114,7 @@ static moe_status nccl_gatherv(par_comm_t *c, uint64_t seq, const void *send, si
                 continue;
             MOE_NCCL_CHECK_GOTO(ncclRecv(recv[q], recv_bytes[q], ncclUint8, q, n->comm, s), st, fail_group);
         }
-        if (send_bytes)
+        if (send_bytes && recv[root] != send) /* in place: the root's part is already there */
             MOE_CUDA_CHECK_GOTO(cudaMemcpyAsync(recv[root], send, send_bytes, cudaMemcpyDeviceToDevice, s), st,
                                 fail_group);
     } else if (send_bytes) {
@@ -137,6 +137,33 @@ static moe_status nccl_reduce_sum(par_comm_t *c, const void *send, void *recv, s
     moe_status st = MOE_OK;
     MOE_NCCL_CHECK_GOTO(ncclReduce(send, recv, count, t, ncclSum, root, n->comm, (cudaStream_t)stream), st, fail);
     return poll_until(c, moe_now_ns() + (uint64_t)timeout_ms * 1000000ull, NULL, "reduce enqueue");
+fail:
+    abort_nccl(c);
+    return st;
+}
+
+static moe_status nccl_alltoallv(par_comm_t *c, const void *send, const size_t *send_bytes, const size_t *send_off,
+                                 void *recv, const size_t *recv_bytes, const size_t *recv_off, int32_t timeout_ms,
+                                 void *stream) {
+    nccl_comm *n = c->impl;
+    cudaStream_t s = (cudaStream_t)stream;
+    uint64_t deadline = moe_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    moe_status st = MOE_OK;
+    MOE_NCCL_CHECK_GOTO(ncclGroupStart(), st, fail);
+    for (int32_t q = 0; q < c->world_size; q++) {
+        if (q == c->rank)
+            continue;
+        if (send_bytes[q])
+            MOE_NCCL_CHECK_GOTO(
+                ncclSend((const char *)send + send_off[q], send_bytes[q], ncclUint8, q, n->comm, s), st, fail_group);
+        if (recv_bytes[q])
+            MOE_NCCL_CHECK_GOTO(ncclRecv((char *)recv + recv_off[q], recv_bytes[q], ncclUint8, q, n->comm, s), st,
+                                fail_group);
+    }
+    MOE_NCCL_CHECK_GOTO(ncclGroupEnd(), st, fail);
+    return poll_until(c, deadline, NULL, "alltoallv enqueue");
+fail_group:
+    ncclGroupEnd();
 fail:
     abort_nccl(c);
     return st;
@@ -179,6 +206,7 @@ static const par_comm_ops nccl_ops = {
     .name = "nccl",
     .gatherv = nccl_gatherv,
     .reduce_sum = nccl_reduce_sum,
+    .alltoallv = nccl_alltoallv,
     .abort = nccl_abort_op,
     .wait = nccl_wait,
     .free = nccl_free,

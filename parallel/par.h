@@ -94,6 +94,17 @@ moe_status par_comm_gatherv(par_comm_t *c, uint64_t seq, const void *send, size_
 moe_status par_comm_reduce_sum(par_comm_t *c, const void *send, void *recv, size_t count, moe_dtype dt, int32_t root,
                                int32_t timeout_ms, void *stream);
 
+/*
+ * All-to-all with per-peer sizes: rank q's send_bytes[q] bytes at send + send_off[q] go to q,
+ * where they land at recv + recv_off[r] (r = this rank); this rank receives recv_bytes[q]
+ * bytes from q at recv + recv_off[q]. Sizes must agree pairwise; the entries of this rank
+ * itself must be 0 (its own part stays where it is). NCCL backend only (device buffers,
+ * `stream`: one NCCL group of point-to-point transfers).
+ */
+moe_status par_comm_alltoallv(par_comm_t *c, const void *send, const size_t *send_bytes, const size_t *send_off,
+                              void *recv, const size_t *recv_bytes, const size_t *recv_off, int32_t timeout_ms,
+                              void *stream);
+
 /* Marks the communicator failed: waits in progress return, later operations fail at once.
  * The NCCL backend also aborts the NCCL communicator (ncclCommAbort), which ends the
  * collectives in flight on every rank that does the same. */
@@ -147,6 +158,42 @@ typedef struct par_combine_plan {
 moe_status par_combine_plan_init(par_combine_plan *plan, const par_placement *pl, const int32_t *ids,
                                  int64_t n_tokens, int32_t top_k);
 void par_combine_plan_free(par_combine_plan *plan);
+
+/* ------------------------------------------------------------------------------------------
+ * The exchange plan of a GPU step's combine, on rank `rank`: the rows [a, b) of a step (or of
+ * one micro-batch) belong to the ranks in contiguous blocks, rank q owning rows
+ * [bound[q], bound[q + 1]) with bound[q] = a + (b - a) * q / W. Each (token, slot) pair is
+ * computed on the rank holding its expert and summed, in slot order, on the rank owning its
+ * row. So a rank sends the pairs it computed for other ranks' rows and receives the pairs of
+ * its own rows computed elsewhere: T K (W - 1) / W rows per rank for uniform routing, the same
+ * at every world size (a reduce of zero-padded [T, K, H] slot tensors moves W times that).
+ *
+ * send_idx: flat slot indices t * K + k (t absolute in the step) this rank computed for rows
+ *           of other ranks, grouped by destination in rank order, ascending within a group;
+ * recv_idx: the flat slot indices of this rank's rows computed elsewhere, grouped by source
+ *           the same way. The i-th row q sends to r is the i-th row r receives from q.
+ * Ids outside [0, E) belong to no rank (the kernels report them). Every rank builds its plan
+ * from the same ids and placement, so the sizes need no exchange.
+ * ---------------------------------------------------------------------------------------- */
+typedef struct par_exchange_plan {
+    int32_t world_size, rank;
+    int64_t cap;                     /* capacity of send_idx / recv_idx (pairs) */
+    int64_t *bound;                  /* [W + 1] */
+    int64_t *send_count, *send_off;  /* [W] pairs, offsets in pairs */
+    int64_t *recv_count, *recv_off;  /* [W] */
+    int64_t n_send, n_recv;
+    int32_t *send_idx, *recv_idx;    /* [cap] each (the caller's memory, or allocated) */
+    bool own_idx;
+} par_exchange_plan;
+
+/* Sizes the plan for up to `max_pairs` pairs a step. send_idx / recv_idx: memory of the
+ * caller (for instance pinned host memory) of max_pairs int32 each, or NULL to allocate. */
+moe_status par_exchange_plan_init(par_exchange_plan *p, int32_t world_size, int32_t rank, int64_t max_pairs,
+                                  int32_t *send_idx, int32_t *recv_idx);
+/* Builds the plan of rows [a, b) of ids [.., K] (absolute rows). */
+moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl, const int32_t *ids, int64_t a,
+                                   int64_t b, int32_t top_k);
+void par_exchange_plan_free(par_exchange_plan *p);
 
 #ifdef __cplusplus
 }

@@ -67,3 +67,109 @@ nomem:
     par_combine_plan_free(plan);
     return moe_fail(MOE_ERR_NOMEM, "combine plan");
 }
+
+void par_exchange_plan_free(par_exchange_plan *p) {
+    if (!p)
+        return;
+    free(p->bound);
+    free(p->send_count);
+    free(p->send_off);
+    free(p->recv_count);
+    free(p->recv_off);
+    if (p->own_idx) {
+        free(p->send_idx);
+        free(p->recv_idx);
+    }
+    memset(p, 0, sizeof *p);
+}
+
+moe_status par_exchange_plan_init(par_exchange_plan *p, int32_t world_size, int32_t rank, int64_t max_pairs,
+                                  int32_t *send_idx, int32_t *recv_idx) {
+    MOE_REQUIRE(p, MOE_ERR_INVALID_ARG, "exchange plan: NULL plan");
+    memset(p, 0, sizeof *p);
+    MOE_REQUIRE(world_size >= 1 && rank >= 0 && rank < world_size, MOE_ERR_INVALID_ARG,
+                "exchange plan: rank %d of %d", (int)rank, (int)world_size);
+    MOE_REQUIRE(max_pairs >= 0 && max_pairs <= INT32_MAX, MOE_ERR_INVALID_ARG, "exchange plan: %lld pairs",
+                (long long)max_pairs);
+    MOE_REQUIRE(!send_idx == !recv_idx, MOE_ERR_INVALID_ARG, "exchange plan: give both index buffers or neither");
+    p->world_size = world_size;
+    p->rank = rank;
+    p->cap = max_pairs;
+    const size_t W = (size_t)world_size;
+    p->bound = calloc(W + 1, sizeof(int64_t));
+    p->send_count = calloc(W, sizeof(int64_t));
+    p->send_off = calloc(W, sizeof(int64_t));
+    p->recv_count = calloc(W, sizeof(int64_t));
+    p->recv_off = calloc(W, sizeof(int64_t));
+    if (send_idx) {
+        p->send_idx = send_idx;
+        p->recv_idx = recv_idx;
+    } else {
+        p->own_idx = true;
+        p->send_idx = malloc(sizeof(int32_t) * (size_t)(max_pairs ? max_pairs : 1));
+        p->recv_idx = malloc(sizeof(int32_t) * (size_t)(max_pairs ? max_pairs : 1));
+    }
+    if (!p->bound || !p->send_count || !p->send_off || !p->recv_count || !p->recv_off || !p->send_idx ||
+        !p->recv_idx) {
+        par_exchange_plan_free(p);
+        return moe_fail(MOE_ERR_NOMEM, "exchange plan");
+    }
+    return MOE_OK;
+}
+
+moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl, const int32_t *ids, int64_t a,
+                                   int64_t b, int32_t top_k) {
+    MOE_REQUIRE(p && pl && p->bound, MOE_ERR_INVALID_ARG, "exchange plan: NULL argument");
+    MOE_REQUIRE(pl->world_size == p->world_size, MOE_ERR_INVALID_ARG,
+                "exchange plan: placement of %d ranks, plan of %d", (int)pl->world_size, (int)p->world_size);
+    MOE_REQUIRE(a >= 0 && b >= a && top_k >= 1 && (ids || a == b), MOE_ERR_INVALID_ARG,
+                "exchange plan: rows [%lld, %lld), K %d", (long long)a, (long long)b, (int)top_k);
+    MOE_REQUIRE(b * top_k <= (int64_t)INT32_MAX, MOE_ERR_LIMIT, "exchange plan: %lld slot rows",
+                (long long)(b * top_k));
+    const int32_t W = p->world_size, r = p->rank;
+    const int64_t n = b - a;
+    for (int32_t q = 0; q <= W; q++)
+        p->bound[q] = a + n * q / W;
+    memset(p->send_count, 0, sizeof(int64_t) * (size_t)W);
+    memset(p->recv_count, 0, sizeof(int64_t) * (size_t)W);
+    /* Counts, then offsets, then the indices in ascending order within each group. */
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            int64_t so = 0, ro = 0;
+            for (int32_t q = 0; q < W; q++) {
+                p->send_off[q] = so;
+                p->recv_off[q] = ro;
+                so += p->send_count[q];
+                ro += p->recv_count[q];
+                p->send_count[q] = p->recv_count[q] = 0;
+            }
+            MOE_REQUIRE(so <= p->cap && ro <= p->cap, MOE_ERR_LIMIT,
+                        "exchange plan: %lld / %lld pairs over the capacity %lld", (long long)so, (long long)ro,
+                        (long long)p->cap);
+            p->n_send = so;
+            p->n_recv = ro;
+        }
+        int32_t q = 0; /* the owner of row t */
+        for (int64_t t = a; t < b; t++) {
+            while (t >= p->bound[q + 1])
+                q++;
+            for (int32_t k = 0; k < top_k; k++) {
+                int32_t e = ids[t * top_k + k];
+                if (e < 0 || e >= pl->n_experts)
+                    continue;
+                int32_t src = pl->owner[e];
+                int32_t i = (int32_t)(t * top_k + k);
+                if (src == r && q != r) {
+                    if (pass)
+                        p->send_idx[p->send_off[q] + p->send_count[q]] = i;
+                    p->send_count[q]++;
+                } else if (q == r && src != r) {
+                    if (pass)
+                        p->recv_idx[p->recv_off[src] + p->recv_count[src]] = i;
+                    p->recv_count[src]++;
+                }
+            }
+        }
+    }
+    return MOE_OK;
+}

@@ -4,9 +4,11 @@
  * writer; the daemon serves it on the GPUs of MOE_TEST_GPUS (default "0"; "0,1" on a 2-GPU host):
  *   - every output against the reference kernels on the CPU (bf16 <= 1e-2), for requests with
  *     ids, with logits and with hidden states alone (device routing);
- *   - the same output bits on 1 GPU (the unwrapped path) and on 2 GPUs with DBO off and on and
- *     both placements (the NCCL sum-reduce of slot tensors, the shared expert on its own
- *     stream, the fixed-order sum);
+ *   - the same output bits on 1 GPU (the unwrapped path) and on 2, 4, 8 GPUs (prefixes of
+ *     MOE_TEST_GPUS) with DBO off, on and auto, both placements and both data paths (the
+ *     all-to-all exchange of slot rows to the ranks owning the rows, each rank's shared expert
+ *     on its own stream for its rows, the fixed-order sum; on the ZeroMQ data path the rows
+ *     gathered to rank 0);
  *   - with 2 GPUs, kill -9 of a worker with requests in flight: every request answered (its
  *     result or MOE_ERR_WORKER), the group restarted, later requests served.
  */
@@ -179,20 +181,22 @@ static void test_gpu_against_reference_and_bits(void **state) {
             snprintf(list + strlen(list), sizeof list - strlen(list), "%s%.*s", q ? "," : "", (int)n, p);
             p += n + (p[n] == ',');
         }
-        const char *cfg[][4] = {{"--dbo", "off", "--placement", "contiguous"},
-                                {"--dbo", "on", "--placement", "round-robin"},
-                                {"--dbo", "on", "--placement", "contiguous"}};
-        for (size_t c = 0; c < 3; c++) {
-            if (c == 2 && ws != n_gpus)
+        const char *cfg[][6] = {{"--dbo", "off", "--placement", "contiguous", "--data-path", "shm"},
+                                {"--dbo", "on", "--placement", "round-robin", "--data-path", "shm"},
+                                {"--dbo", "on", "--placement", "contiguous", "--data-path", "shm"},
+                                {"--dbo", "auto", "--placement", "round-robin", "--data-path", "zmq"}};
+        for (size_t c = 0; c < 4; c++) {
+            if (c >= 2 && ws != n_gpus)
                 continue;
             uint8_t *o = run_all((const char *[]){"--model", model_dir, "--gpus", list, cfg[c][0], cfg[c][1], cfg[c][2],
-                                                  cfg[c][3], "--dbo-min-tokens", "2", NULL},
+                                                  cfg[c][3], cfg[c][4], cfg[c][5], "--dbo-min-tokens", "2", NULL},
                                  &t2);
             assert_int_equal(t2, total);
             size_t diff = 0;
             for (size_t b = 0; b < total; b++)
                 diff += o[b] != base[b];
-            fprintf(stderr, "GPUs %s, dbo %s, %s: %zu bytes differ from 1 GPU\n", list, cfg[c][1], cfg[c][3], diff);
+            fprintf(stderr, "GPUs %s, dbo %s, %s, data path %s: %zu bytes differ from 1 GPU\n", list, cfg[c][1],
+                    cfg[c][3], cfg[c][5], diff);
             assert_int_equal(diff, 0);
             free(o);
         }

@@ -193,6 +193,98 @@ static void run_gather(int W, int steps, int skip_rank, int skip_step) {
     assert_int_equal(system(cmd), 0);
 }
 
+/* The exchange plans of all ranks, simulated: every rank's slot rows hold a value only where it
+ * holds the expert; packing by send_idx, moving each group to its destination and scattering by
+ * recv_idx must leave every rank with every valid pair of its own rows, each exactly once, and
+ * move no pair that stays on its rank. Random ids include invalid ones (-1, E). */
+static void test_exchange_plan(void **state) {
+    (void)state;
+    uint64_t seed = 12345;
+    for (int policy = 0; policy < 2; policy++) {
+        for (int32_t W = 1; W <= 8; W++) {
+            const int32_t E = 16 + W, K = 4;
+            par_placement pl;
+            assert_int_equal(par_placement_init(&pl, E, W, (par_place_policy)policy), MOE_OK);
+            for (int trial = 0; trial < 6; trial++) {
+                const int64_t T = (int64_t)(trial * 13 % 41), a = trial % 3 == 0 ? 0 : T / 3, b = T;
+                int32_t *ids = malloc(sizeof(int32_t) * (size_t)(T * K + 1));
+                for (int64_t i = 0; i < T * K; i++) {
+                    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+                    int32_t v = (int32_t)((seed >> 33) % (uint64_t)(E + 2)) - 1; /* -1 .. E */
+                    ids[i] = v;
+                }
+                par_exchange_plan *pp = calloc((size_t)W, sizeof *pp);
+                for (int32_t r = 0; r < W; r++) {
+                    assert_int_equal(par_exchange_plan_init(&pp[r], W, r, T * K, NULL, NULL), MOE_OK);
+                    assert_int_equal(par_exchange_plan_build(&pp[r], &pl, ids, a, b, K), MOE_OK);
+                }
+                /* value of pair i: i + 1 on the rank holding its expert, 0 elsewhere */
+                int64_t **slots = calloc((size_t)W, sizeof(int64_t *));
+                for (int32_t r = 0; r < W; r++) {
+                    slots[r] = calloc((size_t)(T * K + 1), sizeof(int64_t));
+                    for (int64_t i = a * K; i < b * K; i++)
+                        if (ids[i] >= 0 && ids[i] < E && pl.owner[ids[i]] == r)
+                            slots[r][i] = i + 1;
+                }
+                for (int32_t q = 0; q < W; q++) {
+                    for (int32_t r = 0; r < W; r++) {
+                        /* pairwise agreement of sizes */
+                        assert_int_equal(pp[q].send_count[r], pp[r].recv_count[q]);
+                        if (q == r) {
+                            assert_int_equal(pp[q].send_count[r], 0);
+                            continue;
+                        }
+                        for (int64_t j = 0; j < pp[q].send_count[r]; j++) {
+                            int32_t si = pp[q].send_idx[pp[q].send_off[r] + j];
+                            int32_t di = pp[r].recv_idx[pp[r].recv_off[q] + j];
+                            assert_int_equal(si, di);
+                            if (j > 0)
+                                assert_true(si > pp[q].send_idx[pp[q].send_off[r] + j - 1]);
+                            assert_int_equal(slots[r][di], 0); /* never overwrites */
+                            slots[r][di] = slots[q][si];
+                        }
+                    }
+                }
+                /* every valid pair of rank r's rows is now on r; rows are split in blocks */
+                for (int32_t r = 0; r < W; r++) {
+                    assert_int_equal(pp[r].bound[0], a);
+                    assert_int_equal(pp[r].bound[W], b);
+                    for (int64_t t = pp[r].bound[r]; t < pp[r].bound[r + 1]; t++)
+                        for (int32_t k = 0; k < K; k++) {
+                            int64_t i = t * K + k;
+                            bool valid = ids[i] >= 0 && ids[i] < E;
+                            assert_int_equal(slots[r][i], valid ? i + 1 : 0);
+                        }
+                }
+                for (int32_t r = 0; r < W; r++) {
+                    par_exchange_plan_free(&pp[r]);
+                    free(slots[r]);
+                }
+                free(slots);
+                free(pp);
+                free(ids);
+            }
+            par_placement_free(&pl);
+        }
+    }
+    /* bad arguments */
+    par_exchange_plan p;
+    assert_int_equal(par_exchange_plan_init(&p, 2, 2, 8, NULL, NULL), MOE_ERR_INVALID_ARG);
+    assert_int_equal(par_exchange_plan_init(&p, 2, 0, 4, NULL, NULL), MOE_OK);
+    par_placement pl;
+    assert_int_equal(par_placement_init(&pl, 4, 2, PAR_PLACE_CONTIGUOUS), MOE_OK);
+    int32_t ids[8] = {3, 3, 3, 3, 3, 3, 3, 3}; /* all on rank 1, rows 0..1 owned by rank 0 */
+    assert_int_equal(par_exchange_plan_build(&p, &pl, ids, 0, 4, 2), MOE_OK);
+    assert_int_equal(p.n_recv, 4);
+    assert_int_equal(par_exchange_plan_build(&p, &pl, ids, 3, 2, 2), MOE_ERR_INVALID_ARG);
+    par_exchange_plan q;
+    assert_int_equal(par_exchange_plan_init(&q, 2, 1, 3, NULL, NULL), MOE_OK);
+    assert_int_equal(par_exchange_plan_build(&q, &pl, ids, 0, 4, 2), MOE_ERR_LIMIT); /* sends 4 > 3 */
+    par_exchange_plan_free(&q);
+    par_exchange_plan_free(&p);
+    par_placement_free(&pl);
+}
+
 static void test_gather_processes(void **state) {
     (void)state;
     run_gather(1, 3, -1, -1);
@@ -231,6 +323,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_placement_policies),
         cmocka_unit_test(test_combine_plan),
+        cmocka_unit_test(test_exchange_plan),
         cmocka_unit_test(test_gather_processes),
         cmocka_unit_test(test_gather_timeout_then_recover),
         cmocka_unit_test(test_gather_bad_args),

@@ -1,15 +1,20 @@
 /*
- * bench_nccl.c: the NCCL sum-reduce that the GPU workers' combine uses, measured alone on the
- * same byte sizes, through the same communicator code (parallel/comm_nccl.c), one process per
- * GPU, printed in nccl-tests' columns so the numbers compare with everyone's:
+ * bench_nccl.c: the NCCL collectives of the GPU workers, measured alone through the same
+ * communicator code (parallel/comm_nccl.c), one process per GPU, printed in nccl-tests'
+ * columns so the numbers compare with everyone's:
  *
- *   bench_nccl --gpus 0,1 [--sizes 1048576,16777216,...] [--iters 20]
+ *   bench_nccl --gpus 0,1 [--op alltoall|reduce] [--sizes 1048576,16777216,...] [--iters 20]
  *
- *   size (bytes)  count (elements)  type  redop  root  time (us)  algbw (GB/s)  busbw (GB/s)  #wrong
+ *   size (bytes)  count (elements)  type  redop  root  time (us)  algbw (GB/s)  busbw (GB/s)  #wrong  sent/rank (B)
  *
- * For a reduce, nccl-tests' bus bandwidth equals the algorithm bandwidth (factor 1): bytes /
- * time. #wrong counts elements of the root's result that differ from the exact sum (each rank
- * sends (rank + 1) at even positions and 0 elsewhere, so the sum is exact in bf16).
+ * alltoall (the combine of the GPU workers, par_comm_alltoallv): size is nccl-tests' size, the
+ *   bytes of one rank's send buffer, size / W to each rank, its own part included (it stays in
+ *   place, as in the combine); busbw = algbw * (W - 1) / W = the bytes that leave a rank / time,
+ *   the figure to set beside bench_scaleout's "comb GB/s" (bytes a rank sent / its duration).
+ *   #wrong counts received elements that are not (sender + 1).
+ * reduce (the earlier combine, kept for comparison): bus bandwidth = algorithm bandwidth =
+ *   bytes / time; #wrong counts elements of the root's result that differ from the exact sum
+ *   (each rank sends (rank + 1) at even positions and 0 elsewhere, so the sum is exact in bf16).
  */
 #include <cuda_runtime.h>
 #include <signal.h>
@@ -30,7 +35,7 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 static int run_rank(int rank, int world, int device, const uint8_t *id, const size_t *sizes, int n_sizes, int iters,
-                    int out_fd) {
+                    int out_fd, bool a2a) {
     par_comm_t *c = NULL;
     par_comm_nccl_params p = {.rank = rank, .world_size = world, .device = device, .init_timeout_ms = 60000};
     memcpy(p.unique_id, id, PAR_NCCL_ID_BYTES);
@@ -45,9 +50,15 @@ static int run_rank(int rank, int world, int device, const uint8_t *id, const si
     cudaEventCreate(&e1);
     for (int si = 0; si < n_sizes; si++) {
         size_t bytes = sizes[si], count = bytes / 2;
+        const size_t chunk = (bytes / (size_t)world) & ~(size_t)15; /* alltoall: bytes to each rank */
+        size_t sb[MAX_GPUS], so[MAX_GPUS], rb[MAX_GPUS], ro[MAX_GPUS];
+        for (int q = 0; q < world; q++) {
+            sb[q] = rb[q] = q == rank ? 0 : chunk;
+            so[q] = ro[q] = (size_t)q * chunk;
+        }
         uint16_t *h = malloc(bytes);
         for (size_t i = 0; i < count; i++)
-            h[i] = (i % 2 == 0) ? moe_f32_to_bf16((float)(rank + 1)) : 0;
+            h[i] = a2a ? moe_f32_to_bf16((float)(rank + 1)) : (i % 2 == 0) ? moe_f32_to_bf16((float)(rank + 1)) : 0;
         void *send = NULL, *recv = NULL;
         cudaMalloc(&send, bytes);
         cudaMalloc(&recv, bytes);
@@ -56,7 +67,11 @@ static int run_rank(int rank, int world, int device, const uint8_t *id, const si
         int ok = 1;
         for (int it = -3; it < iters && ok; it++) {
             cudaEventRecord(e0, s);
-            ok = par_comm_reduce_sum(c, send, rank == 0 ? recv : NULL, count, MOE_DTYPE_BF16, 0, 30000, s) == MOE_OK;
+            if (a2a)
+                ok = par_comm_alltoallv(c, send, sb, so, recv, rb, ro, 30000, s) == MOE_OK;
+            else
+                ok = par_comm_reduce_sum(c, send, rank == 0 ? recv : NULL, count, MOE_DTYPE_BF16, 0, 30000, s) ==
+                     MOE_OK;
             cudaEventRecord(e1, s);
             ok = ok && par_comm_wait(c, s, 30000) == MOE_OK;
             float ms = 0;
@@ -65,7 +80,12 @@ static int run_rank(int rank, int world, int device, const uint8_t *id, const si
                 t[it] = ms * 1e3;
         }
         long wrong = 0;
-        if (rank == 0 && ok) {
+        if (a2a && ok) {
+            cudaMemcpy(h, recv, bytes, cudaMemcpyDeviceToHost);
+            for (int q = 0; q < world; q++)
+                for (size_t i = 0; q != rank && i < chunk / 2; i++)
+                    wrong += moe_bf16_to_f32(h[so[q] / 2 + i]) != (float)(q + 1);
+        } else if (rank == 0 && ok) {
             cudaMemcpy(h, recv, bytes, cudaMemcpyDeviceToHost);
             float want = (float)(world * (world + 1) / 2);
             for (size_t i = 0; i < count; i++)
@@ -75,8 +95,11 @@ static int run_rank(int rank, int world, int device, const uint8_t *id, const si
         double med = t[iters / 2];
         if (rank == 0) {
             char line[256];
-            int n = snprintf(line, sizeof line, "%14zu %14zu %6s %6s %5d %11.1f %13.2f %13.2f %7ld%s\n", bytes, count,
-                             "bf16", "sum", 0, med, (double)bytes / med * 1e-3, (double)bytes / med * 1e-3, wrong,
+            const double algbw = (double)bytes / med * 1e-3,
+                         busbw = a2a ? algbw * (double)(world - 1) / (double)world : algbw;
+            const size_t sent = a2a ? chunk * (size_t)(world - 1) : bytes;
+            int n = snprintf(line, sizeof line, "%14zu %14zu %6s %6s %5d %11.1f %13.2f %13.2f %7ld %14zu%s\n", bytes,
+                             count, "bf16", a2a ? "none" : "sum", a2a ? -1 : 0, med, algbw, busbw, wrong, sent,
                              ok ? "" : "  (failed)");
             if (write(out_fd, line, (size_t)n) != n)
                 ok = 0;
@@ -98,15 +121,20 @@ static int run_rank(int rank, int world, int device, const uint8_t *id, const si
 int main(int argc, char **argv) {
     const char *gpus = "0,1", *sizes_s = "1048576,4194304,16777216,67108864,268435456";
     int iters = 20;
+    bool a2a = true;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--gpus") == 0 && i + 1 < argc)
             gpus = argv[++i];
+        else if (strcmp(argv[i], "--op") == 0 && i + 1 < argc && (strcmp(argv[i + 1], "alltoall") == 0 ||
+                                                                    strcmp(argv[i + 1], "reduce") == 0))
+            a2a = strcmp(argv[++i], "alltoall") == 0;
         else if (strcmp(argv[i], "--sizes") == 0 && i + 1 < argc)
             sizes_s = argv[++i];
         else if (strcmp(argv[i], "--iters") == 0 && i + 1 < argc)
             iters = atoi(argv[++i]);
         else {
-            fprintf(stderr, "usage: bench_nccl --gpus 0,1 [--sizes B,B,...] [--iters N]\n");
+            fprintf(stderr, "usage: bench_nccl --gpus 0,1 [--op alltoall|reduce] [--sizes B,B,...] [--iters N]\n"
+                            "  alltoall (default): the GPU workers' combine; reduce: the reduce to rank 0\n");
             return 2;
         }
     }
@@ -136,10 +164,14 @@ int main(int argc, char **argv) {
     for (int r = 1; r < world; r++)
         if (pipe(pipes[r]) != 0)
             return 1;
-    printf("NCCL %d, %d ranks (GPUs %s), reduce to rank 0, bf16 sum; median of %d\n", par_comm_nccl_version(), world,
-           gpus, iters);
-    printf("%14s %14s %6s %6s %5s %11s %13s %13s %7s\n", "size (B)", "count", "type", "redop", "root", "time (us)",
-           "algbw (GB/s)", "busbw (GB/s)", "#wrong");
+    if (a2a)
+        printf("NCCL %d, %d ranks (GPUs %s), all-to-all (grouped send/recv, own part in place), bf16; median of %d\n",
+               par_comm_nccl_version(), world, gpus, iters);
+    else
+        printf("NCCL %d, %d ranks (GPUs %s), reduce to rank 0, bf16 sum; median of %d\n", par_comm_nccl_version(),
+               world, gpus, iters);
+    printf("%14s %14s %6s %6s %5s %11s %13s %13s %7s %14s\n", "size (B)", "count", "type", "redop", "root", "time (us)",
+           "algbw (GB/s)", "busbw (GB/s)", "#wrong", "sent/rank (B)");
     fflush(stdout);
     pid_t kids[MAX_GPUS];
     for (int r = 0; r < world; r++) {
@@ -157,7 +189,7 @@ int main(int argc, char **argv) {
             } else if (read(pipes[r][0], id, sizeof id) != (ssize_t)sizeof id) {
                 _exit(1);
             }
-            _exit(run_rank(r, world, dev[r], id, sizes, n_sizes, iters, 1));
+            _exit(run_rank(r, world, dev[r], id, sizes, n_sizes, iters, 1, a2a));
         }
     }
     int rc = 0;
