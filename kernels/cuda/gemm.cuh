@@ -16,6 +16,9 @@
  * bytes in the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r & 7)), the layout
  * that wgmma descriptors (layout type 1) and conflict-free ldmatrix both read. Loads are
  * cp.async 16 B, issued S-2 blocks ahead; zero-filled past K, past M and for padding rows.
+ * The large tile at large T on sm_90a is kc_gemm_tma_kernel (below, tile (5, 128)): the same
+ * tile and stages, its weight stages written by the bulk tensor copy engine, with a producer
+ * warpgroup and an mbarrier pipeline.
  *
  * Threads: 128 * NWG; warpgroup g owns weight rows [128 g, 128 g + 128) of the tile as two
  * 64-row accumulators (gate-up: gate rows j and up rows I + j, so that a thread holds both
@@ -24,6 +27,8 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <string.h>
@@ -440,11 +445,17 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
             kc_cp_wait<D - 1>();
             kc_fence_proxy_async();
             __syncthreads();
-            if (kb + D < nk) {
-                load_a(kb + D);
-                load_b(kb + D);
+            /* wgmma with S - 1 stages of lead ((4, 128)): the block's wgmma is issued before
+             * the loads, so that they are issued while it runs (the drain below then waits
+             * only for what is left of it). Otherwise the loads first. */
+            constexpr bool MMA_FIRST = DEEP_ && PATH == KC_PATH_WGMMA;
+            if (!MMA_FIRST) {
+                if (kb + D < nk) {
+                    load_a(kb + D);
+                    load_b(kb + D);
+                }
+                kc_cp_commit();
             }
-            kc_cp_commit();
 
             const uint32_t sa = sbase + (uint32_t)((kb % S) * TL::stage_bytes);
             const uint32_t sb = sa + TL::a_bytes;
@@ -461,6 +472,13 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
                     }
                 }
                 kc_wg_commit();
+                if (MMA_FIRST) {
+                    if (kb + D < nk) { /* into the stage of block kb - 1, drained before the barrier */
+                        load_a(kb + D);
+                        load_b(kb + D);
+                    }
+                    kc_cp_commit();
+                }
                 if (DEEP_)
                     kc_wg_wait<0>(); /* the stage is free at the next barrier: S - 1 stages of lead */
                 else
@@ -907,6 +925,406 @@ static int kc_gemm_ws_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     return (int)cudaGetLastError();
 }
 
+/* ---- TMA-fed warp-specialized wgmma kernel (sm_90a), the large tile ("5 x 128") ----------
+ * The (2 x 128 weight rows) x 128 columns tile of kc_gemm_kernel<.., 2, 128, ..>, fed by the
+ * bulk tensor copy engine: the weight stage of each 64-wide k block is one (down: 256 rows) or
+ * two (gate-up: the 128 gate rows, then the 128 up rows) cp.async.bulk.tensor copies issued
+ * by one producer thread, completing on the stage's "full" mbarrier with its byte count; the
+ * routed rows (gathered, so no tensor map) stay on cp.async 16 B by the producer warpgroup,
+ * arriving on the same barrier (cp.async.mbarrier.arrive.noinc). The copy engine writes the
+ * same 128-byte swizzle (16-byte chunk c of row r at c ^ (r & 7), the stages 1024-byte aligned)
+ * that the wgmma descriptors read. Two consumer warpgroups (128 weight rows each) wait on
+ * "full", issue the four k16 steps of the block in order, keep one wgmma group in flight
+ * (wait_group 1) and release the previous block's stage on its "empty" mbarrier. The K walk
+ * and the epilogue are those of kc_gemm_kernel: the same bits.
+ * Weight rows past M inside the box (the next expert's or the up rows) are loaded but never
+ * stored: a wgmma output row depends on its own weight row alone. */
+#ifdef KC_HAVE_WGMMA
+static __device__ __forceinline__ void kc_mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+static __device__ __forceinline__ void kc_tma_load_2d(uint32_t dst, const void *tmap, int c0, int c1, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];\n" ::"r"(dst),
+        "l"((uint64_t)tmap), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+#endif
+
+template <typename T, int MODE, bool BT>
+__global__ void __launch_bounds__(384, 1)
+    kc_gemm_tma_kernel(const kc_gemm_args a, const __grid_constant__ CUtensorMap tmw,
+                       const __grid_constant__ CUtensorMap tmb) {
+#if !defined(KC_HAVE_WGMMA)
+    return;
+#else
+    constexpr int NWG = 2, BN = 128;
+    typedef kc_tile<NWG, BN> TL;
+    constexpr int S = TL::stages;
+    constexpr int NACC = BN / 2;
+    __shared__ const char *s_bsrc[BN];
+    __shared__ int32_t s_orow[BN];
+    __shared__ float s_scale[BN];
+    __shared__ __align__(8) uint64_t s_full[S], s_empty[S];
+    __shared__ int32_t s_brow[BN]; /* BT: the routed row of column n in tmb, or -1 */
+    extern __shared__ char smem_raw[];
+
+    const int tid = threadIdx.x;
+    const int M = a.M, K = a.K;
+    constexpr int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
+    const int max_nb = a.max_blocks;
+    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
+    const int id = blockIdx.x;
+    const int gi = id / (gsz_full * max_nb);
+    const int g0 = gi * gsz_full;
+    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
+    const int local = id - gi * gsz_full * max_nb;
+    const int nb = local / gs;
+    const int rb = g0 + local % gs;
+    if (nb >= max_nb || rb >= n_rb)
+        return;
+    /* As in kc_gemm_kernel: the gate-up product reads the alignment from the start; the down
+     * product's tables were complete before the gate-up product started, so its weight stages
+     * stream before the wait (below). */
+    if (MODE == KC_MODE_GATE_UP)
+        kc_pdl_wait();
+    kc_pdl_trigger();
+    int expert = 0;
+    if (!a.dense) {
+        if (nb >= *a.n_blocks)
+            return;
+        expert = a.block_expert[nb];
+    } else if (nb * BN >= a.n_dense) {
+        return;
+    }
+    if (tid == 0)
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)&tmw) : "memory");
+    for (int n = tid; n < BN; n += 384) {
+        const char *src = nullptr;
+        int orow = -1, bi = -1;
+        float sc = 1.0f;
+        const int pos = nb * BN + n;
+        if (a.dense) {
+            if (pos < a.n_dense) {
+                bi = pos;
+                src = (const char *)a.b + (size_t)pos * K * sizeof(T);
+                orow = pos;
+                if (a.row_scale)
+                    sc = a.row_scale[pos];
+            }
+        } else {
+            const int pair = a.sorted_rows[pos];
+            if (pair >= 0) {
+                const int brow = a.b_by_pos ? pos : pair / a.b_div;
+                bi = brow;
+                src = (const char *)a.b + (size_t)brow * K * sizeof(T);
+                orow = a.out_by_pos ? pos : pair;
+                if (a.topk_w)
+                    sc = a.topk_w[pair];
+            }
+        }
+        s_bsrc[n] = src;
+        s_brow[n] = bi;
+        s_orow[n] = orow;
+        s_scale[n] = sc;
+    }
+    const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
+    const uint32_t full0 = (uint32_t)__cvta_generic_to_shared(&s_full[0]);
+    const uint32_t empty0 = (uint32_t)__cvta_generic_to_shared(&s_empty[0]);
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            /* BT: one arrive (expect_tx of the whole stage); else that and every producer
+             * thread's cp.async */
+            kc_mbar_init(full0 + 8 * s, BT ? 1 : 129);
+            kc_mbar_init(empty0 + 8 * s, 8);  /* every consumer warp */
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    const int nk = (K + KC_BK - 1) / KC_BK;
+    const int wg = tid >> 7;
+
+    if (wg == 0 && BT) {
+        /* ---- producer, all through the copy engine: warp 0; lane l copies routed rows
+         * l + 32 i, one 64-element row box each (row -1: out of bounds, zero-filled, its bytes
+         * counted like the others) ---- */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(KC_WS_PROD_REGS));
+        if (tid >= 32)
+            return;
+        int brow[BN / 32];
+#pragma unroll
+        for (int i = 0; i < BN / 32; i++)
+            brow[i] = s_brow[tid + 32 * i];
+        const int wrow0 = expert * (int)a.w_rows + rb * rows_per_cta;
+        const int npre = MODE == KC_MODE_DOWN ? (nk < S ? nk : S) : 0;
+        /* down: the first weight stages before the wait for the gate-up results (their own
+         * barrier arrive with the whole stage's bytes; the rows follow on the same phase) */
+        for (int kb = 0; kb < npre; kb++) {
+            const int s = kb % S;
+            const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
+            if (tid == 0) {
+                kc_mbar_expect_tx(full0 + 8 * s, (uint32_t)TL::stage_bytes);
+                kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
+            }
+        }
+        if (MODE == KC_MODE_DOWN)
+            kc_pdl_wait();
+#pragma unroll 1
+        for (int kb = 0; kb < nk; kb++) {
+            const int s = kb % S;
+            if (kb >= S)
+                kc_mbar_wait(empty0 + 8 * s, (uint32_t)(((kb / S) - 1) & 1));
+            const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
+            const uint32_t sb = sa + TL::a_bytes;
+            if (kb >= npre && tid == 0) {
+                kc_mbar_expect_tx(full0 + 8 * s, (uint32_t)TL::stage_bytes);
+                if (MODE == KC_MODE_GATE_UP) {
+                    kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
+                    kc_tma_load_2d(sa + 128 * 128, &tmw, kb * KC_BK, wrow0 + M, full0 + 8 * s);
+                } else {
+                    kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
+                }
+            }
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < BN / 32; i++)
+                kc_tma_load_2d(sb + (uint32_t)((tid + 32 * i) * 128), &tmb, kb * KC_BK, brow[i], full0 + 8 * s);
+        }
+        return;
+    }
+    if (wg == 0) {
+        /* ---- producer ---- */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(KC_WS_PROD_REGS));
+        const int pt = tid; /* 0..127: chunk pt % 8 of routed rows pt / 8 + 16 i */
+        const int c = pt & 7;
+        const char *brow[BN / 16];
+#pragma unroll
+        for (int i = 0; i < BN / 16; i++)
+            brow[i] = s_bsrc[(pt >> 3) + i * 16];
+        const int wrow0 = expert * (int)a.w_rows + rb * rows_per_cta; /* row of the tensor map */
+        auto load_a = [&](int kb) {
+            if (pt == 0) {
+                const int s = kb % S;
+                const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
+                kc_mbar_expect_tx(full0 + 8 * s, (uint32_t)TL::a_bytes);
+                if (MODE == KC_MODE_GATE_UP) {
+                    kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);             /* gate rows */
+                    kc_tma_load_2d(sa + 128 * 128, &tmw, kb * KC_BK, wrow0 + M, full0 + 8 * s); /* up rows */
+                } else {
+                    kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
+                }
+            }
+        };
+        const int npre = MODE == KC_MODE_DOWN ? (nk < S ? nk : S) : 0;
+        for (int kb = 0; kb < npre; kb++)
+            load_a(kb);
+        if (MODE == KC_MODE_DOWN)
+            kc_pdl_wait(); /* the gate-up results */
+#pragma unroll 1
+        for (int kb = 0; kb < nk; kb++) {
+            const int s = kb % S;
+            if (kb >= S)
+                kc_mbar_wait(empty0 + 8 * s, (uint32_t)(((kb / S) - 1) & 1));
+            if (kb >= npre)
+                load_a(kb);
+            const uint32_t sb = sbase + (uint32_t)(s * TL::stage_bytes) + TL::a_bytes;
+            const int kel = kb * KC_BK + c * 8;
+            const bool kok = kel < K;
+#pragma unroll
+            for (int i = 0; i < BN / 16; i++) {
+                const int r = (pt >> 3) + i * 16;
+                const bool ok = brow[i] != nullptr && kok;
+                const void *src = ok ? (const void *)(brow[i] + (size_t)kel * sizeof(T)) : a.w;
+                kc_cp_async16(sb + kc_swz(r, c), src, ok);
+            }
+            kc_cp_mbar_arrive(full0 + 8 * s);
+        }
+        kc_cp_wait<0>();
+        return;
+    }
+
+    /* ---- consumers ---- */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(KC_WS_CONS_REGS));
+    const int cw = wg - 1;
+    const int ct = tid - 128;
+    const int warp = (ct >> 5) & 3;
+    const int lane = ct & 31;
+    /* A rows of this warpgroup's two 64-row blocks in the stage: gate-up, gate rows at
+     * 64 cw and up rows at 128 + 64 cw; down, rows 128 cw and 128 cw + 64. */
+    const uint32_t aoff0 = (uint32_t)((MODE == KC_MODE_GATE_UP ? 64 * cw : 128 * cw) * 128);
+    const uint32_t aoff1 = (uint32_t)((MODE == KC_MODE_GATE_UP ? 128 + 64 * cw : 128 * cw + 64) * 128);
+    float acc[2][NACC];
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int i = 0; i < NACC; i++)
+            acc[b][i] = 0.0f;
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int i = 0; i < NACC; i++)
+            asm volatile("" : "+f"(acc[b][i])::"memory");
+    kc_wg_fence();
+#pragma unroll 1
+    for (int kb = 0; kb < nk; kb++) {
+        const int s = kb % S;
+        kc_mbar_wait(full0 + 8 * s, (uint32_t)((kb / S) & 1));
+        if (!BT)
+            kc_fence_proxy_async(); /* the routed rows came through cp.async (generic proxy) */
+        const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
+        const uint32_t sb = sa + TL::a_bytes;
+        kc_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const uint64_t db = kc_desc(sb + kk * 32);
+            kc_wgmma_op<T, BN>::run(acc[0], kc_desc(sa + aoff0 + kk * 32), db);
+            kc_wgmma_op<T, BN>::run(acc[1], kc_desc(sa + aoff1 + kk * 32), db);
+        }
+        kc_wg_commit();
+        kc_wg_wait<1>();
+        if (kb > 0 && lane == 0)
+            kc_mbar_arrive(empty0 + 8 * ((kb - 1) % S)); /* wgmma(kb - 1) is done with its stage */
+    }
+    kc_wg_wait<0>();
+    if (MODE == KC_MODE_DOWN)
+        kc_pdl_wait(); /* (long satisfied: the producer waited before its first routed rows) */
+
+    /* Epilogue through shared memory, as in kc_gemm_kernel (named barrier 1: the consumers). */
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    constexpr int PITCH = ROWS + 8;
+    static_assert(BN * PITCH * sizeof(T) <= (size_t)S * TL::stage_bytes, "epilogue tile exceeds the stages");
+    T *sC = (T *)(smem_raw + (sbase - sbase_raw));
+#pragma unroll
+    for (int i = 0; i < BN / 8; i++) {
+#pragma unroll
+        for (int cb = 0; cb < 2; cb++) {
+            const int n = 8 * i + 2 * (lane & 3) + cb;
+            const float sc = s_scale[n];
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int rr = warp * 16 + (lane >> 2) + 8 * hf;
+                const int reg = 4 * i + 2 * hf + cb;
+                if (MODE == KC_MODE_GATE_UP) {
+                    sC[n * PITCH + cw * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, acc[0][reg]) * acc[1][reg]);
+                } else {
+#pragma unroll
+                    for (int blk = 0; blk < 2; blk++)
+                        sC[n * PITCH + cw * 128 + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
+                }
+            }
+        }
+    }
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    T *out = (T *)a.out;
+    const int row0 = rb * rows_per_cta;
+    constexpr int CPR = ROWS / 8;
+    for (int idx = ct; idx < BN * CPR; idx += 256) {
+        const int n = idx / CPR, cc = idx % CPR;
+        const int orow = s_orow[n];
+        const int r = row0 + cc * 8;
+        if (orow < 0 || r >= M)
+            continue;
+        *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + cc * 8);
+    }
+#endif
+}
+
+/* Host: the tensor map of a [rows][K] matrix of 16-bit elements (the weights: rows = local
+ * experts x w_rows; the routed rows' source for (6, 128)), boxes of 64 x box_rows with the
+ * 128-byte swizzle; cuTensorMapEncodeTiled through the
+ * runtime's driver entry point (no libcuda link). Pure host computation, no synchronization. */
+static int kc_encode_wmap(CUtensorMap *m, const void *w, long rows, int K, int box_rows) {
+    static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+    if (!fn) {
+        void *p = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+        if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !p)
+            return e != cudaSuccess ? (int)e : (int)cudaErrorNotSupported;
+        fn = (PFN_cuTensorMapEncodeTiled_v12000)p;
+    }
+    const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)K * 2};
+    const cuuint32_t box[2] = {KC_BK, (cuuint32_t)box_rows};
+    const cuuint32_t estr[2] = {1, 1};
+    CUresult r = fn(m, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void *>(w), dims, strides, box, estr,
+                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS ? 0 : (int)cudaErrorInvalidValue;
+}
+
+template <typename T, int NWG, int BN, int PATH, bool DEEP>
+static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st);
+
+template <typename T, bool BT>
+static int kc_gemm_tma_launch_t(const kc_gemm_args *a, cudaStream_t st) {
+    typedef kc_tile<2, 128> TL;
+    const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 128 : 256;
+    if (a->small)
+        return (int)cudaErrorInvalidValue; /* the small mode uses the small tiles */
+    const long wrows = (a->dense ? 1L : (long)(a->n_local > 0 ? a->n_local : 1)) * (long)a->w_rows;
+    CUtensorMap tm;
+    if (((uintptr_t)a->w & 15) != 0 || wrows > 0x7fffffffL ||
+        kc_encode_wmap(&tm, a->w, wrows, a->K, rows_per_cta == 128 ? 128 : 256) != 0)
+        return kc_gemm_launch_t<T, 2, 128, KC_PATH_WGMMA, false>(a, st); /* same tile, same bits */
+    const long n_rb = (a->M + rows_per_cta - 1) / rows_per_cta;
+    const long nbl = a->dense ? (a->n_dense + 127) / 128 : a->max_blocks;
+    CUtensorMap tb = tm;
+    if (BT) { /* the routed rows' source, one row per box: rows of b that a tile can name */
+        const long brows = a->dense ? (long)a->n_dense
+                           : a->b_by_pos ? nbl * 128
+                                         : ((long)a->n_pairs + a->b_div - 1) / (a->b_div > 0 ? a->b_div : 1);
+        if (((uintptr_t)a->b & 15) != 0 || brows <= 0 || brows > 0x7fffffffL ||
+            kc_encode_wmap(&tb, a->b, brows, a->K, 1) != 0)
+            return kc_gemm_launch_t<T, 2, 128, KC_PATH_WGMMA, false>(a, st);
+    }
+    kc_gemm_args aa = *a;
+    aa.max_blocks = (int32_t)nbl;
+    const long grid = n_rb * nbl;
+    if (grid <= 0)
+        return 0;
+    if (grid > 0x7fffffffL)
+        return (int)cudaErrorInvalidConfiguration;
+    static unsigned long long attr_done[2];
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess)
+        return (int)e;
+    const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
+    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
+    if (!(attr_done[mi] & bit)) {
+        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_tma_kernel<T, KC_MODE_GATE_UP, BT>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem)
+                    : cudaFuncSetAttribute(kc_gemm_tma_kernel<T, KC_MODE_DOWN, BT>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
+        if (e != cudaSuccess)
+            return (int)e;
+        attr_done[mi] |= bit;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3(384);
+    cfg.dynamicSmemBytes = TL::smem;
+    cfg.stream = st;
+    if (a->pdl) {
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_tma_kernel<T, KC_MODE_GATE_UP, BT>, aa, tm, tb)
+                : cudaLaunchKernelEx(&cfg, kc_gemm_tma_kernel<T, KC_MODE_DOWN, BT>, aa, tm, tb);
+    if (e != cudaSuccess)
+        return (int)e;
+    return (int)cudaGetLastError();
+}
+
 /* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
 template <typename T, int NWG, int BN, int PATH, bool DEEP = false>
 static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
@@ -979,12 +1397,18 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     if (path == (P) && nwg == (W) && bn == (N)) \
         return kc_gemm_launch_t<KC_T_, W, N, P>(a, st);
 /* (wgmma, 3, 128): the warp-specialized kernel (a producer warpgroup + two consumers).
- * (wgmma, 4, 128): the (2, 128) tile with S - 1 stages of lead (wgmma waits drain each stage). */
+ * (wgmma, 4, 128): the (2, 128) tile with S - 1 stages of lead (wgmma waits drain each stage).
+ * (wgmma, 5, 128): the (2, 128) tile fed by the copy engine (kc_gemm_tma_kernel), routed rows by cp.async;
+ * (wgmma, 6, 128): the same with the routed rows by the copy engine too (one box per row). */
 #define KC_GEMM_WS_(T)                                   \
     if (path == KC_PATH_WGMMA && nwg == 3 && bn == 128) \
         return kc_gemm_ws_launch_t<T>(a, st);            \
     if (path == KC_PATH_WGMMA && nwg == 4 && bn == 128) \
-        return kc_gemm_launch_t<T, 2, 128, KC_PATH_WGMMA, true>(a, st);
+        return kc_gemm_launch_t<T, 2, 128, KC_PATH_WGMMA, true>(a, st); \
+    if (path == KC_PATH_WGMMA && nwg == 5 && bn == 128) \
+        return kc_gemm_tma_launch_t<T, false>(a, st); \
+    if (path == KC_PATH_WGMMA && nwg == 6 && bn == 128) \
+        return kc_gemm_tma_launch_t<T, true>(a, st);
 
 /* Host: the fused small-T launch (see kc_small_fused_kernel); grid = min(items, n_sm). */
 template <typename T, int BN, int PATH>

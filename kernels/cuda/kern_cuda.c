@@ -278,9 +278,12 @@ static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int
         *nwg = 1, *bn = 64;
     } else if (m <= 80) {
         *nwg = 2, *bn = 64;
+    } else if (s->path == KERN_CUDA_PATH_WGMMA) {
+        /* (5, 128): the (2, 128) tile fed by the bulk tensor copy engine, the same bits; lab
+         * run 9 (docs/PERF.md): 16-26% faster than (2, 128) at T = 1024 and 8192 on all three
+         * models. (3, 128), the cp.async warp-specialized kernel, ran 20-30% slower (run 4). */
+        *nwg = 5, *bn = 128;
     } else {
-        /* (3, 128), the warp-specialized kernel, gives the same bits but ran 20-30% slower on
-         * H100 in lab run 4 (docs/PERF.md): not chosen. */
         *nwg = 2, *bn = 128;
     }
 }
@@ -349,7 +352,7 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     choose_tile(s, P, p->n_local, &nwg, &bn);
     const bool small = P <= s->small_max && P <= KC_SMALL_MAX_PAIRS;
     if (small && nwg >= 3)
-        nwg = 2; /* the (3|4, 128) variants have no small mode; (2, 128) gives the same bits */
+        nwg = 2; /* the (3 .. 6, 128) variants have no small mode; (2, 128) gives the same bits */
     const int64_t max_nb = small ? P : max_blocks_for(P, p->n_local, bn);
     const int64_t rows = small ? P : max_nb * bn;
     if (!small) {
@@ -668,7 +671,8 @@ moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn) {
 }
 
 int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap) {
-    static const int32_t cand[][2] = {{1, 8}, {1, 16}, {1, 32}, {1, 64}, {2, 64}, {2, 128}, {3, 128}, {4, 128}};
+    static const int32_t cand[][2] = {{1, 8}, {1, 16}, {1, 32}, {1, 64}, {2, 64}, {2, 128},
+                                      {3, 128}, {4, 128}, {5, 128}, {6, 128}};
     const int kp = path == KERN_CUDA_PATH_WGMMA ? KC_PATH_WGMMA : KC_PATH_MMA;
     int32_t n = 0;
     for (size_t i = 0; i < sizeof cand / sizeof cand[0]; i++) {

@@ -44,7 +44,9 @@ kern_cuda_path kern_cuda_get_path(const kern_ctx_t *ctx);
 /* Forces the tile of the grouped products (the kernel lab and the tests use it): nwg
  * warpgroups of 128 weight rows, bn routed rows per tile; (3, 128) is the warp-specialized
  * wgmma kernel (a producer warpgroup and two consumers of the (2, 128) tile), (4, 128) the
- * (2, 128) tile with one more stage of lead (wgmma only); (0, 0) restores the automatic choice. MOE_ERR_INVALID_ARG for a tile that is not compiled in (see kern_cuda_tiles). */
+ * (2, 128) tile with one more stage of lead (wgmma only), (5, 128) the (2, 128) tile fed by the
+ * bulk tensor copy engine (wgmma only; the automatic choice at large T on sm_90a), (6, 128) the
+ * same with the routed rows also by the copy engine (wgmma only); (0, 0) restores the automatic choice. MOE_ERR_INVALID_ARG for a tile that is not compiled in (see kern_cuda_tiles). */
 moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn);
 /* The compiled tiles of a path, as (nwg, bn) pairs into out[2 * i], out[2 * i + 1]; returns
  * how many there are (at most cap are written). */
