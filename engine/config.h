@@ -42,6 +42,7 @@ typedef struct eng_config {
     int64_t max_msg_bytes;         /* ZMQ_MAXMSGSIZE of the client socket */
     int32_t max_queue;             /* requests waiting; over it: BUSY */
     int32_t max_inflight_steps;    /* steps dispatched and not yet answered */
+    int32_t io_threads;            /* ZeroMQ I/O threads of the coordinator (client connections) */
     /* health */
     int32_t heartbeat_ms;          /* worker heartbeat period */
     int32_t worker_timeout_ms;     /* no heartbeat for this long: the worker is declared hung */

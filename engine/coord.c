@@ -1566,6 +1566,8 @@ static moe_status coord_init(coord *co) {
     co->loop_inited = true;
     co->zctx = zmq_ctx_new();
     MOE_REQUIRE(co->zctx, MOE_ERR_ZMQ, "zmq_ctx_new: %s", zmq_strerror(zmq_errno()));
+    MOE_REQUIRE(zmq_ctx_set(co->zctx, ZMQ_IO_THREADS, co->cfg.io_threads) == 0, MOE_ERR_ZMQ,
+                "zmq_ctx_set(ZMQ_IO_THREADS, %d): %s", (int)co->cfg.io_threads, zmq_strerror(zmq_errno()));
     if (co->cfg.curve_secret_file[0] && co->cfg.curve_allow_file[0]) {
         MOE_CHECK(ipc_zap_init(&co->zap, &co->loop, co->zctx, co->cfg.curve_allow_file));
     }

@@ -223,12 +223,13 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->slots_d, pairs * (size_t)H * es), st, fail);
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->send_d, pairs * (size_t)H * es), st, fail);
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->recv_d, pairs * (size_t)H * es), st, fail);
-        MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->idx_h, 4 * pairs * sizeof(int32_t), cudaHostAllocDefault), st,
+        MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->idx_h, 4 * (pairs + 1) * sizeof(int32_t), cudaHostAllocDefault), st,
                             fail);
-        MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->idx_d, 4 * pairs * sizeof(int32_t)), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->idx_d, 4 * (pairs + 1) * sizeof(int32_t)), st, fail);
         for (int mb = 0; mb < 2; mb++)
             MOE_CHECK_GOTO(par_exchange_plan_init(&g->plan[mb], g->world, p->rank, (int64_t)pairs,
-                                                  g->idx_h + (2 * mb) * pairs, g->idx_h + (2 * mb + 1) * pairs),
+                                                  g->idx_h + (2 * mb) * (pairs + 1),
+                                                  g->idx_h + (2 * mb + 1) * (pairs + 1)),
                            st, fail);
         if (Is > 0)
             MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->sh_d, (size_t)(TM * H) * es), st, fail);
@@ -313,9 +314,9 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, int mb, const eng_step_
     const size_t es = moe_dtype_size(m->dtype), row = (size_t)H * es;
     const int32_t W = g->world, r = g->p.rank;
     par_exchange_plan *pl = &g->plan[mb];
-    const size_t pairs = (size_t)(g->p.max_tokens * K);
-    int32_t *sidx_h = g->idx_h + (2 * mb) * pairs, *ridx_h = g->idx_h + (2 * mb + 1) * pairs;
-    int32_t *sidx_d = g->idx_d + (2 * mb) * pairs, *ridx_d = g->idx_d + (2 * mb + 1) * pairs;
+    const size_t stride = (size_t)(g->p.max_tokens * K) + 1; /* the plan's capacity + 1 */
+    int32_t *sidx_h = g->idx_h + (2 * mb) * stride, *ridx_h = g->idx_h + (2 * mb + 1) * stride;
+    int32_t *sidx_d = g->idx_d + (2 * mb) * stride, *ridx_d = g->idx_d + (2 * mb + 1) * stride;
     cudaStream_t s = g->s_comm;
     /* the indices go up while the products run */
     if (pl->n_send)
@@ -500,23 +501,17 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
                                   .n_local = g->m.placement->n_local[r],
                                   .expert_map = g->map_d,
                                   .act = m->act};
-        if (routed) {
-            MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
-            MOE_CHECK(poll_event(g->ev_in, deadline, "routing"));
-        }
         int64_t bounds[3] = {0, dbo ? T / 2 : T, T};
-        const uint64_t tp0 = moe_now_ns();
-        for (int mb = 0; mb < parts; mb++)
-            MOE_CHECK(par_exchange_plan_build(&g->plan[mb], g->m.placement, ids_host, bounds[mb], bounds[mb + 1],
-                                              (int32_t)K));
-        t_plan = moe_now_ns() - tp0;
-        /* The shared expert of the rows this rank owns, on its own stream, beside the routed
-         * experts and the exchange. */
-        if (l->has_shared) {
+        if (routed) /* the routed ids reach ids_h: the plan waits for this below */
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
-            MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_side, g->ev_in, 0));
+        /* The shared expert of the rows this rank owns (the same blocks as the plan's), on its
+         * own stream, beside the routed experts and the exchange. */
+        if (l->has_shared) {
+            MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
+            MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_side, g->ev_done, 0));
             for (int mb = 0; mb < parts; mb++) {
-                const int64_t lo = g->plan[mb].bound[r], hi = g->plan[mb].bound[r + 1];
+                const int64_t a = bounds[mb], nt = bounds[mb + 1] - a;
+                const int64_t lo = a + nt * r / W, hi = a + nt * (r + 1) / W;
                 if (hi > lo) {
                     moe_tensor xv = moe_tensor_view2((char *)g->x_d + (size_t)(lo * H) * es, m->dtype, hi - lo, H);
                     moe_tensor sh = moe_tensor_view2((char *)g->sh_d + (size_t)(lo * H) * es, m->dtype, hi - lo, H);
@@ -525,8 +520,8 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
                 MOE_CUDA_CHECK(cudaEventRecord(g->ev_side[mb], g->s_side));
             }
         }
-        /* The routed experts of each micro-batch on s_main; the combine of micro-batch 0 runs
-         * on s_comm while micro-batch 1 computes. */
+        /* The routed experts of every micro-batch on s_main, enqueued first so that the GPU
+         * starts while the host builds the exchange plans. */
         for (int mb = 0; mb < parts; mb++) {
             int64_t a = bounds[mb], nt = bounds[mb + 1] - bounds[mb];
             moe_tensor xv = moe_tensor_view2((char *)g->x_d + (size_t)(a * H) * es, m->dtype, nt, H);
@@ -535,8 +530,23 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
             moe_tensor sv = moe_tensor_view3((char *)g->slots_d + (size_t)(a * K * H) * es, m->dtype, nt, K, H);
             MOE_CHECK(kern_fused_experts(g->k, &ep, &xv, &l->w13, &l->w2, &iv, &wv, &sv));
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[mb], g->s_main));
-            if (mb == parts - 1) /* the products' end, before any host time of the combine */
-                MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
+        }
+        MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
+        /* The plans, from a private copy of the ids (the client's ids may sit in memory of
+         * another NUMA node: one streaming copy instead of two passes of scattered reads). */
+        if (routed)
+            MOE_CHECK(poll_event(g->ev_in, deadline, "routing"));
+        else if (ids_host != g->ids_h)
+            memcpy(g->ids_h, ids_host, sizeof(int32_t) * (size_t)(T * K));
+        ids_host = g->ids_h;
+        const uint64_t tp0 = moe_now_ns();
+        for (int mb = 0; mb < parts; mb++)
+            MOE_CHECK(par_exchange_plan_build(&g->plan[mb], g->m.placement, ids_host, bounds[mb], bounds[mb + 1],
+                                              (int32_t)K));
+        t_plan = moe_now_ns() - tp0;
+        /* The exchange and sum of each micro-batch on s_comm, once its products are done: that
+         * of micro-batch 0 runs while micro-batch 1 computes. */
+        for (int mb = 0; mb < parts; mb++) {
             size_t sent = 0;
             MOE_CHECK(combine_mb(g, l, mb, reqs, n, io, &sent));
             sent_bytes += sent;

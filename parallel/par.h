@@ -182,12 +182,16 @@ typedef struct par_exchange_plan {
     int64_t *send_count, *send_off;  /* [W] pairs, offsets in pairs */
     int64_t *recv_count, *recv_off;  /* [W] */
     int64_t n_send, n_recv;
-    int32_t *send_idx, *recv_idx;    /* [cap] each (the caller's memory, or allocated) */
+    int32_t *send_idx, *recv_idx;    /* [cap + 1] each (the caller's memory, or allocated) */
     bool own_idx;
+    int32_t *tab, tab_n;             /* lookup tables of the build (private) */
 } par_exchange_plan;
 
-/* Sizes the plan for up to `max_pairs` pairs a step. send_idx / recv_idx: memory of the
- * caller (for instance pinned host memory) of max_pairs int32 each, or NULL to allocate. */
+#define PAR_PLAN_STACK_W 64 /* world sizes below this build without allocating */
+
+/* Sizes the plan for up to `max_pairs` pairs a step (rows x K of a build). send_idx /
+ * recv_idx: memory of the caller (for instance pinned host memory) of max_pairs + 1 int32 each
+ * (the build writes one scratch entry past the pairs), or NULL to allocate. */
 moe_status par_exchange_plan_init(par_exchange_plan *p, int32_t world_size, int32_t rank, int64_t max_pairs,
                                   int32_t *send_idx, int32_t *recv_idx);
 /* Builds the plan of rows [a, b) of ids [.., K] (absolute rows). */

@@ -76,6 +76,7 @@ void par_exchange_plan_free(par_exchange_plan *p) {
     free(p->send_off);
     free(p->recv_count);
     free(p->recv_off);
+    free(p->tab);
     if (p->own_idx) {
         free(p->send_idx);
         free(p->recv_idx);
@@ -106,8 +107,8 @@ moe_status par_exchange_plan_init(par_exchange_plan *p, int32_t world_size, int3
         p->recv_idx = recv_idx;
     } else {
         p->own_idx = true;
-        p->send_idx = malloc(sizeof(int32_t) * (size_t)(max_pairs ? max_pairs : 1));
-        p->recv_idx = malloc(sizeof(int32_t) * (size_t)(max_pairs ? max_pairs : 1));
+        p->send_idx = malloc(sizeof(int32_t) * (size_t)(max_pairs + 1));
+        p->recv_idx = malloc(sizeof(int32_t) * (size_t)(max_pairs + 1));
     }
     if (!p->bound || !p->send_count || !p->send_off || !p->recv_count || !p->recv_off || !p->send_idx ||
         !p->recv_idx) {
@@ -126,50 +127,97 @@ moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl
                 "exchange plan: rows [%lld, %lld), K %d", (long long)a, (long long)b, (int)top_k);
     MOE_REQUIRE(b * top_k <= (int64_t)INT32_MAX, MOE_ERR_LIMIT, "exchange plan: %lld slot rows",
                 (long long)(b * top_k));
-    const int32_t W = p->world_size, r = p->rank;
-    const int64_t n = b - a;
+    const int32_t W = p->world_size, r = p->rank, E = pl->n_experts;
+    const int64_t n = b - a, K = top_k;
+    MOE_REQUIRE(n * K <= p->cap, MOE_ERR_LIMIT, "exchange plan: %lld pairs over the capacity %lld",
+                (long long)(n * K), (long long)p->cap);
+    if (p->tab_n != E) {
+        int32_t *t = realloc(p->tab, sizeof(int32_t) * 2 * (size_t)(E + 1));
+        if (!t)
+            return moe_fail(MOE_ERR_NOMEM, "exchange plan");
+        p->tab = t;
+        p->tab_n = E;
+    }
+    /* Branch-free lookups (routing is random, so a branch per pair would mispredict half the
+     * time): mine[c] is 1 where expert c is here (c = E stands for an invalid id: 0); from[c]
+     * is the rank that computes expert c for this rank's rows, W (a group past the real ones)
+     * where nothing is received: this rank's own experts and invalid ids. */
+    int32_t *mine = p->tab, *from = p->tab + E + 1;
+    for (int32_t e = 0; e < E; e++) {
+        mine[e] = pl->owner[e] == r;
+        from[e] = pl->owner[e] == r ? W : pl->owner[e];
+    }
+    mine[E] = 0;
+    from[E] = W;
     for (int32_t q = 0; q <= W; q++)
         p->bound[q] = a + n * q / W;
-    memset(p->send_count, 0, sizeof(int64_t) * (size_t)W);
-    memset(p->recv_count, 0, sizeof(int64_t) * (size_t)W);
-    /* Counts, then offsets, then the indices in ascending order within each group. */
-    for (int pass = 0; pass < 2; pass++) {
-        if (pass == 1) {
-            int64_t so = 0, ro = 0;
-            for (int32_t q = 0; q < W; q++) {
-                p->send_off[q] = so;
-                p->recv_off[q] = ro;
-                so += p->send_count[q];
-                ro += p->recv_count[q];
-                p->send_count[q] = p->recv_count[q] = 0;
+    int64_t rc[PAR_PLAN_STACK_W + 1], *rcnt = W < PAR_PLAN_STACK_W ? rc : calloc((size_t)W + 1, sizeof(int64_t));
+    if (!rcnt)
+        return moe_fail(MOE_ERR_NOMEM, "exchange plan");
+    memset(rcnt, 0, sizeof(int64_t) * ((size_t)W + 1));
+    /* Counts. */
+    for (int32_t q = 0; q < W; q++) {
+        const int32_t *id = ids + p->bound[q] * K, *end = ids + p->bound[q + 1] * K;
+        if (q == r) {
+            for (; id < end; id++) {
+                uint32_t c = (uint32_t)*id < (uint32_t)E ? (uint32_t)*id : (uint32_t)E;
+                rcnt[from[c]]++;
             }
-            MOE_REQUIRE(so <= p->cap && ro <= p->cap, MOE_ERR_LIMIT,
-                        "exchange plan: %lld / %lld pairs over the capacity %lld", (long long)so, (long long)ro,
-                        (long long)p->cap);
-            p->n_send = so;
-            p->n_recv = ro;
+            p->send_count[q] = 0;
+        } else {
+            int64_t sc = 0;
+            for (; id < end; id++) {
+                uint32_t c = (uint32_t)*id < (uint32_t)E ? (uint32_t)*id : (uint32_t)E;
+                sc += mine[c];
+            }
+            p->send_count[q] = sc;
         }
-        int32_t q = 0; /* the owner of row t */
-        for (int64_t t = a; t < b; t++) {
-            while (t >= p->bound[q + 1])
-                q++;
-            for (int32_t k = 0; k < top_k; k++) {
-                int32_t e = ids[t * top_k + k];
-                if (e < 0 || e >= pl->n_experts)
-                    continue;
-                int32_t src = pl->owner[e];
-                int32_t i = (int32_t)(t * top_k + k);
-                if (src == r && q != r) {
-                    if (pass)
-                        p->send_idx[p->send_off[q] + p->send_count[q]] = i;
-                    p->send_count[q]++;
-                } else if (q == r && src != r) {
-                    if (pass)
-                        p->recv_idx[p->recv_off[src] + p->recv_count[src]] = i;
-                    p->recv_count[src]++;
-                }
+    }
+    int64_t so = 0, ro = 0;
+    for (int32_t q = 0; q < W; q++) {
+        p->send_off[q] = so;
+        p->recv_off[q] = ro;
+        p->recv_count[q] = q == r ? 0 : rcnt[q];
+        so += p->send_count[q];
+        ro += p->recv_count[q];
+    }
+    p->n_send = so;
+    p->n_recv = ro;
+    /* Fill: every pair is written at its group's cursor and the cursor advances only for the
+     * pairs that belong there (so the next one overwrites the others); the scratch writes land
+     * inside [0, n K), which the capacity covers: the trash group W of the receives starts
+     * after the real groups, and a send group's overflow write is overwritten by the next
+     * group, or lands just after the last one. */
+    int64_t cur[PAR_PLAN_STACK_W + 1], *cu = W < PAR_PLAN_STACK_W ? cur : calloc((size_t)W + 1, sizeof(int64_t));
+    if (!cu) {
+        if (rcnt != rc)
+            free(rcnt);
+        return moe_fail(MOE_ERR_NOMEM, "exchange plan");
+    }
+    for (int32_t q = 0; q < W; q++)
+        cu[q] = p->recv_off[q];
+    cu[W] = ro;
+    for (int32_t q = 0; q < W; q++) {
+        const int64_t i0 = p->bound[q] * K, i1 = p->bound[q + 1] * K;
+        if (q == r) {
+            for (int64_t i = i0; i < i1; i++) {
+                uint32_t c = (uint32_t)ids[i] < (uint32_t)E ? (uint32_t)ids[i] : (uint32_t)E;
+                int32_t g = from[c];
+                p->recv_idx[cu[g]++] = (int32_t)i;
+            }
+        } else {
+            int64_t pos = p->send_off[q];
+            int32_t *out = p->send_idx;
+            for (int64_t i = i0; i < i1; i++) {
+                uint32_t c = (uint32_t)ids[i] < (uint32_t)E ? (uint32_t)ids[i] : (uint32_t)E;
+                out[pos] = (int32_t)i;
+                pos += mine[c];
             }
         }
     }
+    if (rcnt != rc)
+        free(rcnt);
+    if (cu != cur)
+        free(cu);
     return MOE_OK;
 }

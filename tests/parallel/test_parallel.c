@@ -270,7 +270,7 @@ static void test_exchange_plan(void **state) {
     /* bad arguments */
     par_exchange_plan p;
     assert_int_equal(par_exchange_plan_init(&p, 2, 2, 8, NULL, NULL), MOE_ERR_INVALID_ARG);
-    assert_int_equal(par_exchange_plan_init(&p, 2, 0, 4, NULL, NULL), MOE_OK);
+    assert_int_equal(par_exchange_plan_init(&p, 2, 0, 8, NULL, NULL), MOE_OK);
     par_placement pl;
     assert_int_equal(par_placement_init(&pl, 4, 2, PAR_PLACE_CONTIGUOUS), MOE_OK);
     int32_t ids[8] = {3, 3, 3, 3, 3, 3, 3, 3}; /* all on rank 1, rows 0..1 owned by rank 0 */
@@ -278,8 +278,10 @@ static void test_exchange_plan(void **state) {
     assert_int_equal(p.n_recv, 4);
     assert_int_equal(par_exchange_plan_build(&p, &pl, ids, 3, 2, 2), MOE_ERR_INVALID_ARG);
     par_exchange_plan q;
-    assert_int_equal(par_exchange_plan_init(&q, 2, 1, 3, NULL, NULL), MOE_OK);
-    assert_int_equal(par_exchange_plan_build(&q, &pl, ids, 0, 4, 2), MOE_ERR_LIMIT); /* sends 4 > 3 */
+    assert_int_equal(par_exchange_plan_init(&q, 2, 1, 7, NULL, NULL), MOE_OK);
+    assert_int_equal(par_exchange_plan_build(&q, &pl, ids, 0, 4, 2), MOE_ERR_LIMIT); /* 8 pairs > 7 */
+    assert_int_equal(par_exchange_plan_build(&q, &pl, ids, 0, 3, 2), MOE_OK);
+    assert_int_equal(q.n_send, 2); /* row 0 of rank 0: 2 pairs; row 1 and 2 are rank 1's */
     par_exchange_plan_free(&q);
     par_exchange_plan_free(&p);
     par_placement_free(&pl);

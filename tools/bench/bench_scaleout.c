@@ -288,7 +288,7 @@ int main(int argc, char **argv) {
             char mst[32];
             snprintf(mst, sizeof mst, "%lld", (long long)(W * tmax * 2));
             const char *flags[] = {"--model", model_dir, "--gpus", gl, "--dbo", dbo ? "on" : "off", "--max-tokens", mst,
-                                   "--max-step-tokens", mst, "--log-level", "warn", NULL};
+                                   "--max-step-tokens", mst, "--io-threads", "4", "--log-level", "warn", NULL};
             if (!engine_start(&e, engine, flags))
                 return 1;
             moec_client_t *c = NULL;
