@@ -44,7 +44,9 @@ const eng_cfg_entry eng_cfg_table[] = {
     {"drain-timeout-ms", I(drain_timeout_ms), "10000", 0, 3600000, NULL, "on SIGTERM: time to finish the work in flight"},
     {"max-restarts", I(max_restarts), "100", 0, 1000000, NULL, "worker group restarts before the engine gives up"},
     {"dbo", E(dbo), "auto", 0, 0, "on|off|auto", "dual-batch overlap (GPU workers)"},
-    {"dbo-min-tokens", I(dbo_min_tokens), "1024", 1, 1 << 22, NULL, "with --dbo auto: overlap at and above this many tokens per step"},
+    {"dbo-min-tokens", I(dbo_min_tokens), "65536", 1, 1 << 22, NULL,
+     "with --dbo auto: overlap at and above this many tokens per step (default: above every size where a gain was "
+     "measured: none up to 27k on 4x H200, docs/PERF.md)"},
     {"log-level", E(log_level), "info", 0, 0, "error|warn|info|debug|trace|none", "the lowest level of log lines written"},
     {"log-subsys", S(log_subsys), "all", 0, 0, NULL, "log subsystems: all, or a list of base,kern,par,ipc,eng,tool (^ excludes)"},
 };

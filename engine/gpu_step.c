@@ -38,7 +38,7 @@ struct eng_gpu {
     gpu_layer *layers;
     kern_ctx_t *k, *kside, *kcomm;
     cudaStream_t s_main, s_side, s_comm;
-    cudaEvent_t ev_in, ev_side[2], ev_mb[2], ev_red[2], ev_done;
+    cudaEvent_t ev_in, ev_x, ev_side[2], ev_mb[2], ev_red[2], ev_done;
     cudaEvent_t tm_h2d, tm_start, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
     /* pinned host */
     void *x_h, *lg_h, *y_h;
@@ -53,6 +53,8 @@ struct eng_gpu {
     par_exchange_plan plan[2];
     int32_t *idx_h, *idx_d;
     void *send_d, *recv_d;
+    bool x_full; /* MOE_GPU_X_FULL=1: every rank copies all of x over PCIe (the earlier way, for
+                    comparison: docs/PERF.md, engine run 9) */
 };
 
 bool eng_gpu_available(void) { return true; }
@@ -116,7 +118,7 @@ void eng_gpu_free(eng_gpu_t *g) {
     cudaEvent_t evs[] = {g->ev_in,     g->ev_side[0], g->ev_side[1], g->ev_mb[0],  g->ev_mb[1],
                          g->ev_red[0], g->ev_red[1],  g->ev_done,    g->tm_start,  g->tm_compute,
                          g->tm_end,    g->tm_cs[0],   g->tm_cs[1],   g->tm_ce[0],  g->tm_ce[1],
-                         g->tm_h2d};
+                         g->tm_h2d,    g->ev_x};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i])
             cudaEventDestroy(evs[i]);
@@ -137,6 +139,8 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     g->p = *p;
     g->m = *p->model;
     g->world = g->m.placement->world_size;
+    const char *xf = getenv("MOE_GPU_X_FULL");
+    g->x_full = xf && strcmp(xf, "1") == 0;
     moe_status st = MOE_OK;
     const int64_t H = g->m.hidden, E = g->m.n_experts, K = g->m.top_k, TM = p->max_tokens;
     const size_t es = moe_dtype_size(g->m.dtype);
@@ -144,8 +148,8 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_main, cudaStreamNonBlocking), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_side, cudaStreamNonBlocking), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_comm, cudaStreamNonBlocking), st, fail);
-    cudaEvent_t *evs[] = {&g->ev_in,     &g->ev_side[0], &g->ev_side[1], &g->ev_mb[0],
-                          &g->ev_mb[1],  &g->ev_red[0],  &g->ev_red[1],  &g->ev_done};
+    cudaEvent_t *evs[] = {&g->ev_in,    &g->ev_side[0], &g->ev_side[1], &g->ev_mb[0], &g->ev_mb[1],
+                          &g->ev_red[0], &g->ev_red[1],  &g->ev_done,    &g->ev_x};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), st, fail);
     cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end,   &g->tm_cs[0],
@@ -297,6 +301,38 @@ static gpu_layer *find(eng_gpu_t *g, int32_t layer) {
     return NULL;
 }
 
+/* W > 1: rows [T r / W, T (r + 1) / W) of x from the host, then the other ranks' blocks by an
+ * all-to-all on s_comm (the same communicator order as the combines that follow); s_main
+ * waits for it. */
+static moe_status gather_x(eng_gpu_t *g, const void *xs, int64_t T) {
+    const int32_t W = g->world, r = g->p.rank;
+    const size_t row = (size_t)g->m.hidden * moe_dtype_size(g->m.dtype);
+    const int64_t lo = T * r / W, hi = T * (r + 1) / W;
+    if (hi > lo)
+        MOE_CUDA_CHECK(cudaMemcpyAsync((char *)g->x_d + (size_t)lo * row, (const char *)xs + (size_t)lo * row,
+                                       (size_t)(hi - lo) * row, cudaMemcpyHostToDevice, g->s_main));
+    MOE_CUDA_CHECK(cudaEventRecord(g->ev_x, g->s_main));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_comm, g->ev_x, 0));
+    size_t st[4 * 64], *sb = W <= 64 ? st : malloc(4 * sizeof(size_t) * (size_t)W);
+    if (!sb)
+        return moe_fail(MOE_ERR_NOMEM, "x gather sizes");
+    size_t *sbytes = sb, *soff = sb + W, *rbytes = sb + 2 * W, *roff = sb + 3 * W;
+    for (int32_t q = 0; q < W; q++) {
+        const int64_t a = T * q / W, b = T * (q + 1) / W;
+        sbytes[q] = q == r ? 0 : (size_t)(hi - lo) * row;
+        soff[q] = (size_t)lo * row;
+        rbytes[q] = q == r ? 0 : (size_t)(b - a) * row;
+        roff[q] = (size_t)a * row;
+    }
+    moe_status ps = par_comm_alltoallv(g->p.comm, g->x_d, sbytes, soff, g->x_d, rbytes, roff, g->p.timeout_ms, g->s_comm);
+    if (sb != st)
+        free(sb);
+    MOE_CHECK(ps);
+    MOE_CUDA_CHECK(cudaEventRecord(g->ev_x, g->s_comm));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_x, 0));
+    return MOE_OK;
+}
+
 static bool use_dbo(const eng_gpu_t *g, int64_t T) {
     return g->world > 1 && T >= 2 && (g->p.dbo == 1 || (g->p.dbo == 2 && T >= g->p.dbo_min_tokens));
 }
@@ -430,7 +466,14 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
     const int32_t *idss = io ? io->ids : g->ids_h;
     const float *ws = io ? io->w : g->w_h;
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_h2d, g->s_main));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(g->x_d, xs, (size_t)(T * H) * es, cudaMemcpyHostToDevice, g->s_main));
+    if (W == 1 || g->x_full) {
+        MOE_CUDA_CHECK(cudaMemcpyAsync(g->x_d, xs, (size_t)(T * H) * es, cudaMemcpyHostToDevice, g->s_main));
+    } else {
+        /* Each rank copies its block of rows over PCIe, and the ranks all-gather the blocks
+         * over NVLink: a GPU's PCIe traffic stays T H / W per step however many share the
+         * batch, and the ranks start their products together. */
+        MOE_CHECK(gather_x(g, xs, T));
+    }
     MOE_CUDA_CHECK(
         cudaMemcpyAsync(g->ids_d, idss, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice, g->s_main));
     MOE_CUDA_CHECK(cudaMemcpyAsync(g->w_d, ws, sizeof(float) * (size_t)(T * K), cudaMemcpyHostToDevice, g->s_main));
