@@ -653,6 +653,8 @@ static int32_t free_slot(coord *co) {
     return -1;
 }
 
+#define COORD_INLINE_COPY_BYTES (128u * 1024u) /* steps up to this many input bytes: copied on the loop */
+
 /* The copy of a step's inputs into its slot, run by the libuv threadpool. It holds its own
  * references to the request messages, so a request answered (failed) meanwhile cannot free
  * the bytes it reads. */
@@ -727,6 +729,16 @@ static moe_status start_copy(coord *co, coord_step *s) {
     }
     j->work.data = j;
     atomic_fetch_add(&co->slots[s->slot].refs, 1);
+    /* A small step is copied here, on the loop: the two thread hops of the threadpool (tens of
+     * microseconds) would cost more than the copy itself. */
+    const eng_shm_layout *l = &co->lay;
+    const uint64_t bytes = (uint64_t)s->n_tokens * ((uint64_t)l->hidden * moe_dtype_size(l->dtype) +
+                                                    8ull * (uint64_t)l->top_k + 4ull * (uint64_t)l->n_experts);
+    if (bytes <= COORD_INLINE_COPY_BYTES) {
+        copy_work(&j->work);
+        copy_done(&j->work, 0);
+        return MOE_OK;
+    }
     int rc = uv_queue_work(&co->loop, &j->work, copy_work, copy_done);
     if (rc != 0) {
         atomic_fetch_sub(&co->slots[s->slot].refs, 1);
