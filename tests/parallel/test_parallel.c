@@ -313,6 +313,13 @@ static void test_gather_bad_args(void **state) {
     assert_int_equal(par_comm_gatherv(c, 0, b, 4, recv, sizes, 0, 100, NULL), MOE_ERR_INVALID_ARG);
     assert_int_equal(par_comm_gatherv(c, 0, b, 4, recv, sizes, 2, 100, NULL), MOE_ERR_INVALID_ARG);
     assert_int_equal(par_comm_gatherv(c, 0, b, 4, NULL, NULL, 0, 100, NULL), MOE_ERR_INVALID_ARG);
+    /* the all-to-all: a rank's own part must be 0; sizes need buffers; the host backend has none */
+    size_t ab[2] = {0, 4}, ao[2] = {0, 0}, self[2] = {4, 4};
+    assert_int_equal(par_comm_alltoallv(c, b, self, ao, b, ab, ao, 100, NULL), MOE_ERR_INVALID_ARG);
+    assert_int_equal(par_comm_alltoallv(c, NULL, ab, ao, b, ab, ao, 100, NULL), MOE_ERR_INVALID_ARG);
+    assert_int_equal(par_comm_alltoallv(c, b, ab, ao, b, ab, ao, 0, NULL), MOE_ERR_INVALID_ARG);
+    assert_int_equal(par_comm_alltoallv(c, b, NULL, ao, b, ab, ao, 100, NULL), MOE_ERR_INVALID_ARG);
+    assert_int_equal(par_comm_alltoallv(c, b, ab, ao, b, ab, ao, 100, NULL), MOE_ERR_UNSUPPORTED);
     par_comm_free(c);
     p.rank = 2;
     assert_int_equal(par_comm_host_init(&c, &p), MOE_ERR_INVALID_ARG);
