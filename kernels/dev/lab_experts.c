@@ -11,8 +11,15 @@
  * that would re-read each weight more than 16 times, and tiles that failed part 1 (the exit
  * status is then 1); the table is printed last, with the tile the automatic choice takes marked.
  *
+ * --ep W (part 3 only): one expert-parallel rank's products against one GPU's. For T tokens
+ * per GPU it times the automatic variant (a) in sum mode with all E experts on T tokens (what
+ * one GPU runs) and (b) in slot mode with E / W local experts (an expert map, the first block,
+ * as contiguous placement gives rank 0) on W T tokens (what each of W GPU workers runs: the same
+ * FLOPs on 1/W of the weights). (b) / (a) above 1 is the cost of expert parallelism inside the
+ * products (docs/PERF.md, engine runs 4-10, measured 1.36 at W = 2 in the engine).
+ *
  * Build: bazel build //kernels/dev:lab_experts; run on a GPU host:
- *   lab_experts [--check-only | --from-T N | --one MODEL T]
+ *   lab_experts [--check-only | --from-T N | --one MODEL T | --ep W]
  */
 #include <math.h>
 #include <stdio.h>
@@ -164,6 +171,103 @@ static int check_variants(kern_ctx_t *gpu, kern_ctx_t *cpu, int npaths, const ke
 }
 
 /* ---- part 2: timing ------------------------------------------------------------------- */
+/* ---- part 3 (--ep W): an expert-parallel rank's products against one GPU's ---------------- */
+static int ep_compare(kern_ctx_t *gpu, int32_t W, const struct cudaDeviceProp *prop) {
+    static const struct {
+        const char *name;
+        int32_t E, K;
+        int64_t H, I;
+    } models[2] = {{"qwen3-a3b", 128, 8, 2048, 768}, {"dsv2-lite", 64, 6, 2048, 1408}};
+    const int64_t Ts[3] = {256, 1024, 4096};
+    cudaStream_t st = (cudaStream_t)kern_cuda_stream(gpu);
+    const size_t flush_bytes = (size_t)256 << 20;
+    void *flush;
+    LB_CUDA(cudaMalloc(&flush, flush_bytes));
+    cudaEvent_t e0, e1;
+    LB_CUDA(cudaEventCreate(&e0));
+    LB_CUDA(cudaEventCreate(&e1));
+    printf("\npart 3: one expert-parallel rank of %d vs one GPU (median of 7, L2 flushed, %s)\n", (int)W, prop->name);
+    printf("| model | T/GPU | 1 GPU: sum mode, E experts, T tokens (us) | rank of %d: slot mode, E/%d experts, %d T tokens "
+           "(us) | rank / 1 GPU |\n|---|---|---|---|---|\n",
+           (int)W, (int)W, (int)W);
+    for (int mi = 0; mi < 2; mi++) {
+        const int64_t E = models[mi].E, K = models[mi].K, H = models[mi].H, I = models[mi].I;
+        if (E % W != 0) {
+            printf("| %s | - | E = %lld is not a multiple of %d | | |\n", models[mi].name, (long long)E, (int)W);
+            continue;
+        }
+        const int64_t TM = Ts[2] * W, EL = E / W;
+        void *w13, *w2, *x, *y, *lg, *ids, *w, *map;
+        LB_CUDA(cudaMalloc(&w13, (size_t)(E * 2 * I * H) * 2));
+        LB_CUDA(cudaMalloc(&w2, (size_t)(E * H * I) * 2));
+        LB_CUDA(cudaMalloc(&x, (size_t)(TM * H) * 2));
+        LB_CUDA(cudaMalloc(&y, (size_t)(TM * K * H) * 2));
+        LB_CUDA(cudaMalloc(&lg, (size_t)(TM * E) * 4));
+        LB_CUDA(cudaMalloc(&ids, (size_t)(TM * K) * 4));
+        LB_CUDA(cudaMalloc(&w, (size_t)(TM * K) * 4));
+        LB_CUDA(cudaMalloc(&map, (size_t)E * 4));
+        LB_CUDA((cudaError_t)dev_fill_randn(w13, MOE_DTYPE_BF16, E * 2 * I * H, 11 + mi, 1.0f / 64, st));
+        LB_CUDA((cudaError_t)dev_fill_randn(w2, MOE_DTYPE_BF16, E * H * I, 12 + mi, 1.0f / 64, st));
+        LB_CUDA((cudaError_t)dev_fill_randn(x, MOE_DTYPE_BF16, TM * H, 13 + mi, 1.0f, st));
+        LB_CUDA((cudaError_t)dev_fill_randn(lg, MOE_DTYPE_F32, TM * E, 14 + mi, 1.0f, st));
+        int32_t *hmap = malloc(sizeof(int32_t) * (size_t)E);
+        for (int64_t e = 0; e < E; e++)
+            hmap[e] = e < EL ? (int32_t)e : -1;
+        LB_CUDA(cudaMemcpy(map, hmap, sizeof(int32_t) * (size_t)E, cudaMemcpyHostToDevice));
+        free(hmap);
+        kern_route_params rp = kern_route_params_default((int32_t)E, (int32_t)K);
+        rp.renormalize = true;
+        moe_tensor tl = moe_tensor_view2(lg, MOE_DTYPE_F32, TM, E), ti = moe_tensor_view2(ids, MOE_DTYPE_I32, TM, K),
+                   tw = moe_tensor_view2(w, MOE_DTYPE_F32, TM, K);
+        LB_CHECK(kern_route(gpu, &rp, &tl, &ti, &tw));
+        LB_CHECK(kern_cuda_reserve(gpu, TM, (int32_t)K, H, I, (int32_t)E, 0));
+        moe_tensor t13 = moe_tensor_view3(w13, MOE_DTYPE_BF16, E, 2 * I, H), t2 = moe_tensor_view3(w2, MOE_DTYPE_BF16, E, H, I);
+        moe_tensor l13 = moe_tensor_view3(w13, MOE_DTYPE_BF16, EL, 2 * I, H), l2 = moe_tensor_view3(w2, MOE_DTYPE_BF16, EL, H, I);
+        kern_experts_params all = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU};
+        kern_experts_params loc = {.n_experts = (int32_t)E, .n_local = (int32_t)EL, .expert_map = map,
+                                   .act = KERN_ACT_SILU};
+        for (int tt = 0; tt < 3; tt++) {
+            const int64_t T = Ts[tt];
+            double us[2];
+            for (int v = 0; v < 2; v++) {
+                const int64_t n = v ? T * W : T;
+                moe_tensor vx = moe_tensor_view2(x, MOE_DTYPE_BF16, n, H), vi = moe_tensor_view2(ids, MOE_DTYPE_I32, n, K),
+                           vw = moe_tensor_view2(w, MOE_DTYPE_F32, n, K);
+                moe_tensor vy = v ? moe_tensor_view3(y, MOE_DTYPE_BF16, n, K, H) : moe_tensor_view2(y, MOE_DTYPE_BF16, n, H);
+                const kern_experts_params *pp = v ? &loc : &all;
+                const moe_tensor *a13 = v ? &l13 : &t13, *a2 = v ? &l2 : &t2;
+                for (int wu = 0; wu < 2; wu++)
+                    LB_CHECK(kern_fused_experts(gpu, pp, &vx, a13, a2, &vi, &vw, &vy));
+                LB_CHECK(kern_ctx_sync(gpu));
+                double t[7];
+                for (int r = 0; r < 7; r++) {
+                    LB_CUDA((cudaError_t)dev_flush_l2(flush, flush_bytes, st));
+                    LB_CUDA(cudaEventRecord(e0, st));
+                    LB_CHECK(kern_fused_experts(gpu, pp, &vx, a13, a2, &vi, &vw, &vy));
+                    LB_CUDA(cudaEventRecord(e1, st));
+                    LB_CHECK(kern_ctx_sync(gpu));
+                    float ms;
+                    LB_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+                    t[r] = ms * 1e3;
+                }
+                us[v] = dev_median(t, 7);
+            }
+            printf("| %s | %lld | %.1f | %.1f | %.2f |\n", models[mi].name, (long long)T, us[0], us[1], us[1] / us[0]);
+            fflush(stdout);
+        }
+        cudaFree(w13);
+        cudaFree(w2);
+        cudaFree(x);
+        cudaFree(y);
+        cudaFree(lg);
+        cudaFree(ids);
+        cudaFree(w);
+        cudaFree(map);
+    }
+    cudaFree(flush);
+    return 0;
+}
+
 typedef struct lb_row {
     char model[24];
     int64_t T;
@@ -179,6 +283,12 @@ int main(int argc, char **argv) {
     const int64_t one_T = one_model ? atoll(argv[3]) : 0;
     /* --from-T N: part 2 only for T >= N (the large-T tiles, in less device time). */
     const int64_t from_T = argc > 2 && strcmp(argv[1], "--from-T") == 0 ? atoll(argv[2]) : 0;
+    /* --ep W: part 3 only */
+    const int32_t ep_w = argc > 2 && strcmp(argv[1], "--ep") == 0 ? atoi(argv[2]) : 0;
+    if (argc > 1 && strcmp(argv[1], "--ep") == 0 && (ep_w < 2 || ep_w > 64)) {
+        fprintf(stderr, "lab: --ep W needs a world size W in [2, 64]\n");
+        return 2;
+    }
     moe_log_init_from_env();
     kern_ctx_t *gpu, *cpu;
     kern_ctx_params cp = {0};
@@ -190,6 +300,12 @@ int main(int argc, char **argv) {
     struct cudaDeviceProp prop;
     LB_CUDA(cudaGetDeviceProperties(&prop, 0));
     printf("lab_experts on %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+    if (ep_w) {
+        int rc = ep_compare(gpu, ep_w, &prop);
+        kern_ctx_free(gpu);
+        kern_ctx_free(cpu);
+        return rc;
+    }
     int bad = one_model ? 0 : check_variants(gpu, cpu, npaths, paths, moe_now_ns());
     printf("part 1: %s\n", one_model ? "skipped (--one)" : bad ? "FAILED" : "all variants correct");
     if (check_only) {
