@@ -53,8 +53,11 @@ struct eng_gpu {
     par_exchange_plan plan[2];
     int32_t *idx_h, *idx_d;
     void *send_d, *recv_d;
-    bool x_full; /* MOE_GPU_X_FULL=1: every rank copies all of x over PCIe (the earlier way, for
-                    comparison: docs/PERF.md, engine run 9) */
+    /* the per-peer sizes and offsets of the all-to-alls ([4][W]: send bytes, send offsets,
+     * receive bytes, receive offsets) and of the gather to rank 0 ([W] pointers, [W] bytes) */
+    size_t *a2a;
+    void **gv_ptr;
+    size_t *gv_bytes;
 };
 
 bool eng_gpu_available(void) { return true; }
@@ -112,6 +115,9 @@ void eng_gpu_free(eng_gpu_t *g) {
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         dfree(dev[i]);
     void *host[] = {g->x_h, g->lg_h, g->y_h, g->ids_h, g->w_h, g->idx_h};
+    free(g->a2a);
+    free(g->gv_ptr);
+    free(g->gv_bytes);
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
         if (host[i])
             cudaFreeHost(host[i]);
@@ -139,8 +145,6 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     g->p = *p;
     g->m = *p->model;
     g->world = g->m.placement->world_size;
-    const char *xf = getenv("MOE_GPU_X_FULL");
-    g->x_full = xf && strcmp(xf, "1") == 0;
     moe_status st = MOE_OK;
     const int64_t H = g->m.hidden, E = g->m.n_experts, K = g->m.top_k, TM = p->max_tokens;
     const size_t es = moe_dtype_size(g->m.dtype);
@@ -224,6 +228,13 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->lg_d, sizeof(float) * (size_t)(TM * E)), st, fail);
     if (g->world > 1) {
         const size_t pairs = (size_t)(TM * K);
+        g->a2a = calloc(4 * (size_t)g->world, sizeof(size_t));
+        g->gv_ptr = calloc((size_t)g->world, sizeof(void *));
+        g->gv_bytes = calloc((size_t)g->world, sizeof(size_t));
+        if (!g->a2a || !g->gv_ptr || !g->gv_bytes) {
+            st = moe_fail(MOE_ERR_NOMEM, "gpu combine sizes");
+            goto fail;
+        }
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->slots_d, pairs * (size_t)H * es), st, fail);
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->send_d, pairs * (size_t)H * es), st, fail);
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->recv_d, pairs * (size_t)H * es), st, fail);
@@ -313,10 +324,7 @@ static moe_status gather_x(eng_gpu_t *g, const void *xs, int64_t T) {
                                        (size_t)(hi - lo) * row, cudaMemcpyHostToDevice, g->s_main));
     MOE_CUDA_CHECK(cudaEventRecord(g->ev_x, g->s_main));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_comm, g->ev_x, 0));
-    size_t st[4 * 64], *sb = W <= 64 ? st : malloc(4 * sizeof(size_t) * (size_t)W);
-    if (!sb)
-        return moe_fail(MOE_ERR_NOMEM, "x gather sizes");
-    size_t *sbytes = sb, *soff = sb + W, *rbytes = sb + 2 * W, *roff = sb + 3 * W;
+    size_t *sbytes = g->a2a, *soff = g->a2a + W, *rbytes = g->a2a + 2 * W, *roff = g->a2a + 3 * W;
     for (int32_t q = 0; q < W; q++) {
         const int64_t a = T * q / W, b = T * (q + 1) / W;
         sbytes[q] = q == r ? 0 : (size_t)(hi - lo) * row;
@@ -324,10 +332,7 @@ static moe_status gather_x(eng_gpu_t *g, const void *xs, int64_t T) {
         rbytes[q] = q == r ? 0 : (size_t)(b - a) * row;
         roff[q] = (size_t)a * row;
     }
-    moe_status ps = par_comm_alltoallv(g->p.comm, g->x_d, sbytes, soff, g->x_d, rbytes, roff, g->p.timeout_ms, g->s_comm);
-    if (sb != st)
-        free(sb);
-    MOE_CHECK(ps);
+    MOE_CHECK(par_comm_alltoallv(g->p.comm, g->x_d, sbytes, soff, g->x_d, rbytes, roff, g->p.timeout_ms, g->s_comm));
     MOE_CUDA_CHECK(cudaEventRecord(g->ev_x, g->s_comm));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_x, 0));
     return MOE_OK;
@@ -364,11 +369,7 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, int mb, const eng_step_
     int ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
     if (ce)
         return moe_fail(MOE_ERR_CUDA, "combine: pack: %s", cudaGetErrorString((cudaError_t)ce));
-    size_t sb[64], so[64], rb[64], ro[64];
-    size_t *sbp = W <= 64 ? sb : malloc(4 * sizeof(size_t) * (size_t)W);
-    if (!sbp)
-        return moe_fail(MOE_ERR_NOMEM, "combine sizes");
-    size_t *sop = W <= 64 ? so : sbp + W, *rbp = W <= 64 ? rb : sbp + 2 * W, *rop = W <= 64 ? ro : sbp + 3 * W;
+    size_t *sbp = g->a2a, *sop = g->a2a + W, *rbp = g->a2a + 2 * W, *rop = g->a2a + 3 * W;
     *sent = 0;
     for (int32_t q = 0; q < W; q++) {
         sbp[q] = (size_t)pl->send_count[q] * row;
@@ -377,10 +378,7 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, int mb, const eng_step_
         rop[q] = (size_t)pl->recv_off[q] * row;
         *sent += sbp[q];
     }
-    moe_status st = par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s);
-    if (sbp != sb)
-        free(sbp);
-    MOE_CHECK(st);
+    MOE_CHECK(par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s));
     ce = eng_gpu_copy_rows(g->slots_d, ridx_d, g->recv_d, NULL, pl->n_recv, row, s);
     if (ce)
         return moe_fail(MOE_ERR_CUDA, "combine: unpack: %s", cudaGetErrorString((cudaError_t)ce));
@@ -397,28 +395,12 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, int mb, const eng_step_
     if (io)
         return copy_out(g, reqs, n, lo, hi, io, s);
     /* ZeroMQ data path: rank 0 answers for every row, so the owners' rows go to it */
-    void *rv[64];
-    size_t rvb[64];
-    void **rvp = W <= 64 ? rv : malloc(sizeof(void *) * (size_t)W);
-    size_t *rvbp = W <= 64 ? rvb : malloc(sizeof(size_t) * (size_t)W);
-    if (!rvp || !rvbp) {
-        if (rvp != rv)
-            free(rvp);
-        if (rvbp != rvb)
-            free(rvbp);
-        return moe_fail(MOE_ERR_NOMEM, "combine gather");
-    }
     for (int32_t q = 0; q < W; q++) {
-        rvp[q] = (char *)g->y_d + (size_t)pl->bound[q] * row;
-        rvbp[q] = (size_t)(pl->bound[q + 1] - pl->bound[q]) * row;
+        g->gv_ptr[q] = (char *)g->y_d + (size_t)pl->bound[q] * row;
+        g->gv_bytes[q] = (size_t)(pl->bound[q + 1] - pl->bound[q]) * row;
     }
-    st = par_comm_gatherv(g->p.comm, 0, (char *)g->y_d + (size_t)lo * row, (size_t)(hi - lo) * row, rvp, rvbp, 0,
-                          g->p.timeout_ms, s);
-    if (rvp != rv)
-        free(rvp);
-    if (rvbp != rvb)
-        free(rvbp);
-    return st;
+    return par_comm_gatherv(g->p.comm, 0, (char *)g->y_d + (size_t)lo * row, (size_t)(hi - lo) * row, g->gv_ptr,
+                            g->gv_bytes, 0, g->p.timeout_ms, s);
 }
 
 moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
@@ -466,7 +448,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
     const int32_t *idss = io ? io->ids : g->ids_h;
     const float *ws = io ? io->w : g->w_h;
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_h2d, g->s_main));
-    if (W == 1 || g->x_full) {
+    if (W == 1) {
         MOE_CUDA_CHECK(cudaMemcpyAsync(g->x_d, xs, (size_t)(T * H) * es, cudaMemcpyHostToDevice, g->s_main));
     } else {
         /* Each rank copies its block of rows over PCIe, and the ranks all-gather the blocks

@@ -185,9 +185,8 @@ typedef struct par_exchange_plan {
     int32_t *send_idx, *recv_idx;    /* [cap + 1] each (the caller's memory, or allocated) */
     bool own_idx;
     int32_t *tab, tab_n;             /* lookup tables of the build (private) */
+    int64_t *scratch;                /* [2 (W + 1)] counts and cursors of the build (private) */
 } par_exchange_plan;
-
-#define PAR_PLAN_STACK_W 64 /* world sizes below this build without allocating */
 
 /* Sizes the plan for up to `max_pairs` pairs a step (rows x K of a build). send_idx /
  * recv_idx: memory of the caller (for instance pinned host memory) of max_pairs + 1 int32 each

@@ -77,6 +77,7 @@ void par_exchange_plan_free(par_exchange_plan *p) {
     free(p->recv_count);
     free(p->recv_off);
     free(p->tab);
+    free(p->scratch);
     if (p->own_idx) {
         free(p->send_idx);
         free(p->recv_idx);
@@ -102,6 +103,7 @@ moe_status par_exchange_plan_init(par_exchange_plan *p, int32_t world_size, int3
     p->send_off = calloc(W, sizeof(int64_t));
     p->recv_count = calloc(W, sizeof(int64_t));
     p->recv_off = calloc(W, sizeof(int64_t));
+    p->scratch = calloc(2 * (W + 1), sizeof(int64_t));
     if (send_idx) {
         p->send_idx = send_idx;
         p->recv_idx = recv_idx;
@@ -110,8 +112,8 @@ moe_status par_exchange_plan_init(par_exchange_plan *p, int32_t world_size, int3
         p->send_idx = malloc(sizeof(int32_t) * (size_t)(max_pairs + 1));
         p->recv_idx = malloc(sizeof(int32_t) * (size_t)(max_pairs + 1));
     }
-    if (!p->bound || !p->send_count || !p->send_off || !p->recv_count || !p->recv_off || !p->send_idx ||
-        !p->recv_idx) {
+    if (!p->bound || !p->send_count || !p->send_off || !p->recv_count || !p->recv_off || !p->scratch ||
+        !p->send_idx || !p->recv_idx) {
         par_exchange_plan_free(p);
         return moe_fail(MOE_ERR_NOMEM, "exchange plan");
     }
@@ -151,9 +153,7 @@ moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl
     from[E] = W;
     for (int32_t q = 0; q <= W; q++)
         p->bound[q] = a + n * q / W;
-    int64_t rc[PAR_PLAN_STACK_W + 1], *rcnt = W < PAR_PLAN_STACK_W ? rc : calloc((size_t)W + 1, sizeof(int64_t));
-    if (!rcnt)
-        return moe_fail(MOE_ERR_NOMEM, "exchange plan");
+    int64_t *rcnt = p->scratch, *cu = p->scratch + W + 1; /* receive counts, then cursors, per group */
     memset(rcnt, 0, sizeof(int64_t) * ((size_t)W + 1));
     /* Counts. */
     for (int32_t q = 0; q < W; q++) {
@@ -188,12 +188,6 @@ moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl
      * inside [0, n K), which the capacity covers: the trash group W of the receives starts
      * after the real groups, and a send group's overflow write is overwritten by the next
      * group, or lands just after the last one. */
-    int64_t cur[PAR_PLAN_STACK_W + 1], *cu = W < PAR_PLAN_STACK_W ? cur : calloc((size_t)W + 1, sizeof(int64_t));
-    if (!cu) {
-        if (rcnt != rc)
-            free(rcnt);
-        return moe_fail(MOE_ERR_NOMEM, "exchange plan");
-    }
     for (int32_t q = 0; q < W; q++)
         cu[q] = p->recv_off[q];
     cu[W] = ro;
@@ -215,9 +209,5 @@ moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl
             }
         }
     }
-    if (rcnt != rc)
-        free(rcnt);
-    if (cu != cur)
-        free(cu);
     return MOE_OK;
 }

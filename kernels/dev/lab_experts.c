@@ -171,100 +171,139 @@ static int check_variants(kern_ctx_t *gpu, kern_ctx_t *cpu, int npaths, const ke
 }
 
 /* ---- part 2: timing ------------------------------------------------------------------- */
+/* ---- shared by parts 2 and 3: the BASELINES shapes, their buffers, one timing ---------- */
+static const struct {
+    const char *name;
+    int32_t E, K;
+    int64_t H, I;
+} lab_models[3] = {{"mixtral", 8, 2, 4096, 14336}, {"qwen3-a3b", 128, 8, 2048, 768}, {"dsv2-lite", 64, 6, 2048, 1408}};
+
+/* Random weights and inputs of one shape for up to TM tokens (y: y_bytes), ids and weights
+ * routed on the device from random logits (softmax top-k, renormalized), the workspace
+ * reserved. Seeds seed .. seed + 3. */
+typedef struct lab_bufs {
+    void *w13, *w2, *x, *y, *lg, *ids, *w;
+} lab_bufs;
+
+static void lab_bufs_init(lab_bufs *b, kern_ctx_t *gpu, int mi, int64_t TM, size_t y_bytes, uint64_t seed) {
+    const int64_t E = lab_models[mi].E, K = lab_models[mi].K, H = lab_models[mi].H, I = lab_models[mi].I;
+    cudaStream_t st = (cudaStream_t)kern_cuda_stream(gpu);
+    LB_CUDA(cudaMalloc(&b->w13, (size_t)(E * 2 * I * H) * 2));
+    LB_CUDA(cudaMalloc(&b->w2, (size_t)(E * H * I) * 2));
+    LB_CUDA(cudaMalloc(&b->x, (size_t)(TM * H) * 2));
+    LB_CUDA(cudaMalloc(&b->y, y_bytes));
+    LB_CUDA(cudaMalloc(&b->lg, (size_t)(TM * E) * 4));
+    LB_CUDA(cudaMalloc(&b->ids, (size_t)(TM * K) * 4));
+    LB_CUDA(cudaMalloc(&b->w, (size_t)(TM * K) * 4));
+    LB_CUDA((cudaError_t)dev_fill_randn(b->w13, MOE_DTYPE_BF16, E * 2 * I * H, seed, 1.0f / 64, st));
+    LB_CUDA((cudaError_t)dev_fill_randn(b->w2, MOE_DTYPE_BF16, E * H * I, seed + 1, 1.0f / 64, st));
+    LB_CUDA((cudaError_t)dev_fill_randn(b->x, MOE_DTYPE_BF16, TM * H, seed + 2, 1.0f, st));
+    LB_CUDA((cudaError_t)dev_fill_randn(b->lg, MOE_DTYPE_F32, TM * E, seed + 3, 1.0f, st));
+    kern_route_params rp = kern_route_params_default((int32_t)E, (int32_t)K);
+    rp.renormalize = true;
+    moe_tensor tl = moe_tensor_view2(b->lg, MOE_DTYPE_F32, TM, E), ti = moe_tensor_view2(b->ids, MOE_DTYPE_I32, TM, K),
+               tw = moe_tensor_view2(b->w, MOE_DTYPE_F32, TM, K);
+    LB_CHECK(kern_route(gpu, &rp, &tl, &ti, &tw));
+    LB_CHECK(kern_cuda_reserve(gpu, TM, (int32_t)K, H, I, (int32_t)E, 0));
+}
+
+static void lab_bufs_free(lab_bufs *b) {
+    void *p[] = {b->w13, b->w2, b->x, b->y, b->lg, b->ids, b->w};
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
+        cudaFree(p[i]);
+}
+
+/* One call's time: median of `reps` runs, the L2 flushed before each (two warm-up calls). */
+typedef struct lab_timer {
+    void *flush;
+    size_t flush_bytes;
+    cudaEvent_t e0, e1;
+} lab_timer;
+
+static void lab_timer_init(lab_timer *t) {
+    t->flush_bytes = (size_t)256 << 20;
+    LB_CUDA(cudaMalloc(&t->flush, t->flush_bytes));
+    LB_CUDA(cudaEventCreate(&t->e0));
+    LB_CUDA(cudaEventCreate(&t->e1));
+}
+
+static void lab_timer_free(lab_timer *t) {
+    cudaFree(t->flush);
+    cudaEventDestroy(t->e0);
+    cudaEventDestroy(t->e1);
+}
+
+static double lab_time_fused(lab_timer *tm, kern_ctx_t *gpu, const kern_experts_params *p, const moe_tensor *x,
+                             const moe_tensor *w13, const moe_tensor *w2, const moe_tensor *ids, const moe_tensor *w,
+                             moe_tensor *y, int reps) {
+    cudaStream_t st = (cudaStream_t)kern_cuda_stream(gpu);
+    for (int wu = 0; wu < 2; wu++)
+        LB_CHECK(kern_fused_experts(gpu, p, x, w13, w2, ids, w, y));
+    LB_CHECK(kern_ctx_sync(gpu));
+    double t[32];
+    reps = reps > 32 ? 32 : reps;
+    for (int r = 0; r < reps; r++) {
+        LB_CUDA((cudaError_t)dev_flush_l2(tm->flush, tm->flush_bytes, st));
+        LB_CUDA(cudaEventRecord(tm->e0, st));
+        LB_CHECK(kern_fused_experts(gpu, p, x, w13, w2, ids, w, y));
+        LB_CUDA(cudaEventRecord(tm->e1, st));
+        LB_CHECK(kern_ctx_sync(gpu));
+        float ms;
+        LB_CUDA(cudaEventElapsedTime(&ms, tm->e0, tm->e1));
+        t[r] = ms * 1e3;
+    }
+    return dev_median(t, reps);
+}
+
 /* ---- part 3 (--ep W): an expert-parallel rank's products against one GPU's ---------------- */
 static int ep_compare(kern_ctx_t *gpu, int32_t W, const struct cudaDeviceProp *prop) {
-    static const struct {
-        const char *name;
-        int32_t E, K;
-        int64_t H, I;
-    } models[2] = {{"qwen3-a3b", 128, 8, 2048, 768}, {"dsv2-lite", 64, 6, 2048, 1408}};
     const int64_t Ts[3] = {256, 1024, 4096};
-    cudaStream_t st = (cudaStream_t)kern_cuda_stream(gpu);
-    const size_t flush_bytes = (size_t)256 << 20;
-    void *flush;
-    LB_CUDA(cudaMalloc(&flush, flush_bytes));
-    cudaEvent_t e0, e1;
-    LB_CUDA(cudaEventCreate(&e0));
-    LB_CUDA(cudaEventCreate(&e1));
+    lab_timer tm;
+    lab_timer_init(&tm);
     printf("\npart 3: one expert-parallel rank of %d vs one GPU (median of 7, L2 flushed, %s)\n", (int)W, prop->name);
     printf("| model | T/GPU | 1 GPU: sum mode, E experts, T tokens (us) | rank of %d: slot mode, E/%d experts, %d T tokens "
            "(us) | rank / 1 GPU |\n|---|---|---|---|---|\n",
            (int)W, (int)W, (int)W);
-    for (int mi = 0; mi < 2; mi++) {
-        const int64_t E = models[mi].E, K = models[mi].K, H = models[mi].H, I = models[mi].I;
+    for (int mi = 1; mi < 3; mi++) { /* Qwen3 and DeepSeek-V2-Lite (Mixtral's 8 experts: no EP at these W) */
+        const int64_t E = lab_models[mi].E, K = lab_models[mi].K, H = lab_models[mi].H, I = lab_models[mi].I;
         if (E % W != 0) {
-            printf("| %s | - | E = %lld is not a multiple of %d | | |\n", models[mi].name, (long long)E, (int)W);
+            printf("| %s | - | E = %lld is not a multiple of %d | | |\n", lab_models[mi].name, (long long)E, (int)W);
             continue;
         }
         const int64_t TM = Ts[2] * W, EL = E / W;
-        void *w13, *w2, *x, *y, *lg, *ids, *w, *map;
-        LB_CUDA(cudaMalloc(&w13, (size_t)(E * 2 * I * H) * 2));
-        LB_CUDA(cudaMalloc(&w2, (size_t)(E * H * I) * 2));
-        LB_CUDA(cudaMalloc(&x, (size_t)(TM * H) * 2));
-        LB_CUDA(cudaMalloc(&y, (size_t)(TM * K * H) * 2));
-        LB_CUDA(cudaMalloc(&lg, (size_t)(TM * E) * 4));
-        LB_CUDA(cudaMalloc(&ids, (size_t)(TM * K) * 4));
-        LB_CUDA(cudaMalloc(&w, (size_t)(TM * K) * 4));
+        lab_bufs b;
+        lab_bufs_init(&b, gpu, mi, TM, (size_t)(TM * K * H) * 2, 11 + 4 * (uint64_t)mi);
+        void *map;
         LB_CUDA(cudaMalloc(&map, (size_t)E * 4));
-        LB_CUDA((cudaError_t)dev_fill_randn(w13, MOE_DTYPE_BF16, E * 2 * I * H, 11 + mi, 1.0f / 64, st));
-        LB_CUDA((cudaError_t)dev_fill_randn(w2, MOE_DTYPE_BF16, E * H * I, 12 + mi, 1.0f / 64, st));
-        LB_CUDA((cudaError_t)dev_fill_randn(x, MOE_DTYPE_BF16, TM * H, 13 + mi, 1.0f, st));
-        LB_CUDA((cudaError_t)dev_fill_randn(lg, MOE_DTYPE_F32, TM * E, 14 + mi, 1.0f, st));
         int32_t *hmap = malloc(sizeof(int32_t) * (size_t)E);
         for (int64_t e = 0; e < E; e++)
             hmap[e] = e < EL ? (int32_t)e : -1;
         LB_CUDA(cudaMemcpy(map, hmap, sizeof(int32_t) * (size_t)E, cudaMemcpyHostToDevice));
         free(hmap);
-        kern_route_params rp = kern_route_params_default((int32_t)E, (int32_t)K);
-        rp.renormalize = true;
-        moe_tensor tl = moe_tensor_view2(lg, MOE_DTYPE_F32, TM, E), ti = moe_tensor_view2(ids, MOE_DTYPE_I32, TM, K),
-                   tw = moe_tensor_view2(w, MOE_DTYPE_F32, TM, K);
-        LB_CHECK(kern_route(gpu, &rp, &tl, &ti, &tw));
-        LB_CHECK(kern_cuda_reserve(gpu, TM, (int32_t)K, H, I, (int32_t)E, 0));
-        moe_tensor t13 = moe_tensor_view3(w13, MOE_DTYPE_BF16, E, 2 * I, H), t2 = moe_tensor_view3(w2, MOE_DTYPE_BF16, E, H, I);
-        moe_tensor l13 = moe_tensor_view3(w13, MOE_DTYPE_BF16, EL, 2 * I, H), l2 = moe_tensor_view3(w2, MOE_DTYPE_BF16, EL, H, I);
+        moe_tensor t13 = moe_tensor_view3(b.w13, MOE_DTYPE_BF16, E, 2 * I, H),
+                   t2 = moe_tensor_view3(b.w2, MOE_DTYPE_BF16, E, H, I);
+        moe_tensor l13 = moe_tensor_view3(b.w13, MOE_DTYPE_BF16, EL, 2 * I, H),
+                   l2 = moe_tensor_view3(b.w2, MOE_DTYPE_BF16, EL, H, I);
         kern_experts_params all = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU};
-        kern_experts_params loc = {.n_experts = (int32_t)E, .n_local = (int32_t)EL, .expert_map = map,
-                                   .act = KERN_ACT_SILU};
+        kern_experts_params loc = {
+            .n_experts = (int32_t)E, .n_local = (int32_t)EL, .expert_map = map, .act = KERN_ACT_SILU};
         for (int tt = 0; tt < 3; tt++) {
             const int64_t T = Ts[tt];
             double us[2];
             for (int v = 0; v < 2; v++) {
                 const int64_t n = v ? T * W : T;
-                moe_tensor vx = moe_tensor_view2(x, MOE_DTYPE_BF16, n, H), vi = moe_tensor_view2(ids, MOE_DTYPE_I32, n, K),
-                           vw = moe_tensor_view2(w, MOE_DTYPE_F32, n, K);
-                moe_tensor vy = v ? moe_tensor_view3(y, MOE_DTYPE_BF16, n, K, H) : moe_tensor_view2(y, MOE_DTYPE_BF16, n, H);
-                const kern_experts_params *pp = v ? &loc : &all;
-                const moe_tensor *a13 = v ? &l13 : &t13, *a2 = v ? &l2 : &t2;
-                for (int wu = 0; wu < 2; wu++)
-                    LB_CHECK(kern_fused_experts(gpu, pp, &vx, a13, a2, &vi, &vw, &vy));
-                LB_CHECK(kern_ctx_sync(gpu));
-                double t[7];
-                for (int r = 0; r < 7; r++) {
-                    LB_CUDA((cudaError_t)dev_flush_l2(flush, flush_bytes, st));
-                    LB_CUDA(cudaEventRecord(e0, st));
-                    LB_CHECK(kern_fused_experts(gpu, pp, &vx, a13, a2, &vi, &vw, &vy));
-                    LB_CUDA(cudaEventRecord(e1, st));
-                    LB_CHECK(kern_ctx_sync(gpu));
-                    float ms;
-                    LB_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-                    t[r] = ms * 1e3;
-                }
-                us[v] = dev_median(t, 7);
+                moe_tensor vx = moe_tensor_view2(b.x, MOE_DTYPE_BF16, n, H), vi = moe_tensor_view2(b.ids, MOE_DTYPE_I32, n, K),
+                           vw = moe_tensor_view2(b.w, MOE_DTYPE_F32, n, K);
+                moe_tensor vy = v ? moe_tensor_view3(b.y, MOE_DTYPE_BF16, n, K, H) : moe_tensor_view2(b.y, MOE_DTYPE_BF16, n, H);
+                us[v] = lab_time_fused(&tm, gpu, v ? &loc : &all, &vx, v ? &l13 : &t13, v ? &l2 : &t2, &vi, &vw, &vy, 7);
             }
-            printf("| %s | %lld | %.1f | %.1f | %.2f |\n", models[mi].name, (long long)T, us[0], us[1], us[1] / us[0]);
+            printf("| %s | %lld | %.1f | %.1f | %.2f |\n", lab_models[mi].name, (long long)T, us[0], us[1], us[1] / us[0]);
             fflush(stdout);
         }
-        cudaFree(w13);
-        cudaFree(w2);
-        cudaFree(x);
-        cudaFree(y);
-        cudaFree(lg);
-        cudaFree(ids);
-        cudaFree(w);
         cudaFree(map);
+        lab_bufs_free(&b);
     }
-    cudaFree(flush);
+    lab_timer_free(&tm);
     return 0;
 }
 
@@ -314,53 +353,28 @@ int main(int argc, char **argv) {
         return bad ? 1 : 0;
     }
 
-    static const struct {
-        const char *name;
-        int32_t E, K;
-        int64_t H, I;
-    } models[3] = {{"mixtral", 8, 2, 4096, 14336}, {"qwen3-a3b", 128, 8, 2048, 768}, {"dsv2-lite", 64, 6, 2048, 1408}};
     const int64_t Ts[5] = {1, 16, 128, 1024, 8192};
-    cudaStream_t st = (cudaStream_t)kern_cuda_stream(gpu);
-    const size_t flush_bytes = (size_t)256 << 20;
-    void *flush;
-    LB_CUDA(cudaMalloc(&flush, flush_bytes));
-    cudaEvent_t e0, e1;
-    LB_CUDA(cudaEventCreate(&e0));
-    LB_CUDA(cudaEventCreate(&e1));
+    lab_timer tm;
+    lab_timer_init(&tm);
     lb_row *rows = calloc(1024, sizeof *rows);
     int nrows = 0;
     for (int mi = 0; mi < 3; mi++) {
-        if (one_model && strcmp(one_model, models[mi].name) != 0)
+        if (one_model && strcmp(one_model, lab_models[mi].name) != 0)
             continue;
-        const int64_t E = models[mi].E, K = models[mi].K, H = models[mi].H, I = models[mi].I, TM = 8192;
-        void *w13, *w2, *x, *y, *lg, *ids, *w;
-        LB_CUDA(cudaMalloc(&w13, (size_t)(E * 2 * I * H) * 2));
-        LB_CUDA(cudaMalloc(&w2, (size_t)(E * H * I) * 2));
-        LB_CUDA(cudaMalloc(&x, (size_t)(TM * H) * 2));
-        LB_CUDA(cudaMalloc(&y, (size_t)(TM * H) * 2));
-        LB_CUDA(cudaMalloc(&lg, (size_t)(TM * E) * 4));
-        LB_CUDA(cudaMalloc(&ids, (size_t)(TM * K) * 4));
-        LB_CUDA(cudaMalloc(&w, (size_t)(TM * K) * 4));
-        LB_CUDA((cudaError_t)dev_fill_randn(w13, MOE_DTYPE_BF16, E * 2 * I * H, 1 + mi, 1.0f / 64, st));
-        LB_CUDA((cudaError_t)dev_fill_randn(w2, MOE_DTYPE_BF16, E * H * I, 2 + mi, 1.0f / 64, st));
-        LB_CUDA((cudaError_t)dev_fill_randn(x, MOE_DTYPE_BF16, TM * H, 3 + mi, 1.0f, st));
-        LB_CUDA((cudaError_t)dev_fill_randn(lg, MOE_DTYPE_F32, TM * E, 4 + mi, 1.0f, st));
-        kern_route_params rp = kern_route_params_default((int32_t)E, (int32_t)K);
-        rp.renormalize = true;
-        moe_tensor tl = moe_tensor_view2(lg, MOE_DTYPE_F32, TM, E), ti = moe_tensor_view2(ids, MOE_DTYPE_I32, TM, K),
-                   tw = moe_tensor_view2(w, MOE_DTYPE_F32, TM, K);
-        LB_CHECK(kern_route(gpu, &rp, &tl, &ti, &tw));
-        LB_CHECK(kern_cuda_reserve(gpu, TM, (int32_t)K, H, I, (int32_t)E, 0));
+        const int64_t E = lab_models[mi].E, K = lab_models[mi].K, H = lab_models[mi].H, I = lab_models[mi].I, TM = 8192;
+        lab_bufs b;
+        lab_bufs_init(&b, gpu, mi, TM, (size_t)(TM * H) * 2, 1 + (uint64_t)mi);
         kern_experts_params p = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU};
-        moe_tensor t13 = moe_tensor_view3(w13, MOE_DTYPE_BF16, E, 2 * I, H), t2 = moe_tensor_view3(w2, MOE_DTYPE_BF16, E, H, I);
+        moe_tensor t13 = moe_tensor_view3(b.w13, MOE_DTYPE_BF16, E, 2 * I, H),
+                   t2 = moe_tensor_view3(b.w2, MOE_DTYPE_BF16, E, H, I);
         for (int tt = 0; tt < 5; tt++) {
             const int64_t T = Ts[tt];
             if ((one_model && T != one_T) || T < from_T)
                 continue;
             const int64_t busy = E < T * K ? E : T * K;
             const int64_t m = (T * K + busy - 1) / busy;
-            moe_tensor vx = moe_tensor_view2(x, MOE_DTYPE_BF16, T, H), vi = moe_tensor_view2(ids, MOE_DTYPE_I32, T, K),
-                       vw = moe_tensor_view2(w, MOE_DTYPE_F32, T, K), vy = moe_tensor_view2(y, MOE_DTYPE_BF16, T, H);
+            moe_tensor vx = moe_tensor_view2(b.x, MOE_DTYPE_BF16, T, H), vi = moe_tensor_view2(b.ids, MOE_DTYPE_I32, T, K),
+                       vw = moe_tensor_view2(b.w, MOE_DTYPE_F32, T, K), vy = moe_tensor_view2(b.y, MOE_DTYPE_BF16, T, H);
             for (int pi = 0; pi < npaths; pi++) {
                 LB_CHECK(kern_cuda_set_path(gpu, paths[pi]));
                 int32_t tiles[32];
@@ -382,23 +396,10 @@ int main(int argc, char **argv) {
                     LB_CHECK(kern_cuda_set_small_max(gpu, k == nt + 1 ? 256 : k == nt + 2 ? 0 : 64));
                     LB_CHECK(kern_cuda_set_fused(gpu, k == nt + 4));
                     LB_CHECK(kern_cuda_set_pdl(gpu, k != nt + 3 && prop.major >= 9));
-                    for (int wu = 0; wu < 2; wu++)
-                        LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
-                    LB_CHECK(kern_ctx_sync(gpu));
-                    double t[32];
                     const int reps = one_model ? 3 : T >= 1024 ? 7 : 21;
-                    for (int r = 0; r < reps; r++) {
-                        LB_CUDA((cudaError_t)dev_flush_l2(flush, flush_bytes, st));
-                        LB_CUDA(cudaEventRecord(e0, st));
-                        LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
-                        LB_CUDA(cudaEventRecord(e1, st));
-                        LB_CHECK(kern_ctx_sync(gpu));
-                        float ms;
-                        LB_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-                        t[r] = ms * 1e3;
-                    }
+                    const double us = lab_time_fused(&tm, gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy, reps);
                     lb_row *rw = &rows[nrows++];
-                    snprintf(rw->model, sizeof rw->model, "%s", models[mi].name);
+                    snprintf(rw->model, sizeof rw->model, "%s", lab_models[mi].name);
                     rw->T = T;
                     static const char *ex[] = {"auto", "auto small", "auto aligned", "auto no-pdl", "auto fused"};
                     if (k < nt)
@@ -407,7 +408,7 @@ int main(int argc, char **argv) {
                     else
                         snprintf(rw->variant, sizeof rw->variant, "%d %s %s", pi + 1, path_name(paths[pi]),
                                  ex[k - nt]);
-                    rw->us = dev_median(t, reps);
+                    rw->us = us;
                     rw->is_auto = k == nt;
                     fprintf(stderr, "lab: %s T=%lld %s: %.1f us\n", rw->model, (long long)T, rw->variant, rw->us);
                 }
@@ -418,20 +419,14 @@ int main(int argc, char **argv) {
             LB_CHECK(kern_cuda_set_tile(gpu, 0, 0));
             LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_AUTO));
         }
-        cudaFree(w13);
-        cudaFree(w2);
-        cudaFree(x);
-        cudaFree(y);
-        cudaFree(lg);
-        cudaFree(ids);
-        cudaFree(w);
+        lab_bufs_free(&b);
     }
     printf("\npart 2: times (median, L2 flushed, %s)\n| model | T | variant | us |\n|---|---|---|---|\n", prop.name);
     for (int i = 0; i < nrows; i++)
         printf("| %s | %lld | %s | %.1f%s |\n", rows[i].model, (long long)rows[i].T, rows[i].variant, rows[i].us,
                rows[i].is_auto ? " (auto)" : "");
     free(rows);
-    cudaFree(flush);
+    lab_timer_free(&tm);
     kern_ctx_free(gpu);
     kern_ctx_free(cpu);
     if (bad)
