@@ -525,7 +525,11 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         kern_experts_params ep = {.n_experts = (int32_t)E,
                                   .n_local = g->m.placement->n_local[r],
                                   .expert_map = g->map_d,
-                                  .act = m->act};
+                                  .act = m->act,
+                                  /* every slot of the rows this rank owns is computed here
+                                   * or received; other rows' slots are never read (a bad id
+                                   * fails the step) */
+                                  .slots_local_only = true};
         int64_t bounds[3] = {0, dbo ? T / 2 : T, T};
         if (routed) /* the routed ids reach ids_h: the plan waits for this below */
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));

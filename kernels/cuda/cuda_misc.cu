@@ -444,25 +444,33 @@ extern "C" int kc_launch_sum(int32_t dtype, const void *slots, kc_locality loc, 
 }
 
 /* ---- slot mode: zeros for the pairs held elsewhere ------------------------------------ */
-__global__ void kc_zero_kernel(kc_locality loc, uint16_t *y, int64_t P, int64_t H) {
+/* One CTA per pair row (grid-stride over rows): the locality test once per row, then 16-byte
+ * stores across the row (H % 8 == 0, checked by the caller). The first version tested
+ * locality with a 64-bit division per element and took ~520 us for 65k pairs of H = 2048 on an
+ * H200 (lab part 3, docs/PERF.md): as long as the products themselves. */
+__global__ void kc_zero_kernel(kc_locality loc, uint4 *y, int64_t P, int64_t H8) {
     kc_pdl_wait();
     kc_pdl_trigger();
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= P * H)
-        return;
-    if (!kc_held(loc, idx / H))
-        y[idx] = 0; /* +0.0 in bf16 and fp16 */
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u); /* +0.0 in bf16 and fp16 */
+    for (int64_t p = blockIdx.x; p < P; p += gridDim.x) {
+        if (kc_held(loc, p))
+            continue;
+        uint4 *row = y + p * H8;
+        for (int64_t i = threadIdx.x; i < H8; i += blockDim.x)
+            row[i] = z;
+    }
 }
 
 extern "C" int kc_launch_zero_nonlocal(int32_t dtype, kc_locality loc, void *y, int64_t n_pairs, int64_t H, int pdl,
                                        cudaStream_t st) {
-    if (dtype != MOE_DTYPE_BF16 && dtype != MOE_DTYPE_F16)
+    if ((dtype != MOE_DTYPE_BF16 && dtype != MOE_DTYPE_F16) || H % 8 != 0 || ((uintptr_t)y & 15u) != 0)
         return (int)cudaErrorInvalidValue;
-    const int64_t n = n_pairs * H;
-    if (n == 0)
+    if (n_pairs == 0 || H == 0)
         return 0;
-    return kc_launch_ex(kc_zero_kernel, dim3((unsigned)((n + 255) / 256)), dim3(256), 0, st, pdl, loc, (uint16_t *)y,
-                        n_pairs, H);
+    const int64_t grid = n_pairs < 65535 ? n_pairs : 65535;
+    const int threads = H / 8 >= 256 ? 256 : (int)((H / 8 + 31) / 32 * 32);
+    return kc_launch_ex(kc_zero_kernel, dim3((unsigned)grid), dim3(threads), 0, st, pdl, loc, (uint4 *)y, n_pairs,
+                        H / 8);
 }
 
 /* ---- weight on the input -------------------------------------------------------------- */

@@ -349,7 +349,10 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
                 "cuda fused_experts: x, w13, w2 and y must be 16-byte aligned device pointers (16-byte loads and "
                 "stores)");
     int32_t nwg, bn;
-    choose_tile(s, P, p->n_local, &nwg, &bn);
+    /* The tile follows the rows per local expert: with an expert map only about P n_local /
+     * n_experts of the pairs are held here (expert parallelism), not all P. */
+    const int64_t P_held = p->expert_map && p->n_experts > 0 ? P * p->n_local / p->n_experts : P;
+    choose_tile(s, P_held > 0 ? P_held : 1, p->n_local, &nwg, &bn);
     const bool small = P <= s->small_max && P <= KC_SMALL_MAX_PAIRS;
     if (small && nwg >= 3)
         nwg = 2; /* the (3 .. 6, 128) variants have no small mode; (2, 128) gives the same bits */
@@ -510,7 +513,8 @@ static moe_status cuda_fused_experts(kern_ctx_t *ctx, const kern_experts_params 
     kc_locality loc;
     if (y->ndim == 3) { /* slot mode: contributions straight into y, zeros where not local */
         MOE_CHECK(routed(s, p, x, w13, w2, ids, w, y->data, &loc));
-        KC_LAUNCH(kc_launch_zero_nonlocal(x->dtype, loc, y->data, T * K, H, s->pdl, s->stream), "slot zeros");
+        if (!p->slots_local_only)
+            KC_LAUNCH(kc_launch_zero_nonlocal(x->dtype, loc, y->data, T * K, H, s->pdl, s->stream), "slot zeros");
         return MOE_OK;
     }
     MOE_CHECK(buf_ensure(s, &s->slots, (size_t)(T * K) * (size_t)H * moe_dtype_size(x->dtype)));

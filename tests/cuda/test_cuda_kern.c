@@ -386,6 +386,39 @@ static void test_fused_slot_mode_expert_map(void **state) {
     const shape s = {45, 16, 4, 256, 64};
     check_fused_all_tiles(MOE_DTYPE_BF16, KERN_ACT_SILU, false, true, map, n, &s, 0x40);
     check_fused_all_tiles(MOE_DTYPE_BF16, KERN_ACT_SILU, false, false, map, n, &s, 0x41);
+
+    /* slots_local_only: the held rows are the same bits as with the zeros, the others keep
+     * what was there (the poison, 0xFFFF), at small and large T (both alignment modes). */
+    const int64_t Ts[2] = {45, 2100}; /* 2100 x 4 pairs: the multi-CTA alignment */
+    for (int ti = 0; ti < 2; ti++) {
+        moe_rng r;
+        moe_rng_seed(&r, g_seed ^ (0x42 + (uint64_t)ti));
+        prob pr;
+        prob_init(&pr, &r, MOE_DTYPE_BF16, Ts[ti], 16, 4, 256, 64, map, n);
+        moe_tensor zeroed, kept;
+        run_gpu(&pr, true, &zeroed);
+        pr.p.slots_local_only = true;
+        run_gpu(&pr, true, &kept);
+        const int32_t *id = pr.ids.data;
+        const uint16_t *a = zeroed.data, *b = kept.data;
+        int64_t held = 0, left = 0;
+        for (int64_t q = 0; q < pr.T * pr.K; q++) {
+            const bool h = map[id[q]] >= 0;
+            held += h;
+            left += !h;
+            for (int64_t e = 0; e < pr.H; e++) {
+                const uint16_t want = h ? a[q * pr.H + e] : 0xFFFFu;
+                if (b[q * pr.H + e] != want)
+                    fail_msg("slots_local_only T=%lld: pair %lld (%s) element %lld is 0x%04x, want 0x%04x",
+                             (long long)pr.T, (long long)q, h ? "held" : "not held", (long long)e,
+                             (unsigned)b[q * pr.H + e], (unsigned)want);
+            }
+        }
+        assert_true(held > 0 && left > 0);
+        moe_tensor_free(&zeroed);
+        moe_tensor_free(&kept);
+        prob_free(&pr);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------
