@@ -35,8 +35,9 @@ const eng_cfg_entry eng_cfg_table[] = {
     {"max-msg-bytes", L(max_msg_bytes), "268435456", 4096, (int64_t)1 << 36, NULL, "largest client message (ZMQ_MAXMSGSIZE)"},
     {"max-queue", I(max_queue), "1024", 1, 1 << 20, NULL, "requests waiting for a step; beyond it the reply is BUSY"},
     {"max-inflight-steps", I(max_inflight_steps), "2", 1, 64, NULL, "steps dispatched to the workers and not yet answered"},
-    {"io-threads", I(io_threads), "2", 1, 64, NULL,
-     "ZeroMQ I/O threads of the coordinator: client connections are spread over them (one TCP stream carries ~2-3 GB/s)"},
+    {"io-threads", I(io_threads), "2", 1, 63, NULL,
+     "ZeroMQ I/O threads of the coordinator for the clients: their connections are spread over them (one TCP stream "
+     "carries ~2-3 GB/s); the workers' connections have one more of their own"},
     {"heartbeat-ms", I(heartbeat_ms), "200", 10, 60000, NULL, "worker heartbeat period"},
     {"worker-timeout-ms", I(worker_timeout_ms), "3000", 50, 3600000, NULL, "no heartbeat for this long: the worker is hung"},
     {"step-timeout-ms", I(step_timeout_ms), "30000", 50, 3600000, NULL, "a step unanswered this long fails and restarts the workers"},

@@ -79,7 +79,8 @@ typedef struct coord_step {
     bool sent;      /* STEP sent to the workers */
     int32_t results; /* RESULTs received: the step is done when every rank has answered (GPU
                         workers each write the rows they own of the replies) */
-    float gpu_step_us, gpu_compute_us, gpu_h2d_us, gpu_host_us, gpu_plan_us; /* the slowest rank's times */
+    float gpu_step_us, gpu_compute_us, gpu_h2d_us, gpu_host_us, gpu_plan_us, gpu_gather_us; /* the slowest rank's */
+    int32_t gpu_staged_ranks; /* ranks whose inputs went up during the step before */
 } coord_step;
 
 /* A slot of the shared-memory data path. refs: the step using it (from dispatch to its end),
@@ -125,8 +126,9 @@ typedef struct coord_stats {
     uint64_t restarts;
     int64_t *expert_tokens; /* [E] */
     /* GPU workers' device times (rank 0's RESULT; combine: every rank's) */
-    uint64_t gpu_steps, gpu_step_tokens;
-    double gpu_step_us, gpu_compute_us, gpu_combine_us, gpu_combine_bytes, gpu_h2d_us, gpu_host_us, gpu_plan_us;
+    uint64_t gpu_steps, gpu_step_tokens, gpu_staged_steps;
+    double gpu_step_us, gpu_compute_us, gpu_combine_us, gpu_combine_bytes, gpu_h2d_us, gpu_host_us, gpu_plan_us,
+        gpu_gather_us;
     uint64_t errors_by_status[32];
 } coord_stats;
 
@@ -388,6 +390,8 @@ static char *stats_json(coord *co) {
         cJSON_AddNumberToObject(gp, "h2d_us_sum", co->st.gpu_h2d_us);
         cJSON_AddNumberToObject(gp, "host_us_sum", co->st.gpu_host_us);
         cJSON_AddNumberToObject(gp, "plan_us_sum", co->st.gpu_plan_us);
+        cJSON_AddNumberToObject(gp, "staged_steps", (double)co->st.gpu_staged_steps);
+        cJSON_AddNumberToObject(gp, "gather_us_sum", co->st.gpu_gather_us);
     }
     cJSON *w = cJSON_AddObjectToObject(root, "workers");
     cJSON_AddNumberToObject(w, "world_size", co->world);
@@ -1249,12 +1253,13 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
             float tv[ENG_GPU_TIMING_N];
             memcpy(tv, tm->data, sizeof tv);
             float *mx[] = {&s->gpu_step_us, &s->gpu_compute_us, NULL, NULL, &s->gpu_h2d_us, &s->gpu_host_us,
-                           &s->gpu_plan_us};
+                           &s->gpu_plan_us, NULL, &s->gpu_gather_us};
             for (int k = 0; k < ENG_GPU_TIMING_N; k++)
                 if (mx[k] && tv[k] > *mx[k])
                     *mx[k] = tv[k];
             co->st.gpu_combine_us += tv[2];
             co->st.gpu_combine_bytes += tv[3];
+            s->gpu_staged_ranks += tv[7] > 0.5f;
         }
         const ipc_section *et = wk->rank == 0 ? ipc_msg_find(&m, ENG_SEC_EXPERT_TOKENS) : NULL;
         if (et && et->dtype == MOE_DTYPE_I32 && et->shape[0] == co->desc->n_experts) {
@@ -1271,8 +1276,10 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         co->st.gpu_h2d_us += s->gpu_h2d_us;
         co->st.gpu_host_us += s->gpu_host_us;
         co->st.gpu_plan_us += s->gpu_plan_us;
+        co->st.gpu_gather_us += s->gpu_gather_us;
         if (s->gpu_step_us > 0) {
             co->st.gpu_steps++;
+            co->st.gpu_staged_steps += s->gpu_staged_ranks == co->world;
             co->st.gpu_step_tokens += s->n_tokens;
         }
         co->st.steps++;
@@ -1578,14 +1585,20 @@ static moe_status coord_init(coord *co) {
     co->loop_inited = true;
     co->zctx = zmq_ctx_new();
     MOE_REQUIRE(co->zctx, MOE_ERR_ZMQ, "zmq_ctx_new: %s", zmq_strerror(zmq_errno()));
-    MOE_REQUIRE(zmq_ctx_set(co->zctx, ZMQ_IO_THREADS, co->cfg.io_threads) == 0, MOE_ERR_ZMQ,
-                "zmq_ctx_set(ZMQ_IO_THREADS, %d): %s", (int)co->cfg.io_threads, zmq_strerror(zmq_errno()));
+    /* I/O thread 0 carries the workers' connections alone, threads 1 .. io_threads the clients':
+     * a STEP to a worker never waits behind megabytes of replies being written to a client
+     * (GPU run, docs/PERF.md: the ranks received a step up to 15 ms apart, and the first one's
+     * x all-gather waited for the last). */
+    MOE_REQUIRE(zmq_ctx_set(co->zctx, ZMQ_IO_THREADS, co->cfg.io_threads + 1) == 0, MOE_ERR_ZMQ,
+                "zmq_ctx_set(ZMQ_IO_THREADS, %d): %s", (int)co->cfg.io_threads + 1, zmq_strerror(zmq_errno()));
+    const uint64_t client_threads = ((1ull << co->cfg.io_threads) - 1) << 1, worker_threads = 1;
     if (co->cfg.curve_secret_file[0] && co->cfg.curve_allow_file[0]) {
         MOE_CHECK(ipc_zap_init(&co->zap, &co->loop, co->zctx, co->cfg.curve_allow_file));
     }
     void *cs = zmq_socket(co->zctx, ZMQ_ROUTER);
     MOE_REQUIRE(cs, MOE_ERR_ZMQ, "zmq_socket: %s", zmq_strerror(zmq_errno()));
     int one = 1, zero = 0;
+    zmq_setsockopt(cs, ZMQ_AFFINITY, &client_threads, sizeof client_threads);
     zmq_setsockopt(cs, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
     zmq_setsockopt(cs, ZMQ_SNDHWM, &zero, sizeof zero);
     MOE_CHECK_GOTO(ipc_socket_limits(cs, &co->lim, 0), st, fail_cs);
@@ -1600,6 +1613,7 @@ static moe_status coord_init(coord *co) {
 
     void *ws = zmq_socket(co->zctx, ZMQ_ROUTER);
     MOE_REQUIRE(ws, MOE_ERR_ZMQ, "zmq_socket: %s", zmq_strerror(zmq_errno()));
+    zmq_setsockopt(ws, ZMQ_AFFINITY, &worker_threads, sizeof worker_threads);
     zmq_setsockopt(ws, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
     zmq_setsockopt(ws, ZMQ_SNDHWM, &zero, sizeof zero);
     zmq_setsockopt(ws, ZMQ_RCVHWM, &zero, sizeof zero);

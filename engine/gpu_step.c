@@ -30,6 +30,26 @@ typedef struct gpu_layer {
     moe_tensor sw13, sw2, sgate;  /* device (every rank: each adds it to the rows it owns) */
 } gpu_layer;
 
+/* One set of a step's inputs on the device, and its staging in pinned memory (used when the
+ * inputs are not in registered memory). Two sets: the next step's inputs are copied into one
+ * (eng_gpu_stage, on s_copy) while the current step computes from the other. */
+typedef struct gpu_inputs {
+    void *x_h, *lg_h;
+    int32_t *ids_h;
+    float *w_h;
+    void *x_d, *lg_d;
+    int32_t *ids_d;
+    float *w_d;
+    cudaEvent_t ready;    /* the copies done (s_copy) */
+    cudaEvent_t released; /* the step that used the set last is done with it (s_main) */
+    cudaEvent_t tm0, tm1; /* the copies' own duration */
+    bool staged;          /* holds the next step's inputs */
+    bool routed;          /* some request needs routing on the device */
+    uint64_t tag;         /* the staged step (checked by the step) */
+    int64_t T;
+    const int32_t *ids_src; /* the step's ids on the host as they came */
+} gpu_inputs;
+
 struct eng_gpu {
     eng_gpu_params p;
     eng_step_model m;
@@ -37,17 +57,19 @@ struct eng_gpu {
     int32_t n_layers;
     gpu_layer *layers;
     kern_ctx_t *k, *kside, *kcomm;
-    cudaStream_t s_main, s_side, s_comm;
+    cudaStream_t s_main, s_side, s_comm, s_copy;
     cudaEvent_t ev_in, ev_x, ev_side[2], ev_mb[2], ev_red[2], ev_done;
-    cudaEvent_t tm_h2d, tm_start, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
-    /* pinned host */
-    void *x_h, *lg_h, *y_h;
+    cudaEvent_t tm_start, tm_x, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
+    gpu_inputs in[2];
+    int32_t next;                 /* the set the next step uses */
+    void (*hook)(void *);         /* called once per step between the enqueue and the wait */
+    void *hook_arg;
+    /* pinned host: the output (ZeroMQ data path), the step's ids (routed, or a private copy) */
+    void *y_h;
     int32_t *ids_h;
-    float *w_h;
     /* device */
-    void *x_d, *lg_d, *slots_d, *sh_d, *y_d;
-    int32_t *ids_d, *map_d;
-    float *w_d;
+    void *slots_d, *sh_d, *y_d;
+    int32_t *map_d;
     /* the combine (W > 1): one exchange plan per micro-batch, its indices in pinned memory and
      * on the device ([mb][send, recv][T K]), the packed rows sent and received */
     par_exchange_plan plan[2];
@@ -110,11 +132,24 @@ void eng_gpu_free(eng_gpu_t *g) {
     kern_ctx_free(g->kcomm);
     par_exchange_plan_free(&g->plan[0]);
     par_exchange_plan_free(&g->plan[1]);
-    void *dev[] = {g->x_d,  g->lg_d, g->slots_d, g->sh_d,   g->y_d,   g->ids_d,
-                   g->map_d, g->w_d, g->idx_d,   g->send_d, g->recv_d};
+    void *dev[] = {g->slots_d, g->sh_d, g->y_d, g->map_d, g->idx_d, g->send_d, g->recv_d};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         dfree(dev[i]);
-    void *host[] = {g->x_h, g->lg_h, g->y_h, g->ids_h, g->w_h, g->idx_h};
+    for (int b = 0; b < 2; b++) {
+        gpu_inputs *in = &g->in[b];
+        void *d[] = {in->x_d, in->lg_d, in->ids_d, in->w_d};
+        for (size_t i = 0; i < 4; i++)
+            dfree(d[i]);
+        void *h[] = {in->x_h, in->lg_h, in->ids_h, in->w_h};
+        for (size_t i = 0; i < 4; i++)
+            if (h[i])
+                cudaFreeHost(h[i]);
+        cudaEvent_t e[] = {in->ready, in->released, in->tm0, in->tm1};
+        for (size_t i = 0; i < 4; i++)
+            if (e[i])
+                cudaEventDestroy(e[i]);
+    }
+    void *host[] = {g->y_h, g->ids_h, g->idx_h};
     free(g->a2a);
     free(g->gv_ptr);
     free(g->gv_bytes);
@@ -124,12 +159,12 @@ void eng_gpu_free(eng_gpu_t *g) {
     cudaEvent_t evs[] = {g->ev_in,     g->ev_side[0], g->ev_side[1], g->ev_mb[0],  g->ev_mb[1],
                          g->ev_red[0], g->ev_red[1],  g->ev_done,    g->tm_start,  g->tm_compute,
                          g->tm_end,    g->tm_cs[0],   g->tm_cs[1],   g->tm_ce[0],  g->tm_ce[1],
-                         g->tm_h2d,    g->ev_x};
+                         g->tm_x,      g->ev_x};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i])
             cudaEventDestroy(evs[i]);
-    cudaStream_t ss[] = {g->s_main, g->s_side, g->s_comm};
-    for (size_t i = 0; i < 3; i++)
+    cudaStream_t ss[] = {g->s_main, g->s_side, g->s_comm, g->s_copy};
+    for (size_t i = 0; i < 4; i++)
         if (ss[i])
             cudaStreamDestroy(ss[i]);
     free(g);
@@ -151,13 +186,18 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_CUDA_CHECK_GOTO(cudaSetDevice(p->device), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_main, cudaStreamNonBlocking), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_side, cudaStreamNonBlocking), st, fail);
-    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_comm, cudaStreamNonBlocking), st, fail);
+    /* The exchanges at the highest priority: with DBO, the NCCL kernels of micro-batch 0 get
+     * the SMs the products of micro-batch 1 free, before the next product tiles. */
+    int prio_lo = 0, prio_hi = 0;
+    MOE_CUDA_CHECK_GOTO(cudaDeviceGetStreamPriorityRange(&prio_lo, &prio_hi), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithPriority(&g->s_comm, cudaStreamNonBlocking, prio_hi), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_copy, cudaStreamNonBlocking), st, fail);
     cudaEvent_t *evs[] = {&g->ev_in,    &g->ev_side[0], &g->ev_side[1], &g->ev_mb[0], &g->ev_mb[1],
                           &g->ev_red[0], &g->ev_red[1],  &g->ev_done,    &g->ev_x};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), st, fail);
     cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end,   &g->tm_cs[0],
-                          &g->tm_cs[1], &g->tm_ce[0],   &g->tm_ce[1], &g->tm_h2d};
+                          &g->tm_cs[1], &g->tm_ce[0],   &g->tm_ce[1], &g->tm_x};
     for (size_t i = 0; i < sizeof tms / sizeof tms[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreate(tms[i]), st, fail);
     kern_ctx_params kp = {.device = p->device, .stream = g->s_main};
@@ -214,18 +254,28 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         goto fail;
 
     /* Buffers for max_tokens. */
-    MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&g->x_h, (size_t)(TM * H) * es, cudaHostAllocDefault), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&g->y_h, (size_t)(TM * H) * es, cudaHostAllocDefault), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->ids_h, sizeof(int32_t) * (size_t)(TM * K), cudaHostAllocDefault), st,
                         fail);
-    MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->w_h, sizeof(float) * (size_t)(TM * K), cudaHostAllocDefault), st,
-                        fail);
-    MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&g->lg_h, sizeof(float) * (size_t)(TM * E), cudaHostAllocDefault), st, fail);
-    MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->x_d, (size_t)(TM * H) * es), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->y_d, (size_t)(TM * H) * es), st, fail);
-    MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->ids_d, sizeof(int32_t) * (size_t)(TM * K)), st, fail);
-    MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->w_d, sizeof(float) * (size_t)(TM * K)), st, fail);
-    MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->lg_d, sizeof(float) * (size_t)(TM * E)), st, fail);
+    for (int b = 0; b < 2; b++) {
+        gpu_inputs *in = &g->in[b];
+        MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&in->x_h, (size_t)(TM * H) * es, cudaHostAllocDefault), st, fail);
+        MOE_CUDA_CHECK_GOTO(
+            cudaHostAlloc((void **)&in->ids_h, sizeof(int32_t) * (size_t)(TM * K), cudaHostAllocDefault), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&in->w_h, sizeof(float) * (size_t)(TM * K), cudaHostAllocDefault),
+                            st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&in->lg_h, sizeof(float) * (size_t)(TM * E), cudaHostAllocDefault), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc(&in->x_d, (size_t)(TM * H) * es), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&in->ids_d, sizeof(int32_t) * (size_t)(TM * K)), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&in->w_d, sizeof(float) * (size_t)(TM * K)), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc(&in->lg_d, sizeof(float) * (size_t)(TM * E)), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&in->ready, cudaEventDisableTiming), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&in->released, cudaEventDisableTiming), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaEventCreate(&in->tm0), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaEventCreate(&in->tm1), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaEventRecord(in->released, g->s_main), st, fail);
+    }
     if (g->world > 1) {
         const size_t pairs = (size_t)(TM * K);
         g->a2a = calloc(4 * (size_t)g->world, sizeof(size_t));
@@ -263,8 +313,8 @@ fail:
 }
 
 /* Polls an event until done or the deadline: spins first (a step of small T ends in tens of
- * microseconds), then sleeps briefly between looks. */
-static moe_status poll_event(cudaEvent_t ev, uint64_t deadline, const char *what) {
+ * microseconds), then sleeps briefly between looks; idle (if any) runs between looks. */
+static moe_status poll_event(cudaEvent_t ev, uint64_t deadline, const char *what, void (*idle)(void *), void *arg) {
     for (int i = 0;; i++) {
         cudaError_t e = cudaEventQuery(ev);
         if (e == cudaSuccess)
@@ -273,6 +323,8 @@ static moe_status poll_event(cudaEvent_t ev, uint64_t deadline, const char *what
             return moe_fail(MOE_ERR_CUDA, "%s: %s", what, cudaGetErrorString(e));
         if (moe_now_ns() > deadline)
             return moe_fail(MOE_ERR_TIMEOUT, "%s: the device did not finish the step in time", what);
+        if (idle)
+            idle(arg);
         if (i < 20000) {
             sched_yield();
         } else {
@@ -312,18 +364,87 @@ static gpu_layer *find(eng_gpu_t *g, int32_t layer) {
     return NULL;
 }
 
-/* W > 1: rows [T r / W, T (r + 1) / W) of x from the host, then the other ranks' blocks by an
- * all-to-all on s_comm (the same communicator order as the combines that follow); s_main
- * waits for it. */
-static moe_status gather_x(eng_gpu_t *g, const void *xs, int64_t T) {
+/* Copies a step's inputs into the set `in` on s_copy, once the step that used the set last
+ * is done with it: x (at W > 1 only this rank's block of rows [T r / W, T (r + 1) / W): the
+ * other blocks come from the other ranks over NVLink, gather_x), ids and weights, and the
+ * logits where a request is routed here. From the registered data path as they are, or staged
+ * into the set's pinned memory first. */
+static moe_status stage(eng_gpu_t *g, gpu_inputs *in, uint64_t tag, const eng_step_req *reqs, int32_t n,
+                        const eng_gpu_io *io) {
+    const eng_step_model *m = &g->m;
+    const int64_t H = m->hidden, E = m->n_experts, K = m->top_k;
+    const size_t es = moe_dtype_size(m->dtype), row = (size_t)H * es;
+    const int32_t W = g->world, r = g->p.rank;
+    int64_t T = 0;
+    for (int32_t i = 0; i < n; i++)
+        T += reqs[i].n_tokens;
+    MOE_REQUIRE(T <= g->p.max_tokens, MOE_ERR_LIMIT, "gpu step: %lld tokens over the step's %lld", (long long)T,
+                (long long)g->p.max_tokens);
+    bool routed = false;
+    int64_t t0 = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const eng_step_req *q = &reqs[i];
+        if (!io) {
+            memcpy((char *)in->x_h + (size_t)(t0 * H) * es, q->x, (size_t)(q->n_tokens * H) * es);
+            if (q->src == ENG_ROUTE_IDS) {
+                memcpy(in->ids_h + t0 * K, q->ids, sizeof(int32_t) * (size_t)(q->n_tokens * K));
+                memcpy(in->w_h + t0 * K, q->weights, sizeof(float) * (size_t)(q->n_tokens * K));
+            } else if (q->src == ENG_ROUTE_LOGITS) {
+                memcpy((char *)in->lg_h + (size_t)(t0 * E) * sizeof(float), q->logits,
+                       (size_t)(q->n_tokens * E) * moe_dtype_size(q->logits_dtype));
+            }
+        }
+        routed |= q->src != ENG_ROUTE_IDS;
+        t0 += q->n_tokens;
+    }
+    const void *xs = io ? io->x : in->x_h, *lgs = io ? io->logits : in->lg_h;
+    const int32_t *idss = io ? io->ids : in->ids_h;
+    const float *ws = io ? io->w : in->w_h;
+    cudaStream_t s = g->s_copy;
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(s, in->released, 0));
+    MOE_CUDA_CHECK(cudaEventRecord(in->tm0, s));
+    if (T > 0) {
+        const int64_t lo = W == 1 ? 0 : T * r / W, hi = W == 1 ? T : T * (r + 1) / W;
+        if (hi > lo)
+            MOE_CUDA_CHECK(cudaMemcpyAsync((char *)in->x_d + (size_t)lo * row, (const char *)xs + (size_t)lo * row,
+                                           (size_t)(hi - lo) * row, cudaMemcpyHostToDevice, s));
+        MOE_CUDA_CHECK(
+            cudaMemcpyAsync(in->ids_d, idss, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice, s));
+        MOE_CUDA_CHECK(cudaMemcpyAsync(in->w_d, ws, sizeof(float) * (size_t)(T * K), cudaMemcpyHostToDevice, s));
+        if (routed)
+            MOE_CUDA_CHECK(cudaMemcpyAsync(in->lg_d, lgs, sizeof(float) * (size_t)(T * E), cudaMemcpyHostToDevice, s));
+    }
+    MOE_CUDA_CHECK(cudaEventRecord(in->tm1, s));
+    MOE_CUDA_CHECK(cudaEventRecord(in->ready, s));
+    in->staged = true;
+    in->routed = routed;
+    in->tag = tag;
+    in->T = T;
+    in->ids_src = idss;
+    return MOE_OK;
+}
+
+moe_status eng_gpu_stage(eng_gpu_t *g, uint64_t tag, const eng_step_req *reqs, int32_t n, const eng_gpu_io *io) {
+    MOE_REQUIRE(g && (reqs || n == 0), MOE_ERR_INVALID_ARG, "gpu stage: NULL argument");
+    gpu_inputs *in = &g->in[g->next];
+    MOE_REQUIRE(!in->staged, MOE_ERR_INVALID_ARG, "gpu stage: the next step's inputs are already staged");
+    MOE_CUDA_CHECK(cudaSetDevice(g->p.device));
+    return stage(g, in, tag, reqs, n, io);
+}
+
+void eng_gpu_set_hook(eng_gpu_t *g, void (*fn)(void *), void *arg) {
+    g->hook = fn;
+    g->hook_arg = arg;
+}
+
+/* W > 1: the other ranks' blocks of x by an all-to-all on s_comm (in the same communicator
+ * order as the combines that follow), once this rank's block is on the device; s_main waits
+ * for it. */
+static moe_status gather_x(eng_gpu_t *g, gpu_inputs *in, int64_t T) {
     const int32_t W = g->world, r = g->p.rank;
     const size_t row = (size_t)g->m.hidden * moe_dtype_size(g->m.dtype);
     const int64_t lo = T * r / W, hi = T * (r + 1) / W;
-    if (hi > lo)
-        MOE_CUDA_CHECK(cudaMemcpyAsync((char *)g->x_d + (size_t)lo * row, (const char *)xs + (size_t)lo * row,
-                                       (size_t)(hi - lo) * row, cudaMemcpyHostToDevice, g->s_main));
-    MOE_CUDA_CHECK(cudaEventRecord(g->ev_x, g->s_main));
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_comm, g->ev_x, 0));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_comm, in->ready, 0));
     size_t *sbytes = g->a2a, *soff = g->a2a + W, *rbytes = g->a2a + 2 * W, *roff = g->a2a + 3 * W;
     for (int32_t q = 0; q < W; q++) {
         const int64_t a = T * q / W, b = T * (q + 1) / W;
@@ -332,7 +453,7 @@ static moe_status gather_x(eng_gpu_t *g, const void *xs, int64_t T) {
         rbytes[q] = q == r ? 0 : (size_t)(b - a) * row;
         roff[q] = (size_t)a * row;
     }
-    MOE_CHECK(par_comm_alltoallv(g->p.comm, g->x_d, sbytes, soff, g->x_d, rbytes, roff, g->p.timeout_ms, g->s_comm));
+    MOE_CHECK(par_comm_alltoallv(g->p.comm, in->x_d, sbytes, soff, in->x_d, rbytes, roff, g->p.timeout_ms, g->s_comm));
     MOE_CUDA_CHECK(cudaEventRecord(g->ev_x, g->s_comm));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_x, 0));
     return MOE_OK;
@@ -403,86 +524,49 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, int mb, const eng_step_
                             g->gv_bytes, 0, g->p.timeout_ms, s);
 }
 
-moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
-                        int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io) {
-    MOE_REQUIRE(g && (reqs || n == 0), MOE_ERR_INVALID_ARG, "gpu step: NULL argument");
-    gpu_layer *l = find(g, layer);
-    MOE_REQUIRE(l, MOE_ERR_NOT_FOUND, "gpu step: layer %d is not loaded", (int)layer);
+/* The step proper, from inputs staged in `in`. */
+static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t layer, const eng_step_req *reqs,
+                           int32_t n, int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io,
+                           uint64_t t_entry) {
     const eng_step_model *m = &g->m;
-    const int64_t H = m->hidden, E = m->n_experts, K = m->top_k;
+    const int64_t H = m->hidden, E = m->n_experts, K = m->top_k, T = in->T;
     const size_t es = moe_dtype_size(m->dtype);
     const int32_t W = g->world, r = g->p.rank;
-    int64_t T = 0;
-    for (int32_t i = 0; i < n; i++)
-        T += reqs[i].n_tokens;
-    MOE_REQUIRE(T <= g->p.max_tokens, MOE_ERR_LIMIT, "gpu step: %lld tokens over the step's %lld", (long long)T,
-                (long long)g->p.max_tokens);
-    if (y)
-        *y = NULL;
-    const uint64_t t_entry = moe_now_ns(), deadline = t_entry + (uint64_t)g->p.timeout_ms * 1000000ull;
+    const uint64_t deadline = t_entry + (uint64_t)g->p.timeout_ms * 1000000ull;
     uint64_t t_plan = 0, t_wait = 0;
-    MOE_CUDA_CHECK(cudaSetDevice(g->p.device));
-
-    /* Inputs: from the registered data path as they are, or staged into pinned memory; then one
-     * copy of each kind. */
-    bool routed = false;
-    int64_t t0 = 0;
-    for (int32_t i = 0; i < n; i++) {
-        const eng_step_req *q = &reqs[i];
-        if (!io) {
-            memcpy((char *)g->x_h + (size_t)(t0 * H) * es, q->x, (size_t)(q->n_tokens * H) * es);
-            if (q->src == ENG_ROUTE_IDS) {
-                memcpy(g->ids_h + t0 * K, q->ids, sizeof(int32_t) * (size_t)(q->n_tokens * K));
-                memcpy(g->w_h + t0 * K, q->weights, sizeof(float) * (size_t)(q->n_tokens * K));
-            } else if (q->src == ENG_ROUTE_LOGITS) {
-                memcpy((char *)g->lg_h + (size_t)(t0 * E) * sizeof(float), q->logits,
-                       (size_t)(q->n_tokens * E) * moe_dtype_size(q->logits_dtype));
-            }
-        }
-        routed |= q->src != ENG_ROUTE_IDS;
-        t0 += q->n_tokens;
-    }
+    const bool routed = in->routed;
+    if (timing)
+        memset(timing, 0, sizeof *timing);
     if (T == 0)
         return MOE_OK;
-    const void *xs = io ? io->x : g->x_h, *lgs = io ? io->logits : g->lg_h;
-    const int32_t *idss = io ? io->ids : g->ids_h;
-    const float *ws = io ? io->w : g->w_h;
-    MOE_CUDA_CHECK(cudaEventRecord(g->tm_h2d, g->s_main));
-    if (W == 1) {
-        MOE_CUDA_CHECK(cudaMemcpyAsync(g->x_d, xs, (size_t)(T * H) * es, cudaMemcpyHostToDevice, g->s_main));
-    } else {
-        /* Each rank copies its block of rows over PCIe, and the ranks all-gather the blocks
-         * over NVLink: a GPU's PCIe traffic stays T H / W per step however many share the
-         * batch, and the ranks start their products together. */
-        MOE_CHECK(gather_x(g, xs, T));
-    }
-    MOE_CUDA_CHECK(
-        cudaMemcpyAsync(g->ids_d, idss, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice, g->s_main));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(g->w_d, ws, sizeof(float) * (size_t)(T * K), cudaMemcpyHostToDevice, g->s_main));
-    if (routed)
-        MOE_CUDA_CHECK(
-            cudaMemcpyAsync(g->lg_d, lgs, sizeof(float) * (size_t)(T * E), cudaMemcpyHostToDevice, g->s_main));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, in->ready, 0));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_start, g->s_main));
+    /* At W > 1 the ranks all-gather the blocks of x each copied over PCIe: a GPU's PCIe traffic
+     * stays T H / W per step however many share the batch, and the ranks start their products
+     * together. */
+    if (W > 1)
+        MOE_CHECK(gather_x(g, in, T));
+    MOE_CUDA_CHECK(cudaEventRecord(g->tm_x, g->s_main));
 
     /* Routing on the device, request by request. */
     kern_route_params rp = m->route;
     rp.correction_bias = l->bias;
-    t0 = 0;
+    int64_t t0 = 0;
     for (int32_t i = 0; i < n; i++) {
         const eng_step_req *q = &reqs[i];
         const int64_t nt = q->n_tokens;
         if (q->src != ENG_ROUTE_IDS && nt > 0) {
-            void *lgp = (char *)g->lg_d + (size_t)(t0 * E) * sizeof(float);
+            void *lgp = (char *)in->lg_d + (size_t)(t0 * E) * sizeof(float);
             moe_tensor lg = moe_tensor_view2(lgp, q->src == ENG_ROUTE_LOGITS ? q->logits_dtype : MOE_DTYPE_F32, nt, E);
             if (q->src == ENG_ROUTE_HIDDEN) {
                 MOE_REQUIRE(l->router.data, MOE_ERR_UNSUPPORTED,
                             "layer %d: this engine has no router weights: send topk ids and weights, or router logits",
                             (int)layer);
-                moe_tensor xv = moe_tensor_view2((char *)g->x_d + (size_t)(t0 * H) * es, m->dtype, nt, H);
+                moe_tensor xv = moe_tensor_view2((char *)in->x_d + (size_t)(t0 * H) * es, m->dtype, nt, H);
                 MOE_CHECK(kern_router_logits(g->k, &xv, &l->router, &lg));
             }
-            moe_tensor ti = moe_tensor_view2(g->ids_d + t0 * K, MOE_DTYPE_I32, nt, K);
-            moe_tensor tw = moe_tensor_view2(g->w_d + t0 * K, MOE_DTYPE_F32, nt, K);
+            moe_tensor ti = moe_tensor_view2(in->ids_d + t0 * K, MOE_DTYPE_I32, nt, K);
+            moe_tensor tw = moe_tensor_view2(in->w_d + t0 * K, MOE_DTYPE_F32, nt, K);
             MOE_CHECK(kern_route(g->k, &rp, &lg, &ti, &tw));
         }
         t0 += nt;
@@ -490,9 +574,9 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
     /* The step's ids on the host: as they came (the client's), or copied back after the
      * device routed them (read after the step's wait at W = 1; at W > 1 the exchange plan
      * needs them first: the one extra wait of a step the engine routes). */
-    const int32_t *ids_host = routed ? g->ids_h : idss;
+    const int32_t *ids_host = routed ? g->ids_h : in->ids_src;
     if (routed)
-        MOE_CUDA_CHECK(cudaMemcpyAsync(g->ids_h, g->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
+        MOE_CUDA_CHECK(cudaMemcpyAsync(g->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
                                        g->s_main));
 
     kern_shared_expert se;
@@ -503,9 +587,9 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         se.gate = l->sgate.data ? &l->sgate : NULL;
         se.act = m->act;
     }
-    moe_tensor x = moe_tensor_view2(g->x_d, m->dtype, T, H);
-    moe_tensor ids = moe_tensor_view2(g->ids_d, MOE_DTYPE_I32, T, K);
-    moe_tensor wt = moe_tensor_view2(g->w_d, MOE_DTYPE_F32, T, K);
+    moe_tensor x = moe_tensor_view2(in->x_d, m->dtype, T, H);
+    moe_tensor ids = moe_tensor_view2(in->ids_d, MOE_DTYPE_I32, T, K);
+    moe_tensor wt = moe_tensor_view2(in->w_d, MOE_DTYPE_F32, T, K);
     moe_tensor yd = moe_tensor_view2(g->y_d, m->dtype, T, H);
     const bool dbo = use_dbo(g, T);
     const int parts = dbo ? 2 : 1;
@@ -520,7 +604,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
         t_wait = moe_now_ns();
-        MOE_CHECK(poll_event(g->ev_done, deadline, "step"));
+        MOE_CHECK(poll_event(g->ev_done, deadline, "step", g->hook, g->hook_arg));
     } else {
         kern_experts_params ep = {.n_experts = (int32_t)E,
                                   .n_local = g->m.placement->n_local[r],
@@ -542,7 +626,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
                 const int64_t a = bounds[mb], nt = bounds[mb + 1] - a;
                 const int64_t lo = a + nt * r / W, hi = a + nt * (r + 1) / W;
                 if (hi > lo) {
-                    moe_tensor xv = moe_tensor_view2((char *)g->x_d + (size_t)(lo * H) * es, m->dtype, hi - lo, H);
+                    moe_tensor xv = moe_tensor_view2((char *)in->x_d + (size_t)(lo * H) * es, m->dtype, hi - lo, H);
                     moe_tensor sh = moe_tensor_view2((char *)g->sh_d + (size_t)(lo * H) * es, m->dtype, hi - lo, H);
                     MOE_CHECK(kern_shared_expert_forward(g->kside, &se, &xv, &sh));
                 }
@@ -553,9 +637,9 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
          * starts while the host builds the exchange plans. */
         for (int mb = 0; mb < parts; mb++) {
             int64_t a = bounds[mb], nt = bounds[mb + 1] - bounds[mb];
-            moe_tensor xv = moe_tensor_view2((char *)g->x_d + (size_t)(a * H) * es, m->dtype, nt, H);
-            moe_tensor iv = moe_tensor_view2(g->ids_d + a * K, MOE_DTYPE_I32, nt, K);
-            moe_tensor wv = moe_tensor_view2(g->w_d + a * K, MOE_DTYPE_F32, nt, K);
+            moe_tensor xv = moe_tensor_view2((char *)in->x_d + (size_t)(a * H) * es, m->dtype, nt, H);
+            moe_tensor iv = moe_tensor_view2(in->ids_d + a * K, MOE_DTYPE_I32, nt, K);
+            moe_tensor wv = moe_tensor_view2(in->w_d + a * K, MOE_DTYPE_F32, nt, K);
             moe_tensor sv = moe_tensor_view3((char *)g->slots_d + (size_t)(a * K * H) * es, m->dtype, nt, K, H);
             MOE_CHECK(kern_fused_experts(g->k, &ep, &xv, &l->w13, &l->w2, &iv, &wv, &sv));
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[mb], g->s_main));
@@ -564,7 +648,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         /* The plans, from a private copy of the ids (the client's ids may sit in memory of
          * another NUMA node: one streaming copy instead of two passes of scattered reads). */
         if (routed)
-            MOE_CHECK(poll_event(g->ev_in, deadline, "routing"));
+            MOE_CHECK(poll_event(g->ev_in, deadline, "routing", NULL, NULL));
         else if (ids_host != g->ids_h)
             memcpy(g->ids_h, ids_host, sizeof(int32_t) * (size_t)(T * K));
         ids_host = g->ids_h;
@@ -589,7 +673,7 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
          * NCCL's asynchronous errors. */
         t_wait = moe_now_ns();
         int32_t left = (int32_t)((deadline > t_wait ? deadline - t_wait : 1000000) / 1000000);
-        MOE_CHECK(par_comm_wait(g->p.comm, g->s_main, left > 0 ? left : 1));
+        MOE_CHECK(par_comm_wait_idle(g->p.comm, g->s_main, left > 0 ? left : 1, g->hook, g->hook_arg));
     }
     /* Errors the kernels found on the device (a bad id is skipped there and reported here). */
     MOE_CHECK(kern_ctx_sync(g->k));
@@ -605,13 +689,14 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
                 expert_tokens[ids_host[i]]++;
     }
     if (timing) {
-        memset(timing, 0, sizeof *timing);
         float ms = 0;
-        if (cudaEventElapsedTime(&ms, g->tm_start, g->tm_end) == cudaSuccess)
+        if (cudaEventElapsedTime(&ms, g->tm_x, g->tm_end) == cudaSuccess)
             timing->step_us = ms * 1e3f;
-        if (cudaEventElapsedTime(&ms, g->tm_start, g->tm_compute) == cudaSuccess)
+        if (W > 1 && cudaEventElapsedTime(&ms, g->tm_start, g->tm_x) == cudaSuccess)
+            timing->gather_us = ms * 1e3f;
+        if (cudaEventElapsedTime(&ms, g->tm_x, g->tm_compute) == cudaSuccess)
             timing->compute_us = ms * 1e3f;
-        if (cudaEventElapsedTime(&ms, g->tm_h2d, g->tm_start) == cudaSuccess)
+        if (cudaEventElapsedTime(&ms, in->tm0, in->tm1) == cudaSuccess)
             timing->h2d_us = ms * 1e3f;
         timing->host_us = (float)((double)(t_wait - t_entry) * 1e-3);
         timing->plan_us = (float)((double)t_plan * 1e-3);
@@ -623,7 +708,39 @@ moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, i
         }
         (void)cudaGetLastError();
     }
-    if (y && r == 0 && !io)
-        *y = g->y_h;
     return MOE_OK;
+}
+
+moe_status eng_gpu_step(eng_gpu_t *g, uint64_t tag, int32_t layer, const eng_step_req *reqs, int32_t n,
+                        const void **y, int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io) {
+    MOE_REQUIRE(g && (reqs || n == 0), MOE_ERR_INVALID_ARG, "gpu step: NULL argument");
+    if (y)
+        *y = NULL;
+    gpu_layer *l = find(g, layer);
+    MOE_REQUIRE(l, MOE_ERR_NOT_FOUND, "gpu step: layer %d is not loaded", (int)layer);
+    const uint64_t t_entry = moe_now_ns();
+    MOE_CUDA_CHECK(cudaSetDevice(g->p.device));
+    gpu_inputs *in = &g->in[g->next];
+    if (in->staged && in->tag != tag) /* staged for another step: this one's inputs go up now */
+        in->staged = false;
+    const bool ahead = in->staged;
+    if (!in->staged)
+        MOE_CHECK(stage(g, in, tag, reqs, n, io));
+    in->staged = false;
+    g->next ^= 1; /* the next step's inputs go to the other set, while this one runs */
+    moe_status st = step_run(g, l, in, layer, reqs, n, expert_tokens, timing, io, t_entry);
+    if (timing)
+        timing->staged = ahead ? 1.0f : 0.0f;
+    /* The set is free again once everything this step enqueued is done, on every stream (also
+     * after an error: a staging copy must never overwrite inputs a failed step still reads). */
+    if (g->world > 1) {
+        (void)cudaEventRecord(g->ev_red[1], g->s_comm);
+        (void)cudaStreamWaitEvent(g->s_main, g->ev_red[1], 0);
+        (void)cudaEventRecord(g->ev_side[1], g->s_side);
+        (void)cudaStreamWaitEvent(g->s_main, g->ev_side[1], 0);
+    }
+    (void)cudaEventRecord(in->released, g->s_main);
+    if (st == MOE_OK && y && g->p.rank == 0 && !io)
+        *y = g->y_h;
+    return st;
 }

@@ -4,8 +4,10 @@
  * shared expert and a communication stream for the NCCL combine.
  *
  * One step: the requests are staged into pinned memory (or read in place from the registered
- * shared-memory data path) and copied to the device; routing runs on the device where a
- * request did not bring ids; then
+ * shared-memory data path) and copied to the device on a copy stream, into one of two input
+ * sets: the next step's inputs can go up (eng_gpu_stage, called from the step's hook while the
+ * current step computes) while this one runs from the other set. Routing runs on the device
+ * where a request did not bring ids; then
  *   W = 1, no DBO  the unwrapped fast path: one kern_moe_forward on one stream, straight into y;
  *   W > 1          the rows of the step belong to the ranks in contiguous blocks. Each rank
  *                  computes the (token, slot) pairs of its experts for every row
@@ -55,13 +57,17 @@ void eng_gpu_free(eng_gpu_t *g);
  * routed experts' products, and the exchanges (pack, all-to-all, unpack: their own durations,
  * summed over micro-batches), with the bytes this rank sent in them. */
 typedef struct eng_gpu_timing {
-    float step_us;
-    float compute_us;    /* the routed products (and routing), from the inputs on the device */
+    float step_us;       /* from the whole x on the device to the end */
+    float compute_us;    /* the routed products (and routing), from the whole x on the device */
     float combine_us;
     float combine_bytes;
-    float h2d_us;        /* the inputs' copy to the device (not in step_us) */
+    float h2d_us;        /* the inputs' copy to the device: the copies' own time, not in step_us
+                            (overlapped with the step before when the step was staged ahead) */
     float host_us;       /* host time from the step's start to its one wait (enqueueing) */
     float plan_us;       /* host time building the exchange plans (W > 1) */
+    float staged;        /* 1 when the inputs went up ahead, during the step before (the hook) */
+    float gather_us;     /* W > 1: the x all-gather, from this rank's inputs on the device (it
+                            includes waiting for the other ranks to reach it; not in step_us) */
 } eng_gpu_timing;
 
 /* The step's inputs and outputs in host memory registered with CUDA (the shared-memory data
@@ -81,15 +87,28 @@ typedef struct eng_gpu_io {
 moe_status eng_gpu_register_host(void *p, size_t bytes);
 
 /*
- * Runs one step of `n` requests on layer `layer`. With io, the inputs are read from io (the
+ * Copies the inputs of the step `tag` to the device ahead of it, on the copy stream, into the
+ * input set the next eng_gpu_step uses (as that step would: reqs and io as it will get them;
+ * they must stay valid and unchanged until it runs). Meant for the hook, while the current
+ * step computes; at most one step ahead (MOE_ERR_INVALID_ARG if one is already staged).
+ */
+moe_status eng_gpu_stage(eng_gpu_t *g, uint64_t tag, const eng_step_req *reqs, int32_t n, const eng_gpu_io *io);
+
+/* A function called while a step waits for its work on the device (between two looks, on the
+ * step's thread; it must return quickly): the place to receive the next step and stage it. */
+void eng_gpu_set_hook(eng_gpu_t *g, void (*fn)(void *), void *arg);
+
+/*
+ * Runs the step `tag` of `n` requests on layer `layer`, from its staged inputs (eng_gpu_stage
+ * with the same tag) or copying them now. With io, the inputs are read from io (the
  * reqs still give each request's size and routing form) and every rank writes the rows it owns
  * of each request's output to io->y[i] (the step is answered when all ranks have finished); without io, the inputs are staged from reqs, and on rank 0 *y points (on
  * success) at the output [T, H] in pinned host memory, valid until the next call; expert_tokens [E] (may be
  * NULL) gets the tokens routed to each expert. On error nothing is returned, and a
  * communicator error leaves the communicator aborted (the group must be restarted).
  */
-moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
-                        int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io);
+moe_status eng_gpu_step(eng_gpu_t *g, uint64_t tag, int32_t layer, const eng_step_req *reqs, int32_t n,
+                        const void **y, int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io);
 
 /* Whether this build has GPU workers. */
 bool eng_gpu_available(void);

@@ -17,17 +17,33 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
 
 void eng_gpu_free(eng_gpu_t *g) { (void)g; }
 
-moe_status eng_gpu_step(eng_gpu_t *g, int32_t layer, const eng_step_req *reqs, int32_t n, const void **y,
-                        int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io) {
+moe_status eng_gpu_step(eng_gpu_t *g, uint64_t tag, int32_t layer, const eng_step_req *reqs, int32_t n,
+                        const void **y, int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io) {
     (void)timing;
     (void)io;
     (void)g;
+    (void)tag;
     (void)layer;
     (void)reqs;
     (void)n;
     (void)y;
     (void)expert_tokens;
     return moe_fail(MOE_ERR_UNSUPPORTED, "this build has no GPU workers");
+}
+
+moe_status eng_gpu_stage(eng_gpu_t *g, uint64_t tag, const eng_step_req *reqs, int32_t n, const eng_gpu_io *io) {
+    (void)g;
+    (void)tag;
+    (void)reqs;
+    (void)n;
+    (void)io;
+    return moe_fail(MOE_ERR_UNSUPPORTED, "this build has no GPU workers");
+}
+
+void eng_gpu_set_hook(eng_gpu_t *g, void (*fn)(void *), void *arg) {
+    (void)g;
+    (void)fn;
+    (void)arg;
 }
 
 moe_status eng_gpu_register_host(void *p, size_t bytes) {

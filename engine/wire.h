@@ -56,7 +56,8 @@
                                        (engine/shm.h) per request, in order */
 #define ENG_SEC_TIMING 0x102        /* RESULT of a GPU worker: f32 [ENG_GPU_TIMING_N]: step_us,
                                        compute_us, combine_us, combine_bytes, h2d_us, host_us,
-                                       plan_us (eng_gpu_timing, engine/gpu_step.h) */
-#define ENG_GPU_TIMING_N 7
+                                       plan_us, staged, gather_us (eng_gpu_timing,
+                                       engine/gpu_step.h) */
+#define ENG_GPU_TIMING_N 9
 
 #endif /* ENG_WIRE_H */

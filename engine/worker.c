@@ -69,6 +69,8 @@ typedef struct worker {
     uint8_t nccl_id[PAR_NCCL_ID_BYTES];
     pid_t parent;
     uint64_t steps_done;
+    struct job *jobs; /* [2]: the step running, and the next one received during it */
+    int next_job;
 } worker;
 
 static void usage_worker(void) {
@@ -272,6 +274,8 @@ static moe_status wait_nccl_id(worker *w) {
 }
 
 /* GPU mode: the NCCL communicator (world > 1), the weights uploaded, the host copies freed. */
+static void worker_hook(void *arg);
+
 static moe_status worker_gpu_setup(worker *w) {
     MOE_REQUIRE(eng_gpu_available(), MOE_ERR_UNSUPPORTED,
                 "this build has no GPU workers (no CUDA toolkit or NCCL at build time)");
@@ -294,6 +298,7 @@ static moe_status worker_gpu_setup(worker *w) {
                          .dbo = w->a.dbo,
                          .dbo_min_tokens = w->a.dbo_min_tokens};
     MOE_CHECK(eng_gpu_init(&w->g, &gp, w->layers, w->weights.n_layers));
+    eng_gpu_set_hook(w->g, worker_hook, w); /* the next step received and staged while one computes */
     if (w->shm.base) /* copies to and from the device straight from the data path */
         MOE_CHECK(eng_gpu_register_host(w->shm.base, w->shm.bytes));
     /* The host copies of the weights are no longer needed; the layer list stays (it names the
@@ -451,36 +456,60 @@ static moe_status write_slot_replies(worker *w, int32_t slot, const eng_step_req
     return MOE_OK;
 }
 
-/* Runs one step: every rank computes its part; rank 0 answers. On the ZeroMQ data path the
- * requests are the decoded frames in fr; on the shared-memory data path (slot >= 0) they are
- * described by meta and read from the slot. */
-static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr, int32_t slot, const eng_shm_req *meta) {
-    moe_status st = MOE_OK;
-    eng_step s;
-    memset(&s, 0, sizeof s);
-    eng_step_req *reqs = NULL;
-    void **recv = NULL;
-    size_t *recv_bytes = NULL;
-    moe_tensor *bufs = NULL;
-    int64_t *gpu_counts = NULL;
-    uint64_t *client_ids = NULL;
-    void **y_dst = NULL;
-    eng_gpu_timing timing;
-    bool have_timing = false;
-    const int32_t W = w->a.world, r = w->a.rank;
-    const eng_layer *layer = find_layer(w, hdr->layer);
-    if (!layer) {
-        st = moe_fail(MOE_ERR_NOT_FOUND, "worker %d: layer %d is not loaded", (int)r, (int)hdr->layer);
-        goto done;
-    }
+/* One message from the coordinator, received whole: a STEP with its requests (the frames on
+ * the ZeroMQ data path; the slot and its request table on the shared-memory one), or another
+ * op. The step loop runs one while the next may already be received and staged (the GPU
+ * step's hook), so each keeps its own error text. */
+typedef struct job {
+    bool valid;
+    zmq_msg_t head;     /* the header frame (hdr's sections point into it) */
+    ipc_msg hdr;
+    moe_status st;      /* receiving or preparing it failed: answered with this */
+    char why[600];
+    step_frames fr;     /* ZeroMQ data path */
+    int32_t slot;       /* shared-memory data path: the slot, else -1 */
+    eng_shm_req *meta;  /* its request table */
+    bool prepared;      /* the requests below are built */
+    bool staged;        /* its inputs went to the GPU ahead of it */
+    int n_reqs;
+    eng_step_req *reqs;
+    uint64_t *client_ids;
+    void **y_dst;
+    const eng_layer *layer;
+} job;
+
+static void job_fail(job *j, moe_status st) {
+    j->st = st;
+    snprintf(j->why, sizeof j->why, "%s", moe_errmsg());
+}
+
+static void job_free(job *j) {
+    if (!j->valid)
+        return;
+    zmq_msg_close(&j->head);
+    step_frames_free(&j->fr);
+    free(j->meta);
+    free(j->reqs);
+    free(j->client_ids);
+    free(j->y_dst);
+    memset(j, 0, sizeof *j);
+}
+
+/* The step's requests from the frames or the slot, checked. */
+static moe_status prepare_step(worker *w, job *j) {
+    const ipc_msg *hdr = &j->hdr;
+    const step_frames *fr = &j->fr;
+    const int32_t slot = j->slot, r = w->a.rank;
+    const eng_shm_req *meta = j->meta;
+    j->prepared = true;
+    j->layer = find_layer(w, hdr->layer);
+    MOE_REQUIRE(j->layer, MOE_ERR_NOT_FOUND, "worker %d: layer %d is not loaded", (int)r, (int)hdr->layer);
     const int n_reqs = slot >= 0 ? (int)hdr->top_k : fr->n;
-    reqs = calloc((size_t)(n_reqs ? n_reqs : 1), sizeof *reqs);
-    client_ids = calloc((size_t)(n_reqs ? n_reqs : 1), sizeof *client_ids);
-    y_dst = calloc((size_t)(n_reqs ? n_reqs : 1), sizeof *y_dst);
-    if (!reqs || !client_ids || !y_dst) {
-        st = moe_fail(MOE_ERR_NOMEM, "step");
-        goto done;
-    }
+    j->n_reqs = n_reqs;
+    eng_step_req *reqs = j->reqs = calloc((size_t)(n_reqs ? n_reqs : 1), sizeof *reqs);
+    uint64_t *client_ids = j->client_ids = calloc((size_t)(n_reqs ? n_reqs : 1), sizeof *client_ids);
+    void **y_dst = j->y_dst = calloc((size_t)(n_reqs ? n_reqs : 1), sizeof *y_dst);
+    MOE_REQUIRE(reqs && client_ids && y_dst, MOE_ERR_NOMEM, "step");
     if (slot >= 0) {
         /* the slot's layout (engine/shm.h) */
         uint8_t *b = eng_shm_slot(&w->shm, &w->lay, slot);
@@ -489,12 +518,11 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr, int32
         size_t t0 = 0, off = 0;
         for (int i = 0; i < n_reqs; i++) {
             const eng_shm_req *q = &meta[i];
-            if (q->n_tokens == 0 || t0 + q->n_tokens > (size_t)w->lay.max_tokens || q->src > ENG_ROUTE_HIDDEN ||
-                (q->src == ENG_ROUTE_LOGITS && !moe_dtype_is_float((moe_dtype)q->logits_dtype))) {
-                st = moe_fail(MOE_ERR_INTERNAL, "worker %d: request %d of step %llu is malformed", (int)r, i,
-                              (unsigned long long)hdr->request_id);
-                goto done;
-            }
+            MOE_REQUIRE(!(q->n_tokens == 0 || t0 + q->n_tokens > (size_t)w->lay.max_tokens ||
+                          q->src > ENG_ROUTE_HIDDEN ||
+                          (q->src == ENG_ROUTE_LOGITS && !moe_dtype_is_float((moe_dtype)q->logits_dtype))),
+                        MOE_ERR_INTERNAL, "worker %d: request %d of step %llu is malformed", (int)r, i,
+                        (unsigned long long)hdr->request_id);
             reqs[i].n_tokens = q->n_tokens;
             reqs[i].src = (eng_route_src)q->src;
             reqs[i].x = b + w->lay.x_off + t0 * H * es;
@@ -512,11 +540,9 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr, int32
         const ipc_msg *m = &fr->dec[i];
         const ipc_section *x = ipc_msg_find(m, IPC_SEC_X), *ids = ipc_msg_find(m, IPC_SEC_TOPK_IDS),
                           *wt = ipc_msg_find(m, IPC_SEC_TOPK_W), *lg = ipc_msg_find(m, IPC_SEC_LOGITS);
-        if (!x || x->dtype != (uint8_t)w->model.dtype || (int32_t)m->layer != hdr->layer) {
-            st = moe_fail(MOE_ERR_INTERNAL, "worker %d: request %d of step %llu does not fit the model", (int)r, i,
-                          (unsigned long long)hdr->request_id);
-            goto done;
-        }
+        MOE_REQUIRE(x && x->dtype == (uint8_t)w->model.dtype && (int32_t)m->layer == hdr->layer, MOE_ERR_INTERNAL,
+                    "worker %d: request %d of step %llu does not fit the model", (int)r, i,
+                    (unsigned long long)hdr->request_id);
         client_ids[i] = m->request_id;
         reqs[i].n_tokens = m->n_tokens;
         reqs[i].x = x->data;
@@ -532,6 +558,37 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr, int32
             reqs[i].src = ENG_ROUTE_HIDDEN;
         }
     }
+    return MOE_OK;
+}
+
+/* The step's inputs in the data path's registered memory (shared-memory data path). */
+static eng_gpu_io job_io(worker *w, const job *j) {
+    uint8_t *b = eng_shm_slot(&w->shm, &w->lay, j->slot);
+    return (eng_gpu_io){.x = b + w->lay.x_off,
+                        .ids = (const int32_t *)(b + w->lay.ids_off),
+                        .w = (const float *)(b + w->lay.w_off),
+                        .logits = b + w->lay.lg_off,
+                        .y = j->y_dst};
+}
+
+/* Runs one prepared step: every rank computes its part; rank 0 answers. */
+static moe_status run_step(worker *w, job *j) {
+    moe_status st = MOE_OK;
+    eng_step s;
+    memset(&s, 0, sizeof s);
+    const ipc_msg *hdr = &j->hdr;
+    const int32_t slot = j->slot;
+    const int n_reqs = j->n_reqs;
+    const eng_step_req *reqs = j->reqs;
+    const uint64_t *client_ids = j->client_ids;
+    const eng_layer *layer = j->layer;
+    void **recv = NULL;
+    size_t *recv_bytes = NULL;
+    moe_tensor *bufs = NULL;
+    int64_t *gpu_counts = NULL;
+    eng_gpu_timing timing;
+    bool have_timing = false;
+    const int32_t W = w->a.world, r = w->a.rank;
     const void *ydata = NULL;
     const int64_t *counts64 = NULL;
     if (w->gpu) {
@@ -541,16 +598,21 @@ static moe_status run_step(worker *w, const ipc_msg *hdr, step_frames *fr, int32
             goto done;
         }
         eng_gpu_io io;
-        if (slot >= 0) {
-            uint8_t *b = eng_shm_slot(&w->shm, &w->lay, slot);
-            io = (eng_gpu_io){.x = b + w->lay.x_off,
-                              .ids = (const int32_t *)(b + w->lay.ids_off),
-                              .w = (const float *)(b + w->lay.w_off),
-                              .logits = b + w->lay.lg_off,
-                              .y = y_dst};
-        }
-        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->layer, reqs, n_reqs, &ydata, gpu_counts, &timing, slot >= 0 ? &io : NULL),
+        if (slot >= 0)
+            io = job_io(w, j);
+        const double t_in = moe_now_s();
+        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->request_id, hdr->layer, reqs, n_reqs, &ydata, gpu_counts, &timing,
+                                    slot >= 0 ? &io : NULL),
                        st, done);
+        /* One line per step and rank (monotonic clock: the ranks of a host compare): where the
+         * time of a step goes, and how far apart the ranks start it. */
+        MOE_DEBUG(MOE_SUB_ENG,
+                  "gpu step %llu: %u tokens, entered at %.6f s, left after %.1f us; inputs %s (h2d %.1f us), "
+                  "x gather %.1f us, step %.1f us (compute %.1f, combine %.1f), host %.1f us",
+                  (unsigned long long)hdr->request_id, (unsigned)hdr->n_tokens, t_in, (moe_now_s() - t_in) * 1e6,
+                  timing.staged > 0.5f ? "staged ahead" : "copied at entry", (double)timing.h2d_us,
+                  (double)timing.gather_us, (double)timing.step_us, (double)timing.compute_us,
+                  (double)timing.combine_us, (double)timing.host_us);
         have_timing = true;
         counts64 = gpu_counts;
         goto answer;
@@ -637,7 +699,8 @@ answer:
             st = ipc_msg_add(&res, ENG_SEC_EXPERT_TOKENS, MOE_DTYPE_I32, 1, (int64_t[]){w->model.n_experts}, counts);
         }
         float tv[ENG_GPU_TIMING_N] = {timing.step_us, timing.compute_us, timing.combine_us, timing.combine_bytes,
-                                      timing.h2d_us,  timing.host_us,    timing.plan_us};
+                                      timing.h2d_us,  timing.host_us,    timing.plan_us,      timing.staged,
+                                      timing.gather_us};
         if (st == MOE_OK && have_timing)
             st = ipc_msg_add(&res, ENG_SEC_TIMING, MOE_DTYPE_F32, 1, (int64_t[]){ENG_GPU_TIMING_N}, tv);
         if (st == MOE_OK)
@@ -651,9 +714,6 @@ done:
     free(bufs);
     free(recv);
     free(recv_bytes);
-    free(reqs);
-    free(client_ids);
-    free(y_dst);
     free(gpu_counts);
     eng_step_free(&s);
     return st;
@@ -711,7 +771,134 @@ static moe_status recv_step_frames(worker *w, const ipc_msg *step, step_frames *
     return st;
 }
 
+/* Receives the next message from the coordinator into j (the header, then the requests of a
+ * STEP). False when there was none, or it was dropped (undecodable: logged); true with j
+ * valid, its receive errors in j->st. */
+static bool recv_job(worker *w, job *j) {
+    memset(j, 0, sizeof *j);
+    j->slot = -1;
+    zmq_msg_init(&j->head);
+    if (zmq_msg_recv(&j->head, w->sock, 0) == -1) {
+        zmq_msg_close(&j->head);
+        return false;
+    }
+    bool more = zmq_msg_more(&j->head);
+    ipc_limits lim = ipc_limits_default();
+    lim.allow_internal = true;
+    if (ipc_decode(zmq_msg_data(&j->head), zmq_msg_size(&j->head), &lim, &j->hdr) != MOE_OK) {
+        MOE_ERROR(MOE_SUB_ENG, "bad message from the coordinator: %s", moe_errmsg());
+        zmq_msg_close(&j->head);
+        while (more) { /* drop the rest of the message */
+            zmq_msg_t x;
+            zmq_msg_init(&x);
+            int r2 = zmq_msg_recv(&x, w->sock, 0);
+            more = r2 != -1 && zmq_msg_more(&x);
+            zmq_msg_close(&x);
+        }
+        return false;
+    }
+    j->valid = true;
+    if (j->hdr.op != ENG_OP_STEP)
+        return true;
+    const ipc_section *slot_sec = ipc_msg_find(&j->hdr, ENG_SEC_SLOT), *meta = ipc_msg_find(&j->hdr, ENG_SEC_STEP_REQS);
+    if (slot_sec) { /* shared-memory data path */
+        int32_t slot = -1;
+        if (slot_sec->nbytes == 4)
+            memcpy(&slot, slot_sec->data, 4);
+        if (!w->shm.base || slot < 0 || slot >= w->lay.n_slots || !meta ||
+            meta->nbytes != sizeof(eng_shm_req) * (uint64_t)j->hdr.top_k ||
+            !(j->meta = malloc(meta->nbytes ? (size_t)meta->nbytes : 1))) {
+            job_fail(j, moe_fail(MOE_ERR_INTERNAL, "worker %d: step %llu names no usable slot", (int)w->a.rank,
+                                 (unsigned long long)j->hdr.request_id));
+        } else {
+            memcpy(j->meta, meta->data, (size_t)meta->nbytes);
+            j->slot = slot;
+        }
+    } else {
+        moe_status st = recv_step_frames(w, &j->hdr, &j->fr);
+        if (st != MOE_OK)
+            job_fail(j, st);
+    }
+    return true;
+}
+
+/* The GPU step's hook, between its enqueue and its wait: receives the next message if one is
+ * there, and stages a step's inputs on the device while this step computes. */
+static void worker_hook(void *arg) {
+    worker *w = arg;
+    job *j = &w->jobs[w->next_job];
+    if (j->valid)
+        return;
+    zmq_pollitem_t it = {w->sock, 0, ZMQ_POLLIN, 0};
+    if (zmq_poll(&it, 1, 0) <= 0 || !(it.revents & ZMQ_POLLIN))
+        return;
+    if (!recv_job(w, j) || j->hdr.op != ENG_OP_STEP || j->st != MOE_OK)
+        return;
+    moe_status st = prepare_step(w, j);
+    if (st != MOE_OK) {
+        job_fail(j, st);
+        return;
+    }
+    eng_gpu_io io;
+    if (j->slot >= 0)
+        io = job_io(w, j);
+    st = eng_gpu_stage(w->g, j->hdr.request_id, j->reqs, j->n_reqs, j->slot >= 0 ? &io : NULL);
+    if (st == MOE_OK)
+        j->staged = true;
+    else /* the step copies its inputs itself, and reports the error then */
+        MOE_DEBUG(MOE_SUB_ENG, "step %llu not staged ahead: %s", (unsigned long long)j->hdr.request_id, moe_errmsg());
+}
+
+/* Runs one received message; false on SHUTDOWN. */
+static bool process_job(worker *w, job *j) {
+    w->next_job ^= 1; /* the hook receives into the other one */
+    if (j->hdr.op == ENG_OP_SHUTDOWN) {
+        job_free(j);
+        MOE_INFO(MOE_SUB_ENG, "shutdown after %llu steps", (unsigned long long)w->steps_done);
+        return false;
+    }
+    if (j->hdr.op != ENG_OP_STEP) {
+        MOE_WARN(MOE_SUB_ENG, "unexpected op 0x%x from the coordinator", (unsigned)j->hdr.op);
+        job_free(j);
+        return true;
+    }
+    double t0 = moe_now_s();
+    if (j->st == MOE_OK && !j->prepared) {
+        moe_status st = prepare_step(w, j);
+        if (st != MOE_OK)
+            job_fail(j, st);
+    }
+    if (j->st == MOE_OK) {
+        moe_status st = run_step(w, j);
+        if (st != MOE_OK)
+            job_fail(j, st);
+    }
+    if (j->st != MOE_OK) {
+        char msg[700];
+        snprintf(msg, sizeof msg, "worker %d, step %llu: %s", (int)w->a.rank, (unsigned long long)j->hdr.request_id,
+                 j->why);
+        MOE_WARN(MOE_SUB_ENG, "%s", msg);
+        ipc_msg res;
+        ipc_msg_init(&res, ENG_OP_RESULT, j->hdr.request_id);
+        res.layer = w->a.rank;
+        res.status = j->st;
+        if (ipc_msg_add_bytes(&res, IPC_SEC_TEXT, msg, strlen(msg)) == MOE_OK)
+            send_msg(w, &res, false);
+    } else {
+        w->steps_done++;
+        MOE_DEBUG(MOE_SUB_ENG, "step %llu: %u tokens in %.3f ms%s", (unsigned long long)j->hdr.request_id,
+                  (unsigned)j->hdr.n_tokens, (moe_now_s() - t0) * 1e3, j->staged ? " (inputs staged ahead)" : "");
+    }
+    job_free(j);
+    return true;
+}
+
 static void worker_free(worker *w) {
+    if (w->jobs) {
+        job_free(&w->jobs[0]);
+        job_free(&w->jobs[1]);
+        free(w->jobs);
+    }
     eng_gpu_free(w->g);
     eng_shm_unmap(&w->shm);
     par_comm_free(w->comm);
@@ -737,6 +924,11 @@ int eng_worker_main(int argc, char **argv) {
         return 2;
     }
     moe_log_set_identity("worker", w.a.rank);
+    w.jobs = calloc(2, sizeof(job));
+    if (!w.jobs) {
+        fprintf(stderr, "moe-engine worker: out of memory\n");
+        return 1;
+    }
     /* Die with the coordinator. */
     w.parent = getppid();
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -801,6 +993,15 @@ int eng_worker_main(int argc, char **argv) {
 
     uint64_t last_beat = moe_now_ns();
     for (;;) {
+        /* A step the previous one's hook already received (and staged) runs at once. */
+        if (w.jobs[w.next_job].valid) {
+            if (!process_job(&w, &w.jobs[w.next_job])) {
+                rc = 0;
+                goto out;
+            }
+            last_beat = moe_now_ns();
+            continue;
+        }
         zmq_pollitem_t it = {w.sock, 0, ZMQ_POLLIN, 0};
         int n = zmq_poll(&it, 1, w.a.heartbeat_ms);
         if (n == -1 && zmq_errno() != EINTR) {
@@ -818,82 +1019,13 @@ int eng_worker_main(int argc, char **argv) {
         }
         if (n <= 0 || !(it.revents & ZMQ_POLLIN))
             continue;
-        zmq_msg_t head;
-        zmq_msg_init(&head);
-        if (zmq_msg_recv(&head, w.sock, 0) == -1) {
-            zmq_msg_close(&head);
+        job *j = &w.jobs[w.next_job];
+        if (!recv_job(&w, j))
             continue;
-        }
-        bool more = zmq_msg_more(&head);
-        ipc_msg hdr;
-        ipc_limits lim = ipc_limits_default();
-        lim.allow_internal = true;
-        st = ipc_decode(zmq_msg_data(&head), zmq_msg_size(&head), &lim, &hdr);
-        if (st != MOE_OK) {
-            MOE_ERROR(MOE_SUB_ENG, "bad message from the coordinator: %s", moe_errmsg());
-            zmq_msg_close(&head);
-            while (more) { /* drop the rest of the message */
-                zmq_msg_t x;
-                zmq_msg_init(&x);
-                int r2 = zmq_msg_recv(&x, w.sock, 0);
-                more = r2 != -1 && zmq_msg_more(&x);
-                zmq_msg_close(&x);
-            }
-            continue;
-        }
-        if (hdr.op == ENG_OP_SHUTDOWN) {
-            zmq_msg_close(&head);
-            MOE_INFO(MOE_SUB_ENG, "shutdown after %llu steps", (unsigned long long)w.steps_done);
+        if (!process_job(&w, j)) {
             rc = 0;
             goto out;
         }
-        if (hdr.op != ENG_OP_STEP) {
-            MOE_WARN(MOE_SUB_ENG, "unexpected op 0x%x from the coordinator", (unsigned)hdr.op);
-            zmq_msg_close(&head);
-            continue;
-        }
-        step_frames fr;
-        memset(&fr, 0, sizeof fr);
-        double t0 = moe_now_s();
-        const ipc_section *slot_sec = ipc_msg_find(&hdr, ENG_SEC_SLOT), *meta = ipc_msg_find(&hdr, ENG_SEC_STEP_REQS);
-        if (slot_sec) { /* shared-memory data path */
-            int32_t slot = -1;
-            if (slot_sec->nbytes == 4)
-                memcpy(&slot, slot_sec->data, 4);
-            eng_shm_req *mq = NULL;
-            if (!w.shm.base || slot < 0 || slot >= w.lay.n_slots || !meta ||
-                meta->nbytes != sizeof(eng_shm_req) * (uint64_t)hdr.top_k ||
-                !(mq = malloc(meta->nbytes ? (size_t)meta->nbytes : 1))) {
-                st = moe_fail(MOE_ERR_INTERNAL, "worker %d: step %llu names no usable slot", (int)w.a.rank,
-                              (unsigned long long)hdr.request_id);
-            } else {
-                memcpy(mq, meta->data, (size_t)meta->nbytes);
-                st = run_step(&w, &hdr, NULL, slot, mq);
-            }
-            free(mq);
-        } else {
-            st = recv_step_frames(&w, &hdr, &fr);
-            if (st == MOE_OK)
-                st = run_step(&w, &hdr, &fr, -1, NULL);
-        }
-        step_frames_free(&fr);
-        if (st != MOE_OK) {
-            char msg[600];
-            snprintf(msg, sizeof msg, "worker %d, step %llu: %s", (int)w.a.rank, (unsigned long long)hdr.request_id,
-                     moe_errmsg());
-            MOE_WARN(MOE_SUB_ENG, "%s", msg);
-            ipc_msg res;
-            ipc_msg_init(&res, ENG_OP_RESULT, hdr.request_id);
-            res.layer = w.a.rank;
-            res.status = st;
-            if (ipc_msg_add_bytes(&res, IPC_SEC_TEXT, msg, strlen(msg)) == MOE_OK)
-                send_msg(&w, &res, false);
-        } else {
-            w.steps_done++;
-            MOE_DEBUG(MOE_SUB_ENG, "step %llu: %u tokens in %.3f ms", (unsigned long long)hdr.request_id,
-                      (unsigned)hdr.n_tokens, (moe_now_s() - t0) * 1e3);
-        }
-        zmq_msg_close(&head);
         last_beat = moe_now_ns();
     }
 out:

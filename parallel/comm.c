@@ -49,12 +49,17 @@ moe_status par_comm_gatherv(par_comm_t *c, uint64_t seq, const void *send, size_
     return st;
 }
 
-moe_status par_comm_wait(par_comm_t *c, void *stream, int32_t timeout_ms) {
+moe_status par_comm_wait_idle(par_comm_t *c, void *stream, int32_t timeout_ms, void (*idle)(void *),
+                              void *idle_arg) {
     MOE_REQUIRE(c, MOE_ERR_INVALID_ARG, "comm_wait: NULL communicator");
     MOE_REQUIRE(timeout_ms > 0, MOE_ERR_INVALID_ARG, "comm_wait: timeout %d ms", (int)timeout_ms);
     if (atomic_load(&c->aborted))
         return moe_fail(MOE_ERR_SHUTDOWN, "communicator aborted");
-    return c->ops->wait ? c->ops->wait(c, stream, timeout_ms) : MOE_OK;
+    return c->ops->wait ? c->ops->wait(c, stream, timeout_ms, idle, idle_arg) : MOE_OK;
+}
+
+moe_status par_comm_wait(par_comm_t *c, void *stream, int32_t timeout_ms) {
+    return par_comm_wait_idle(c, stream, timeout_ms, NULL, NULL);
 }
 
 moe_status par_comm_reduce_sum(par_comm_t *c, const void *send, void *recv, size_t count, moe_dtype dt, int32_t root,

@@ -19,7 +19,8 @@ typedef struct par_comm_ops {
                             void *recv, const size_t *recv_bytes, const size_t *recv_off, int32_t timeout_ms,
                             void *stream); /* NULL: not supported */
     void (*abort)(par_comm_t *c);
-    moe_status (*wait)(par_comm_t *c, void *stream, int32_t timeout_ms); /* NULL: synchronous */
+    moe_status (*wait)(par_comm_t *c, void *stream, int32_t timeout_ms, void (*idle)(void *),
+                       void *idle_arg); /* NULL: synchronous */
     void (*free)(par_comm_t *c);
 } par_comm_ops;
 

@@ -64,7 +64,8 @@ static void short_pause(int i) {
 }
 
 /* Polls until NCCL is no longer in progress and (when ev) the event has completed. */
-static moe_status poll_until(par_comm_t *c, uint64_t deadline, cudaEvent_t ev, const char *what) {
+static moe_status poll_until(par_comm_t *c, uint64_t deadline, cudaEvent_t ev, const char *what, void (*idle)(void *),
+                             void *idle_arg) {
     nccl_comm *n = c->impl;
     for (int i = 0;; i++) {
         if (atomic_load(&c->aborted))
@@ -96,6 +97,8 @@ static moe_status poll_until(par_comm_t *c, uint64_t deadline, cudaEvent_t ev, c
             return moe_fail(MOE_ERR_TIMEOUT, "rank %d: %s did not finish in time: a peer is gone or hung", (int)c->rank,
                             what);
         }
+        if (idle)
+            idle(idle_arg);
         short_pause(i);
     }
 }
@@ -122,7 +125,7 @@ static moe_status nccl_gatherv(par_comm_t *c, uint64_t seq, const void *send, si
     }
     MOE_NCCL_CHECK_GOTO(ncclGroupEnd(), st, fail);
     /* Non-blocking: the group is enqueued once NCCL leaves "in progress". */
-    return poll_until(c, deadline, NULL, "gatherv enqueue");
+    return poll_until(c, deadline, NULL, "gatherv enqueue", NULL, NULL);
 fail_group:
     ncclGroupEnd();
 fail:
@@ -136,7 +139,7 @@ static moe_status nccl_reduce_sum(par_comm_t *c, const void *send, void *recv, s
     ncclDataType_t t = dt == MOE_DTYPE_F32 ? ncclFloat32 : dt == MOE_DTYPE_F16 ? ncclFloat16 : ncclBfloat16;
     moe_status st = MOE_OK;
     MOE_NCCL_CHECK_GOTO(ncclReduce(send, recv, count, t, ncclSum, root, n->comm, (cudaStream_t)stream), st, fail);
-    return poll_until(c, moe_now_ns() + (uint64_t)timeout_ms * 1000000ull, NULL, "reduce enqueue");
+    return poll_until(c, moe_now_ns() + (uint64_t)timeout_ms * 1000000ull, NULL, "reduce enqueue", NULL, NULL);
 fail:
     abort_nccl(c);
     return st;
@@ -161,7 +164,7 @@ static moe_status nccl_alltoallv(par_comm_t *c, const void *send, const size_t *
                                 fail_group);
     }
     MOE_NCCL_CHECK_GOTO(ncclGroupEnd(), st, fail);
-    return poll_until(c, deadline, NULL, "alltoallv enqueue");
+    return poll_until(c, deadline, NULL, "alltoallv enqueue", NULL, NULL);
 fail_group:
     ncclGroupEnd();
 fail:
@@ -169,10 +172,10 @@ fail:
     return st;
 }
 
-static moe_status nccl_wait(par_comm_t *c, void *stream, int32_t timeout_ms) {
+static moe_status nccl_wait(par_comm_t *c, void *stream, int32_t timeout_ms, void (*idle)(void *), void *idle_arg) {
     nccl_comm *n = c->impl;
     MOE_CUDA_CHECK(cudaEventRecord(n->done, (cudaStream_t)stream));
-    return poll_until(c, moe_now_ns() + (uint64_t)timeout_ms * 1000000ull, n->done, "collective");
+    return poll_until(c, moe_now_ns() + (uint64_t)timeout_ms * 1000000ull, n->done, "collective", idle, idle_arg);
 }
 
 static void nccl_abort_op(par_comm_t *c) { abort_nccl(c); }
@@ -240,7 +243,7 @@ moe_status par_comm_nccl_init(par_comm_t **out, const par_comm_nccl_params *p) {
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
     MOE_NCCL_CHECK_GOTO(ncclCommInitRankConfig(&n->comm, p->world_size, id, p->rank, &cfg), st, fail);
-    MOE_CHECK_GOTO(poll_until(c, moe_now_ns() + (uint64_t)p->init_timeout_ms * 1000000ull, NULL, "communicator init"),
+    MOE_CHECK_GOTO(poll_until(c, moe_now_ns() + (uint64_t)p->init_timeout_ms * 1000000ull, NULL, "communicator init", NULL, NULL),
                    st, fail);
     MOE_INFO(MOE_SUB_PAR, "rank %d of %d: NCCL %d communicator on device %d", (int)p->rank, (int)p->world_size,
              par_comm_nccl_version(), (int)p->device);

@@ -118,6 +118,10 @@ void par_comm_abort(par_comm_t *c);
  * synchronous: there it returns at once.
  */
 moe_status par_comm_wait(par_comm_t *c, void *stream, int32_t timeout_ms);
+/* The same, calling idle(idle_arg) between two looks (on this thread; it must be short, and may
+ * enqueue other work on other streams: the GPU worker receives and stages its next step there). */
+moe_status par_comm_wait_idle(par_comm_t *c, void *stream, int32_t timeout_ms, void (*idle)(void *),
+                              void *idle_arg);
 
 /* ------------------------------------------------------------------------------------------
  * The NCCL backend (parallel/nccl). The unique id is made by rank 0 and handed to the others

@@ -103,6 +103,16 @@ static int group_setup(void **state) {
     return 0;
 }
 
+/* GPU steps run, and those whose inputs every rank copied during the step before (double-
+ * buffered inputs), over every run_all: the engine's STATS "gpu" object. */
+static double g_steps, g_staged;
+
+static double json_field(const char *js, const char *key) {
+    const char *p = js ? strstr(js, key) : NULL;
+    p = p ? strchr(p, ':') : NULL;
+    return p ? strtod(p + 1, NULL) : 0;
+}
+
 /* Runs every request (all in flight together) on a daemon started with `flags`; returns the
  * outputs concatenated (bf16 bytes). */
 static uint8_t *run_all(const char *const *flags, size_t *total) {
@@ -137,6 +147,22 @@ static uint8_t *run_all(const char *const *flags, size_t *total) {
         memcpy(out + off[rep.request_id], s->data, s->nbytes);
         moe_free(buf);
     }
+    {
+        ipc_msg m;
+        ipc_msg_init(&m, IPC_OP_STATS, 7);
+        assert_true(h_send_msg(&c, &m));
+        void *buf = NULL;
+        size_t len;
+        ipc_msg rep;
+        assert_true(h_recv(&c, 10000, &buf, &len, &rep));
+        char *js = h_json(&rep);
+        const char *gp = js ? strstr(js, "\"gpu\"") : NULL;
+        assert_non_null(gp);
+        g_steps += json_field(gp, "\"steps\"");
+        g_staged += json_field(gp, "\"staged_steps\"");
+        free(js);
+        moe_free(buf);
+    }
     h_client_close(&c);
     assert_int_equal(h_daemon_stop(&d, 60), 0);
     *total = t;
@@ -167,6 +193,11 @@ static void test_gpu_against_reference_and_bits(void **state) {
         free(got);
     }
     fprintf(stderr, "1 GPU: %d requests, worst normalized error vs the CPU reference %.2e\n", NR, worst);
+    /* The requests arrive together and two steps are in flight: a worker receives the next step
+     * during the current one and copies its inputs then (the bits above and below include those
+     * steps). */
+    fprintf(stderr, "1 GPU: %.0f of %.0f steps had their inputs copied during the step before\n", g_staged, g_steps);
+    assert_true(g_steps >= 2 && g_staged >= 1);
     if (n_gpus < 2) {
         fprintf(stderr, "one GPU in MOE_TEST_GPUS: the 2-GPU bit checks did not run\n");
         free(base);
@@ -201,6 +232,8 @@ static void test_gpu_against_reference_and_bits(void **state) {
             free(o);
         }
     }
+    fprintf(stderr, "all runs: %.0f of %.0f GPU steps had their inputs copied during the step before\n", g_staged,
+            g_steps);
     free(base);
 }
 

@@ -4,7 +4,7 @@
  * the GPUs.
  *
  *   bench_scaleout --engine PATH --gpus 0,1,2,3 [--shape qwen3|dsv3] [--model DIR]
- *                  [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on]
+ *                  [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on] [--log-level warn]
  *
  * Shapes (without --model, a synthetic checkpoint of one MoE layer is written once into
  * /tmp/moe-scaleout-SHAPE):
@@ -29,7 +29,12 @@
  *   bytes/rank    bytes a rank sent in the exchange; comb GB/s = bytes/rank / combine us:
  *                 compare with bench_nccl --op alltoall's busbw on the same bytes
  *   ideal us      max(compute, combine): what perfect overlap would give; step/ideal
- *   h2d us        the inputs' copy to the device before the step (not in step us)
+ *   h2d us        the inputs' copy to the device before the step (the copies' own time, not in
+ *                 step us)
+ *   gather us     W > 1: the all-gather of x over NVLink, from this rank's block on the device
+ *                 (it includes waiting for the other ranks to reach it; not in step us)
+ *   ahead         the steps whose inputs every rank copied during the step before (double-
+ *                 buffered inputs: that copy overlaps the step before's compute)
  *   host us       the worker's host time from the step's start to its one wait (enqueueing,
  *                 the exchange plan: plan us)
  * Napkin math, Qwen3, T_gpu = 1024, W = 2: each GPU's products are 2*1024*8*3*2048*768 = 77
@@ -59,7 +64,7 @@ static double json_num(const char *js, const char *key) {
 }
 
 typedef struct gpu_sums {
-    double steps, step_tokens, step_us, compute_us, combine_us, combine_bytes, h2d_us, host_us, plan_us;
+    double steps, step_tokens, step_us, compute_us, combine_us, combine_bytes, h2d_us, host_us, plan_us, staged, gather_us;
 } gpu_sums;
 
 static gpu_sums read_sums(moec_client_t *c) {
@@ -77,6 +82,8 @@ static gpu_sums read_sums(moec_client_t *c) {
             s.h2d_us = json_num(g, "\"h2d_us_sum\"");
             s.host_us = json_num(g, "\"host_us_sum\"");
             s.plan_us = json_num(g, "\"plan_us_sum\"");
+            s.staged = json_num(g, "\"staged_steps\"");
+            s.gather_us = json_num(g, "\"gather_us_sum\"");
         }
     }
     moec_free(js);
@@ -160,12 +167,15 @@ static void usage(void) {
     fprintf(stderr,
             "usage: bench_scaleout --engine PATH --gpus 0,1[,..] [--shape qwen3|dsv3] [--model DIR]\n"
             "                      [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on]\n"
+            "                      [--log-level warn]   (debug: one line per GPU step and rank, for\n"
+            "                                            tools/gpu/step_trace.py)\n"
             "  weak scaling of the engine's GPU workers at world sizes 1, 2, 4, .. up to the GPUs given;\n"
             "  --tokens are tokens per GPU and step; see the head of tools/bench/bench_scaleout.c.\n");
 }
 
 int main(int argc, char **argv) {
-    const char *engine = NULL, *model = NULL, *gpus = "0", *tokens_s = "1024,4096", *shape = "qwen3", *dbo_s = "off,on";
+    const char *engine = NULL, *model = NULL, *gpus = "0", *tokens_s = "1024,4096", *shape = "qwen3", *dbo_s = "off,on",
+               *log_level = "warn";
     int requests = 30, clients = 4;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -189,6 +199,8 @@ int main(int argc, char **argv) {
             requests = atoi(v);
         else if (strcmp(a, "--clients") == 0)
             clients = atoi(v);
+        else if (strcmp(a, "--log-level") == 0)
+            log_level = v;
         else {
             usage();
             return 2;
@@ -262,9 +274,9 @@ int main(int argc, char **argv) {
     printf("model: %s\nGPUs: %s; %d clients x 2 requests in flight, %d requests per client and row; device times from "
            "the workers' CUDA events (slowest rank)\n\n",
            eng_model_desc_str(d, desc, sizeof desc), gpus, clients, requests);
-    printf("%3s %4s %7s %8s %12s %6s %8s %10s %11s %11s %11s %10s %10s %9s %8s %8s %8s\n", "W", "dbo", "T/GPU",
+    printf("%3s %4s %7s %8s %12s %6s %8s %10s %11s %11s %11s %10s %10s %9s %8s %8s %8s %6s %9s\n", "W", "dbo", "T/GPU",
            "T/step", "tok/s", "eff", "dev eff", "step us", "compute us", "combine us", "bytes/rank", "comb GB/s",
-           "ideal us", "step/ideal", "h2d us", "host us", "plan us");
+           "ideal us", "step/ideal", "h2d us", "host us", "plan us", "ahead", "gather us");
     fflush(stdout);
     double base_tps[16] = {0}, base_us_per_tok[16] = {0};
     int rc = 0;
@@ -288,7 +300,7 @@ int main(int argc, char **argv) {
             char mst[32];
             snprintf(mst, sizeof mst, "%lld", (long long)(W * tmax * 2));
             const char *flags[] = {"--model", model_dir, "--gpus", gl, "--dbo", dbo ? "on" : "off", "--max-tokens", mst,
-                                   "--max-step-tokens", mst, "--io-threads", "4", "--log-level", "warn", NULL};
+                                   "--max-step-tokens", mst, "--io-threads", "4", "--log-level", log_level, NULL};
             if (!engine_start(&e, engine, flags))
                 return 1;
             moec_client_t *c = NULL;
@@ -377,12 +389,14 @@ int main(int argc, char **argv) {
                 double deff = us_per_tok > 0 ? base_us_per_tok[ti] / us_per_tok : 0;
                 double ideal = comp > comb ? comp : comb;
                 double h2d = steps ? (s1.h2d_us - s0.h2d_us) / steps : 0, host = steps ? (s1.host_us - s0.host_us) / steps : 0,
-                       plan = steps ? (s1.plan_us - s0.plan_us) / steps : 0;
+                       plan = steps ? (s1.plan_us - s0.plan_us) / steps : 0,
+                       ahead = steps ? (s1.staged - s0.staged) / steps : 0,
+                       gather = steps ? (s1.gather_us - s0.gather_us) / steps : 0;
                 printf("%3d %4s %7lld %8.0f %12.0f %5.0f%% %7.0f%% %10.1f %11.1f %11.1f %11.0f %10.1f %10.1f %9.2f %8.1f "
-                       "%8.1f %8.1f\n",
+                       "%8.1f %8.1f %5.0f%% %9.1f\n",
                        W, W > 1 ? (dbo ? "on" : "off") : "-", (long long)tg[ti], tsteps, tps, 100 * eff, 100 * deff, step,
                        comp, comb, bytes, comb > 0 ? bytes / comb * 1e-3 : 0.0, ideal, ideal > 0 ? step / ideal : 0.0,
-                       h2d, host, plan);
+                       h2d, host, plan, 100 * ahead, gather);
                 fflush(stdout);
                 free(x);
                 free(ids);

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""step_trace.py: where a GPU step's time goes, per rank, from the workers' debug log lines.
+
+Run the engine with MOE_LOG_LEVEL=debug (every worker then logs one "gpu step" line per step),
+then:   step_trace.py LOG [LOG...]
+For each world size found it prints, over the steps every rank logged: how far apart the ranks
+entered the step (max - min of the entry times: the skew the x all-gather waits for), the share
+of steps staged ahead, and the means of h2d, gather, step and host times, with the p50/p90/max
+of the skew. Standard library only.
+"""
+import re
+import statistics
+import sys
+
+LINE = re.compile(r"worker r(\d+) p(\d+)\] gpu step (\d+): (\d+) tokens, entered at ([0-9.]+) s, left after ([0-9.]+) us; "
+                  r"inputs (staged ahead|copied at entry) \(h2d ([0-9.]+) us\), x gather ([0-9.]+) us, step ([0-9.]+) us "
+                  r"\(compute ([0-9.]+), combine ([0-9.]+)\), host ([0-9.]+) us")
+
+
+def pct(v, q):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(q * len(v)))] if v else 0.0
+
+
+def main(paths):
+    runs = {}  # (world, file, pid set) -> step -> rank -> fields
+    for path in paths:
+        with open(path, errors="replace") as f:
+            for ln in f:
+                m = LINE.search(ln)
+                if not m:
+                    continue
+                rank, pid, step = int(m.group(1)), int(m.group(2)), int(m.group(3))
+                rec = dict(tokens=int(m.group(4)), entry=float(m.group(5)), left=float(m.group(6)),
+                           staged=m.group(7) == "staged ahead", h2d=float(m.group(8)), gather=float(m.group(9)),
+                           step=float(m.group(10)), host=float(m.group(13)))
+                runs.setdefault(path, {}).setdefault(step, {})[rank] = rec
+    if not runs:
+        print("step_trace: no 'gpu step' lines (run the engine with MOE_LOG_LEVEL=debug)")
+        return 1
+    print("%-28s %5s %6s %7s %8s %8s %8s %8s %8s %8s %8s %8s" % ("log", "W", "steps", "staged", "skew us", "p50",
+                                                                  "p90", "max", "h2d us", "gather", "step us", "left us"))
+    for path, steps in runs.items():
+        by_w = {}
+        for sid, ranks in steps.items():
+            by_w.setdefault(max(ranks) + 1, []).append(ranks)
+        for w, lst in sorted(by_w.items()):
+            full = [r for r in lst if len(r) == w]
+            if not full:
+                continue
+            skew = [1e6 * (max(x["entry"] for x in r.values()) - min(x["entry"] for x in r.values())) for r in full]
+            allr = [x for r in full for x in r.values()]
+            print("%-28s %5d %6d %6.0f%% %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f" % (
+                path[-28:], w, len(full), 100.0 * sum(x["staged"] for x in allr) / len(allr), statistics.mean(skew),
+                pct(skew, 0.5), pct(skew, 0.9), max(skew), statistics.mean(x["h2d"] for x in allr),
+                statistics.mean(x["gather"] for x in allr), statistics.mean(x["step"] for x in allr),
+                statistics.mean(x["left"] for x in allr)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]) if len(sys.argv) > 1 else (print(__doc__) or 2))
