@@ -62,6 +62,7 @@ struct eng_gpu {
     cudaEvent_t tm_start, tm_x, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
     gpu_inputs in[2];
     int32_t next;                 /* the set the next step uses */
+    uint64_t hmark[6];            /* host clock marks of the step (timing.host_split_us) */
     void (*hook)(void *);         /* called once per step between the enqueue and the wait */
     void *hook_arg;
     /* pinned host: the output (ZeroMQ data path), the step's ids (routed, or a private copy) */
@@ -547,6 +548,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
     if (W > 1)
         MOE_CHECK(gather_x(g, in, T));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_x, g->s_main));
+    g->hmark[2] = g->hmark[3] = g->hmark[4] = moe_now_ns();
 
     /* Routing on the device, request by request. */
     kern_route_params rp = m->route;
@@ -645,6 +647,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[mb], g->s_main));
         }
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
+        g->hmark[3] = moe_now_ns();
         /* The plans, from a private copy of the ids (the client's ids may sit in memory of
          * another NUMA node: one streaming copy instead of two passes of scattered reads). */
         if (routed)
@@ -657,6 +660,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             MOE_CHECK(par_exchange_plan_build(&g->plan[mb], g->m.placement, ids_host, bounds[mb], bounds[mb + 1],
                                               (int32_t)K));
         t_plan = moe_now_ns() - tp0;
+        g->hmark[4] = moe_now_ns();
         /* The exchange and sum of each micro-batch on s_comm, once its products are done: that
          * of micro-batch 0 runs while micro-batch 1 computes. */
         for (int mb = 0; mb < parts; mb++) {
@@ -700,6 +704,9 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             timing->h2d_us = ms * 1e3f;
         timing->host_us = (float)((double)(t_wait - t_entry) * 1e-3);
         timing->plan_us = (float)((double)t_plan * 1e-3);
+        g->hmark[5] = t_wait;
+        for (int i = 0; i < 5; i++)
+            timing->host_split_us[i] = g->hmark[i + 1] >= g->hmark[i] ? (float)((double)(g->hmark[i + 1] - g->hmark[i]) * 1e-3) : 0.0f;
         if (W > 1) {
             for (int mb = 0; mb < parts; mb++)
                 if (cudaEventElapsedTime(&ms, g->tm_cs[mb], g->tm_ce[mb]) == cudaSuccess)
@@ -724,8 +731,10 @@ moe_status eng_gpu_step(eng_gpu_t *g, uint64_t tag, int32_t layer, const eng_ste
     if (in->staged && in->tag != tag) /* staged for another step: this one's inputs go up now */
         in->staged = false;
     const bool ahead = in->staged;
+    g->hmark[0] = t_entry;
     if (!in->staged)
         MOE_CHECK(stage(g, in, tag, reqs, n, io));
+    g->hmark[1] = moe_now_ns();
     in->staged = false;
     g->next ^= 1; /* the next step's inputs go to the other set, while this one runs */
     moe_status st = step_run(g, l, in, layer, reqs, n, expert_tokens, timing, io, t_entry);

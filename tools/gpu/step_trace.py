@@ -6,7 +6,7 @@ then:   step_trace.py LOG [LOG...]
 For each world size found it prints, over the steps every rank logged: how far apart the ranks
 entered the step (max - min of the entry times: the skew the x all-gather waits for), the share
 of steps staged ahead, and the means of h2d, gather, step and host times, with the p50/p90/max
-of the skew. Standard library only.
+of the skew, and the median host time of a step split in its parts. Standard library only.
 """
 import re
 import statistics
@@ -14,7 +14,8 @@ import sys
 
 LINE = re.compile(r"worker r(\d+) p(\d+)\] gpu step (\d+): (\d+) tokens, entered at ([0-9.]+) s, left after ([0-9.]+) us; "
                   r"inputs (staged ahead|copied at entry) \(h2d ([0-9.]+) us\), x gather ([0-9.]+) us, step ([0-9.]+) us "
-                  r"\(compute ([0-9.]+), combine ([0-9.]+)\), host ([0-9.]+) us")
+                  r"\(compute ([0-9.]+), combine ([0-9.]+)\), host ([0-9.]+) us"
+                  r"(?: \(inputs ([0-9.]+), gather ([0-9.]+), products ([0-9.]+), plan ([0-9.]+), exchanges ([0-9.]+)\))?")
 
 
 def pct(v, q):
@@ -33,13 +34,15 @@ def main(paths):
                 rank, pid, step = int(m.group(1)), int(m.group(2)), int(m.group(3))
                 rec = dict(tokens=int(m.group(4)), entry=float(m.group(5)), left=float(m.group(6)),
                            staged=m.group(7) == "staged ahead", h2d=float(m.group(8)), gather=float(m.group(9)),
-                           step=float(m.group(10)), host=float(m.group(13)))
+                           step=float(m.group(10)), host=float(m.group(13)),
+                           split=[float(m.group(i)) for i in range(14, 19)] if m.group(14) else None)
                 runs.setdefault(path, {}).setdefault(step, {})[rank] = rec
     if not runs:
         print("step_trace: no 'gpu step' lines (run the engine with MOE_LOG_LEVEL=debug)")
         return 1
-    print("%-28s %5s %6s %7s %8s %8s %8s %8s %8s %8s %8s %8s" % ("log", "W", "steps", "staged", "skew us", "p50",
-                                                                  "p90", "max", "h2d us", "gather", "step us", "left us"))
+    print("%-28s %5s %6s %7s %8s %8s %8s %8s %8s %8s %8s %8s %8s  %s" % (
+        "log", "W", "steps", "staged", "skew us", "p50", "p90", "max", "h2d us", "gather", "step us", "left us",
+        "host us", "host split p50: inputs, gather, products, plan, exchanges"))
     for path, steps in runs.items():
         by_w = {}
         for sid, ranks in steps.items():
@@ -50,11 +53,13 @@ def main(paths):
                 continue
             skew = [1e6 * (max(x["entry"] for x in r.values()) - min(x["entry"] for x in r.values())) for r in full]
             allr = [x for r in full for x in r.values()]
-            print("%-28s %5d %6d %6.0f%% %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f" % (
+            sp = [x["split"] for x in allr if x["split"]]
+            split = " ".join("%.0f" % pct([v[i] for v in sp], 0.5) for i in range(5)) if sp else "-"
+            print("%-28s %5d %6d %6.0f%% %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f  %s" % (
                 path[-28:], w, len(full), 100.0 * sum(x["staged"] for x in allr) / len(allr), statistics.mean(skew),
                 pct(skew, 0.5), pct(skew, 0.9), max(skew), statistics.mean(x["h2d"] for x in allr),
                 statistics.mean(x["gather"] for x in allr), statistics.mean(x["step"] for x in allr),
-                statistics.mean(x["left"] for x in allr)))
+                statistics.mean(x["left"] for x in allr), pct([x["host"] for x in allr], 0.5), split))
     return 0
 
 
