@@ -1,10 +1,16 @@
 /*
  * comm_nccl.c: the NCCL communicator of GPU workers (par.h). The communicator is created
- * non-blocking (ncclConfig_t.blocking = 0): every NCCL call returns at once, and this file
- * polls ncclCommGetAsyncError (and, for completion, a CUDA event on the caller's stream)
- * against a deadline. So a peer that died or hangs never blocks the worker's step loop: the
- * wait times out, the communicator is aborted (ncclCommAbort), and the error goes up; the
- * coordinator then restarts the whole group. Nothing of a failed collective is ever used.
+ * non-blocking (ncclConfig_t.blocking = 0): its creation returns at once, and this file polls
+ * ncclCommGetAsyncError against a deadline. The steps' collectives then go through a blocking
+ * child of it (ncclCommSplit with blocking = 1; its connections made up front by a warm-up
+ * all-to-all), because a non-blocking communicator launches every group from a new thread
+ * (about 300 us of host time per collective on the 2x H200 machine, docs/PERF.md); a blocking
+ * enqueue with its connections made returns without waiting for any peer. Completion is
+ * polled (ncclCommGetAsyncError and a CUDA event on the caller's stream) against a deadline.
+ * So a peer that died or hangs never blocks the worker's step loop: the wait times out, the
+ * communicators are aborted (ncclCommAbort), and the error goes up; the coordinator then
+ * restarts the whole group. Nothing of a failed collective is ever used. MOE_NCCL_SPLIT=0
+ * keeps every collective on the non-blocking communicator.
  *
  * The gather is point to point: the root posts one ncclRecv per other rank and copies its own
  * part on the stream; the others post one ncclSend; all inside one NCCL group, so the transfers
@@ -22,7 +28,9 @@
 #include "parallel/comm_impl.h"
 
 typedef struct nccl_comm {
-    ncclComm_t comm;
+    ncclComm_t comm;    /* the collectives' communicator: `split`, or `base` */
+    ncclComm_t base;    /* the non-blocking one */
+    ncclComm_t split;   /* its blocking child, or NULL */
     int32_t device;
     cudaEvent_t done;
     bool nccl_aborted;
@@ -45,8 +53,11 @@ moe_status par_comm_nccl_unique_id(uint8_t out[PAR_NCCL_ID_BYTES]) {
 
 static void abort_nccl(par_comm_t *c) {
     nccl_comm *n = c->impl;
-    if (n->comm && !n->nccl_aborted) {
-        ncclCommAbort(n->comm);
+    if (!n->nccl_aborted) {
+        if (n->split)
+            ncclCommAbort(n->split);
+        if (n->base)
+            ncclCommAbort(n->base);
         n->nccl_aborted = true;
     }
     atomic_store(&c->aborted, 1);
@@ -180,23 +191,30 @@ static moe_status nccl_wait(par_comm_t *c, void *stream, int32_t timeout_ms, voi
 
 static void nccl_abort_op(par_comm_t *c) { abort_nccl(c); }
 
+/* Flush, then free; bounded so that a dead peer cannot hold us. */
+static void close_comm(ncclComm_t comm) {
+    ncclCommFinalize(comm);
+    uint64_t deadline = moe_now_ns() + 5000000000ull;
+    ncclResult_t ar = ncclInProgress;
+    while (ar == ncclInProgress && moe_now_ns() < deadline) {
+        ncclCommGetAsyncError(comm, &ar);
+        if (ar == ncclInProgress)
+            short_pause(5000);
+    }
+    if (ar == ncclSuccess)
+        ncclCommDestroy(comm);
+    else
+        ncclCommAbort(comm);
+}
+
 static void nccl_free(par_comm_t *c) {
     nccl_comm *n = c->impl;
     if (n) {
-        if (n->comm && !n->nccl_aborted) {
-            /* Flush, then free; bounded so that a dead peer cannot hold us. */
-            ncclCommFinalize(n->comm);
-            uint64_t deadline = moe_now_ns() + 5000000000ull;
-            ncclResult_t ar = ncclInProgress;
-            while (ar == ncclInProgress && moe_now_ns() < deadline) {
-                ncclCommGetAsyncError(n->comm, &ar);
-                if (ar == ncclInProgress)
-                    short_pause(5000);
-            }
-            if (ar == ncclSuccess)
-                ncclCommDestroy(n->comm);
-            else
-                ncclCommAbort(n->comm);
+        if (!n->nccl_aborted) {
+            if (n->split)
+                close_comm(n->split);
+            if (n->base)
+                close_comm(n->base);
         }
         if (n->done)
             cudaEventDestroy(n->done);
@@ -214,6 +232,78 @@ static const par_comm_ops nccl_ops = {
     .wait = nccl_wait,
     .free = nccl_free,
 };
+
+/* The blocking child of the non-blocking communicator, and a warm-up all-to-all on it (every
+ * pair of ranks, a small and a large size) so that its connections exist before the first
+ * step. A split that NCCL refuses leaves the collectives on the non-blocking communicator. */
+static moe_status make_split(par_comm_t *c, uint64_t deadline) {
+    nccl_comm *n = c->impl;
+    ncclConfig_t bc = NCCL_CONFIG_INITIALIZER;
+    bc.blocking = 1;
+    ncclComm_t child = NULL;
+    ncclResult_t r = ncclCommSplit(n->base, 0, c->rank, &child, &bc);
+    if (r == ncclInProgress || r == ncclSuccess) {
+        /* the split is a collective of the non-blocking parent: poll both */
+        for (int i = 0;; i++) {
+            ncclResult_t a = ncclSuccess, b = ncclSuccess;
+            ncclCommGetAsyncError(n->base, &a);
+            if (child)
+                ncclCommGetAsyncError(child, &b);
+            if ((a != ncclSuccess && a != ncclInProgress) || (b != ncclSuccess && b != ncclInProgress)) {
+                r = a != ncclSuccess && a != ncclInProgress ? a : b;
+                break;
+            }
+            if (a == ncclSuccess && b == ncclSuccess && child) {
+                r = ncclSuccess;
+                break;
+            }
+            if (moe_now_ns() > deadline)
+                return moe_fail(MOE_ERR_TIMEOUT, "rank %d: the communicator's split did not finish in time",
+                                (int)c->rank);
+            short_pause(i);
+        }
+    }
+    if (r != ncclSuccess || !child) {
+        MOE_WARN(MOE_SUB_PAR, "rank %d: no blocking child communicator (%s): collectives stay non-blocking",
+                 (int)c->rank, ncclGetErrorString(r));
+        if (child)
+            ncclCommAbort(child);
+        return MOE_OK;
+    }
+    n->split = child;
+    n->comm = child;
+    /* warm-up: 4 KiB and 4 MiB to and from every other rank */
+    const int32_t W = c->world_size;
+    const size_t big = (size_t)4 << 20;
+    void *buf = NULL;
+    cudaStream_t s = NULL;
+    moe_status st = MOE_OK;
+    size_t *sz = calloc(4 * (size_t)W, sizeof(size_t));
+    if (!sz)
+        return moe_fail(MOE_ERR_NOMEM, "comm warm-up");
+    MOE_CUDA_CHECK_GOTO(cudaMalloc(&buf, 2 * big * (size_t)W), st, out);
+    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), st, out);
+    for (int round = 0; round < 2 && st == MOE_OK; round++) {
+        const size_t b = round ? big : 4096;
+        for (int32_t q = 0; q < W; q++) {
+            sz[q] = q == c->rank ? 0 : b;
+            sz[W + q] = (size_t)q * big;
+            sz[2 * W + q] = q == c->rank ? 0 : b;
+            sz[3 * W + q] = (size_t)W * big + (size_t)q * big;
+        }
+        st = c->ops->alltoallv(c, buf, sz, sz + W, buf, sz + 2 * W, sz + 3 * W, 60000, s);
+        if (st == MOE_OK)
+            st = c->ops->wait(c, s, (int32_t)((deadline > moe_now_ns() ? deadline - moe_now_ns() : 1000000) / 1000000) + 1,
+                              NULL, NULL);
+    }
+out:
+    if (s)
+        cudaStreamDestroy(s);
+    if (buf)
+        cudaFree(buf);
+    free(sz);
+    return st;
+}
 
 moe_status par_comm_nccl_init(par_comm_t **out, const par_comm_nccl_params *p) {
     MOE_REQUIRE(out && p, MOE_ERR_INVALID_ARG, "comm_nccl_init: NULL argument");
@@ -242,17 +332,21 @@ moe_status par_comm_nccl_init(par_comm_t **out, const par_comm_nccl_params *p) {
     memcpy(id.internal, p->unique_id, PAR_NCCL_ID_BYTES);
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
-    MOE_NCCL_CHECK_GOTO(ncclCommInitRankConfig(&n->comm, p->world_size, id, p->rank, &cfg), st, fail);
-    MOE_CHECK_GOTO(poll_until(c, moe_now_ns() + (uint64_t)p->init_timeout_ms * 1000000ull, NULL, "communicator init", NULL, NULL),
-                   st, fail);
-    MOE_INFO(MOE_SUB_PAR, "rank %d of %d: NCCL %d communicator on device %d", (int)p->rank, (int)p->world_size,
-             par_comm_nccl_version(), (int)p->device);
+    const uint64_t deadline = moe_now_ns() + (uint64_t)p->init_timeout_ms * 1000000ull;
+    MOE_NCCL_CHECK_GOTO(ncclCommInitRankConfig(&n->base, p->world_size, id, p->rank, &cfg), st, fail);
+    n->comm = n->base;
+    MOE_CHECK_GOTO(poll_until(c, deadline, NULL, "communicator init", NULL, NULL), st, fail);
+    const char *sp = getenv("MOE_NCCL_SPLIT");
+    if (p->world_size > 1 && !(sp && strcmp(sp, "0") == 0))
+        MOE_CHECK_GOTO(make_split(c, deadline), st, fail);
+    MOE_INFO(MOE_SUB_PAR, "rank %d of %d: NCCL %d communicator on device %d (%s)", (int)p->rank, (int)p->world_size,
+             par_comm_nccl_version(), (int)p->device,
+             n->split ? "collectives on a blocking child, connections made" : "non-blocking");
     *out = c;
     return MOE_OK;
 fail:
-    if (n->comm && !n->nccl_aborted)
-        ncclCommAbort(n->comm);
-    n->comm = NULL;
+    abort_nccl(c);
+    n->comm = n->base = n->split = NULL;
     nccl_free(c);
     return st;
 }
