@@ -137,8 +137,9 @@ moe_status kern_route(kern_ctx_t *ctx, const kern_route_params *p, const moe_ten
  *                 nothing (sum mode);
  *   y [T, K, H]:  y[t, k] = c[t, k], and exactly +0.0 where map < 0 (slot mode: per-slot
  *                 contributions for a combine on another rank); with slots_local_only the
- *                 rows where map < 0 are left as they are (a caller that fills them itself or
- *                 never reads them saves writing T K H zeros).
+ *                 rows where map < 0 are unspecified: the CUDA backend leaves them as they
+ *                 are (a caller that fills them itself or never reads them saves writing
+ *                 T K H zeros), the CPU backends still write the zeros.
  * The expert map takes global ids (0 <= id < n_experts, checked) to local slots; NULL means
  * identity (then n_local == n_experts). Ids are checked: out of range is MOE_ERR_INVALID_ARG
  * naming the token and slot. Weights must be finite.
@@ -159,7 +160,7 @@ typedef struct kern_experts_params {
                                   for CPU backends, device memory for CUDA. */
     kern_act act;
     bool weight_on_input;      /* apply topk_w to x instead of to the output */
-    bool slots_local_only;     /* slot mode: leave the rows of pairs not held here untouched */
+    bool slots_local_only;     /* slot mode: the rows of pairs not held here may be left untouched */
 } kern_experts_params;
 
 /*
