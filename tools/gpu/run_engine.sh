@@ -40,6 +40,44 @@ n=$(nvidia-smi -L | grep -c '^GPU')
 GPUS="${GPUS:-$(seq -s, 0 $((n - 1)))}"
 rc=0
 
+# The bare all-to-all on the same bytes as each W > 1 row of a bench_scaleout table (its
+# bytes/rank column), right after it in the same run: bench_nccl's busbw for an all-to-all is
+# the bytes a rank sends over the time, the same measure as the table's comb GB/s.
+bare_compare() {
+  local table="$1" out="$2" w sizes
+  : >"$out"
+  for w in $(awk '$1 ~ /^[0-9]+$/ && $1 > 1 {print $1}' "$table" | sort -un); do
+    sizes=$(awk -v w="$w" '$1 == w && $11 > 0 {q = 4096 * w; printf "%s%d", n++ ? "," : "", int($11 * w / (w - 1) / q + 0.5) * q}' "$table")
+    [ -n "$sizes" ] || continue
+    timeout 90 "$BUNDLE/bin/bench_nccl" --gpus "$(echo "$GPUS" | cut -d, -f1-"$w")" --op alltoall --sizes "$sizes" \
+      >>"$out" 2>&1 || rc=1
+  done
+  python3 - "$out" "$table" <<'PY'
+import re, sys
+bare = {}  # (ranks, bytes sent a rank) -> busbw
+ranks = 0
+for ln in open(sys.argv[1], errors="replace"):
+    m = re.search(r"(\d+) ranks \(GPUs", ln)
+    if m:
+        ranks = int(m.group(1))
+    f = ln.split()
+    if len(f) >= 10 and f[0].isdigit() and f[9].isdigit():
+        bare[(ranks, int(f[9]))] = float(f[7])
+print("-- the combine against the bare all-to-all on the same bytes (busbw: bytes a rank sends / time)")
+print("%3s %4s %7s %12s %10s %12s %7s" % ("W", "dbo", "T/GPU", "bytes/rank", "comb GB/s", "bare busbw", "ratio"))
+for ln in open(sys.argv[2], errors="replace"):
+    f = ln.split()
+    if len(f) < 12 or not f[0].isdigit() or int(f[0]) < 2 or float(f[10]) <= 0:
+        continue
+    w, sent, comb = int(f[0]), float(f[10]), float(f[11])
+    near = [k for k in bare if k[0] == w]
+    if not near:
+        continue
+    k = min(near, key=lambda k: abs(k[1] - sent))
+    print("%3d %4s %7s %12.0f %10.1f %12.1f %6.0f%%" % (w, f[1], f[2], sent, comb, bare[k], 100 * comb / bare[k]))
+PY
+}
+
 if want env; then
   { nvidia-smi; nvidia-smi topo -m; cat "$BUNDLE/MANIFEST"; } >"$OUT/env.txt" 2>&1
   echo "== GPUs: $GPUS"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -73,6 +111,7 @@ if want scaleout; then
   timeout "${SCALE_TIMEOUT:-240}" "$BUNDLE/bin/bench_scaleout" --engine "$MOE_ENGINE" --gpus "$GPUS" \
     --tokens "${TOKENS:-1024,4096}" --clients "${CLIENTS:-4}" --requests 20 >"$OUT/scaleout.log" 2>&1 || rc=1
   grep -v "^20.*Z [IW]" "$OUT/scaleout.log" | tail -16
+  bare_compare "$OUT/scaleout.log" "$OUT/scaleout_bare.log"
 fi
 if want dsv3; then
   echo "== bench_scaleout --shape dsv3"
