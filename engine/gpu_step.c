@@ -48,6 +48,15 @@ typedef struct gpu_inputs {
     uint64_t tag;         /* the staged step (checked by the step) */
     int64_t T;
     const int32_t *ids_src; /* the step's ids on the host as they came */
+    /* W > 1: the x all-gather, enqueued with the copies (gathered: done, on s_comm; tm_g0/1 its
+     * duration), and the exchange plans of the micro-batches, built with the copies when the
+     * ids came with the requests (their indices in idx_h, sent to idx_d by the combine) */
+    cudaEvent_t gathered, tm_g0, tm_g1;
+    bool gather_enqueued;
+    par_exchange_plan plan[2];
+    int32_t *idx_h, *idx_d;
+    bool planned;
+    uint64_t plan_ns;
 } gpu_inputs;
 
 struct eng_gpu {
@@ -58,7 +67,7 @@ struct eng_gpu {
     gpu_layer *layers;
     kern_ctx_t *k, *kside, *kcomm;
     cudaStream_t s_main, s_side, s_comm, s_copy;
-    cudaEvent_t ev_in, ev_x, ev_side[2], ev_mb[2], ev_red[2], ev_done;
+    cudaEvent_t ev_in, ev_side[2], ev_mb[2], ev_red[2], ev_done;
     cudaEvent_t tm_start, tm_x, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
     gpu_inputs in[2];
     int32_t next;                 /* the set the next step uses */
@@ -71,10 +80,7 @@ struct eng_gpu {
     /* device */
     void *slots_d, *sh_d, *y_d;
     int32_t *map_d;
-    /* the combine (W > 1): one exchange plan per micro-batch, its indices in pinned memory and
-     * on the device ([mb][send, recv][T K]), the packed rows sent and received */
-    par_exchange_plan plan[2];
-    int32_t *idx_h, *idx_d;
+    /* the combine (W > 1): the packed rows sent and received (the plans are per input set) */
     void *send_d, *recv_d;
     /* the per-peer sizes and offsets of the all-to-alls ([4][W]: send bytes, send offsets,
      * receive bytes, receive offsets) and of the gather to rank 0 ([W] pointers, [W] bytes) */
@@ -131,26 +137,26 @@ void eng_gpu_free(eng_gpu_t *g) {
     kern_ctx_free(g->k);
     kern_ctx_free(g->kside);
     kern_ctx_free(g->kcomm);
-    par_exchange_plan_free(&g->plan[0]);
-    par_exchange_plan_free(&g->plan[1]);
-    void *dev[] = {g->slots_d, g->sh_d, g->y_d, g->map_d, g->idx_d, g->send_d, g->recv_d};
+    void *dev[] = {g->slots_d, g->sh_d, g->y_d, g->map_d, g->send_d, g->recv_d};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         dfree(dev[i]);
     for (int b = 0; b < 2; b++) {
         gpu_inputs *in = &g->in[b];
-        void *d[] = {in->x_d, in->lg_d, in->ids_d, in->w_d};
-        for (size_t i = 0; i < 4; i++)
+        par_exchange_plan_free(&in->plan[0]);
+        par_exchange_plan_free(&in->plan[1]);
+        void *d[] = {in->x_d, in->lg_d, in->ids_d, in->w_d, in->idx_d};
+        for (size_t i = 0; i < 5; i++)
             dfree(d[i]);
-        void *h[] = {in->x_h, in->lg_h, in->ids_h, in->w_h};
-        for (size_t i = 0; i < 4; i++)
+        void *h[] = {in->x_h, in->lg_h, in->ids_h, in->w_h, in->idx_h};
+        for (size_t i = 0; i < 5; i++)
             if (h[i])
                 cudaFreeHost(h[i]);
-        cudaEvent_t e[] = {in->ready, in->released, in->tm0, in->tm1};
-        for (size_t i = 0; i < 4; i++)
+        cudaEvent_t e[] = {in->ready, in->released, in->tm0, in->tm1, in->gathered, in->tm_g0, in->tm_g1};
+        for (size_t i = 0; i < 7; i++)
             if (e[i])
                 cudaEventDestroy(e[i]);
     }
-    void *host[] = {g->y_h, g->ids_h, g->idx_h};
+    void *host[] = {g->y_h, g->ids_h};
     free(g->a2a);
     free(g->gv_ptr);
     free(g->gv_bytes);
@@ -160,7 +166,7 @@ void eng_gpu_free(eng_gpu_t *g) {
     cudaEvent_t evs[] = {g->ev_in,     g->ev_side[0], g->ev_side[1], g->ev_mb[0],  g->ev_mb[1],
                          g->ev_red[0], g->ev_red[1],  g->ev_done,    g->tm_start,  g->tm_compute,
                          g->tm_end,    g->tm_cs[0],   g->tm_cs[1],   g->tm_ce[0],  g->tm_ce[1],
-                         g->tm_x,      g->ev_x};
+                         g->tm_x};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i])
             cudaEventDestroy(evs[i]);
@@ -194,7 +200,7 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithPriority(&g->s_comm, cudaStreamNonBlocking, prio_hi), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_copy, cudaStreamNonBlocking), st, fail);
     cudaEvent_t *evs[] = {&g->ev_in,    &g->ev_side[0], &g->ev_side[1], &g->ev_mb[0], &g->ev_mb[1],
-                          &g->ev_red[0], &g->ev_red[1],  &g->ev_done,    &g->ev_x};
+                          &g->ev_red[0], &g->ev_red[1],  &g->ev_done};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), st, fail);
     cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end,   &g->tm_cs[0],
@@ -289,14 +295,20 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->slots_d, pairs * (size_t)H * es), st, fail);
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->send_d, pairs * (size_t)H * es), st, fail);
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->recv_d, pairs * (size_t)H * es), st, fail);
-        MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->idx_h, 4 * (pairs + 1) * sizeof(int32_t), cudaHostAllocDefault), st,
-                            fail);
-        MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->idx_d, 4 * (pairs + 1) * sizeof(int32_t)), st, fail);
-        for (int mb = 0; mb < 2; mb++)
-            MOE_CHECK_GOTO(par_exchange_plan_init(&g->plan[mb], g->world, p->rank, (int64_t)pairs,
-                                                  g->idx_h + (2 * mb) * (pairs + 1),
-                                                  g->idx_h + (2 * mb + 1) * (pairs + 1)),
-                           st, fail);
+        for (int b = 0; b < 2; b++) {
+            gpu_inputs *in = &g->in[b];
+            MOE_CUDA_CHECK_GOTO(
+                cudaHostAlloc((void **)&in->idx_h, 4 * (pairs + 1) * sizeof(int32_t), cudaHostAllocDefault), st, fail);
+            MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&in->idx_d, 4 * (pairs + 1) * sizeof(int32_t)), st, fail);
+            for (int mb = 0; mb < 2; mb++)
+                MOE_CHECK_GOTO(par_exchange_plan_init(&in->plan[mb], g->world, p->rank, (int64_t)pairs,
+                                                      in->idx_h + (2 * mb) * (pairs + 1),
+                                                      in->idx_h + (2 * mb + 1) * (pairs + 1)),
+                               st, fail);
+            MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&in->gathered, cudaEventDisableTiming), st, fail);
+            MOE_CUDA_CHECK_GOTO(cudaEventCreate(&in->tm_g0), st, fail);
+            MOE_CUDA_CHECK_GOTO(cudaEventCreate(&in->tm_g1), st, fail);
+        }
         if (Is > 0)
             MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->sh_d, (size_t)(TM * H) * es), st, fail);
     }
@@ -365,13 +377,16 @@ static gpu_layer *find(eng_gpu_t *g, int32_t layer) {
     return NULL;
 }
 
+static moe_status gather_x(eng_gpu_t *g, gpu_inputs *in, int64_t T);
+static moe_status plan_step(eng_gpu_t *g, gpu_inputs *in);
+
 /* Copies a step's inputs into the set `in` on s_copy, once the step that used the set last
  * is done with it: x (at W > 1 only this rank's block of rows [T r / W, T (r + 1) / W): the
  * other blocks come from the other ranks over NVLink, gather_x), ids and weights, and the
  * logits where a request is routed here. From the registered data path as they are, or staged
  * into the set's pinned memory first. */
 static moe_status stage(eng_gpu_t *g, gpu_inputs *in, uint64_t tag, const eng_step_req *reqs, int32_t n,
-                        const eng_gpu_io *io) {
+                        const eng_gpu_io *io, bool ahead) {
     const eng_step_model *m = &g->m;
     const int64_t H = m->hidden, E = m->n_experts, K = m->top_k;
     const size_t es = moe_dtype_size(m->dtype), row = (size_t)H * es;
@@ -417,11 +432,27 @@ static moe_status stage(eng_gpu_t *g, gpu_inputs *in, uint64_t tag, const eng_st
     }
     MOE_CUDA_CHECK(cudaEventRecord(in->tm1, s));
     MOE_CUDA_CHECK(cudaEventRecord(in->ready, s));
-    in->staged = true;
     in->routed = routed;
     in->tag = tag;
     in->T = T;
     in->ids_src = idss;
+    in->gather_enqueued = in->planned = false;
+    if (W > 1 && T > 0) {
+        MOE_CHECK(gather_x(g, in, T));
+        in->staged = true; /* from here the set holds this step: its collective is enqueued */
+        /* Ahead of the step, the plans too: they need only the ids when those came with the
+         * requests (a private copy first: the client's ids may sit in memory of another NUMA
+         * node; one streaming copy instead of two passes of scattered reads). Otherwise the step
+         * builds them while its products run (routed steps after the routing); a plan that
+         * fails here (a bad id) is built again, and its error reported, by the step. */
+        if (ahead && !routed) {
+            if (idss != in->ids_h)
+                memcpy(in->ids_h, idss, sizeof(int32_t) * (size_t)(T * K));
+            if (plan_step(g, in) != MOE_OK)
+                in->planned = false;
+        }
+    }
+    in->staged = true;
     return MOE_OK;
 }
 
@@ -430,7 +461,7 @@ moe_status eng_gpu_stage(eng_gpu_t *g, uint64_t tag, const eng_step_req *reqs, i
     gpu_inputs *in = &g->in[g->next];
     MOE_REQUIRE(!in->staged, MOE_ERR_INVALID_ARG, "gpu stage: the next step's inputs are already staged");
     MOE_CUDA_CHECK(cudaSetDevice(g->p.device));
-    return stage(g, in, tag, reqs, n, io);
+    return stage(g, in, tag, reqs, n, io, true);
 }
 
 void eng_gpu_set_hook(eng_gpu_t *g, void (*fn)(void *), void *arg) {
@@ -438,14 +469,16 @@ void eng_gpu_set_hook(eng_gpu_t *g, void (*fn)(void *), void *arg) {
     g->hook_arg = arg;
 }
 
-/* W > 1: the other ranks' blocks of x by an all-to-all on s_comm (in the same communicator
- * order as the combines that follow), once this rank's block is on the device; s_main waits
- * for it. */
+/* W > 1: the other ranks' blocks of x by an all-to-all on s_comm, once this rank's block is on
+ * the device; in->gathered marks its end. Enqueued with the copies (stage): at the step's entry,
+ * or ahead from the hook of the step before, after all of that step's collectives, so every
+ * rank enqueues the same collectives in the same order either way. */
 static moe_status gather_x(eng_gpu_t *g, gpu_inputs *in, int64_t T) {
     const int32_t W = g->world, r = g->p.rank;
     const size_t row = (size_t)g->m.hidden * moe_dtype_size(g->m.dtype);
     const int64_t lo = T * r / W, hi = T * (r + 1) / W;
     MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_comm, in->ready, 0));
+    MOE_CUDA_CHECK(cudaEventRecord(in->tm_g0, g->s_comm));
     size_t *sbytes = g->a2a, *soff = g->a2a + W, *rbytes = g->a2a + 2 * W, *roff = g->a2a + 3 * W;
     for (int32_t q = 0; q < W; q++) {
         const int64_t a = T * q / W, b = T * (q + 1) / W;
@@ -455,8 +488,34 @@ static moe_status gather_x(eng_gpu_t *g, gpu_inputs *in, int64_t T) {
         roff[q] = (size_t)a * row;
     }
     MOE_CHECK(par_comm_alltoallv(g->p.comm, in->x_d, sbytes, soff, in->x_d, rbytes, roff, g->p.timeout_ms, g->s_comm));
-    MOE_CUDA_CHECK(cudaEventRecord(g->ev_x, g->s_comm));
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_x, 0));
+    MOE_CUDA_CHECK(cudaEventRecord(in->tm_g1, g->s_comm));
+    MOE_CUDA_CHECK(cudaEventRecord(in->gathered, g->s_comm));
+    in->gather_enqueued = true;
+    return MOE_OK;
+}
+
+static bool use_dbo(const eng_gpu_t *g, int64_t T);
+
+/* The micro-batches' row bounds of a step of T tokens (2 parts with DBO, else 1). */
+static int step_bounds(const eng_gpu_t *g, int64_t T, int64_t bounds[3]) {
+    const bool dbo = use_dbo(g, T);
+    bounds[0] = 0;
+    bounds[1] = dbo ? T / 2 : T;
+    bounds[2] = T;
+    return dbo ? 2 : 1;
+}
+
+/* W > 1: the exchange plans of the set's step from its ids (in->ids_h, this rank's private
+ * copy). */
+static moe_status plan_step(eng_gpu_t *g, gpu_inputs *in) {
+    int64_t bounds[3];
+    const int parts = step_bounds(g, in->T, bounds);
+    const uint64_t t0 = moe_now_ns();
+    for (int mb = 0; mb < parts; mb++)
+        MOE_CHECK(par_exchange_plan_build(&in->plan[mb], g->m.placement, in->ids_h, bounds[mb], bounds[mb + 1],
+                                          (int32_t)g->m.top_k));
+    in->plan_ns = moe_now_ns() - t0;
+    in->planned = true;
     return MOE_OK;
 }
 
@@ -470,16 +529,16 @@ static bool use_dbo(const eng_gpu_t *g, int64_t T) {
  * elsewhere received and put in place, then the fixed-order sum over the slots (plus the
  * shared expert) of the rows it owns, and those rows copied out. Returns the bytes sent.
  */
-static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, int mb, const eng_step_req *reqs, int32_t n,
-                             const eng_gpu_io *io, size_t *sent) {
+static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb, const eng_step_req *reqs,
+                             int32_t n, const eng_gpu_io *io, size_t *sent) {
     const eng_step_model *m = &g->m;
     const int64_t H = m->hidden, K = m->top_k;
     const size_t es = moe_dtype_size(m->dtype), row = (size_t)H * es;
     const int32_t W = g->world, r = g->p.rank;
-    par_exchange_plan *pl = &g->plan[mb];
+    par_exchange_plan *pl = &in->plan[mb];
     const size_t stride = (size_t)(g->p.max_tokens * K) + 1; /* the plan's capacity + 1 */
-    int32_t *sidx_h = g->idx_h + (2 * mb) * stride, *ridx_h = g->idx_h + (2 * mb + 1) * stride;
-    int32_t *sidx_d = g->idx_d + (2 * mb) * stride, *ridx_d = g->idx_d + (2 * mb + 1) * stride;
+    int32_t *sidx_h = in->idx_h + (2 * mb) * stride, *ridx_h = in->idx_h + (2 * mb + 1) * stride;
+    int32_t *sidx_d = in->idx_d + (2 * mb) * stride, *ridx_d = in->idx_d + (2 * mb + 1) * stride;
     cudaStream_t s = g->s_comm;
     /* the indices go up while the products run */
     if (pl->n_send)
@@ -542,11 +601,14 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         return MOE_OK;
     MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, in->ready, 0));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_start, g->s_main));
-    /* At W > 1 the ranks all-gather the blocks of x each copied over PCIe: a GPU's PCIe traffic
-     * stays T H / W per step however many share the batch, and the ranks start their products
-     * together. */
-    if (W > 1)
-        MOE_CHECK(gather_x(g, in, T));
+    /* At W > 1 the ranks all-gather the blocks of x each copied over PCIe (enqueued with the
+     * copies): a GPU's PCIe traffic stays T H / W per step however many share the batch, and
+     * the ranks start their products together. */
+    if (W > 1) {
+        if (!in->gather_enqueued)
+            MOE_CHECK(gather_x(g, in, T));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, in->gathered, 0));
+    }
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_x, g->s_main));
     g->hmark[2] = g->hmark[3] = g->hmark[4] = moe_now_ns();
 
@@ -616,8 +678,9 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
                                    * or received; other rows' slots are never read (a bad id
                                    * fails the step) */
                                   .slots_local_only = true};
-        int64_t bounds[3] = {0, dbo ? T / 2 : T, T};
-        if (routed) /* the routed ids reach ids_h: the plan waits for this below */
+        int64_t bounds[3];
+        step_bounds(g, T, bounds);
+        if (routed) /* the routed ids reach the host: the plan waits for this below */
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
         /* The shared expert of the rows this rank owns (the same blocks as the plan's), on its
          * own stream, beside the routed experts and the exchange. */
@@ -648,24 +711,25 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         }
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
         g->hmark[3] = moe_now_ns();
-        /* The plans, from a private copy of the ids (the client's ids may sit in memory of
-         * another NUMA node: one streaming copy instead of two passes of scattered reads). */
-        if (routed)
-            MOE_CHECK(poll_event(g->ev_in, deadline, "routing", NULL, NULL));
-        else if (ids_host != g->ids_h)
-            memcpy(g->ids_h, ids_host, sizeof(int32_t) * (size_t)(T * K));
-        ids_host = g->ids_h;
-        const uint64_t tp0 = moe_now_ns();
-        for (int mb = 0; mb < parts; mb++)
-            MOE_CHECK(par_exchange_plan_build(&g->plan[mb], g->m.placement, ids_host, bounds[mb], bounds[mb + 1],
-                                              (int32_t)K));
-        t_plan = moe_now_ns() - tp0;
+        /* The plans: built with the copies when the ids came with the requests (stage), else
+         * here, from the routed ids (a private copy in the set's pinned memory). */
+        if (!in->planned) {
+            if (routed) {
+                MOE_CHECK(poll_event(g->ev_in, deadline, "routing", NULL, NULL));
+                memcpy(in->ids_h, g->ids_h, sizeof(int32_t) * (size_t)(T * K));
+            } else if (in->ids_src != in->ids_h) {
+                memcpy(in->ids_h, in->ids_src, sizeof(int32_t) * (size_t)(T * K));
+            }
+            MOE_CHECK(plan_step(g, in));
+        }
+        ids_host = in->ids_h;
+        t_plan = in->plan_ns;
         g->hmark[4] = moe_now_ns();
         /* The exchange and sum of each micro-batch on s_comm, once its products are done: that
          * of micro-batch 0 runs while micro-batch 1 computes. */
         for (int mb = 0; mb < parts; mb++) {
             size_t sent = 0;
-            MOE_CHECK(combine_mb(g, l, mb, reqs, n, io, &sent));
+            MOE_CHECK(combine_mb(g, l, in, mb, reqs, n, io, &sent));
             sent_bytes += sent;
         }
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[0], g->s_comm));
@@ -728,12 +792,20 @@ moe_status eng_gpu_step(eng_gpu_t *g, uint64_t tag, int32_t layer, const eng_ste
     const uint64_t t_entry = moe_now_ns();
     MOE_CUDA_CHECK(cudaSetDevice(g->p.device));
     gpu_inputs *in = &g->in[g->next];
-    if (in->staged && in->tag != tag) /* staged for another step: this one's inputs go up now */
+    if (in->staged && in->tag != tag) { /* staged for another step: this one's inputs go up now */
         in->staged = false;
+        if (in->gather_enqueued) { /* the collectives would differ between the ranks */
+            par_comm_abort(g->p.comm);
+            return moe_fail(MOE_ERR_INTERNAL,
+                            "gpu step %llu: the inputs staged are step %llu's, whose all-gather is enqueued: the "
+                            "communicator is aborted",
+                            (unsigned long long)tag, (unsigned long long)in->tag);
+        }
+    }
     const bool ahead = in->staged;
     g->hmark[0] = t_entry;
     if (!in->staged)
-        MOE_CHECK(stage(g, in, tag, reqs, n, io));
+        MOE_CHECK(stage(g, in, tag, reqs, n, io, false));
     g->hmark[1] = moe_now_ns();
     in->staged = false;
     g->next ^= 1; /* the next step's inputs go to the other set, while this one runs */

@@ -6,7 +6,9 @@
  * One step: the requests are staged into pinned memory (or read in place from the registered
  * shared-memory data path) and copied to the device on a copy stream, into one of two input
  * sets: the next step's inputs can go up (eng_gpu_stage, called from the step's hook while the
- * current step computes) while this one runs from the other set. Routing runs on the device
+ * current step computes) while this one runs from the other set. At W > 1 staging also
+ * enqueues the x all-gather, and ahead of the step it builds the exchange plans when the ids
+ * came with the requests, so a step staged ahead starts with its products. Routing runs on the device
  * where a request did not bring ids; then
  *   W = 1, no DBO  the unwrapped fast path: one kern_moe_forward on one stream, straight into y;
  *   W > 1          the rows of the step belong to the ranks in contiguous blocks. Each rank
@@ -64,7 +66,8 @@ typedef struct eng_gpu_timing {
     float h2d_us;        /* the inputs' copy to the device: the copies' own time, not in step_us
                             (overlapped with the step before when the step was staged ahead) */
     float host_us;       /* host time from the step's start to its one wait (enqueueing) */
-    float plan_us;       /* host time building the exchange plans (W > 1) */
+    float plan_us;       /* host time building the exchange plans (W > 1; when the step was staged
+                            ahead, spent in the hook during the step before) */
     float staged;        /* 1 when the inputs went up ahead, during the step before (the hook) */
     float gather_us;     /* W > 1: the x all-gather, from this rank's inputs on the device (it
                             includes waiting for the other ranks to reach it; not in step_us) */
