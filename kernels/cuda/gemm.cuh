@@ -18,7 +18,8 @@
  * cp.async 16 B, issued S-2 blocks ahead; zero-filled past K, past M and for padding rows.
  * The large tile at large T on sm_90a is kc_gemm_tma_kernel (below, tile (5, 128)): the same
  * tile and stages, its weight stages written by the bulk tensor copy engine, with a producer
- * warpgroup and an mbarrier pipeline.
+ * warpgroup and an mbarrier pipeline; above 256 rows per expert, kc_gemm_tmap_kernel (tile
+ * (8, 128)), the same in a persistent grid.
  *
  * Threads: 128 * NWG; warpgroup g owns weight rows [128 g, 128 g + 128) of the tile as two
  * 64-row accumulators (gate-up: gate rows j and up rows I + j, so that a thread holds both
@@ -659,6 +660,61 @@ static __device__ __forceinline__ void kc_mbar_wait(uint32_t bar, uint32_t parit
 static __device__ __forceinline__ void kc_cp_mbar_arrive(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+
+/* The consumers' epilogue of the warp-specialized kernels (3, 128) and (5, 128), through
+ * shared memory as in kc_gemm_kernel: the stages are free once both consumer warpgroups are
+ * past their last wgmma (named barrier 1, their 256 threads); the tile goes to sC[n][r], then
+ * each output row segment is written whole with 16-byte stores. cw: the consumer warpgroup
+ * (0, 1), ct: the thread among the consumers (0 .. 255), rb: the row block. */
+template <typename T, int MODE>
+static __device__ __forceinline__ void kc_ws_epilogue(const kc_gemm_args &a, const float (&acc)[2][64], int cw,
+                                                      int ct, int rb, const int32_t *s_orow, const float *s_scale,
+                                                      char *smem_raw, uint32_t sbase, uint32_t sbase_raw) {
+    constexpr int NWG = 2, BN = 128;
+    typedef kc_tile<NWG, BN> TL;
+    constexpr int S = TL::stages;
+    constexpr int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    const int M = a.M;
+    const int warp = (ct >> 5) & 3;
+    const int lane = ct & 31;
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    constexpr int PITCH = ROWS + 8;
+    static_assert(BN * PITCH * sizeof(T) <= (size_t)S * TL::stage_bytes, "epilogue tile exceeds the stages");
+    T *sC = (T *)(smem_raw + (sbase - sbase_raw));
+#pragma unroll
+    for (int i = 0; i < BN / 8; i++) {
+#pragma unroll
+        for (int cb = 0; cb < 2; cb++) {
+            const int n = 8 * i + 2 * (lane & 3) + cb;
+            const float sc = s_scale[n];
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int rr = warp * 16 + (lane >> 2) + 8 * hf;
+                const int reg = 4 * i + 2 * hf + cb;
+                if (MODE == KC_MODE_GATE_UP) {
+                    sC[n * PITCH + cw * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, acc[0][reg]) * acc[1][reg]);
+                } else {
+#pragma unroll
+                    for (int blk = 0; blk < 2; blk++)
+                        sC[n * PITCH + cw * 128 + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
+                }
+            }
+        }
+    }
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    T *out = (T *)a.out;
+    const int row0 = rb * rows_per_cta;
+    constexpr int CPR = ROWS / 8;
+    for (int idx = ct; idx < BN * CPR; idx += 256) {
+        const int n = idx / CPR, cc = idx % CPR;
+        const int orow = s_orow[n];
+        const int r = row0 + cc * 8;
+        if (orow < 0 || r >= M)
+            continue;
+        *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + cc * 8);
+    }
+}
 #endif
 
 template <typename T, int MODE>
@@ -795,7 +851,6 @@ __global__ void __launch_bounds__(384, 1) kc_gemm_ws_kernel(const kc_gemm_args a
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(KC_WS_CONS_REGS));
     const int cw = wg - 1; /* the role of warpgroup cw in kc_gemm_kernel */
     const int ct = tid - 128;
-    const int warp = (ct >> 5) & 3;
     const int lane = ct & 31;
     float acc[2][NACC];
 #pragma unroll
@@ -833,45 +888,7 @@ __global__ void __launch_bounds__(384, 1) kc_gemm_ws_kernel(const kc_gemm_args a
     }
     kc_wg_wait<0>();
 
-    /* Epilogue through shared memory, as in kc_gemm_kernel; the stages are free once both
-     * consumer warpgroups are past their last wgmma (named barrier 1, 256 threads). */
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
-    constexpr int PITCH = ROWS + 8;
-    static_assert(BN * PITCH * sizeof(T) <= (size_t)S * TL::stage_bytes, "epilogue tile exceeds the stages");
-    T *sC = (T *)(smem_raw + (sbase - sbase_raw));
-#pragma unroll
-    for (int i = 0; i < BN / 8; i++) {
-#pragma unroll
-        for (int cb = 0; cb < 2; cb++) {
-            const int n = 8 * i + 2 * (lane & 3) + cb;
-            const float sc = s_scale[n];
-#pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-                const int rr = warp * 16 + (lane >> 2) + 8 * hf;
-                const int reg = 4 * i + 2 * hf + cb;
-                if (MODE == KC_MODE_GATE_UP) {
-                    sC[n * PITCH + cw * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, acc[0][reg]) * acc[1][reg]);
-                } else {
-#pragma unroll
-                    for (int blk = 0; blk < 2; blk++)
-                        sC[n * PITCH + cw * 128 + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
-                }
-            }
-        }
-    }
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    T *out = (T *)a.out;
-    const int row0 = rb * rows_per_cta;
-    constexpr int CPR = ROWS / 8;
-    for (int idx = ct; idx < BN * CPR; idx += 256) {
-        const int n = idx / CPR, cc = idx % CPR;
-        const int orow = s_orow[n];
-        const int r = row0 + cc * 8;
-        if (orow < 0 || r >= M)
-            continue;
-        *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + cc * 8);
-    }
+    kc_ws_epilogue<T, MODE>(a, acc, cw, ct, rb, s_orow, s_scale, smem_raw, sbase, sbase_raw);
 #endif
 }
 
@@ -1151,7 +1168,6 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(KC_WS_CONS_REGS));
     const int cw = wg - 1;
     const int ct = tid - 128;
-    const int warp = (ct >> 5) & 3;
     const int lane = ct & 31;
     /* A rows of this warpgroup's two 64-row blocks in the stage: gate-up, gate rows at
      * 64 cw and up rows at 128 + 64 cw; down, rows 128 cw and 128 cw + 64. */
@@ -1193,44 +1209,8 @@ __global__ void __launch_bounds__(384, 1)
     if (MODE == KC_MODE_DOWN)
         kc_pdl_wait(); /* (long satisfied: the producer waited before its first routed rows) */
 
-    /* Epilogue through shared memory, as in kc_gemm_kernel (named barrier 1: the consumers). */
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
-    constexpr int PITCH = ROWS + 8;
-    static_assert(BN * PITCH * sizeof(T) <= (size_t)S * TL::stage_bytes, "epilogue tile exceeds the stages");
-    T *sC = (T *)(smem_raw + (sbase - sbase_raw));
-#pragma unroll
-    for (int i = 0; i < BN / 8; i++) {
-#pragma unroll
-        for (int cb = 0; cb < 2; cb++) {
-            const int n = 8 * i + 2 * (lane & 3) + cb;
-            const float sc = s_scale[n];
-#pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-                const int rr = warp * 16 + (lane >> 2) + 8 * hf;
-                const int reg = 4 * i + 2 * hf + cb;
-                if (MODE == KC_MODE_GATE_UP) {
-                    sC[n * PITCH + cw * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, acc[0][reg]) * acc[1][reg]);
-                } else {
-#pragma unroll
-                    for (int blk = 0; blk < 2; blk++)
-                        sC[n * PITCH + cw * 128 + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
-                }
-            }
-        }
-    }
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    T *out = (T *)a.out;
-    const int row0 = rb * rows_per_cta;
-    constexpr int CPR = ROWS / 8;
-    for (int idx = ct; idx < BN * CPR; idx += 256) {
-        const int n = idx / CPR, cc = idx % CPR;
-        const int orow = s_orow[n];
-        const int r = row0 + cc * 8;
-        if (orow < 0 || r >= M)
-            continue;
-        *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + cc * 8);
-    }
+    /* Epilogue through shared memory (kc_ws_epilogue). */
+    kc_ws_epilogue<T, MODE>(a, acc, cw, ct, rb, s_orow, s_scale, smem_raw, sbase, sbase_raw);
 #endif
 }
 
@@ -1325,6 +1305,418 @@ static int kc_gemm_tma_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     return (int)cudaGetLastError();
 }
 
+/* ---- persistent TMA-fed kernel (sm_90a), tiles (7, 128) and (8, 128) -----------------------
+ * The tile, stages, copies and K walk of kc_gemm_tma_kernel (5, 128), in a persistent grid: one
+ * CTA per SM takes the tiles v = blockIdx.x, + gridDim.x, ... of the same raster order (over the
+ * blocks in use), and the producer warpgroup runs on into the next tile while the consumers
+ * finish the last one: its block counter, the stage ring and the full/empty barriers carry on
+ * across tiles, so the next tile's first stages land during this tile's epilogue (run 11: each
+ * tile's fill and epilogue were the loss). The column tables (routed row, output row, scale) of
+ * tile i are written by the producer into slot i % 2 (tfull: 128 producer arrivals; tempty:
+ * the 8 consumer warps, once the tile's stores are issued).
+ * Epilogue without its own shared memory: the consumers keep the stage of the tile's last k
+ * block (down: the last two) and write their outputs into the A rows of it that only their own
+ * wgmma read (gate-up: warpgroup cw's gate rows 64 cw.. and up rows 128 + 64 cw..; down: its
+ * rows 128 cw..), so that a warpgroup needs no other warpgroup's progress: rows of 128 bytes
+ * (64 outputs of one column), 16-byte chunk c of row r at c ^ (r & 7). The held stages go back
+ * to the producer after the stores. The values and their order are kc_gemm_kernel's: the same
+ * bits. FASTACT ((8, 128)): SiLU's division by the branch-free fast path of the IEEE division
+ * (kc_div_fast below) where it is exact, the whole epilogue redone with kc_act where a lane of
+ * the warp is outside that range. */
+#ifdef KC_HAVE_WGMMA
+/* x / d correctly rounded, for |x| in [2^-60, 2^60] and d in [1, 2^60] (false elsewhere: use
+ * '/'). The sequence of the compiler's div.rn.f32 fast path (reciprocal, one Newton step, the
+ * quotient, its remainder by fma, one correction), whose result is the IEEE quotient wherever
+ * its range check passes; in this range no intermediate is subnormal or overflows. */
+static __device__ __forceinline__ bool kc_div_fast(float x, float d, float &q) {
+    float r0;
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r0) : "f"(d));
+    const float nd = -d;
+    const float e = __fmaf_rn(r0, nd, 1.0f);
+    const float r1 = __fmaf_rn(r0, e, r0);
+    const float q0 = __fmaf_rn(x, r1, 0.0f);
+    const float rem = __fmaf_rn(nd, q0, x);
+    q = __fmaf_rn(r1, rem, q0);
+    const float ax = fabsf(x);
+    return ax >= 0x1p-60f && ax <= 0x1p60f && d >= 1.0f && d <= 0x1p60f;
+}
+#endif
+
+/* Tile v of the raster order (KC_RASTER_GROUP row blocks, then the column blocks, then the
+ * group), over n_rb row blocks and nbv column blocks. */
+static __device__ __forceinline__ void kc_raster(int v, int n_rb, int nbv, int &nb, int &rb) {
+    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
+    const int gi = v / (gsz_full * nbv);
+    const int g0 = gi * gsz_full;
+    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
+    const int local = v - gi * gsz_full * nbv;
+    nb = local / gs;
+    rb = g0 + local % gs;
+}
+
+template <typename T, int MODE, bool FASTACT>
+__global__ void __launch_bounds__(384, 1)
+    kc_gemm_tmap_kernel(const kc_gemm_args a, const __grid_constant__ CUtensorMap tmw) {
+#if !defined(KC_HAVE_WGMMA)
+    return;
+#else
+    constexpr int NWG = 2, BN = 128;
+    typedef kc_tile<NWG, BN> TL;
+    constexpr int S = TL::stages;
+    constexpr int NACC = BN / 2;
+    constexpr int HOLD = MODE == KC_MODE_GATE_UP ? 1 : 2; /* stages kept for the epilogue */
+    static_assert(S > HOLD, "the producer needs a free stage while the epilogue holds some");
+    __shared__ const char *s_bsrc[2][BN];
+    __shared__ int32_t s_orow[2][BN];
+    __shared__ float s_scale[2][BN];
+    __shared__ __align__(8) uint64_t s_full[S], s_empty[S], s_tfull[2], s_tempty[2];
+    extern __shared__ char smem_raw[];
+
+    const int tid = threadIdx.x;
+    const int M = a.M, K = a.K;
+    constexpr int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
+    const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
+    if (MODE == KC_MODE_GATE_UP)
+        kc_pdl_wait(); /* the alignment */
+    kc_pdl_trigger();
+    /* column blocks in use (down: the routing tables were complete before gate-up started) */
+    int nbv;
+    if (a.dense) {
+        nbv = (a.n_dense + BN - 1) / BN;
+    } else {
+        nbv = *a.n_blocks;
+        nbv = nbv < a.max_blocks ? nbv : a.max_blocks;
+    }
+    const int n_tiles = n_rb * nbv;
+    if ((int)blockIdx.x >= n_tiles)
+        return;
+
+    const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
+    const uint32_t full0 = (uint32_t)__cvta_generic_to_shared(&s_full[0]);
+    const uint32_t empty0 = (uint32_t)__cvta_generic_to_shared(&s_empty[0]);
+    const uint32_t tfull0 = (uint32_t)__cvta_generic_to_shared(&s_tfull[0]);
+    const uint32_t tempty0 = (uint32_t)__cvta_generic_to_shared(&s_tempty[0]);
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            kc_mbar_init(full0 + 8 * s, 129); /* the expect_tx arrive and every producer thread's cp.async */
+            kc_mbar_init(empty0 + 8 * s, 8);  /* every consumer warp */
+        }
+        for (int s = 0; s < 2; s++) {
+            kc_mbar_init(tfull0 + 8 * s, 128); /* every producer thread's table entry */
+            kc_mbar_init(tempty0 + 8 * s, 8);  /* every consumer warp, after its stores */
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    const int nk = (K + KC_BK - 1) / KC_BK;
+    const int wg = tid >> 7;
+
+    if (wg == 0) {
+        /* ---- producer ---- */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(KC_WS_PROD_REGS));
+        const int pt = tid; /* table column pt; chunk pt % 8 of routed rows pt / 8 + 16 i */
+        const int c = pt & 7;
+        uint32_t g = 0; /* k blocks issued so far, all tiles */
+        int it = 0;
+#pragma unroll 1
+        for (int v = blockIdx.x; v < n_tiles; v += gridDim.x, it++) {
+            int nb, rb;
+            kc_raster(v, n_rb, nbv, nb, rb);
+            const int slot = it & 1;
+            if (it >= 2)
+                kc_mbar_wait(tempty0 + 8 * slot, (uint32_t)(((it >> 1) - 1) & 1));
+            {
+                const char *src = nullptr;
+                int orow = -1;
+                float sc = 1.0f;
+                const int pos = nb * BN + pt;
+                if (a.dense) {
+                    if (pos < a.n_dense) {
+                        src = (const char *)a.b + (size_t)pos * K * sizeof(T);
+                        orow = pos;
+                        if (a.row_scale)
+                            sc = a.row_scale[pos];
+                    }
+                } else {
+                    const int pair = a.sorted_rows[pos];
+                    if (pair >= 0) {
+                        const int brow = a.b_by_pos ? pos : pair / a.b_div;
+                        src = (const char *)a.b + (size_t)brow * K * sizeof(T);
+                        orow = a.out_by_pos ? pos : pair;
+                        if (a.topk_w)
+                            sc = a.topk_w[pair];
+                    }
+                }
+                s_bsrc[slot][pt] = src;
+                s_orow[slot][pt] = orow;
+                s_scale[slot][pt] = sc;
+            }
+            kc_mbar_arrive(tfull0 + 8 * slot);
+            asm volatile("bar.sync 2, 128;\n" ::: "memory"); /* the producer's table is whole */
+            const char *brow[BN / 16];
+#pragma unroll
+            for (int i = 0; i < BN / 16; i++)
+                brow[i] = s_bsrc[slot][(pt >> 3) + i * 16];
+            const int expert = a.dense ? 0 : a.block_expert[nb];
+            const int wrow0 = expert * (int)a.w_rows + rb * rows_per_cta; /* row of the tensor map */
+            auto load_a = [&](uint32_t gg, int kb) {
+                if (pt == 0) {
+                    const int s = (int)(gg % S);
+                    const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
+                    kc_mbar_expect_tx(full0 + 8 * s, (uint32_t)TL::a_bytes);
+                    if (MODE == KC_MODE_GATE_UP) {
+                        kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);             /* gate rows */
+                        kc_tma_load_2d(sa + 128 * 128, &tmw, kb * KC_BK, wrow0 + M, full0 + 8 * s); /* up rows */
+                    } else {
+                        kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
+                    }
+                }
+            };
+            /* down, first tile: its weight stages before the wait for the gate-up results */
+            const int npre = (MODE == KC_MODE_DOWN && it == 0) ? (nk < S ? nk : S) : 0;
+            for (int kb = 0; kb < npre; kb++)
+                load_a(g + (uint32_t)kb, kb);
+            if (MODE == KC_MODE_DOWN && it == 0)
+                kc_pdl_wait();
+#pragma unroll 1
+            for (int kb = 0; kb < nk; kb++) {
+                const uint32_t gg = g + (uint32_t)kb;
+                const int s = (int)(gg % S);
+                if (gg >= (uint32_t)S)
+                    kc_mbar_wait(empty0 + 8 * s, (uint32_t)(((gg / S) - 1) & 1));
+                if (kb >= npre)
+                    load_a(gg, kb);
+                const uint32_t sb = sbase + (uint32_t)(s * TL::stage_bytes) + TL::a_bytes;
+                const int kel = kb * KC_BK + c * 8;
+                const bool kok = kel < K;
+#pragma unroll
+                for (int i = 0; i < BN / 16; i++) {
+                    const int r = (pt >> 3) + i * 16;
+                    const bool ok = brow[i] != nullptr && kok;
+                    const void *src = ok ? (const void *)(brow[i] + (size_t)kel * sizeof(T)) : a.w;
+                    kc_cp_async16(sb + kc_swz(r, c), src, ok);
+                }
+                kc_cp_mbar_arrive(full0 + 8 * s);
+            }
+            g += (uint32_t)nk;
+        }
+        kc_cp_wait<0>();
+        return;
+    }
+
+    /* ---- consumers ---- */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(KC_WS_CONS_REGS));
+    const int cw = wg - 1;
+    const int ct = tid - 128;
+    const int wt = ct & 127; /* thread in the warpgroup */
+    const int warp = (ct >> 5) & 3;
+    const int lane = ct & 31;
+    const uint32_t aoff0 = (uint32_t)((MODE == KC_MODE_GATE_UP ? 64 * cw : 128 * cw) * 128);
+    const uint32_t aoff1 = (uint32_t)((MODE == KC_MODE_GATE_UP ? 128 + 64 * cw : 128 * cw + 64) * 128);
+    char *const sgen = smem_raw - sbase_raw; /* + a shared address: its generic pointer */
+    T *out = (T *)a.out;
+    uint32_t g = 0;
+    int it = 0;
+#pragma unroll 1
+    for (int v = blockIdx.x; v < n_tiles; v += gridDim.x, it++) {
+        int nb, rb;
+        kc_raster(v, n_rb, nbv, nb, rb);
+        (void)nb;
+        float acc[2][NACC];
+#pragma unroll
+        for (int b = 0; b < 2; b++)
+#pragma unroll
+            for (int i = 0; i < NACC; i++)
+                acc[b][i] = 0.0f;
+#pragma unroll
+        for (int b = 0; b < 2; b++)
+#pragma unroll
+            for (int i = 0; i < NACC; i++)
+                asm volatile("" : "+f"(acc[b][i])::"memory");
+        kc_wg_fence();
+#pragma unroll 1
+        for (int kb = 0; kb < nk; kb++) {
+            const uint32_t gg = g + (uint32_t)kb;
+            const int s = (int)(gg % S);
+            kc_mbar_wait(full0 + 8 * s, (uint32_t)((gg / S) & 1));
+            kc_fence_proxy_async(); /* the routed rows came through cp.async (generic proxy) */
+            const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
+            const uint32_t sb = sa + TL::a_bytes;
+            kc_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                const uint64_t db = kc_desc(sb + kk * 32);
+                kc_wgmma_op<T, BN>::run(acc[0], kc_desc(sa + aoff0 + kk * 32), db);
+                kc_wgmma_op<T, BN>::run(acc[1], kc_desc(sa + aoff1 + kk * 32), db);
+            }
+            kc_wg_commit();
+            kc_wg_wait<1>();
+            if (kb > 0 && kb - 1 < nk - HOLD && lane == 0)
+                kc_mbar_arrive(empty0 + 8 * ((gg - 1) % S)); /* wgmma(kb - 1) is done with its stage */
+        }
+        kc_wg_wait<0>();
+        const uint32_t glast = g + (uint32_t)nk - 1;
+        g += (uint32_t)nk;
+        if (MODE == KC_MODE_DOWN && it == 0)
+            kc_pdl_wait(); /* (long satisfied: the producer waited before its first routed rows) */
+        const int slot = it & 1;
+        kc_mbar_wait(tfull0 + 8 * slot, (uint32_t)((it >> 1) & 1));
+
+        /* Epilogue into this warpgroup's rows of the held stage(s): region (blk, half) is 64
+         * rows (columns n = 64 half ..) of 128 bytes (64 outputs). Register 4 i + 2 hf + cb of
+         * a 64-row block holds output row 16 warp + lane/4 + 8 hf, column 8 i + 2 (lane % 4) + cb. */
+        const uint32_t hs1 = sbase + (uint32_t)((glast % S) * TL::stage_bytes);
+        const uint32_t hs0 = HOLD == 2 ? sbase + (uint32_t)(((glast - 1) % S) * TL::stage_bytes) : hs1;
+        auto region = [&](int blk, int half) -> uint32_t {
+            if (MODE == KC_MODE_GATE_UP)
+                return hs1 + (uint32_t)((64 * cw + 128 * half) * 128);
+            return (blk ? hs1 : hs0) + (uint32_t)((128 * cw + 64 * half) * 128);
+        };
+        auto write_tile = [&](bool fast) -> bool {
+            bool bad = false;
+#pragma unroll
+            for (int i = 0; i < BN / 8; i++) {
+#pragma unroll
+                for (int cb = 0; cb < 2; cb++) {
+                    const int n = 8 * i + 2 * (lane & 3) + cb;
+                    const int r = n & 63;
+                    const float sc = s_scale[slot][n];
+#pragma unroll
+                    for (int hf = 0; hf < 2; hf++) {
+                        const int rr = warp * 16 + (lane >> 2) + 8 * hf;
+                        const int reg = 4 * i + 2 * hf + cb;
+                        const uint32_t off = (uint32_t)(r * 128 + (((rr >> 3) ^ (r & 7)) << 4) + (rr & 7) * 2);
+                        if (MODE == KC_MODE_GATE_UP) {
+                            const float gt = acc[0][reg], up = acc[1][reg];
+                            float av;
+                            if (fast) {
+                                const float d = 1.0f + expf(-gt);
+                                bad |= !kc_div_fast(gt, d, av);
+                            } else {
+                                av = kc_act(a.act, gt);
+                            }
+                            *(T *)(sgen + region(0, i >> 3) + off) = kc_elem<T>::from_f(av * up);
+                        } else {
+#pragma unroll
+                            for (int blk = 0; blk < 2; blk++) /* sc == 1.0f when unscaled: exact */
+                                *(T *)(sgen + region(blk, i >> 3) + off) = kc_elem<T>::from_f(acc[blk][reg] * sc);
+                        }
+                    }
+                }
+            }
+            return bad;
+        };
+        if (FASTACT && MODE == KC_MODE_GATE_UP && a.act == KERN_ACT_SILU) {
+            const bool bad = write_tile(true);
+            if (__any_sync(0xffffffffu, bad))
+                write_tile(false); /* the same addresses, every value by kc_act */
+        } else {
+            write_tile(false);
+        }
+        /* this warpgroup's rows are written (named barrier 3 + cw, its 128 threads) */
+        asm volatile("bar.sync %0, 128;\n" ::"r"(3 + cw) : "memory");
+        {
+            constexpr int CPR = MODE == KC_MODE_GATE_UP ? 8 : 16; /* 16-byte chunks per column */
+            const int row0 = rb * rows_per_cta + (MODE == KC_MODE_GATE_UP ? 64 : 128) * cw;
+#pragma unroll 2
+            for (int idx = wt; idx < BN * CPR; idx += 128) {
+                const int n = idx / CPR, cc = idx % CPR;
+                const int orow = s_orow[slot][n];
+                const int r = row0 + cc * 8;
+                if (orow < 0 || r >= M)
+                    continue;
+                const int rn = n & 63;
+                const uint32_t src = region(cc >> 3, n >> 6) + (uint32_t)(rn * 128 + (((cc & 7) ^ (rn & 7)) << 4));
+                *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sgen + src);
+            }
+        }
+        /* the held stages go back to the producer (whose copy engine writes them next: the
+         * generic accesses above are ordered before it by the proxy fence), the table slot too */
+        kc_fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) {
+#pragma unroll
+            for (int h = HOLD - 1; h >= 0; h--)
+                kc_mbar_arrive(empty0 + 8 * ((glast - (uint32_t)h) % S));
+            kc_mbar_arrive(tempty0 + 8 * slot);
+        }
+    }
+#endif
+}
+
+/* Host: the persistent launch; grid = min(tiles, SMs). Falls back to (5, 128) where a held
+ * stage would be missing (down with one k block), and as (5, 128) does where the tensor map
+ * cannot be made. */
+template <typename T, bool FASTACT>
+static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
+    typedef kc_tile<2, 128> TL;
+    const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 128 : 256;
+    if (a->small)
+        return (int)cudaErrorInvalidValue; /* the small mode uses the small tiles */
+    const int nk = (a->K + KC_BK - 1) / KC_BK;
+    if (a->mode == KC_MODE_DOWN && nk < 2)
+        return kc_gemm_tma_launch_t<T, false>(a, st); /* same tile, same bits */
+    const long wrows = (a->dense ? 1L : (long)(a->n_local > 0 ? a->n_local : 1)) * (long)a->w_rows;
+    CUtensorMap tm;
+    if (((uintptr_t)a->w & 15) != 0 || wrows > 0x7fffffffL ||
+        kc_encode_wmap(&tm, a->w, wrows, a->K, rows_per_cta == 128 ? 128 : 256) != 0)
+        return kc_gemm_launch_t<T, 2, 128, KC_PATH_WGMMA, false>(a, st);
+    const long n_rb = (a->M + rows_per_cta - 1) / rows_per_cta;
+    const long nbl = a->dense ? (a->n_dense + 127) / 128 : a->max_blocks;
+    kc_gemm_args aa = *a;
+    aa.max_blocks = (int32_t)nbl;
+    const long tiles = n_rb * nbl;
+    if (tiles <= 0)
+        return 0;
+    if (tiles > 0x7fffffffL)
+        return (int)cudaErrorInvalidConfiguration;
+    static unsigned long long attr_done[2];
+    static int n_sm[64];
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess)
+        return (int)e;
+    const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
+    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
+    if (!(attr_done[mi] & bit)) {
+        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem)
+                    : cudaFuncSetAttribute(kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
+        if (e != cudaSuccess)
+            return (int)e;
+        attr_done[mi] |= bit;
+    }
+    int sms = dev < 64 ? n_sm[dev] : 0;
+    if (sms <= 0) {
+        e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        if (e != cudaSuccess)
+            return (int)e;
+        if (dev < 64)
+            n_sm[dev] = sms;
+    }
+    const long grid = tiles < sms ? tiles : sms;
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3(384);
+    cfg.dynamicSmemBytes = TL::smem;
+    cfg.stream = st;
+    if (a->pdl) {
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT>, aa, tm)
+                : cudaLaunchKernelEx(&cfg, kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT>, aa, tm);
+    if (e != cudaSuccess)
+        return (int)e;
+    return (int)cudaGetLastError();
+}
+
 /* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
 template <typename T, int NWG, int BN, int PATH, bool DEEP = false>
 static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
@@ -1399,7 +1791,9 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
 /* (wgmma, 3, 128): the warp-specialized kernel (a producer warpgroup + two consumers).
  * (wgmma, 4, 128): the (2, 128) tile with S - 1 stages of lead (wgmma waits drain each stage).
  * (wgmma, 5, 128): the (2, 128) tile fed by the copy engine (kc_gemm_tma_kernel), routed rows by cp.async;
- * (wgmma, 6, 128): the same with the routed rows by the copy engine too (one box per row). */
+ * (wgmma, 6, 128): the same with the routed rows by the copy engine too (one box per row);
+ * (wgmma, 7, 128): (5, 128) in a persistent grid, the producer running on into the next tile;
+ * (wgmma, 8, 128): (7, 128) with SiLU's division by the branch-free fast path where exact. */
 #define KC_GEMM_WS_(T)                                   \
     if (path == KC_PATH_WGMMA && nwg == 3 && bn == 128) \
         return kc_gemm_ws_launch_t<T>(a, st);            \
@@ -1408,7 +1802,11 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     if (path == KC_PATH_WGMMA && nwg == 5 && bn == 128) \
         return kc_gemm_tma_launch_t<T, false>(a, st); \
     if (path == KC_PATH_WGMMA && nwg == 6 && bn == 128) \
-        return kc_gemm_tma_launch_t<T, true>(a, st);
+        return kc_gemm_tma_launch_t<T, true>(a, st); \
+    if (path == KC_PATH_WGMMA && nwg == 7 && bn == 128) \
+        return kc_gemm_tmap_launch_t<T, false>(a, st); \
+    if (path == KC_PATH_WGMMA && nwg == 8 && bn == 128) \
+        return kc_gemm_tmap_launch_t<T, true>(a, st);
 
 /* Host: the fused small-T launch (see kc_small_fused_kernel); grid = min(items, n_sm). */
 template <typename T, int BN, int PATH>

@@ -278,6 +278,15 @@ static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int
         *nwg = 1, *bn = 64;
     } else if (m <= 80) {
         *nwg = 2, *bn = 64;
+    } else if (s->path == KERN_CUDA_PATH_WGMMA && m > 256) {
+        /* (8, 128): (5, 128) in a persistent grid, the producer running on into the next tile
+         * during the epilogue, SiLU's division by its branch-free fast path where exact; the
+         * same bits. Labs of runs 12 and 13 (docs/PERF.md): faster than (5, 128) at T = 8192
+         * (512-2048 rows per expert) on all three models in both runs (1-3% on Mixtral,
+         * 1-9% on Qwen3 and DeepSeek), but 14-21% slower on Mixtral at T = 1024 (256 rows per
+         * expert). (7, 128), the same with '/', won on Mixtral T = 8192 in run 12 and lost in
+         * run 13's interleaved rounds. */
+        *nwg = 8, *bn = 128;
     } else if (s->path == KERN_CUDA_PATH_WGMMA) {
         /* (5, 128): the (2, 128) tile fed by the bulk tensor copy engine, the same bits; lab
          * run 9 (docs/PERF.md): 16-26% faster than (2, 128) at T = 1024 and 8192 on all three
@@ -676,7 +685,8 @@ moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn) {
 
 int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap) {
     static const int32_t cand[][2] = {{1, 8}, {1, 16}, {1, 32}, {1, 64}, {2, 64}, {2, 128},
-                                      {3, 128}, {4, 128}, {5, 128}, {6, 128}};
+                                      {3, 128}, {4, 128}, {5, 128}, {6, 128},
+                                      {7, 128}, {8, 128}};
     const int kp = path == KERN_CUDA_PATH_WGMMA ? KC_PATH_WGMMA : KC_PATH_MMA;
     int32_t n = 0;
     for (size_t i = 0; i < sizeof cand / sizeof cand[0]; i++) {

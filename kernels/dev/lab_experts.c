@@ -18,8 +18,11 @@
  * FLOPs on 1/W of the weights). (b) / (a) above 1 is the cost of expert parallelism inside the
  * products (docs/PERF.md, engine runs 4-10, measured 1.36 at W = 2 in the engine).
  *
+ * --ab: the 128-column TMA tiles ((5, 128), (7, 128), (8, 128), with and without PDL) in
+ * interleaved rounds on five large-T cases (ab_compare).
+ *
  * Build: bazel build //kernels/dev:lab_experts; run on a GPU host:
- *   lab_experts [--check-only | --from-T N | --one MODEL T | --ep W]
+ *   lab_experts [--check-only | --from-T N | --one MODEL T | --ep W | --ab]
  */
 #include <math.h>
 #include <stdio.h>
@@ -170,6 +173,92 @@ static int check_variants(kern_ctx_t *gpu, kern_ctx_t *cpu, int npaths, const ke
     return bad;
 }
 
+/* Part 1b: the 128-column tiles of the wgmma path at shapes with more tiles than SMs, so that
+ * the persistent tiles ((7, 128), (8, 128)) take several tiles per CTA (the stage ring, the
+ * column-table slots and the held epilogue stages across tiles; gate-up with 2 k blocks, fewer
+ * than the stages, lets the producer run a whole tile ahead). GPU only: the bits of each tile
+ * against the first, every element written (poisoned before each run). Inputs drawn on the
+ * device from `seed`. */
+static int check_many_tiles(kern_ctx_t *gpu, uint64_t seed) {
+    static const struct {
+        int64_t T;
+        int32_t E, K;
+        int64_t H, I;
+    } shapes[2] = {{4096, 8, 2, 1024, 1536}, {8192, 8, 2, 128, 384}};
+    cudaStream_t st = (cudaStream_t)kern_cuda_stream(gpu);
+    int bad = 0;
+    printf("part 1b: 128-column tiles (wgmma), more tiles than SMs: bits == first tile, every element written\n");
+    printf("| shape (T E K H I) | tile | bits == first | unwritten |\n|---|---|---|---|\n");
+    if (kern_cuda_set_path(gpu, KERN_CUDA_PATH_WGMMA) != MOE_OK) {
+        printf("(no wgmma path on this device: skipped)\n");
+        return 0;
+    }
+    for (int si = 0; si < 2; si++) {
+        const int64_t T = shapes[si].T, E = shapes[si].E, K = shapes[si].K, H = shapes[si].H, I = shapes[si].I;
+        void *w13, *w2, *x, *y, *lg, *ids, *w;
+        LB_CUDA(cudaMalloc(&w13, (size_t)(E * 2 * I * H) * 2));
+        LB_CUDA(cudaMalloc(&w2, (size_t)(E * H * I) * 2));
+        LB_CUDA(cudaMalloc(&x, (size_t)(T * H) * 2));
+        LB_CUDA(cudaMalloc(&y, (size_t)(T * H) * 2));
+        LB_CUDA(cudaMalloc(&lg, (size_t)(T * E) * 4));
+        LB_CUDA(cudaMalloc(&ids, (size_t)(T * K) * 4));
+        LB_CUDA(cudaMalloc(&w, (size_t)(T * K) * 4));
+        LB_CUDA((cudaError_t)dev_fill_randn(w13, MOE_DTYPE_BF16, E * 2 * I * H, seed + 10 * (uint64_t)si,
+                                            1.0f / sqrtf((float)H), st));
+        LB_CUDA((cudaError_t)dev_fill_randn(w2, MOE_DTYPE_BF16, E * H * I, seed + 10 * (uint64_t)si + 1,
+                                            1.0f / sqrtf((float)I), st));
+        LB_CUDA((cudaError_t)dev_fill_randn(x, MOE_DTYPE_BF16, T * H, seed + 10 * (uint64_t)si + 2, 1.0f, st));
+        LB_CUDA((cudaError_t)dev_fill_randn(lg, MOE_DTYPE_F32, T * E, seed + 10 * (uint64_t)si + 3, 1.0f, st));
+        kern_route_params rp = kern_route_params_default((int32_t)E, (int32_t)K);
+        rp.renormalize = true;
+        moe_tensor tl = moe_tensor_view2(lg, MOE_DTYPE_F32, T, E), ti = moe_tensor_view2(ids, MOE_DTYPE_I32, T, K),
+                   tw = moe_tensor_view2(w, MOE_DTYPE_F32, T, K), tx = moe_tensor_view2(x, MOE_DTYPE_BF16, T, H),
+                   ty = moe_tensor_view2(y, MOE_DTYPE_BF16, T, H),
+                   t13 = moe_tensor_view3(w13, MOE_DTYPE_BF16, E, 2 * I, H),
+                   t2 = moe_tensor_view3(w2, MOE_DTYPE_BF16, E, H, I);
+        LB_CHECK(kern_route(gpu, &rp, &tl, &ti, &tw));
+        kern_experts_params p = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU};
+        const size_t nbytes = (size_t)(T * H) * 2;
+        uint16_t *first = NULL, *got = malloc(nbytes);
+        int32_t tiles[32];
+        int32_t nt = kern_cuda_tiles(KERN_CUDA_PATH_WGMMA, tiles, 16);
+        for (int32_t k = 0; k < nt; k++) {
+            if (tiles[2 * k + 1] != 128)
+                continue;
+            LB_CHECK(kern_cuda_set_tile(gpu, tiles[2 * k], tiles[2 * k + 1]));
+            LB_CUDA(cudaMemset(y, 0xFF, nbytes));
+            LB_CHECK(kern_fused_experts(gpu, &p, &tx, &t13, &t2, &ti, &tw, &ty));
+            LB_CHECK(kern_ctx_sync(gpu));
+            LB_CUDA(cudaMemcpy(got, y, nbytes, cudaMemcpyDeviceToHost));
+            int64_t unwritten = 0;
+            for (int64_t i = 0; i < T * H; i++)
+                unwritten += got[i] == 0xFFFF;
+            bool same = true;
+            if (!first) {
+                first = malloc(nbytes);
+                memcpy(first, got, nbytes);
+            } else {
+                same = memcmp(first, got, nbytes) == 0;
+            }
+            const bool ok = same && unwritten == 0;
+            bad += !ok;
+            if (!ok && k < 16)
+                g_bad_tile[1][k] = true; /* the wgmma path's row of the table */
+            printf("| %lld %lld %lld %lld %lld | %d x %d | %s | %lld |\n", (long long)T, (long long)E, (long long)K,
+                   (long long)H, (long long)I, (int)tiles[2 * k], (int)tiles[2 * k + 1], same ? "yes" : "NO",
+                   (long long)unwritten);
+        }
+        free(first);
+        free(got);
+        void *ps[] = {w13, w2, x, y, lg, ids, w};
+        for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++)
+            cudaFree(ps[i]);
+    }
+    LB_CHECK(kern_cuda_set_tile(gpu, 0, 0));
+    LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_AUTO));
+    return bad;
+}
+
 /* ---- part 2: timing ------------------------------------------------------------------- */
 /* ---- shared by parts 2 and 3: the BASELINES shapes, their buffers, one timing ---------- */
 static const struct {
@@ -307,6 +396,69 @@ static int ep_compare(kern_ctx_t *gpu, int32_t W, const struct cudaDeviceProp *p
     return 0;
 }
 
+/* ---- --ab: the large tiles against each other, interleaved -------------------------------
+ * Rounds of (each variant once: median of 3 calls, L2 flushed before each), so that the card's
+ * clock drift under a long tensor load falls on every variant alike; the median over rounds. */
+static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
+    static const struct {
+        int mi;
+        int64_t T;
+    } cases[] = {{0, 8192}, {0, 1024}, {1, 8192}, {2, 8192}, {2, 1024}};
+    static const struct {
+        int32_t nwg;
+        bool pdl;
+    } vars[] = {{5, true}, {7, true}, {8, true}, {5, false}, {7, false}};
+    enum { NV = sizeof vars / sizeof vars[0], ROUNDS = 9 };
+    lab_timer tm;
+    lab_timer_init(&tm);
+    LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_WGMMA));
+    printf("\n--ab: the 128-column TMA tiles interleaved (%d rounds of median-of-3, L2 flushed, %s; us)\n", ROUNDS,
+           prop->name);
+    printf("| model | T |");
+    for (int v = 0; v < NV; v++)
+        printf(" %dx128%s |", (int)vars[v].nwg, vars[v].pdl ? "" : " no-pdl");
+    printf("\n|---|---|");
+    for (int v = 0; v < NV; v++)
+        printf("---|");
+    printf("\n");
+    int last_mi = -1;
+    lab_bufs b;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const int mi = cases[c].mi;
+        const int64_t E = lab_models[mi].E, K = lab_models[mi].K, H = lab_models[mi].H, I = lab_models[mi].I, TM = 8192;
+        if (mi != last_mi) {
+            if (last_mi >= 0)
+                lab_bufs_free(&b);
+            lab_bufs_init(&b, gpu, mi, TM, (size_t)(TM * H) * 2, 1 + (uint64_t)mi);
+            last_mi = mi;
+        }
+        const int64_t T = cases[c].T;
+        kern_experts_params p = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU};
+        moe_tensor t13 = moe_tensor_view3(b.w13, MOE_DTYPE_BF16, E, 2 * I, H),
+                   t2 = moe_tensor_view3(b.w2, MOE_DTYPE_BF16, E, H, I);
+        moe_tensor vx = moe_tensor_view2(b.x, MOE_DTYPE_BF16, T, H), vi = moe_tensor_view2(b.ids, MOE_DTYPE_I32, T, K),
+                   vw = moe_tensor_view2(b.w, MOE_DTYPE_F32, T, K), vy = moe_tensor_view2(b.y, MOE_DTYPE_BF16, T, H);
+        double t[NV][ROUNDS];
+        for (int r = 0; r < ROUNDS; r++)
+            for (int v = 0; v < NV; v++) {
+                LB_CHECK(kern_cuda_set_tile(gpu, vars[v].nwg, 128));
+                LB_CHECK(kern_cuda_set_pdl(gpu, vars[v].pdl && prop->major >= 9));
+                t[v][r] = lab_time_fused(&tm, gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy, 3);
+            }
+        printf("| %s | %lld |", lab_models[mi].name, (long long)T);
+        for (int v = 0; v < NV; v++)
+            printf(" %.1f |", dev_median(t[v], ROUNDS));
+        printf("\n");
+        fflush(stdout);
+    }
+    if (last_mi >= 0)
+        lab_bufs_free(&b);
+    LB_CHECK(kern_cuda_set_tile(gpu, 0, 0));
+    LB_CHECK(kern_cuda_set_pdl(gpu, prop->major >= 9));
+    LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_AUTO));
+    lab_timer_free(&tm);
+}
+
 typedef struct lb_row {
     char model[24];
     int64_t T;
@@ -339,13 +491,22 @@ int main(int argc, char **argv) {
     struct cudaDeviceProp prop;
     LB_CUDA(cudaGetDeviceProperties(&prop, 0));
     printf("lab_experts on %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+    if (argc > 1 && strcmp(argv[1], "--ab") == 0) {
+        ab_compare(gpu, &prop);
+        kern_ctx_free(gpu);
+        kern_ctx_free(cpu);
+        return 0;
+    }
     if (ep_w) {
         int rc = ep_compare(gpu, ep_w, &prop);
         kern_ctx_free(gpu);
         kern_ctx_free(cpu);
         return rc;
     }
-    int bad = one_model ? 0 : check_variants(gpu, cpu, npaths, paths, moe_now_ns());
+    const uint64_t seed = moe_now_ns();
+    int bad = one_model ? 0 : check_variants(gpu, cpu, npaths, paths, seed);
+    if (!one_model && npaths == 2)
+        bad += check_many_tiles(gpu, seed);
     printf("part 1: %s\n", one_model ? "skipped (--one)" : bad ? "FAILED" : "all variants correct");
     if (check_only) {
         kern_ctx_free(gpu);
