@@ -45,8 +45,13 @@ kern_cuda_path kern_cuda_get_path(const kern_ctx_t *ctx);
  * warpgroups of 128 weight rows, bn routed rows per tile; (3, 128) is the warp-specialized
  * wgmma kernel (a producer warpgroup and two consumers of the (2, 128) tile), (4, 128) the
  * (2, 128) tile with one more stage of lead (wgmma only), (5, 128) the (2, 128) tile fed by the
- * bulk tensor copy engine (wgmma only; the automatic choice at large T on sm_90a), (6, 128) the
- * same with the routed rows also by the copy engine (wgmma only); (0, 0) restores the automatic choice. MOE_ERR_INVALID_ARG for a tile that is not compiled in (see kern_cuda_tiles). */
+ * bulk tensor copy engine (wgmma only; the automatic choice on sm_90a from 81 to 256 rows per
+ * expert), (6, 128) the same with the routed rows also by the copy engine (wgmma only), (7, 128)
+ * the (5, 128) tile in a persistent grid (one CTA per SM walks the tiles; the loads of the next
+ * tile run during the epilogue), (8, 128) the same with SiLU's division by the fast path where
+ * it is exact (the automatic choice above 256 rows per expert on sm_90a); (0, 0) restores the
+ * automatic choice. MOE_ERR_INVALID_ARG for a tile that is not compiled in (see
+ * kern_cuda_tiles). */
 moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn);
 /* The compiled tiles of a path, as (nwg, bn) pairs into out[2 * i], out[2 * i + 1]; returns
  * how many there are (at most cap are written). */
