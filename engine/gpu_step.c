@@ -80,6 +80,7 @@ struct eng_gpu {
     /* device */
     void *slots_d, *sh_d, *y_d;
     int32_t *map_d;
+    int64_t *cnt;                 /* [E + 1] scratch of count_experts */
     /* the combine (W > 1): the packed rows sent and received (the plans are per input set) */
     void *send_d, *recv_d;
     /* the per-peer sizes and offsets of the all-to-alls ([4][W]: send bytes, send offsets,
@@ -158,6 +159,7 @@ void eng_gpu_free(eng_gpu_t *g) {
     }
     void *host[] = {g->y_h, g->ids_h};
     free(g->a2a);
+    free(g->cnt);
     free(g->gv_ptr);
     free(g->gv_bytes);
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
@@ -261,6 +263,11 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         goto fail;
 
     /* Buffers for max_tokens. */
+    g->cnt = calloc((size_t)E + 1, sizeof(int64_t));
+    if (!g->cnt) {
+        st = moe_fail(MOE_ERR_NOMEM, "gpu counts");
+        goto fail;
+    }
     MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&g->y_h, (size_t)(TM * H) * es, cudaHostAllocDefault), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->ids_h, sizeof(int32_t) * (size_t)(TM * K), cudaHostAllocDefault), st,
                         fail);
@@ -345,6 +352,17 @@ static moe_status poll_event(cudaEvent_t ev, uint64_t deadline, const char *what
             nanosleep(&ts, NULL);
         }
     }
+}
+
+/* expert_tokens[e] = how many of the n ids are e (ids out of range are not counted), with one
+ * more counter for those so that the loop has no branch: cnt [E + 1] scratch. */
+static void count_experts(const int32_t *ids, int64_t n, int64_t E, int64_t *cnt, int64_t *expert_tokens) {
+    memset(cnt, 0, sizeof(int64_t) * (size_t)(E + 1));
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t c = (uint32_t)ids[i];
+        cnt[c < (uint32_t)E ? c : (uint32_t)E]++;
+    }
+    memcpy(expert_tokens, cnt, sizeof(int64_t) * (size_t)E);
 }
 
 /* Rows [lo, hi) of y back to the host: with io, the part of each request that falls in them,
@@ -594,6 +612,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
     const int32_t W = g->world, r = g->p.rank;
     const uint64_t deadline = t_entry + (uint64_t)g->p.timeout_ms * 1000000ull;
     uint64_t t_plan = 0, t_wait = 0;
+    bool counted = false;
     const bool routed = in->routed;
     if (timing)
         memset(timing, 0, sizeof *timing);
@@ -668,6 +687,11 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
         t_wait = moe_now_ns();
+        /* The tokens per expert while the device works, when the ids came with the requests. */
+        if (expert_tokens && !routed) {
+            count_experts(ids_host, T * K, E, g->cnt, expert_tokens);
+            counted = true;
+        }
         MOE_CHECK(poll_event(g->ev_done, deadline, "step", g->hook, g->hook_arg));
     } else {
         kern_experts_params ep = {.n_experts = (int32_t)E,
@@ -740,6 +764,10 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         /* The one wait: the step's work, the exchanges included, against the deadline and
          * NCCL's asynchronous errors. */
         t_wait = moe_now_ns();
+        if (expert_tokens) { /* while the device works: the ids are on the host (the plan's) */
+            count_experts(ids_host, T * K, E, g->cnt, expert_tokens);
+            counted = true;
+        }
         int32_t left = (int32_t)((deadline > t_wait ? deadline - t_wait : 1000000) / 1000000);
         MOE_CHECK(par_comm_wait_idle(g->p.comm, g->s_main, left > 0 ? left : 1, g->hook, g->hook_arg));
     }
@@ -750,12 +778,8 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         if (l->has_shared)
             MOE_CHECK(kern_ctx_sync(g->kside));
     }
-    if (expert_tokens) {
-        memset(expert_tokens, 0, sizeof(int64_t) * (size_t)E);
-        for (int64_t i = 0; i < T * K; i++)
-            if (ids_host[i] >= 0 && ids_host[i] < E)
-                expert_tokens[ids_host[i]]++;
-    }
+    if (expert_tokens && !counted) /* routed at W = 1: the ids came back with the step */
+        count_experts(ids_host, T * K, E, g->cnt, expert_tokens);
     if (timing) {
         float ms = 0;
         if (cudaEventElapsedTime(&ms, g->tm_x, g->tm_end) == cudaSuccess)

@@ -601,7 +601,9 @@ static moe_status run_step(worker *w, job *j) {
         if (slot >= 0)
             io = job_io(w, j);
         const double t_in = moe_now_s();
-        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->request_id, hdr->layer, reqs, n_reqs, &ydata, gpu_counts, &timing,
+        /* the tokens per expert: rank 0 reports them */
+        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->request_id, hdr->layer, reqs, n_reqs, &ydata, r == 0 ? gpu_counts : NULL,
+                                    &timing,
                                     slot >= 0 ? &io : NULL),
                        st, done);
         /* One line per step and rank (monotonic clock: the ranks of a host compare): where the

@@ -155,59 +155,49 @@ moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl
         p->bound[q] = a + n * q / W;
     int64_t *rcnt = p->scratch, *cu = p->scratch + W + 1; /* receive counts, then cursors, per group */
     memset(rcnt, 0, sizeof(int64_t) * ((size_t)W + 1));
-    /* Counts. */
-    for (int32_t q = 0; q < W; q++) {
-        const int32_t *id = ids + p->bound[q] * K, *end = ids + p->bound[q + 1] * K;
-        if (q == r) {
-            for (; id < end; id++) {
-                uint32_t c = (uint32_t)*id < (uint32_t)E ? (uint32_t)*id : (uint32_t)E;
-                rcnt[from[c]]++;
-            }
-            p->send_count[q] = 0;
-        } else {
-            int64_t sc = 0;
-            for (; id < end; id++) {
-                uint32_t c = (uint32_t)*id < (uint32_t)E ? (uint32_t)*id : (uint32_t)E;
-                sc += mine[c];
-            }
-            p->send_count[q] = sc;
-        }
+    /* Receives: this rank's own rows, grouped by the rank that computes each pair: counts, then
+     * the fill. Sends: every other rank's rows, in one pass each (a group's offset is the sum
+     * of the groups before it). Every pair is written at its group's cursor and the cursor
+     * advances only for the pairs that belong there (so the next one overwrites the others);
+     * the scratch writes land inside [0, n K], which the capacity covers: the trash group W of
+     * the receives starts after the real groups, and a send group's overflow write is
+     * overwritten by the next group, or lands just after the last one. */
+    const int64_t o0 = p->bound[r] * K, o1 = p->bound[r + 1] * K;
+    for (int64_t i = o0; i < o1; i++) {
+        uint32_t c = (uint32_t)ids[i] < (uint32_t)E ? (uint32_t)ids[i] : (uint32_t)E;
+        rcnt[from[c]]++;
     }
-    int64_t so = 0, ro = 0;
+    int64_t ro = 0;
     for (int32_t q = 0; q < W; q++) {
-        p->send_off[q] = so;
         p->recv_off[q] = ro;
         p->recv_count[q] = q == r ? 0 : rcnt[q];
-        so += p->send_count[q];
         ro += p->recv_count[q];
+        cu[q] = p->recv_off[q];
+    }
+    cu[W] = ro;
+    p->n_recv = ro;
+    for (int64_t i = o0; i < o1; i++) {
+        uint32_t c = (uint32_t)ids[i] < (uint32_t)E ? (uint32_t)ids[i] : (uint32_t)E;
+        p->recv_idx[cu[from[c]]++] = (int32_t)i;
+    }
+    int64_t so = 0;
+    int32_t *out = p->send_idx;
+    for (int32_t q = 0; q < W; q++) {
+        p->send_off[q] = so;
+        if (q == r) {
+            p->send_count[q] = 0;
+            continue;
+        }
+        const int64_t i0 = p->bound[q] * K, i1 = p->bound[q + 1] * K;
+        int64_t pos = so;
+        for (int64_t i = i0; i < i1; i++) {
+            uint32_t c = (uint32_t)ids[i] < (uint32_t)E ? (uint32_t)ids[i] : (uint32_t)E;
+            out[pos] = (int32_t)i;
+            pos += mine[c];
+        }
+        p->send_count[q] = pos - so;
+        so = pos;
     }
     p->n_send = so;
-    p->n_recv = ro;
-    /* Fill: every pair is written at its group's cursor and the cursor advances only for the
-     * pairs that belong there (so the next one overwrites the others); the scratch writes land
-     * inside [0, n K), which the capacity covers: the trash group W of the receives starts
-     * after the real groups, and a send group's overflow write is overwritten by the next
-     * group, or lands just after the last one. */
-    for (int32_t q = 0; q < W; q++)
-        cu[q] = p->recv_off[q];
-    cu[W] = ro;
-    for (int32_t q = 0; q < W; q++) {
-        const int64_t i0 = p->bound[q] * K, i1 = p->bound[q + 1] * K;
-        if (q == r) {
-            for (int64_t i = i0; i < i1; i++) {
-                uint32_t c = (uint32_t)ids[i] < (uint32_t)E ? (uint32_t)ids[i] : (uint32_t)E;
-                int32_t g = from[c];
-                p->recv_idx[cu[g]++] = (int32_t)i;
-            }
-        } else {
-            int64_t pos = p->send_off[q];
-            int32_t *out = p->send_idx;
-            for (int64_t i = i0; i < i1; i++) {
-                uint32_t c = (uint32_t)ids[i] < (uint32_t)E ? (uint32_t)ids[i] : (uint32_t)E;
-                out[pos] = (int32_t)i;
-                pos += mine[c];
-            }
-        }
-    }
     return MOE_OK;
 }
