@@ -5,7 +5,9 @@
  * child of it (ncclCommSplit with blocking = 1; its connections made up front by a warm-up
  * all-to-all), because a non-blocking communicator launches every group from a new thread
  * (about 300 us of host time per collective on the 2x H200 machine, docs/PERF.md); a blocking
- * enqueue with its connections made returns without waiting for any peer. Completion is
+ * enqueue with its connections made returns without waiting for any peer (a connection NCCL
+ * makes later, for a transfer larger than the warm-up's, could wait for one: then the step's
+ * deadline, enforced by the coordinator, restarts the group). Completion is
  * polled (ncclCommGetAsyncError and a CUDA event on the caller's stream) against a deadline.
  * So a peer that died or hangs never blocks the worker's step loop: the wait times out, the
  * communicators are aborted (ncclCommAbort), and the error goes up; the coordinator then
