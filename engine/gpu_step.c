@@ -3,13 +3,16 @@
  * CUDA runtime; every kernel comes from kernels/ (kern.h, the CUDA backend), every collective
  * from parallel/ (the NCCL communicator).
  *
- * Streams: s_main (routing, the routed experts, the fixed-order sum, the copies), s_side (the
- * shared expert, rank 0), s_comm (the reduces). Events order them; the host waits once per
- * step, polling with a deadline (never an unbounded cudaStreamSynchronize), so a hung device or
- * peer turns into an error the coordinator acts on.
+ * Streams: s_copy (the inputs' copies to the device, a step ahead when the hook stages the
+ * next step), s_main (routing, the routed experts, W = 1's copy-out), s_side (the shared expert
+ * at W > 1), s_comm (highest priority: the x all-gather, the exchanges, the fixed-order sum and
+ * the copy-out of a rank's rows). Events order them; the host waits once per step, polling with
+ * a deadline (never an unbounded cudaStreamSynchronize), so a hung device or peer turns into an
+ * error the coordinator acts on; the hook runs between the looks.
  *
- * Buffers: pinned staging for the inputs and the output, device buffers for x, ids, weights,
- * logits, slots, the reduced slots, the shared output and y, all sized once for max_tokens.
+ * Buffers, all sized once for max_tokens: two input sets (pinned staging and device x, ids,
+ * weights, logits; at W > 1 also the exchange plans and their indices), the pinned output, and
+ * on the device the slots, the packed rows sent and received, the shared expert's output and y.
  */
 #include "engine/gpu_step.h"
 
