@@ -75,11 +75,10 @@ struct eng_gpu {
     gpu_inputs in[2];
     int32_t next;                 /* the set the next step uses */
     uint64_t hmark[6];            /* host clock marks of the step (timing.host_split_us) */
-    void (*hook)(void *);         /* called once per step between the enqueue and the wait */
+    void (*hook)(void *);         /* called between the looks of a step's wait */
     void *hook_arg;
-    /* pinned host: the output (ZeroMQ data path), the step's ids (routed, or a private copy) */
+    /* pinned host: the output (ZeroMQ data path) */
     void *y_h;
-    int32_t *ids_h;
     /* device */
     void *slots_d, *sh_d, *y_d;
     int32_t *map_d;
@@ -160,7 +159,7 @@ void eng_gpu_free(eng_gpu_t *g) {
             if (e[i])
                 cudaEventDestroy(e[i]);
     }
-    void *host[] = {g->y_h, g->ids_h};
+    void *host[] = {g->y_h};
     free(g->a2a);
     free(g->cnt);
     free(g->gv_ptr);
@@ -272,8 +271,6 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         goto fail;
     }
     MOE_CUDA_CHECK_GOTO(cudaHostAlloc(&g->y_h, (size_t)(TM * H) * es, cudaHostAllocDefault), st, fail);
-    MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->ids_h, sizeof(int32_t) * (size_t)(TM * K), cudaHostAllocDefault), st,
-                        fail);
     MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->y_d, (size_t)(TM * H) * es), st, fail);
     for (int b = 0; b < 2; b++) {
         gpu_inputs *in = &g->in[b];
@@ -657,12 +654,13 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         }
         t0 += nt;
     }
-    /* The step's ids on the host: as they came (the client's), or copied back after the
-     * device routed them (read after the step's wait at W = 1; at W > 1 the exchange plan
-     * needs them first: the one extra wait of a step the engine routes). */
-    const int32_t *ids_host = routed ? g->ids_h : in->ids_src;
+    /* The step's ids on the host: as they came (the client's), or copied back into the set's
+     * pinned memory after the device routed them (read after the step's wait at W = 1; at
+     * W > 1 the exchange plan needs them first: the one extra wait of a step the engine
+     * routes). */
+    const int32_t *ids_host = routed ? in->ids_h : in->ids_src;
     if (routed)
-        MOE_CUDA_CHECK(cudaMemcpyAsync(g->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
+        MOE_CUDA_CHECK(cudaMemcpyAsync(in->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
                                        g->s_main));
 
     kern_shared_expert se;
@@ -707,7 +705,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
                                   .slots_local_only = true};
         int64_t bounds[3];
         step_bounds(g, T, bounds);
-        if (routed) /* the routed ids reach the host: the plan waits for this below */
+        if (routed) /* the routed ids reach in->ids_h: the plan waits for this below */
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
         /* The shared expert of the rows this rank owns (the same blocks as the plan's), on its
          * own stream, beside the routed experts and the exchange. */
@@ -743,7 +741,6 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         if (!in->planned) {
             if (routed) {
                 MOE_CHECK(poll_event(g->ev_in, deadline, "routing", NULL, NULL));
-                memcpy(in->ids_h, g->ids_h, sizeof(int32_t) * (size_t)(T * K));
             } else if (in->ids_src != in->ids_h) {
                 memcpy(in->ids_h, in->ids_src, sizeof(int32_t) * (size_t)(T * K));
             }

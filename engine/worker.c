@@ -592,8 +592,9 @@ static moe_status run_step(worker *w, job *j) {
     const void *ydata = NULL;
     const int64_t *counts64 = NULL;
     if (w->gpu) {
-        gpu_counts = calloc((size_t)w->model.n_experts, sizeof(int64_t));
-        if (!gpu_counts) {
+        if (r == 0) /* the tokens per expert: rank 0 reports them */
+            gpu_counts = calloc((size_t)w->model.n_experts, sizeof(int64_t));
+        if (r == 0 && !gpu_counts) {
             st = moe_fail(MOE_ERR_NOMEM, "step counts");
             goto done;
         }
@@ -601,9 +602,7 @@ static moe_status run_step(worker *w, job *j) {
         if (slot >= 0)
             io = job_io(w, j);
         const double t_in = moe_now_s();
-        /* the tokens per expert: rank 0 reports them */
-        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->request_id, hdr->layer, reqs, n_reqs, &ydata, r == 0 ? gpu_counts : NULL,
-                                    &timing,
+        MOE_CHECK_GOTO(eng_gpu_step(w->g, hdr->request_id, hdr->layer, reqs, n_reqs, &ydata, gpu_counts, &timing,
                                     slot >= 0 ? &io : NULL),
                        st, done);
         /* One line per step and rank (monotonic clock: the ranks of a host compare): where the

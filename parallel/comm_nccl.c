@@ -137,7 +137,8 @@ static moe_status nccl_gatherv(par_comm_t *c, uint64_t seq, const void *send, si
         MOE_NCCL_CHECK_GOTO(ncclSend(send, send_bytes, ncclUint8, root, n->comm, s), st, fail_group);
     }
     MOE_NCCL_CHECK_GOTO(ncclGroupEnd(), st, fail);
-    /* Non-blocking: the group is enqueued once NCCL leaves "in progress". */
+    /* On the non-blocking parent the group is enqueued once NCCL leaves "in progress"; on the
+     * blocking child this returns at once. */
     return poll_until(c, deadline, NULL, "gatherv enqueue", NULL, NULL);
 fail_group:
     ncclGroupEnd();

@@ -117,26 +117,61 @@ char *h_json(const ipc_msg *m) {
     return out;
 }
 
+char *h_stats(h_client *c, int timeout_ms) {
+    ipc_msg m;
+    ipc_msg_init(&m, IPC_OP_STATS, 1);
+    if (!h_send_msg(c, &m))
+        return NULL;
+    void *buf = NULL;
+    size_t len;
+    ipc_msg rep;
+    char *js = NULL;
+    if (h_recv(c, timeout_ms, &buf, &len, &rep))
+        js = h_json(&rep);
+    moe_free(buf);
+    return js;
+}
+
+bool h_recv_after_fault(h_client *c, int n, int timeout_ms, int *ok, int *worker_err) {
+    bool good = true;
+    char *seen = calloc((size_t)(n > 0 ? n : 1), 1);
+    *ok = *worker_err = 0;
+    for (int i = 0; i < n && good; i++) {
+        void *buf = NULL;
+        size_t len;
+        ipc_msg rep;
+        if (!h_recv(c, timeout_ms, &buf, &len, &rep)) {
+            fprintf(stderr, "harness: only %d of %d requests answered\n", i, n);
+            good = false;
+        } else if (rep.request_id >= (uint64_t)n || seen[rep.request_id]) {
+            fprintf(stderr, "harness: reply for request %llu unknown or repeated\n", (unsigned long long)rep.request_id);
+            good = false;
+        } else if (rep.status != 0 && rep.status != MOE_ERR_WORKER) {
+            fprintf(stderr, "harness: request %llu answered with status %d, not 0 or MOE_ERR_WORKER\n",
+                    (unsigned long long)rep.request_id, (int)rep.status);
+            good = false;
+        } else {
+            seen[rep.request_id] = 1;
+            if (rep.status == 0)
+                (*ok)++;
+            else
+                (*worker_err)++;
+        }
+        moe_free(buf);
+    }
+    free(seen);
+    return good;
+}
+
 static bool daemon_ready(daemon_proc *d) {
     h_client c;
     if (!h_client_open(&c, d->endpoint)) {
         h_client_close(&c);
         return false;
     }
-    ipc_msg m;
-    ipc_msg_init(&m, IPC_OP_STATS, 1);
-    bool ready = false;
-    if (h_send_msg(&c, &m)) {
-        void *buf = NULL;
-        size_t len;
-        ipc_msg rep;
-        if (h_recv(&c, 500, &buf, &len, &rep)) {
-            char *js = h_json(&rep);
-            ready = js && strstr(js, "\"state\":\"ready\"");
-            free(js);
-        }
-        moe_free(buf);
-    }
+    char *js = h_stats(&c, 500);
+    bool ready = js && strstr(js, "\"state\":\"ready\"");
+    free(js);
     h_client_close(&c);
     return ready;
 }

@@ -58,6 +58,16 @@ bool h_recv(h_client *c, int timeout_ms, void **buf, size_t *len, ipc_msg *m);
 /* The JSON section of a reply as a NUL-terminated string (malloc'd). */
 char *h_json(const ipc_msg *m);
 
+/* The engine's STATS as a NUL-terminated JSON string (malloc'd), or NULL when no reply came
+ * within timeout_ms. */
+char *h_stats(h_client *c, int timeout_ms);
+
+/* Receives the replies of n requests with ids 0 .. n - 1 (each within timeout_ms) after a fault:
+ * every id answered exactly once, each reply a result (status 0, counted in *ok) or
+ * MOE_ERR_WORKER (counted in *worker_err). False, saying why, on a missing, repeated or unknown
+ * reply or any other status. */
+bool h_recv_after_fault(h_client *c, int n, int timeout_ms, int *ok, int *worker_err);
+
 /* Reference output of one SUBMIT computed in-process with the CPU kernels (cpu: bit-identical
  * to cpu-ref)
  * from the checkpoint at `dir`: y [T, H] as floats. ids/w may be NULL (routing from logits or,

@@ -456,26 +456,8 @@ static void test_kill_worker_in_flight(void **state) {
         if (i == NQ / 3)
             kill(kids[1], SIGKILL);
     }
-    int ok = 0, err = 0, seen[NQ] = {0};
-    for (int i = 0; i < NQ; i++) {
-        void *buf = NULL;
-        size_t len;
-        ipc_msg rep;
-        if (!h_recv(&c, 30000, &buf, &len, &rep)) {
-            fprintf(stderr, "only %d of %d requests answered\n", i, NQ);
-            fail();
-        }
-        assert_true(rep.request_id < NQ);
-        assert_int_equal(seen[rep.request_id], 0);
-        seen[rep.request_id] = 1;
-        if (rep.status == 0)
-            ok++;
-        else {
-            assert_int_equal(rep.status, MOE_ERR_WORKER);
-            err++;
-        }
-        moe_free(buf);
-    }
+    int ok = 0, err = 0;
+    assert_true(h_recv_after_fault(&c, NQ, 30000, &ok, &err));
     fprintf(stderr, "after kill -9 of a worker: %d ok, %d failed with MOE_ERR_WORKER, none lost\n", ok, err);
     assert_int_equal(ok + err, NQ);
     assert_true(err > 0);
@@ -488,17 +470,10 @@ static void test_kill_worker_in_flight(void **state) {
     assert_int_equal(st, 0);
     for (int i = 0; i < 10; i++)
         assert_int_equal(submit(&c, &rs[i], 6000 + (uint64_t)i, i % 2, NULL), 0);
-    ipc_msg m;
-    ipc_msg_init(&m, IPC_OP_STATS, 1);
-    assert_true(h_send_msg(&c, &m));
-    void *buf = NULL;
-    size_t len;
-    ipc_msg rep;
-    assert_true(h_recv(&c, 5000, &buf, &len, &rep));
-    char *js = h_json(&rep);
+    char *js = h_stats(&c, 5000);
+    assert_non_null(js);
     assert_non_null(strstr(js, "\"restarts\":1"));
     free(js);
-    moe_free(buf);
     for (int i = 0; i < NQ; i++)
         req_free(&rs[i]);
     h_client_close(&c);

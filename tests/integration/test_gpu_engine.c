@@ -148,20 +148,12 @@ static uint8_t *run_all(const char *const *flags, size_t *total) {
         moe_free(buf);
     }
     {
-        ipc_msg m;
-        ipc_msg_init(&m, IPC_OP_STATS, 7);
-        assert_true(h_send_msg(&c, &m));
-        void *buf = NULL;
-        size_t len;
-        ipc_msg rep;
-        assert_true(h_recv(&c, 10000, &buf, &len, &rep));
-        char *js = h_json(&rep);
+        char *js = h_stats(&c, 10000);
         const char *gp = js ? strstr(js, "\"gpu\"") : NULL;
         assert_non_null(gp);
         g_steps += json_field(gp, "\"steps\"");
         g_staged += json_field(gp, "\"staged_steps\"");
         free(js);
-        moe_free(buf);
     }
     h_client_close(&c);
     assert_int_equal(h_daemon_stop(&d, 60), 0);
@@ -263,19 +255,7 @@ static void test_gpu_kill_worker(void **state) {
             kill(kids[1], SIGKILL);
     }
     int ok = 0, err = 0;
-    for (int i = 0; i < NQ; i++) {
-        void *buf = NULL;
-        size_t len;
-        ipc_msg rep;
-        assert_true(h_recv(&c, 120000, &buf, &len, &rep));
-        if (rep.status == 0)
-            ok++;
-        else {
-            assert_int_equal(rep.status, MOE_ERR_WORKER);
-            err++;
-        }
-        moe_free(buf);
-    }
+    assert_true(h_recv_after_fault(&c, NQ, 120000, &ok, &err));
     fprintf(stderr, "kill -9 of GPU worker 1: %d ok, %d MOE_ERR_WORKER, none lost\n", ok, err);
     assert_int_equal(ok + err, NQ);
     double t0 = moe_now_s();
