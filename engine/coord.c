@@ -81,6 +81,10 @@ typedef struct coord_step {
                         workers each write the rows they own of the replies) */
     float gpu_step_us, gpu_compute_us, gpu_h2d_us, gpu_host_us, gpu_plan_us, gpu_gather_us; /* the slowest rank's */
     int32_t gpu_staged_ranks; /* ranks whose inputs went up during the step before */
+    /* Where the step's time went (STATS "path"): formed, STEP sent, the RESULT's trace of the
+     * rank that answered last (ENG_SEC_TRACE), and when that RESULT arrived. */
+    uint64_t t_formed, t_sent, t_results;
+    uint64_t trace[ENG_TRACE_N];
 } coord_step;
 
 /* A slot of the shared-memory data path. refs: the step using it (from dispatch to its end),
@@ -130,7 +134,15 @@ typedef struct coord_stats {
     double gpu_step_us, gpu_compute_us, gpu_combine_us, gpu_combine_bytes, gpu_h2d_us, gpu_host_us, gpu_plan_us,
         gpu_gather_us;
     uint64_t errors_by_status[32];
+    /* STATS "path": each answered step's time, split (path_names); sums in microseconds */
+    uint64_t path_steps;
+    double path_us[8];
 } coord_stats;
+
+/* The parts of a step's time in STATS "path", in order; they add up to the time from the
+ * step's oldest request's arrival to its replies' hand-off to ZeroMQ. */
+static const char *const path_names[8] = {"queue",          "stage",         "to_worker",  "worker_start",
+                                          "worker_compute", "worker_answer", "from_worker", "reply"};
 
 typedef struct coord {
     eng_config cfg;
@@ -392,6 +404,13 @@ static char *stats_json(coord *co) {
         cJSON_AddNumberToObject(gp, "plan_us_sum", co->st.gpu_plan_us);
         cJSON_AddNumberToObject(gp, "staged_steps", (double)co->st.gpu_staged_steps);
         cJSON_AddNumberToObject(gp, "gather_us_sum", co->st.gpu_gather_us);
+    }
+    cJSON *pa = cJSON_AddObjectToObject(root, "path");
+    cJSON_AddNumberToObject(pa, "steps", (double)co->st.path_steps);
+    for (int k = 0; k < 8; k++) {
+        char key[48];
+        snprintf(key, sizeof key, "%s_us_sum", path_names[k]);
+        cJSON_AddNumberToObject(pa, key, co->st.path_us[k]);
     }
     cJSON *w = cJSON_AddObjectToObject(root, "workers");
     cJSON_AddNumberToObject(w, "world_size", co->world);
@@ -697,6 +716,22 @@ static void copy_work(uv_work_t *w) {
 static coord_step *find_step(coord *co, uint64_t id);
 static void send_ready_steps(coord *co);
 
+/* Adds a finished step's time, split (path_names), to STATS "path". The worker's marks come
+ * from its own clock: CLOCK_MONOTONIC, the same on every process of the host. */
+static void path_record(coord *co, const coord_step *s) {
+    if (!s->trace[0] || !s->t_results || s->n_reqs < 1)
+        return;
+    uint64_t oldest = UINT64_MAX;
+    for (int32_t i = 0; i < s->n_reqs; i++)
+        if (s->reqs[i]->t_accept < oldest)
+            oldest = s->reqs[i]->t_accept;
+    const uint64_t marks[9] = {oldest,      s->t_formed, s->t_sent,    s->trace[0], s->trace[1],
+                               s->trace[2], s->trace[3], s->t_results, now_ns()};
+    for (int k = 0; k < 8; k++)
+        co->st.path_us[k] += marks[k + 1] > marks[k] ? (double)(marks[k + 1] - marks[k]) * 1e-3 : 0.0;
+    co->st.path_steps++;
+}
+
 static void copy_done(uv_work_t *w, int status) {
     copy_job *j = w->data;
     coord *co = j->co;
@@ -793,7 +828,7 @@ static void send_ready_steps(coord *co) {
             return;
         }
         s->sent = true;
-        s->t_dispatch = now_ns();
+        s->t_dispatch = s->t_sent = now_ns();
     }
 }
 
@@ -836,7 +871,7 @@ static bool dispatch(coord *co, int32_t layer) {
     s->layer = layer;
     s->n_reqs = n;
     s->n_tokens = tokens;
-    s->t_dispatch = now_ns();
+    s->t_dispatch = s->t_formed = now_ns();
     s->slot = slot;
     co->n_inflight++;
     moe_status st = MOE_OK;
@@ -866,6 +901,7 @@ static bool dispatch(coord *co, int32_t layer) {
         }
     }
     s->sent = true;
+    s->t_sent = now_ns();
     if (st != MOE_OK)
         group_fail(co, "cannot send step %llu to the workers: %s", (unsigned long long)s->id, moe_errmsg());
     else
@@ -1261,6 +1297,11 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
             co->st.gpu_combine_bytes += tv[3];
             s->gpu_staged_ranks += tv[7] > 0.5f;
         }
+        const ipc_section *tr = ipc_msg_find(&m, ENG_SEC_TRACE);
+        if (tr && tr->nbytes == sizeof s->trace) { /* the last rank to answer sets the pace */
+            memcpy(s->trace, tr->data, sizeof s->trace);
+            s->t_results = now_ns();
+        }
         const ipc_section *et = wk->rank == 0 ? ipc_msg_find(&m, ENG_SEC_EXPERT_TOKENS) : NULL;
         if (et && et->dtype == MOE_DTYPE_I32 && et->shape[0] == co->desc->n_experts) {
             for (int32_t e = 0; e < co->desc->n_experts; e++) {
@@ -1286,6 +1327,7 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         co->st.step_tokens += s->n_tokens;
         if (s->slot >= 0 && !send_slot_replies(co, s))
             return; /* the group failed: the step was answered with errors */
+        path_record(co, s);
         for (int32_t i = 0; i < s->n_reqs; i++) {
             if (!s->reqs[i]->answered) /* cannot happen: replies come before the result */
                 req_fail(co, s->reqs[i], MOE_ERR_INTERNAL, "worker 0 finished the step without this reply");

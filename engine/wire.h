@@ -59,5 +59,10 @@
                                        plan_us, staged, gather_us (eng_gpu_timing,
                                        engine/gpu_step.h) */
 #define ENG_GPU_TIMING_N 9
+#define ENG_SEC_TRACE 0x105         /* RESULT: bytes, u64 [ENG_TRACE_N] (host order), the worker's CLOCK_MONOTONIC (ns) when it
+                                       had received the STEP, began computing it, had its
+                                       output, and sent this RESULT (the coordinator's STATS
+                                       "path" splits each step's time with them) */
+#define ENG_TRACE_N 4
 
 #endif /* ENG_WIRE_H */

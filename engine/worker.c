@@ -476,6 +476,7 @@ typedef struct job {
     uint64_t *client_ids;
     void **y_dst;
     const eng_layer *layer;
+    uint64_t t_recv;    /* when its receive ended (the RESULT's trace) */
 } job;
 
 static void job_fail(job *j, moe_status st) {
@@ -591,6 +592,7 @@ static moe_status run_step(worker *w, job *j) {
     const int32_t W = w->a.world, r = w->a.rank;
     const void *ydata = NULL;
     const int64_t *counts64 = NULL;
+    uint64_t trace[ENG_TRACE_N] = {j->t_recv, moe_now_ns(), 0, 0};
     if (w->gpu) {
         if (r == 0) /* the tokens per expert: rank 0 reports them */
             gpu_counts = calloc((size_t)w->model.n_experts, sizeof(int64_t));
@@ -653,6 +655,7 @@ static moe_status run_step(worker *w, job *j) {
     counts64 = s.expert_tokens;
 
 answer:
+    trace[2] = moe_now_ns();
     /* Rank 0, shared-memory data path: the replies in place in the slot. */
     if (r == 0 && slot >= 0)
         MOE_CHECK_GOTO(write_slot_replies(w, slot, reqs, client_ids, n_reqs, w->gpu ? NULL : ydata), st, done);
@@ -707,6 +710,9 @@ answer:
                                       timing.gather_us};
         if (st == MOE_OK && have_timing)
             st = ipc_msg_add(&res, ENG_SEC_TIMING, MOE_DTYPE_F32, 1, (int64_t[]){ENG_GPU_TIMING_N}, tv);
+        trace[3] = moe_now_ns();
+        if (st == MOE_OK)
+            st = ipc_msg_add_bytes(&res, ENG_SEC_TRACE, trace, sizeof trace);
         if (st == MOE_OK)
             st = send_msg(w, &res, false);
         free(counts);
@@ -823,6 +829,7 @@ static bool recv_job(worker *w, job *j) {
         if (st != MOE_OK)
             job_fail(j, st);
     }
+    j->t_recv = moe_now_ns();
     return true;
 }
 

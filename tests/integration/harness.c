@@ -132,6 +132,12 @@ char *h_stats(h_client *c, int timeout_ms) {
     return js;
 }
 
+double h_json_num(const char *js, const char *key) {
+    const char *p = js ? strstr(js, key) : NULL;
+    p = p ? strchr(p, ':') : NULL;
+    return p ? strtod(p + 1, NULL) : 0;
+}
+
 bool h_recv_after_fault(h_client *c, int n, int timeout_ms, int *ok, int *worker_err) {
     bool good = true;
     char *seen = calloc((size_t)(n > 0 ? n : 1), 1);

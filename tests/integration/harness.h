@@ -61,6 +61,8 @@ char *h_json(const ipc_msg *m);
 /* The engine's STATS as a NUL-terminated JSON string (malloc'd), or NULL when no reply came
  * within timeout_ms. */
 char *h_stats(h_client *c, int timeout_ms);
+/* The number after the first `key` (quoted, as "\"steps\"") in js, or 0 where there is none. */
+double h_json_num(const char *js, const char *key);
 
 /* Receives the replies of n requests with ids 0 .. n - 1 (each within timeout_ms) after a fault:
  * every id answered exactly once, each reply a result (status 0, counted in *ok) or

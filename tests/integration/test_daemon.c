@@ -194,6 +194,46 @@ static void test_serve_and_reference(void **state) {
         }
     }
 
+    /* STATS "path": one request at a time makes one step each; the parts of each step's time
+     * are nested inside the client's own round trips, so their sum cannot exceed the client's
+     * wall time, and the worker's compute is part of it. */
+    {
+        static const char *const parts[] = {"\"queue_us_sum\"",          "\"stage_us_sum\"",
+                                            "\"to_worker_us_sum\"",      "\"worker_start_us_sum\"",
+                                            "\"worker_compute_us_sum\"", "\"worker_answer_us_sum\"",
+                                            "\"from_worker_us_sum\"",    "\"reply_us_sum\""};
+        char *a = h_stats(&c, 5000), *b;
+        assert_non_null(a);
+        const char *pa = strstr(a, "\"path\":");
+        assert_non_null(pa);
+        req r;
+        req_make(&r, 7, 4242, 0);
+        enum { NS = 12 };
+        double t0 = moe_now_s();
+        for (int i = 0; i < NS; i++)
+            assert_int_equal(submit(&c, &r, 3000 + (uint64_t)i, i % 2, NULL), 0);
+        const double wall_us = (moe_now_s() - t0) * 1e6;
+        b = h_stats(&c, 5000);
+        assert_non_null(b);
+        const char *pb = strstr(b, "\"path\":");
+        assert_non_null(pb);
+        assert_int_equal((int)(h_json_num(pb, "\"steps\"") - h_json_num(pa, "\"steps\"")), NS);
+        double sum = 0;
+        for (int k = 0; k < 8; k++) {
+            const double dv = h_json_num(pb, parts[k]) - h_json_num(pa, parts[k]);
+            assert_true(dv >= 0);
+            sum += dv;
+        }
+        const double comp = h_json_num(pb, parts[4]) - h_json_num(pa, parts[4]);
+        fprintf(stderr, "path: %d steps, %.0f us of %.0f us client wall time inside the engine, compute %.0f us\n",
+                NS, sum, wall_us, comp);
+        assert_true(comp > 0);
+        assert_true(sum > comp && sum <= wall_us);
+        free(a);
+        free(b);
+        req_free(&r);
+    }
+
     /* Pipelined: 64 requests of both layers in flight at once; each answered once, by id. */
     enum { NP = 64 };
     req rs[NP];

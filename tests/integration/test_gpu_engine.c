@@ -107,12 +107,6 @@ static int group_setup(void **state) {
  * buffered inputs), over every run_all: the engine's STATS "gpu" object. */
 static double g_steps, g_staged;
 
-static double json_field(const char *js, const char *key) {
-    const char *p = js ? strstr(js, key) : NULL;
-    p = p ? strchr(p, ':') : NULL;
-    return p ? strtod(p + 1, NULL) : 0;
-}
-
 /* Runs every request (all in flight together) on a daemon started with `flags`; returns the
  * outputs concatenated (bf16 bytes). */
 static uint8_t *run_all(const char *const *flags, size_t *total) {
@@ -151,8 +145,8 @@ static uint8_t *run_all(const char *const *flags, size_t *total) {
         char *js = h_stats(&c, 10000);
         const char *gp = js ? strstr(js, "\"gpu\"") : NULL;
         assert_non_null(gp);
-        g_steps += json_field(gp, "\"steps\"");
-        g_staged += json_field(gp, "\"staged_steps\"");
+        g_steps += h_json_num(gp, "\"steps\"");
+        g_staged += h_json_num(gp, "\"staged_steps\"");
         free(js);
     }
     h_client_close(&c);

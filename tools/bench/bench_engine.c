@@ -19,6 +19,12 @@
  *             with 4 requests in flight;
  *   overhead  engine p50 - in-proc - echo: what the coordinator, the scheduling, the worker
  *             hops and the gather add on top of compute and one transport round trip.
+ * and then where the engine's round trip went, one request at a time (means per request, from
+ * the engine's STATS "path" and "gpu" read before and after): the client's side (its encode,
+ * both transport hops, its decode), the coordinator's queue and staging, the hop to the worker,
+ * the worker's start, compute and answer, the hop back and the reply's hand-off; with --gpu
+ * also the device's step time inside the worker's compute, and the in-process call split into
+ * router, routing, experts (device time, CUDA events) and the host's wait.
  * Napkin math for the default model (E=16, K=4, H=256, I=128, shared I=256, bf16): per token
  * 2*K*3*H*I + 2*3*H*I_s = 1.6 + 0.4 MFLOP; the weights are 7 MiB, so the CPU stays compute-bound.
  */
@@ -35,6 +41,7 @@
 #include "engine/base/moe_base.h"
 #include "engine/model/model.h"
 #include "ipc/moeclient.h"
+#include "kernels/cuda/kern_cuda.h"
 #include "kernels/kern.h"
 #include "tools/common/engine_proc.h"
 
@@ -47,6 +54,48 @@ static double pct(double *v, int n, double q) {
     qsort(v, (size_t)n, sizeof *v, cmp_double);
     int i = (int)(q * (n - 1) + 0.5);
     return v[i < 0 ? 0 : (i >= n ? n - 1 : i)];
+}
+
+/* ---- the engine's STATS: "path" (where a step's time went) and the GPU step's device time ---- */
+#define N_PATH 8
+static const char *const path_keys[N_PATH] = {"queue",          "stage",         "to_worker",  "worker_start",
+                                              "worker_compute", "worker_answer", "from_worker", "reply"};
+typedef struct path_sums {
+    double steps, us[N_PATH], gpu_steps, gpu_step_us, gpu_h2d_us, gpu_host_us;
+} path_sums;
+
+static double json_num(const char *js, const char *key) {
+    const char *p = js ? strstr(js, key) : NULL;
+    if (!p)
+        return 0;
+    p = strchr(p, ':');
+    return p ? strtod(p + 1, NULL) : 0;
+}
+
+static path_sums read_path(moec_client_t *c) {
+    path_sums s;
+    memset(&s, 0, sizeof s);
+    char *js = NULL;
+    if (moec_stats(c, &js, 10000) != MOEC_OK)
+        return s;
+    const char *p = strstr(js, "\"path\":");
+    if (p) {
+        s.steps = json_num(p, "\"steps\"");
+        for (int k = 0; k < N_PATH; k++) {
+            char key[64];
+            snprintf(key, sizeof key, "\"%s_us_sum\"", path_keys[k]);
+            s.us[k] = json_num(p, key);
+        }
+    }
+    const char *g = strstr(js, "\"gpu\":");
+    if (g) {
+        s.gpu_steps = json_num(g, "\"steps\"");
+        s.gpu_step_us = json_num(g, "\"step_us_sum\"");
+        s.gpu_h2d_us = json_num(g, "\"h2d_us_sum\"");
+        s.gpu_host_us = json_num(g, "\"host_us_sum\"");
+    }
+    moec_free(js);
+    return s;
 }
 
 /* ---- bare echo: a ROUTER thread answering each request with `reply_bytes` bytes ---- */
@@ -136,8 +185,14 @@ static void *dup_dev(const moe_tensor *h, moe_tensor *d) {
     return p;
 }
 
+/* The in-process call split (medians, us): router, routing and experts on the device, and
+ * the host's time from the call to the end of its synchronize. */
+typedef struct inproc_split {
+    double router, route, experts, wall;
+} inproc_split;
+
 static double cuda_inproc_us(cuda_inproc *ci, const eng_model_desc *d, const eng_model_layer *l, const moe_tensor *xh,
-                             int iters) {
+                             int iters, inproc_split *sp) {
     const int64_t T = xh->shape[0], H = d->hidden_size, E = d->n_experts, K = d->top_k;
     void *p;
     cudaMalloc(&p, moe_tensor_nbytes(xh));
@@ -160,7 +215,12 @@ static double cuda_inproc_us(cuda_inproc *ci, const eng_model_desc *d, const eng
     }
     kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = d->act};
     kern_shared_expert se = {.w13 = &ci->sw13, .w2 = &ci->sw2, .gate = ci->sgate.data ? &ci->sgate : NULL, .act = d->act};
-    double *t = calloc((size_t)iters, sizeof *t);
+    double *t = calloc((size_t)iters * 4, sizeof *t);
+    double *tr = t + iters, *tq = t + 2 * iters, *te = t + 3 * iters;
+    cudaStream_t st = (cudaStream_t)kern_cuda_stream(ci->k);
+    cudaEvent_t ev[4];
+    for (int i = 0; i < 4; i++)
+        cudaEventCreate(&ev[i]);
     for (int i = -3; i < iters; i++) {
         double t0 = moe_now_s();
         kern_router_logits(ci->k, &x, &ci->router, &lg);
@@ -170,7 +230,27 @@ static double cuda_inproc_us(cuda_inproc *ci, const eng_model_desc *d, const eng
         if (i >= 0)
             t[i] = (moe_now_s() - t0) * 1e6;
     }
+    /* the split, in a pass of its own (the events between the kernels cost a little) */
+    for (int i = -3; i < iters; i++) {
+        cudaEventRecord(ev[0], st);
+        kern_router_logits(ci->k, &x, &ci->router, &lg);
+        cudaEventRecord(ev[1], st);
+        kern_route(ci->k, &rp, &lg, &ids, &wt);
+        cudaEventRecord(ev[2], st);
+        kern_moe_forward(ci->k, &ep, &x, &ci->w13, &ci->w2, &ids, &wt, ci->sw13.data ? &se : NULL, &y);
+        cudaEventRecord(ev[3], st);
+        kern_ctx_sync(ci->k);
+        float a = 0, b = 0, c = 0;
+        cudaEventElapsedTime(&a, ev[0], ev[1]);
+        cudaEventElapsedTime(&b, ev[1], ev[2]);
+        cudaEventElapsedTime(&c, ev[2], ev[3]);
+        if (i >= 0)
+            tr[i] = a * 1e3, tq[i] = b * 1e3, te[i] = c * 1e3;
+    }
+    for (int i = 0; i < 4; i++)
+        cudaEventDestroy(ev[i]);
     double med = pct(t, iters, 0.5);
+    *sp = (inproc_split){pct(tr, iters, 0.5), pct(tq, iters, 0.5), pct(te, iters, 0.5), med};
     free(t);
     cudaFree(x.data);
     cudaFree(lg.data);
@@ -274,6 +354,11 @@ int main(int argc, char **argv) {
     }
     moe_rng g;
     moe_rng_seed(&g, 1);
+    /* the breakdown table's rows, printed after the main table */
+    double rtt_mean[16] = {0}, parts[16][N_PATH], dev_step[16] = {0}, h2d[16] = {0};
+    inproc_split isp[16];
+    memset(parts, 0, sizeof parts);
+    memset(isp, 0, sizeof isp);
     for (int ti = 0; ti < n_ts; ti++) {
         const int64_t T = Ts[ti];
         moe_tensor x = {0}, lg = {0}, ids = {0}, wt = {0}, y = {0};
@@ -300,14 +385,18 @@ int main(int argc, char **argv) {
         }
         double inproc = pct(t, iters, 0.5);
         if (ci.on)
-            inproc = cuda_inproc_us(&ci, d, l, &x, iters);
+            inproc = cuda_inproc_us(&ci, d, l, &x, iters, &isp[ti]);
         /* transport */
         size_t req_bytes = 64 + 64 + (size_t)(T * H) * es + 64, rep_bytes = req_bytes;
         double echo = echo_us(req_bytes, rep_bytes, iters, false);
         double echo_ipc = echo_us(req_bytes, rep_bytes, iters, true);
         /* engine, one at a time */
         moec_request r = {.layer = l->layer, .dtype = d->dtype, .n_tokens = T, .hidden = H, .x = x.data};
+        path_sums before;
+        memset(&before, 0, sizeof before);
         for (int i = -3; i < iters; i++) {
+            if (i == 0)
+                before = read_path(c);
             double t0 = moe_now_s();
             if (moec_submit(c, &r, y.data, moe_tensor_nbytes(&y), 0) != MOEC_OK) {
                 fprintf(stderr, "submit: %s\n", moec_errmsg(c));
@@ -319,6 +408,16 @@ int main(int argc, char **argv) {
         double wall1 = 0;
         for (int i = 0; i < iters; i++)
             wall1 += t[i];
+        path_sums after = read_path(c);
+        rtt_mean[ti] = wall1 / iters;
+        const double nst = after.steps - before.steps;
+        for (int k = 0; k < N_PATH && nst > 0; k++)
+            parts[ti][k] = (after.us[k] - before.us[k]) / nst;
+        const double ngs = after.gpu_steps - before.gpu_steps;
+        if (ngs > 0) {
+            dev_step[ti] = (after.gpu_step_us - before.gpu_step_us) / ngs;
+            h2d[ti] = (after.gpu_h2d_us - before.gpu_h2d_us) / ngs;
+        }
         double p50 = pct(t, iters, 0.5), p99 = pct(t, iters, 0.99);
         /* engine, 4 in flight */
         void *ys[4];
@@ -354,6 +453,37 @@ int main(int argc, char **argv) {
         moe_tensor_free(&wt);
         moe_tensor_free(&y);
     }
+    /* Where the round trip went. */
+    printf("\nwhere the engine's round trip went, one request at a time (means per request, us; engine STATS "
+           "\"path\"):\n");
+    printf("%6s %9s %9s %7s %7s %9s %9s %9s %9s %9s %9s %7s", "T", "rtt", "client+", "queue", "stage", "to wkr",
+           "w.start", "w.comp", "w.answer", "from wkr", "reply", "sum");
+    if (ci.on)
+        printf(" %9s %7s | %9s %7s %8s %9s %9s", "dev step", "h2d", "in-proc", "router", "route", "experts", "host wait");
+    printf("\n");
+    for (int ti = 0; ti < n_ts; ti++) {
+        double sum = 0;
+        for (int k = 0; k < N_PATH; k++)
+            sum += parts[ti][k];
+        printf("%6lld %9.1f %9.1f", (long long)Ts[ti], rtt_mean[ti], rtt_mean[ti] - sum);
+        for (int k = 0; k < N_PATH; k++)
+            printf(k < 2 ? " %7.1f" : " %9.1f", parts[ti][k]);
+        printf(" %7.1f", sum);
+        if (ci.on)
+            printf(" %9.1f %7.1f | %9.1f %7.1f %8.1f %9.1f %9.1f", dev_step[ti], h2d[ti], isp[ti].wall, isp[ti].router,
+                   isp[ti].route, isp[ti].experts,
+                   isp[ti].wall - isp[ti].router - isp[ti].route - isp[ti].experts);
+        printf("\n");
+    }
+    printf("client+ = rtt - sum: the client's encode and decode and both hops between it and the coordinator; "
+           "queue: arrival to the step's forming; stage: its inputs into the data path; to wkr: STEP sent to its "
+           "receipt by the worker that answered last; w.start: to its compute (waiting for the step before, "
+           "preparing); w.comp: the step (GPU: inputs up, kernels, outputs down, the wait); w.answer: replies "
+           "and RESULT made; from wkr: RESULT sent to received; reply: the replies handed to ZeroMQ.%s\n",
+           ci.on ? " dev step: the GPU step's device time inside w.comp (events); in-proc: the host's time per "
+                   "call, split into router, routing and experts on the device (events) and the host's wait "
+                   "beyond them (launch, synchronize)."
+                 : "");
     rc = 0;
 out:
     if (ci.on) {
