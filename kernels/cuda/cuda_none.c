@@ -65,6 +65,21 @@ moe_status kern_cuda_set_fused(kern_ctx_t *ctx, bool on) {
     return not_built();
 }
 
+moe_status kern_cuda_set_small_opts(kern_ctx_t *ctx, uint32_t opts) {
+    (void)ctx, (void)opts;
+    return not_built();
+}
+
+uint32_t kern_cuda_get_small_opts(const kern_ctx_t *ctx) {
+    (void)ctx;
+    return 0;
+}
+
+moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels) {
+    (void)ctx, (void)kernels;
+    return not_built();
+}
+
 moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on) {
     (void)ctx, (void)on;
     return not_built();

@@ -167,16 +167,19 @@ KC_WG_OP(__half, f16, 128)
  * the CTAs that stream W2 at small T (lab run 4: the down product at T = 1 had too few). */
 __host__ __device__ constexpr int kc_accb(int mode, int bn) { return (mode == KC_MODE_DOWN && bn <= 16) ? 1 : 2; }
 
-template <int NWG, int BN, int ACCB = 2> struct kc_tile {
+template <int NWG, int BN, int ACCB = 2, int SMAX = 8> struct kc_tile {
     static constexpr int threads = 128 * NWG;
     static constexpr int a_rows = 64 * ACCB * NWG;
     static constexpr int a_bytes = a_rows * 128;
     static constexpr int b_bytes = BN * 128;
     static constexpr int stage_bytes = a_bytes + b_bytes;
-    /* As many stages as fit in ~200 KB, between 4 and 8: the small tiles are memory-bound
-     * and want bytes in flight, the large ones fit 4. */
+    /* As many stages as fit in ~200 KB, between 4 and SMAX (8): the small tiles are memory-bound
+     * and want bytes in flight, the large ones fit 4. SMAX = 4: the small down tiles whose
+     * weights were prefetched into the L2 (KERN_CUDA_SMALL_SHALLOW_DOWN): 2 stages of lead from
+     * the L2 are enough, and 4-5 CTAs fit per SM beside a gate-up CTA, so that every down CTA is
+     * resident while gate-up runs. */
     static constexpr int stages_fit = (200 * 1024) / stage_bytes;
-    static constexpr int stages = stages_fit > 8 ? 8 : (stages_fit < 4 ? 4 : stages_fit);
+    static constexpr int stages = stages_fit > SMAX ? SMAX : (stages_fit < 4 ? 4 : stages_fit);
     static constexpr int smem = stages * stage_bytes + 1024; /* + alignment slack */
 };
 
@@ -218,10 +221,97 @@ static __device__ __forceinline__ void kc_fuse_wait(const unsigned long long *p,
     __threadfence();
 }
 
-template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false>
+/* ---- small-T extras (kc_gemm_args: pf_*, evict_first, fold_*; docs/PERF.md runs 15-16) ---- */
+/* The weight load of kc_cp_async16_w with an L2 cache policy (evict_first: streamed once). */
+static __device__ __forceinline__ void kc_cp_async16_w_pol(uint32_t dst, const void *src, bool valid, uint64_t pol) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0), "l"(pol));
+}
+static __device__ __forceinline__ uint64_t kc_policy_evict_first() {
+    uint64_t pol = 0;
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+#endif
+    return pol;
+}
+/* Bulk prefetch of [p, p + bytes) into the L2 (p and bytes multiples of 16; sm_90). */
+static __device__ __forceinline__ void kc_prefetch_l2(const void *p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+/* Rows [r0, r1) of a row-major matrix of row_bytes per row into the L2, the last `tail` bytes
+ * of each row (tail == row_bytes: the rows are contiguous, in 16 KB pieces), spread over the
+ * 32 lanes of the calling warp. */
+#define KC_PF_PIECE 16384
+static __device__ __forceinline__ void kc_prefetch_rows(const char *base, int r0, int r1, int row_bytes, int tail,
+                                                        int lane) {
+    if (r1 <= r0 || tail <= 0)
+        return;
+    if (tail >= row_bytes) {
+        const char *p0 = base + (size_t)r0 * row_bytes;
+        const size_t n = (size_t)(r1 - r0) * row_bytes;
+        for (size_t off = (size_t)lane * KC_PF_PIECE; off < n; off += 32 * (size_t)KC_PF_PIECE)
+            kc_prefetch_l2(p0 + off, (uint32_t)(n - off < KC_PF_PIECE ? n - off : KC_PF_PIECE));
+    } else {
+        for (int r = r0 + lane; r < r1; r += 32)
+            kc_prefetch_l2(base + (size_t)r * row_bytes + (row_bytes - tail), (uint32_t)tail);
+    }
+}
+
+/* Held pairs of token t (its slots whose expert is local and valid): the arrivals that its
+ * fold counter waits for, one per held pair and row block. */
+static __device__ __forceinline__ int kc_held_of_token(const kc_gemm_args &a, int t) {
+    int n = 0;
+    for (int k = 0; k < a.top_k; k++)
+        n += kc_local_of(a, t * a.top_k + k) >= 0;
+    return n;
+}
+/* One arrival on a fold counter; true for the arrival that completes `target`. */
+static __device__ __forceinline__ bool kc_fold_arrive(unsigned long long *p, uint32_t seq, int target) {
+    unsigned long long old = *(volatile unsigned long long *)p;
+    for (;;) {
+        const uint32_t cnt = (uint32_t)(old >> 32) == seq ? (uint32_t)old + 1u : 1u;
+        const unsigned long long nv = ((unsigned long long)seq << 32) | cnt;
+        const unsigned long long prev = atomicCAS(p, old, nv);
+        if (prev == old)
+            return (int)cnt == target;
+        old = prev;
+    }
+}
+/* y[t, r .. r + 7] = round(sum over the held slots k of t, ascending, from +0.0, of
+ * slots[t K + k, r .. r + 7]): the arithmetic of kc_sum_kernel (fp32 additions in slot order,
+ * one rounding), so the bits are those of the separate sum. The slots were written by other
+ * CTAs: read through the L2 (ld.global.cg). */
+template <typename T>
+static __device__ __forceinline__ void kc_fold_sum8(const kc_gemm_args &a, int t, int r) {
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        acc[i] = 0.0f;
+    const T *slots = (const T *)a.out;
+    for (int k = 0; k < a.top_k; k++) {
+        const int p = t * a.top_k + k;
+        if (kc_local_of(a, p) < 0)
+            continue;
+        const uint4 u = __ldcg((const uint4 *)(slots + (size_t)p * a.out_ld + r));
+        const T *v = (const T *)&u;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            acc[i] += kc_elem<T>::to_f(v[i]);
+    }
+    uint4 o;
+    T *ov = (T *)&o;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        ov[i] = kc_elem<T>::from_f(acc[i]);
+    *(uint4 *)((T *)a.fold_y + (size_t)t * a.M + r) = o;
+}
+
+template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false, int SMAX = 8>
 __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb, const int rb, const kc_fuse_sync fs) {
     constexpr int ACCB = kc_accb(MODE, BN);
-    typedef kc_tile<NWG, BN, ACCB> TL;
+    typedef kc_tile<NWG, BN, ACCB, SMAX> TL;
     constexpr int S = TL::stages;
     constexpr bool DEEP_ = DEEP || PATH == KC_PATH_MMA; /* mma.sync is synchronous: its stages free at the barrier */
     constexpr int D = DEEP_ ? S - 1 : S - 2; /* prefetch distance */
@@ -238,6 +328,7 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
     __shared__ float s_scale[BN];
     __shared__ int32_t s_list[KC_SMALL_MAX_PAIRS]; /* small mode: the pairs of this CTA's expert */
     __shared__ int32_t s_count;
+    __shared__ int32_t s_last[BN]; /* fold: this CTA completed column n's token */
     extern __shared__ char smem_raw[];
 
     const int tid = threadIdx.x;
@@ -255,9 +346,20 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
 
     int expert = 0;
     int n_chunks = 1;
+    const bool fold = MODE == KC_MODE_DOWN && !fs.fused && a.small && a.fold_y != nullptr;
     if (a.small) {
         /* CTA row nb is pair nb; it works only if nb is its expert's first pair. */
         const int e = kc_local_of(a, nb);
+        /* Fold: a token none of whose pairs is held here gets +0.0 rows (as the separate sum
+         * writes them), from the CTAs of its first slot, before anything else. */
+        if (fold && nb % a.top_k == 0 && kc_held_of_token(a, nb / a.top_k) == 0) {
+            const int t = nb / a.top_k;
+            for (int c = tid; c < rows_per_cta / 8; c += TL::threads) {
+                const int r = rb * rows_per_cta + c * 8;
+                if (r < M)
+                    *(uint4 *)((T *)a.fold_y + (size_t)t * M + r) = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
         if (MODE == KC_MODE_GATE_UP && rb == 0 && tid == 0 && a.err.rec) {
             const int idv = a.ids[nb];
             const float wv = a.topk_w_check[nb];
@@ -276,6 +378,22 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
         if (__syncthreads_or(dup))
             return;
         expert = e;
+        if (!fs.fused && tid < 32) {
+            /* Gate-up: the down weights of this expert into the L2 while this product streams
+             * its own (they depend on nothing this launch computes); down: its own rows,
+             * before the PDL wait. */
+            if (MODE == KC_MODE_GATE_UP && a.pf_w) {
+                const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
+                const int r0 = (int)((long)rb * a.pf_rows / n_rb), r1 = (int)((long)(rb + 1) * a.pf_rows / n_rb);
+                kc_prefetch_rows((const char *)a.pf_w + (size_t)e * a.pf_rows * a.pf_row_bytes, r0, r1,
+                                 a.pf_row_bytes, a.pf_tail, tid);
+            }
+            if (MODE == KC_MODE_DOWN && a.pf_self) {
+                const int r0 = rb * rows_per_cta, r1 = r0 + rows_per_cta < M ? r0 + rows_per_cta : M;
+                const int rowb = K * (int)sizeof(T);
+                kc_prefetch_rows((const char *)a.w + (size_t)e * a.w_rows * rowb, r0, r1, rowb, rowb, tid);
+            }
+        }
         /* Compact the expert's pairs in pair order (warp 0, 32 at a time). */
         if (tid < 32) {
             int cnt = 0;
@@ -326,6 +444,8 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
     const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
     const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
     const int nk = (K + KC_BK - 1) / KC_BK;
+    const bool evf = a.evict_first && !fs.fused;
+    const uint64_t pol = evf ? kc_policy_evict_first() : 0;
     auto load_a = [&](int kb) {
         const uint32_t sa = sbase + (uint32_t)((kb % S) * TL::stage_bytes);
         const int kel = kb * KC_BK + my_c * 8;
@@ -335,7 +455,10 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
             const int r = (tid >> 3) + i * (TL::threads / 8);
             const bool ok = kok && arow[i] != nullptr;
             const void *src = ok ? (const void *)(arow[i] + (size_t)kel * sizeof(T)) : a.w;
-            kc_cp_async16_w(sa + kc_swz(r, my_c), src, ok);
+            if (evf)
+                kc_cp_async16_w_pol(sa + kc_swz(r, my_c), src, ok, pol);
+            else
+                kc_cp_async16_w(sa + kc_swz(r, my_c), src, ok);
         }
     };
     auto load_b = [&](int kb) {
@@ -567,6 +690,36 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
                 *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + c * 8);
             }
         }
+        if (fold) {
+            /* The sum over top-k, folded in: count this tile's contributions per (token, row
+             * block); the CTA whose arrival completes a token's held pairs sums that token's
+             * row block (the threadFenceReduction pattern: stores, fence, barrier, arrival;
+             * arrival seen, fence, barrier, loads through the L2). */
+            const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
+            __threadfence();
+            __syncthreads();
+            for (int n = tid; n < BN; n += TL::threads) {
+                const int pair = s_orow[n];
+                int last = 0;
+                if (pair >= 0) {
+                    const int t = pair / a.top_k;
+                    last = kc_fold_arrive(a.fold_ctr + (size_t)t * n_rb + rb, a.fold_seq, kc_held_of_token(a, t));
+                    if (last)
+                        __threadfence();
+                }
+                s_last[n] = last;
+            }
+            __syncthreads();
+            const int row0 = rb * rows_per_cta;
+            constexpr int CPR = ROWS / 8;
+            for (int idx = tid; idx < BN * CPR; idx += TL::threads) {
+                const int n = idx / CPR, c = idx % CPR;
+                const int r = row0 + c * 8;
+                if (!s_last[n] || r >= M)
+                    continue;
+                kc_fold_sum8<T>(a, s_orow[n] / a.top_k, r);
+            }
+        }
         __syncthreads(); /* the next chunk rewrites the column tables and the stages */
     }
     if (MODE == KC_MODE_GATE_UP && fs.fused) { /* this expert's tile is written: count it */
@@ -578,7 +731,7 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
 #endif
 }
 
-template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false>
+template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false, int SMAX = 8>
 __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_args a) {
     constexpr int ACCB = kc_accb(MODE, BN);
     const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 64 * ACCB * NWG;
@@ -595,7 +748,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
     if (nb >= max_nb || rb >= n_rb)
         return;
     const kc_fuse_sync fs = {0, nullptr, 0, 0};
-    kc_gemm_tile<T, NWG, BN, PATH, MODE, DEEP>(a, nb, rb, fs);
+    kc_gemm_tile<T, NWG, BN, PATH, MODE, DEEP, SMAX>(a, nb, rb, fs);
 }
 
 /* The small-T path in one persistent launch (one CTA per SM): items 0 .. n_gu-1 are the
@@ -1238,7 +1391,7 @@ static int kc_encode_wmap(CUtensorMap *m, const void *w, long rows, int K, int b
     return r == CUDA_SUCCESS ? 0 : (int)cudaErrorInvalidValue;
 }
 
-template <typename T, int NWG, int BN, int PATH, bool DEEP>
+template <typename T, int NWG, int BN, int PATH, bool DEEP = false, int SMAX = 8>
 static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st);
 
 template <typename T, bool BT>
@@ -1717,13 +1870,16 @@ static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     return (int)cudaGetLastError();
 }
 
-/* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
-template <typename T, int NWG, int BN, int PATH, bool DEEP = false>
+/* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel).
+ * SMAX != 8 (the shallow small down tiles) is compiled for the down product only. */
+template <typename T, int NWG, int BN, int PATH, bool DEEP, int SMAX>
 static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
+    if (SMAX != 8 && a->mode != KC_MODE_DOWN)
+        return (int)cudaErrorInvalidValue;
     const int accb = kc_accb(a->mode, BN);
     const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 64 * NWG : 64 * accb * NWG;
-    const int smem = a->mode == KC_MODE_GATE_UP ? kc_tile<NWG, BN, kc_accb(KC_MODE_GATE_UP, BN)>::smem
-                                                : kc_tile<NWG, BN, kc_accb(KC_MODE_DOWN, BN)>::smem;
+    const int smem = a->mode == KC_MODE_GATE_UP ? kc_tile<NWG, BN, kc_accb(KC_MODE_GATE_UP, BN), SMAX>::smem
+                                                : kc_tile<NWG, BN, kc_accb(KC_MODE_DOWN, BN), SMAX>::smem;
     const long n_rb = (a->M + rows_per_cta - 1) / rows_per_cta;
     const long nbl = a->small ? a->n_pairs : a->dense ? (a->n_dense + BN - 1) / BN : a->max_blocks;
     kc_gemm_args aa = *a;
@@ -1742,10 +1898,14 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
     const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
     if (!(attr_done[mi] & bit)) {
-        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
-                    : cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if constexpr (SMAX != 8)
+            e = cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP, SMAX>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        else
+            e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
+                        : cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess)
             return (int)e;
         attr_done[mi] |= bit;
@@ -1762,11 +1922,25 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
         cfg.attrs = attr;
         cfg.numAttrs = 1;
     }
-    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>, aa)
-                : cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>, aa);
+    if constexpr (SMAX != 8)
+        e = cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP, SMAX>, aa);
+    else
+        e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>, aa)
+                    : cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>, aa);
     if (e != cudaSuccess)
         return (int)e;
     return (int)cudaGetLastError();
+}
+
+/* A compiled configuration's launch: the small down tiles (1, 8) and (1, 16) also come with
+ * 4 stages (a->shallow; the same bits). */
+template <typename T, int NWG, int BN, int PATH>
+static int kc_gemm_launch_sel_t(const kc_gemm_args *a, cudaStream_t st) {
+    if constexpr (NWG == 1 && BN <= 16) {
+        if (a->shallow && a->mode == KC_MODE_DOWN)
+            return kc_gemm_launch_t<T, NWG, BN, PATH, false, 4>(a, st);
+    }
+    return kc_gemm_launch_t<T, NWG, BN, PATH>(a, st);
 }
 
 /* The compiled configurations: (path, nwg, bn). */
@@ -1787,7 +1961,7 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
 /* Defines `extern "C" int NAME(args, path, nwg, bn, stream)` for element type T. */
 #define KC_GEMM_X_(P, W, N)                     \
     if (path == (P) && nwg == (W) && bn == (N)) \
-        return kc_gemm_launch_t<KC_T_, W, N, P>(a, st);
+        return kc_gemm_launch_sel_t<KC_T_, W, N, P>(a, st);
 /* (wgmma, 3, 128): the warp-specialized kernel (a producer warpgroup + two consumers).
  * (wgmma, 4, 128): the (2, 128) tile with S - 1 stages of lead (wgmma waits drain each stage).
  * (wgmma, 5, 128): the (2, 128) tile fed by the copy engine (kc_gemm_tma_kernel), routed rows by cp.async;

@@ -26,6 +26,11 @@
 /* Pairs (T * K) up to which the products run without the alignment kernel (measured in the
  * kernel lab, docs/PERF.md). */
 #define KC_SMALL_DEFAULT 64
+/* The small-T options on by default (kern_cuda_set_small_opts; docs/PERF.md runs 15-16). */
+#define KC_SMALL_OPTS_DEFAULT 0u
+/* The share of the L2 that the prefetched down weights may take (the gate-up stream and the
+ * routed rows need the rest). */
+#define KC_PF_L2_SHARE 0.6
 
 typedef struct kc_buf {
     void *p;
@@ -47,10 +52,15 @@ typedef struct kc_state {
     unsigned long long *fuse_ctr; /* [KC_SMALL_MAX_PAIRS] device counters of the fused launch */
     uint32_t fuse_seq;            /* the last call's sequence number (never 0 after the first) */
     int pdl;           /* programmatic dependent launch (sm_90) */
+    uint32_t small_opts; /* KERN_CUDA_SMALL_* (alignment-free mode only) */
+    int64_t l2_bytes;    /* the device's L2 */
+    uint32_t fold_seq;   /* the last folded call's sequence number (never 0 after the first) */
+    int32_t lab_stop;    /* kern_cuda_set_lab_stop */
     kc_err *err_host; /* mapped pinned */
     kc_err *err_dev;  /* its device view */
     int32_t *claim;   /* device */
     kc_buf pair_pos, sorted_rows, block_expert, n_blocks, abuf, slots, xw, sh_abuf, sh_out, gate, align_scratch;
+    kc_buf fold_ctr; /* [T * ceil(H / 64)] counters of the folded sum, zeroed when (re)allocated */
 } kc_state;
 
 static kc_state *st_of(kern_ctx_t *ctx) { return (kc_state *)ctx->impl; }
@@ -178,7 +188,20 @@ static moe_status cuda_init(kern_ctx_t *ctx) {
     s->path = (s->cc_major == 9 && s->cc_minor == 0) ? KERN_CUDA_PATH_WGMMA : KERN_CUDA_PATH_MMA;
     s->pdl = s->cc_major >= 9;
     s->small_max = KC_SMALL_DEFAULT;
-    const char *env = getenv("MOE_CUDA_PATH");
+    s->small_opts = KC_SMALL_OPTS_DEFAULT;
+    s->l2_bytes = prop.l2CacheSize;
+    const char *env = getenv("MOE_CUDA_SMALL_OPTS"); /* the lab's and the bench's before/after */
+    if (env && env[0]) {
+        char *end = NULL;
+        const unsigned long v = strtoul(env, &end, 0);
+        if (*end != '\0' || v > KERN_CUDA_SMALL_ALL) {
+            st = moe_fail(MOE_ERR_INVALID_ARG, "MOE_CUDA_SMALL_OPTS='%.16s': expected a mask of 0..%d", env,
+                          (int)KERN_CUDA_SMALL_ALL);
+            goto fail;
+        }
+        s->small_opts = (uint32_t)v;
+    }
+    env = getenv("MOE_CUDA_PATH");
     if (env && env[0]) {
         if (strcmp(env, "mma") == 0) {
             s->path = KERN_CUDA_PATH_MMA;
@@ -210,7 +233,7 @@ static void cuda_free(kern_ctx_t *ctx) {
     if (s->stream) {
         kc_buf *bufs[] = {&s->pair_pos, &s->sorted_rows, &s->block_expert, &s->n_blocks,
                           &s->abuf,     &s->slots,       &s->xw,           &s->sh_abuf,
-                          &s->sh_out,   &s->gate,        &s->align_scratch};
+                          &s->sh_out,   &s->gate,        &s->align_scratch, &s->fold_ctr};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
             buf_free(s, bufs[i]);
         (void)cudaStreamSynchronize(s->stream);
@@ -337,11 +360,15 @@ static moe_status cuda_route(kern_ctx_t *ctx, const kern_route_params *p, const 
 /* ------------------------------------------------------------------------------------------
  * Routed experts: align (unless small), (scale x), gate-up, down into per-slot contributions
  * `slots_out` ([T*K, H], by pair). The caller sums or zero-fills the pairs not held here, as
- * `loc` says.
+ * `loc` says, unless *folded comes back true: then the down product has also written the sum
+ * over slots into fold_y ([T, H]; asked for with fold_y != NULL, done in the alignment-free
+ * mode with KERN_CUDA_SMALL_FOLD_SUM).
  * ---------------------------------------------------------------------------------------- */
 static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_tensor *x, const moe_tensor *w13,
                          const moe_tensor *w2, const moe_tensor *ids, const moe_tensor *w, void *slots_out,
-                         kc_locality *loc) {
+                         kc_locality *loc, void *fold_y, bool *folded) {
+    if (folded)
+        *folded = false;
     const moe_dtype dt = x->dtype;
     const size_t es = moe_dtype_size(dt);
     const int64_t T = x->shape[0], H = x->shape[1], K = ids->shape[1], I = w13->shape[1] / 2;
@@ -429,10 +456,37 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
         a.err = sink;
     a.pdl = s->pdl;
     kc_gemm_args gu = a;
-    if (!(small && s->fused && nwg == 1))
+    const bool fused = small && s->fused && nwg == 1;
+    const bool hopper = s->cc_major >= 9;
+    if (small && !fused && hopper && (s->small_opts & KERN_CUDA_SMALL_PREFETCH_W2)) {
+        /* The down weights of the experts in use into the L2 during gate-up, as much of each
+         * row (its tail: the down CTAs that start early load the head themselves) as fits in
+         * KC_PF_L2_SHARE of the L2 for the most experts this call can touch. */
+        const int64_t n_exp = P < p->n_local ? P : p->n_local;
+        const double all = (double)n_exp * (double)H * (double)I * (double)es;
+        const double budget = KC_PF_L2_SHARE * (double)s->l2_bytes;
+        const int64_t row_bytes = I * (int64_t)es;
+        int64_t tail = all <= budget ? row_bytes : (int64_t)((double)row_bytes * budget / all) / 16 * 16;
+        if (tail >= row_bytes / 4) {
+            a.pf_w = w2->data;
+            a.pf_rows = (int32_t)H;
+            a.pf_row_bytes = (int32_t)row_bytes;
+            a.pf_tail = (int32_t)tail;
+            a.evict_first = (s->small_opts & KERN_CUDA_SMALL_EVICT_FIRST) != 0;
+        }
+    }
+    const bool w2_in_l2 = a.pf_w != NULL;
+    if (!fused)
         MOE_CHECK(launch_gemm(s, &a, nwg, bn, s->stream, "gate-up"));
+    if (s->lab_stop == 1 && folded) {
+        *folded = true; /* the lab's partial call: no down product, no sum */
+        return MOE_OK;
+    }
     a.err.rec = NULL;
     a.err.claim = NULL;
+    a.pf_w = NULL;
+    a.pf_rows = a.pf_row_bytes = a.pf_tail = 0;
+    a.evict_first = 0;
 
     a.mode = KC_MODE_DOWN;
     a.w = w2->data;
@@ -446,7 +500,26 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     a.out = slots_out;
     a.out_ld = (int32_t)H;
     a.topk_w = p->weight_on_input ? NULL : w->data;
-    if (small && s->fused && nwg == 1) {
+    if (small && !fused) {
+        a.pf_self = hopper && (s->small_opts & KERN_CUDA_SMALL_PREFETCH_DOWN) != 0;
+        a.shallow = w2_in_l2 && nwg == 1 && bn <= 16 && (s->small_opts & KERN_CUDA_SMALL_SHALLOW_DOWN) != 0;
+        if (fold_y && (s->small_opts & KERN_CUDA_SMALL_FOLD_SUM)) {
+            /* counters per (token, row block of at least 64 rows), zeroed when (re)allocated */
+            const size_t need = (size_t)T * (size_t)((H + 63) / 64) * sizeof(unsigned long long);
+            void *old = s->fold_ctr.p;
+            const size_t old_cap = s->fold_ctr.cap;
+            MOE_CHECK(buf_ensure(s, &s->fold_ctr, need));
+            if (s->fold_ctr.p != old || s->fold_ctr.cap != old_cap)
+                MOE_CUDA_CHECK(cudaMemsetAsync(s->fold_ctr.p, 0, s->fold_ctr.cap, s->stream));
+            s->fold_seq = s->fold_seq + 1 ? s->fold_seq + 1 : 1;
+            a.fold_y = fold_y;
+            a.fold_ctr = s->fold_ctr.p;
+            a.fold_seq = s->fold_seq;
+            if (folded)
+                *folded = true;
+        }
+    }
+    if (fused) {
         /* one persistent launch for both products (gemm.cuh, kc_small_fused_kernel) */
         s->fuse_seq = s->fuse_seq + 1 ? s->fuse_seq + 1 : 1;
         int e = kc_launch_small_fused(&gu, &a, kc_path(s), bn, s->fuse_ctr, s->fuse_seq, s->n_sm, s->stream);
@@ -456,6 +529,8 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
         return MOE_OK;
     }
     MOE_CHECK(launch_gemm(s, &a, nwg, bn, s->stream, "down"));
+    if (s->lab_stop == 2 && folded)
+        *folded = true; /* the lab's partial call: no sum */
     return MOE_OK;
 }
 
@@ -521,14 +596,17 @@ static moe_status cuda_fused_experts(kern_ctx_t *ctx, const kern_experts_params 
     const int64_t T = x->shape[0], H = x->shape[1], K = ids->shape[1];
     kc_locality loc;
     if (y->ndim == 3) { /* slot mode: contributions straight into y, zeros where not local */
-        MOE_CHECK(routed(s, p, x, w13, w2, ids, w, y->data, &loc));
+        MOE_CHECK(routed(s, p, x, w13, w2, ids, w, y->data, &loc, NULL, NULL));
         if (!p->slots_local_only)
             KC_LAUNCH(kc_launch_zero_nonlocal(x->dtype, loc, y->data, T * K, H, s->pdl, s->stream), "slot zeros");
         return MOE_OK;
     }
     MOE_CHECK(buf_ensure(s, &s->slots, (size_t)(T * K) * (size_t)H * moe_dtype_size(x->dtype)));
-    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p, &loc));
-    KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, loc, NULL, y->data, T, (int32_t)K, H, s->pdl, s->stream), "sum");
+    bool folded = false;
+    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p, &loc, y->data, &folded));
+    if (!folded)
+        KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, loc, NULL, y->data, T, (int32_t)K, H, s->pdl, s->stream),
+                  "sum");
     return MOE_OK;
 }
 
@@ -572,7 +650,7 @@ static moe_status cuda_moe_forward(kern_ctx_t *ctx, const kern_experts_params *p
     MOE_CHECK(shared_run(s, se, x, s->sh_out.p, s->side));
     MOE_CUDA_CHECK(cudaEventRecord(s->ev_join, s->side));
     kc_locality loc;
-    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p, &loc));
+    MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p, &loc, NULL, NULL));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(s->stream, s->ev_join, 0));
     KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, loc, s->sh_out.p, y->data, T, (int32_t)K, H, s->pdl, s->stream),
               "sum");
@@ -712,6 +790,28 @@ moe_status kern_cuda_set_small_max(kern_ctx_t *ctx, int32_t max_pairs) {
 moe_status kern_cuda_set_fused(kern_ctx_t *ctx, bool on) {
     MOE_CHECK(require_cuda_ctx(ctx));
     st_of(ctx)->fused = on;
+    return MOE_OK;
+}
+
+moe_status kern_cuda_set_small_opts(kern_ctx_t *ctx, uint32_t opts) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    MOE_REQUIRE(opts <= KERN_CUDA_SMALL_ALL, MOE_ERR_INVALID_ARG, "kern_cuda_set_small_opts: unknown bits in 0x%x",
+                (unsigned)opts);
+    st_of(ctx)->small_opts = opts;
+    return MOE_OK;
+}
+
+uint32_t kern_cuda_get_small_opts(const kern_ctx_t *ctx) {
+    if (!ctx || ctx->ops != &kern_cuda_ops || !ctx->impl)
+        return 0;
+    return ((const kc_state *)ctx->impl)->small_opts;
+}
+
+moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    MOE_REQUIRE(kernels >= 0 && kernels <= 2, MOE_ERR_INVALID_ARG, "kern_cuda_set_lab_stop: %d not in [0, 2]",
+                (int)kernels);
+    st_of(ctx)->lab_stop = kernels;
     return MOE_OK;
 }
 

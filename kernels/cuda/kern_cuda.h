@@ -66,6 +66,36 @@ moe_status kern_cuda_set_small_max(kern_ctx_t *ctx, int32_t max_pairs);
  * bits either way. */
 moe_status kern_cuda_set_fused(kern_ctx_t *ctx, bool on);
 
+/* Options of the alignment-free (small-T) mode, a mask of these bits; the same bits either way.
+ *   FOLD_SUM: in sum mode (kern_fused_experts without a shared expert), the down product's
+ *     CTAs also do the sum over top-k: the one whose contribution completes a token's row block
+ *     sums its slots in slot order (integer counters, no floating-point atomics; the separate
+ *     sum kernel is not launched).
+ *   PREFETCH_W2: the gate-up CTAs prefetch the down weights of their experts into the L2
+ *     (sm_90 bulk prefetch), as much as fits in 60% of it.
+ *   EVICT_FIRST: with PREFETCH_W2, the gate-up weight loads carry the L2 evict_first policy.
+ *   PREFETCH_DOWN: each down CTA prefetches its own weight rows into the L2 before it waits
+ *     for the gate-up results (sm_90).
+ *   SHALLOW_DOWN: with PREFETCH_W2 in effect, the down tiles (1, 8) and (1, 16) with 4 stages
+ *     instead of 8, so that all of their CTAs fit on the SMs beside the gate-up CTAs.
+ * The default is in kern_cuda.c (KC_SMALL_OPTS_DEFAULT); MOE_CUDA_SMALL_OPTS=N in the
+ * environment overrides it at context creation (the lab's and the benchmark's before/after). */
+enum {
+    KERN_CUDA_SMALL_FOLD_SUM = 1,
+    KERN_CUDA_SMALL_PREFETCH_W2 = 2,
+    KERN_CUDA_SMALL_EVICT_FIRST = 4,
+    KERN_CUDA_SMALL_PREFETCH_DOWN = 8,
+    KERN_CUDA_SMALL_SHALLOW_DOWN = 16,
+    KERN_CUDA_SMALL_ALL = 31
+};
+moe_status kern_cuda_set_small_opts(kern_ctx_t *ctx, uint32_t opts);
+uint32_t kern_cuda_get_small_opts(const kern_ctx_t *ctx);
+
+/* The kernel lab only: each kern_fused_experts call enqueues only its first `kernels` product
+ * kernels (1: gate-up; 2: gate-up and down; the sum is left out for either; 0: everything, the
+ * default), so that the lab can time the parts of a call. The output is then not written. */
+moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels);
+
 /* Programmatic dependent launch between the kernels of a call (on by default on sm_90: the
  * next kernel starts streaming its weights while the previous one finishes). */
 moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on);

@@ -21,8 +21,17 @@
  * --ab: the 128-column TMA tiles ((5, 128), (7, 128), (8, 128), with and without PDL) in
  * interleaved rounds on five large-T cases (ab_compare).
  *
+ * --small: the alignment-free mode's options (kern_cuda_set_small_opts), numbered variants in
+ * the same manner: variant 3.M is the automatic tile with option mask M (bit 1: the sum over
+ * top-k folded into the down product; 2: the gate-up CTAs prefetch the down weights into the
+ * L2; 4: with 2, the gate-up weights loaded evict_first; 8: each down CTA prefetches its own
+ * rows before its PDL wait; 16: with 2, the small down tiles with 4 stages instead of 8). On seven small-T cases: bits of every mask == mask 0 (which the
+ * GPU tests hold against the CPU reference), every element written, two runs the same; then
+ * interleaved rounds of all masks; then the parts of a call (gate-up alone, gate-up + down,
+ * everything: kern_cuda_set_lab_stop) for masks 0, 7 and 23 (small_compare).
+ *
  * Build: bazel build //kernels/dev:lab_experts; run on a GPU host:
- *   lab_experts [--check-only | --from-T N | --one MODEL T | --ep W | --ab]
+ *   lab_experts [--check-only | --from-T N | --one MODEL T | --ep W | --ab | --small]
  */
 #include <math.h>
 #include <stdio.h>
@@ -459,6 +468,121 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     lab_timer_free(&tm);
 }
 
+/* ---- --small: the alignment-free mode's options ------------------------------------------
+ * Napkin math (T = 1): Qwen3-30B-A3B reads 8 experts x 3 x 2048 x 768 x 2 = 75.5 MB (gate-up
+ * 50.3, down 25.2): 25 us at 3.0 TB/s; DeepSeek-V2-Lite 6 x 3 x 2048 x 1408 x 2 = 104 MB
+ * (69 + 35): 35 us. Run 14: 49.8 and 57.3 us (ncu of run 5: gate-up 25.4 / 31.8 us, down
+ * 15.1 / 18.4, sum 7.8 / 6.8, one after the other). */
+static int small_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
+    static const struct {
+        int mi;
+        int64_t T;
+    } cases[] = {{1, 1}, {2, 1}, {0, 1}, {1, 2}, {1, 4}, {1, 8}, {2, 8}};
+    static const uint32_t masks[] = {0, 1, 2, 3, 6, 7, 8, 9, 15, 22, 23, 31};
+    enum { NC = sizeof cases / sizeof cases[0], NM = sizeof masks / sizeof masks[0], ROUNDS = 21 };
+    lab_timer tm;
+    lab_timer_init(&tm);
+    cudaStream_t st = (cudaStream_t)kern_cuda_stream(gpu);
+    const uint32_t saved = kern_cuda_get_small_opts(gpu);
+    int bad = 0;
+    static double t[NC][NM][ROUNDS];
+    static const uint32_t part_masks[3] = {0, 7, 23};
+    static double parts[NC][3][3][ROUNDS];
+    printf("\n--small: the alignment-free mode's option masks (automatic tile, %s)\n", prop->name);
+    printf("| model | T | masks with the bits of mask 0, every element written, 2 runs equal |\n|---|---|---|\n");
+    int last_mi = -1;
+    lab_bufs b;
+    for (int c = 0; c < NC; c++) {
+        const int mi = cases[c].mi;
+        const int64_t E = lab_models[mi].E, K = lab_models[mi].K, H = lab_models[mi].H, I = lab_models[mi].I, TM = 64;
+        if (mi != last_mi) {
+            if (last_mi >= 0)
+                lab_bufs_free(&b);
+            lab_bufs_init(&b, gpu, mi, TM, (size_t)(TM * H) * 2, 1 + (uint64_t)mi);
+            last_mi = mi;
+        }
+        const int64_t T = cases[c].T;
+        kern_experts_params p = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU};
+        moe_tensor t13 = moe_tensor_view3(b.w13, MOE_DTYPE_BF16, E, 2 * I, H),
+                   t2 = moe_tensor_view3(b.w2, MOE_DTYPE_BF16, E, H, I);
+        moe_tensor vx = moe_tensor_view2(b.x, MOE_DTYPE_BF16, T, H), vi = moe_tensor_view2(b.ids, MOE_DTYPE_I32, T, K),
+                   vw = moe_tensor_view2(b.w, MOE_DTYPE_F32, T, K), vy = moe_tensor_view2(b.y, MOE_DTYPE_BF16, T, H);
+        const size_t nbytes = (size_t)(T * H) * 2;
+        uint16_t *first = malloc(nbytes), *got = malloc(nbytes);
+        int n_ok = 0;
+        char fails[256] = "";
+        for (int m = 0; m < NM; m++) {
+            LB_CHECK(kern_cuda_set_small_opts(gpu, masks[m]));
+            bool ok = true;
+            for (int rep = 0; rep < 2; rep++) {
+                LB_CUDA(cudaMemsetAsync(b.y, 0xFF, nbytes, st));
+                LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
+                LB_CHECK(kern_ctx_sync(gpu));
+                LB_CUDA(cudaMemcpy(got, b.y, nbytes, cudaMemcpyDeviceToHost));
+                int64_t unwritten = 0;
+                for (int64_t i = 0; i < T * H; i++)
+                    unwritten += got[i] == 0xFFFF;
+                if (m == 0 && rep == 0)
+                    memcpy(first, got, nbytes);
+                ok = ok && unwritten == 0 && memcmp(first, got, nbytes) == 0;
+            }
+            n_ok += ok;
+            if (!ok) {
+                bad++;
+                snprintf(fails + strlen(fails), sizeof fails - strlen(fails), " %u:FAILED", (unsigned)masks[m]);
+            }
+        }
+        printf("| %s | %lld | %d of %d%s |\n", lab_models[mi].name, (long long)T, n_ok, (int)NM, fails);
+        fflush(stdout);
+        free(first);
+        free(got);
+        for (int r = 0; r < ROUNDS; r++) {
+            for (int m = 0; m < NM; m++) {
+                LB_CHECK(kern_cuda_set_small_opts(gpu, masks[m]));
+                t[c][m][r] = lab_time_fused(&tm, gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy, 5);
+            }
+            for (int v = 0; v < 3; v++) {
+                LB_CHECK(kern_cuda_set_small_opts(gpu, part_masks[v]));
+                for (int stop = 1; stop <= 3; stop++) {
+                    LB_CHECK(kern_cuda_set_lab_stop(gpu, stop == 3 ? 0 : stop));
+                    parts[c][v][stop - 1][r] = lab_time_fused(&tm, gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy, 5);
+                }
+                LB_CHECK(kern_cuda_set_lab_stop(gpu, 0));
+            }
+        }
+    }
+    if (last_mi >= 0)
+        lab_bufs_free(&b);
+    printf("\n| model | T |");
+    for (int m = 0; m < NM; m++)
+        printf(" 3.%u |", (unsigned)masks[m]);
+    printf("\n|---|---|");
+    for (int m = 0; m < NM; m++)
+        printf("---|");
+    printf("\n");
+    for (int c = 0; c < NC; c++) {
+        printf("| %s | %lld |", lab_models[cases[c].mi].name, (long long)cases[c].T);
+        for (int m = 0; m < NM; m++)
+            printf(" %.1f |", dev_median(t[c][m], ROUNDS));
+        printf("\n");
+    }
+    printf("(us: median over %d interleaved rounds of median-of-5, L2 flushed before each call)\n", (int)ROUNDS);
+    printf("\nparts of a call (us; gate-up alone | gate-up + down | the whole call), masks 0, 7, 23\n");
+    printf("| model | T | 3.0 gate-up | 3.0 + down | 3.0 all | 3.7 gate-up | 3.7 + down | 3.7 all | 3.23 gate-up | "
+           "3.23 + down | 3.23 all |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (int c = 0; c < NC; c++) {
+        printf("| %s | %lld |", lab_models[cases[c].mi].name, (long long)cases[c].T);
+        for (int v = 0; v < 3; v++)
+            for (int k = 0; k < 3; k++)
+                printf(" %.1f |", dev_median(parts[c][v][k], ROUNDS));
+        printf("\n");
+    }
+    LB_CHECK(kern_cuda_set_small_opts(gpu, saved));
+    lab_timer_free(&tm);
+    (void)st;
+    return bad;
+}
+
 typedef struct lb_row {
     char model[24];
     int64_t T;
@@ -491,6 +615,13 @@ int main(int argc, char **argv) {
     struct cudaDeviceProp prop;
     LB_CUDA(cudaGetDeviceProperties(&prop, 0));
     printf("lab_experts on %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+    if (argc > 1 && strcmp(argv[1], "--small") == 0) {
+        int rc = small_compare(gpu, &prop);
+        kern_ctx_free(gpu);
+        kern_ctx_free(cpu);
+        printf("--small: %s\n", rc ? "FAILED" : "all masks the same bits");
+        return rc ? 1 : 0;
+    }
     if (argc > 1 && strcmp(argv[1], "--ab") == 0) {
         ab_compare(gpu, &prop);
         kern_ctx_free(gpu);

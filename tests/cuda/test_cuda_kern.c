@@ -5,7 +5,7 @@
  * passes, guard bytes around each device output must survive, bf16/fp16 relative error
  * <= 1e-2. Also: routing ids identical to the CPU's; the sum over slots bit-identical to the
  * CPU's and between runs; a token's output bit-identical alone, in a batch of 7 and in a
- * batch of 4096 (row independence), and across every compiled tile; device-side errors (bad
+ * batch of 4096 (row independence), and across every compiled tile and small-T option; device-side errors (bad
  * ids, bad map entries, non-finite weights) reported by kern_ctx_sync without any write out of
  * bounds.
  *
@@ -422,6 +422,100 @@ static void test_fused_slot_mode_expert_map(void **state) {
 }
 
 /* ------------------------------------------------------------------------------------------
+ * The small-T options (kern_cuda_set_small_opts): the folded sum over top-k, the L2 prefetch
+ * of the down weights, evict_first, the down CTAs' own prefetch. Every mask gives the bits of
+ * mask 0 (the separate sum kernel), on both paths, also with an expert map (tokens none of
+ * whose slots are held here: +0.0 rows), duplicate expert ids in a token, several column
+ * chunks per expert, fp16 and the weight on the input; the folded sum is the same bits twice.
+ * ---------------------------------------------------------------------------------------- */
+typedef struct small_case {
+    moe_dtype dt;
+    shape shp;
+    bool map, dup, woi;
+    int32_t small_max;
+} small_case;
+
+static void test_small_opts(void **state) {
+    (void)state;
+    static const uint32_t masks[] = {
+        0,
+        KERN_CUDA_SMALL_FOLD_SUM,
+        KERN_CUDA_SMALL_PREFETCH_W2 | KERN_CUDA_SMALL_EVICT_FIRST,
+        KERN_CUDA_SMALL_PREFETCH_DOWN,
+        KERN_CUDA_SMALL_FOLD_SUM | KERN_CUDA_SMALL_PREFETCH_W2 | KERN_CUDA_SMALL_EVICT_FIRST,
+        KERN_CUDA_SMALL_FOLD_SUM | KERN_CUDA_SMALL_PREFETCH_W2 | KERN_CUDA_SMALL_EVICT_FIRST |
+            KERN_CUDA_SMALL_SHALLOW_DOWN,
+        KERN_CUDA_SMALL_ALL,
+    };
+    const small_case cases[] = {
+        {MOE_DTYPE_BF16, {1, 8, 2, 256, 128}, false, false, false, 64},   /* one token */
+        {MOE_DTYPE_BF16, {1, 8, 8, 1024, 384}, false, false, false, 64},  /* Qwen3-like, all experts */
+        {MOE_DTYPE_BF16, {7, 16, 6, 192, 96}, false, false, false, 64},   /* K = 6, M tails */
+        {MOE_DTYPE_BF16, {33, 16, 4, 192, 96}, false, false, false, 256}, /* several chunks per expert */
+        {MOE_DTYPE_BF16, {45, 16, 4, 256, 64}, true, false, false, 256},  /* expert map: empty tokens */
+        {MOE_DTYPE_BF16, {5, 8, 4, 256, 128}, false, true, false, 64},    /* duplicate ids in a token */
+        {MOE_DTYPE_F16, {5, 8, 2, 256, 128}, false, false, true, 64},     /* fp16, weight on input */
+    };
+    int32_t map[16];
+    int32_t n_held = 0;
+    for (int e = 0; e < 16; e++)
+        map[e] = e % 3 == 1 ? n_held++ : -1;
+    const uint32_t saved = kern_cuda_get_small_opts(g_gpu);
+    kern_cuda_path ps[2];
+    const int np = paths(ps);
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const small_case *c = &cases[ci];
+        moe_rng r;
+        moe_rng_seed(&r, g_seed ^ (0x90 + ci));
+        prob pr;
+        prob_init(&pr, &r, c->dt, c->shp.T, c->shp.E, c->shp.K, c->shp.H, c->shp.I, c->map ? map : NULL, n_held);
+        pr.p.weight_on_input = c->woi;
+        if (c->dup) { /* token 2: slot 1 has the expert of slot 0 */
+            int32_t *id = pr.ids.data;
+            id[2 * c->shp.K + 1] = id[2 * c->shp.K];
+            ct_upload(&pr.dids, &pr.ids);
+        }
+        moe_tensor ref;
+        run_cpu(&pr, false, &ref);
+        CT_OK(kern_cuda_set_small_max(g_gpu, c->small_max));
+        for (int pi = 0; pi < np; pi++) {
+            CT_OK(kern_cuda_set_path(g_gpu, ps[pi]));
+            moe_tensor base = {0};
+            for (size_t mi = 0; mi < sizeof masks / sizeof masks[0]; mi++) {
+                CT_OK(kern_cuda_set_small_opts(g_gpu, masks[mi]));
+                char what[160];
+                snprintf(what, sizeof what, "small opts 0x%x %s T=%lld E=%d K=%d H=%lld I=%lld%s%s%s path %s",
+                         (unsigned)masks[mi], moe_dtype_name(c->dt), (long long)c->shp.T, (int)c->shp.E,
+                         (int)c->shp.K, (long long)c->shp.H, (long long)c->shp.I, c->map ? " map" : "",
+                         c->dup ? " dup" : "", c->woi ? " w-on-input" : "",
+                         ps[pi] == KERN_CUDA_PATH_WGMMA ? "wgmma" : "mma");
+                moe_tensor got;
+                run_gpu(&pr, false, &got);
+                ct_compare(&got, &ref, 1e-2, what);
+                if (!base.data) {
+                    base = got;
+                    continue;
+                }
+                if (!bits_equal(&got, &base))
+                    fail_msg("%s: bits differ from mask 0 (the separate sum)", what);
+                moe_tensor again;
+                run_gpu(&pr, false, &again);
+                if (!bits_equal(&again, &got))
+                    fail_msg("%s: two runs differ", what);
+                moe_tensor_free(&again);
+                moe_tensor_free(&got);
+            }
+            moe_tensor_free(&base);
+        }
+        CT_OK(kern_cuda_set_path(g_gpu, KERN_CUDA_PATH_AUTO));
+        CT_OK(kern_cuda_set_small_max(g_gpu, 64));
+        moe_tensor_free(&ref);
+        prob_free(&pr);
+    }
+    CT_OK(kern_cuda_set_small_opts(g_gpu, saved));
+}
+
+/* ------------------------------------------------------------------------------------------
  * Determinism and row independence.
  * ---------------------------------------------------------------------------------------- */
 static void test_row_independence(void **state) {
@@ -605,12 +699,12 @@ static void test_shared_and_forward(void **state) {
 }
 
 /* Router logits: against the CPU's fixed-order sums (fp32, tolerance for the different order),
- * and row-independent bits (a row alone equals the row in a batch). */
-static void test_router_logits(void **state) {
-    (void)state;
+ * and row-independent bits (a row alone equals the row in a batch). Shapes: a partial last CTA
+ * of tokens, warps that take several experts each (many tokens), and a hidden size whose rows
+ * fit only three to a CTA. */
+static void router_logits_case(int64_t T, int64_t E, int64_t H, uint64_t salt) {
     moe_rng r;
-    moe_rng_seed(&r, g_seed ^ 0x90);
-    const int64_t T = 37, E = 64, H = 1024;
+    moe_rng_seed(&r, g_seed ^ salt);
     moe_tensor x, rt, lc, lg, l1;
     ct_host_randn(&x, MOE_DTYPE_BF16, 2, (int64_t[]){T, H}, &r, 1.0f);
     ct_host_randn(&rt, MOE_DTYPE_F32, 2, (int64_t[]){E, H}, &r, 0.05f);
@@ -636,7 +730,8 @@ static void test_router_logits(void **state) {
     ct_dev_check_guards(&dl, "router logits");
     ct_compare(&lg, &lc, 1e-4, "router logits");
     if (memcmp((float *)lg.data + 5 * E, l1.data, sizeof(float) * (size_t)E) != 0)
-        fail_msg("router logits: row 5 alone differs from row 5 in the batch");
+        fail_msg("router logits (T %lld, E %lld, H %lld): row 5 alone differs from row 5 in the batch", (long long)T,
+                 (long long)E, (long long)H);
     moe_tensor_free(&x);
     moe_tensor_free(&rt);
     moe_tensor_free(&lc);
@@ -646,6 +741,13 @@ static void test_router_logits(void **state) {
     ct_dev_free(&dr);
     ct_dev_free(&dl);
     ct_dev_free(&dl1);
+}
+
+static void test_router_logits(void **state) {
+    (void)state;
+    router_logits_case(37, 64, 1024, 0x90);
+    router_logits_case(600, 64, 1024, 0x91);
+    router_logits_case(10, 256, 7168, 0x92);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -727,6 +829,7 @@ int main(void) {
         cmocka_unit_test(test_fused_sum_f16),
         cmocka_unit_test(test_fused_acts_and_weight_on_input),
         cmocka_unit_test(test_fused_slot_mode_expert_map),
+        cmocka_unit_test(test_small_opts),
         cmocka_unit_test(test_row_independence),
         cmocka_unit_test(test_moe_sum_exact),
         cmocka_unit_test(test_shared_and_forward),
