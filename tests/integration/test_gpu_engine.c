@@ -180,9 +180,18 @@ static void test_gpu_against_reference_and_bits(void **state) {
     }
     fprintf(stderr, "1 GPU: %d requests, worst normalized error vs the CPU reference %.2e\n", NR, worst);
     /* The requests arrive together and two steps are in flight: a worker receives the next step
-     * during the current one and copies its inputs then (the bits above and below include those
-     * steps). */
+     * during the current one and copies its inputs then. Whether a STEP arrives before the
+     * current step's wait ends is a race, so the same run is repeated (up to 5 times) until
+     * such a step has run; every repeat must give the first run's bits. */
     fprintf(stderr, "1 GPU: %.0f of %.0f steps had their inputs copied during the step before\n", g_staged, g_steps);
+    for (int rep = 1; rep < 5 && g_staged < 1; rep++) {
+        uint8_t *o = run_all((const char *[]){"--model", model_dir, "--gpus", "0", NULL}, &t2);
+        assert_int_equal(t2, total);
+        assert_memory_equal(o, base, total);
+        fprintf(stderr, "1 GPU, repeat %d: the same bits; %.0f of %.0f steps so far staged ahead\n", rep, g_staged,
+                g_steps);
+        free(o);
+    }
     assert_true(g_steps >= 2 && g_staged >= 1);
     if (n_gpus < 2) {
         fprintf(stderr, "one GPU in MOE_TEST_GPUS: the 2-GPU bit checks did not run\n");

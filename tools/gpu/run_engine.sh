@@ -17,7 +17,7 @@
 #             ZeroMQ echo (tcp and ipc) per request size                          -> e2e.log
 # Output in $OUT (default /tmp/moe-gpu-engine); a summary is printed last.
 # Environment: BUNDLE (default .bundle/engine), OUT, GPUS (default: every GPU), TOKENS, CLIENTS,
-# TEST_TIMEOUT, SCALE_TIMEOUT, DSV3_TIMEOUT, E2E_TIMEOUT (seconds).
+# TEST_TIMEOUT, SCALE_TIMEOUT, DSV3_TIMEOUT, E2E_TIMEOUT (seconds), E2E_TOKENS, E2E_ITERS.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -124,8 +124,8 @@ if want e2e; then
   echo "== bench_engine --gpu 0"
   m=""; [ -d /tmp/moe-scaleout-qwen3 ] && m="--model /tmp/moe-scaleout-qwen3"
   # shellcheck disable=SC2086
-  timeout "${E2E_TIMEOUT:-80}" "$BUNDLE/bin/bench_engine" --engine "$MOE_ENGINE" --gpu 0 $m --tokens 1,16,128,1024,4096 --iters 30 \
-    >"$OUT/e2e.log" 2>&1 || rc=1
-  grep -v "^20.*Z [IW]" "$OUT/e2e.log" | tail -10
+  timeout "${E2E_TIMEOUT:-80}" "$BUNDLE/bin/bench_engine" --engine "$MOE_ENGINE" --gpu 0 $m --tokens "${E2E_TOKENS:-1,16,128,1024,4096}" \
+    --iters "${E2E_ITERS:-30}" >"$OUT/e2e.log" 2>&1 || rc=1
+  grep -v "^20.*Z [IW]" "$OUT/e2e.log" | tail -20
 fi
 exit $rc
