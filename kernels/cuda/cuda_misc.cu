@@ -74,6 +74,29 @@ __device__ __forceinline__ void kc_block_scan_fill(const int32_t *cnt, int32_t n
     }
 }
 
+/* The checks of pair p, shared by both alignments: a non-finite weight, an id out of range or a
+ * map entry out of [-1, n_local) is recorded (the first error wins); returns the local expert,
+ * or -1 (held elsewhere, or bad: skipped). */
+static __device__ __forceinline__ int32_t kc_align_check(const int32_t *ids, const float *w, int64_t p, int32_t K,
+                                                         const int32_t *map, int32_t E, int32_t n_local,
+                                                         kc_errsink err) {
+    const int32_t id = ids[p];
+    const float wt = w[p];
+    const int32_t t = (int32_t)(p / K), k = (int32_t)(p % K);
+    if (!isfinite(wt))
+        kc_record_err(err, KC_ERR_WEIGHT, t, k, id, wt);
+    if (id < 0 || id >= E) {
+        kc_record_err(err, KC_ERR_ID, t, k, id, wt);
+        return -1;
+    }
+    const int32_t e = map ? map[id] : id;
+    if (e < -1 || e >= n_local) {
+        kc_record_err(err, KC_ERR_MAP, t, k, e, wt);
+        return -1;
+    }
+    return e;
+}
+
 __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     kc_align_kernel(const int32_t *ids, const float *w, int64_t P, int32_t K, const int32_t *map, int32_t E,
                     int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows, int32_t *block_expert,
@@ -92,22 +115,8 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
 
     /* Pass 1: check, count, rank within the expert. */
     for (int64_t p = tid; p < P; p += blockDim.x) {
-        const int32_t id = ids[p];
-        const float wt = w[p];
-        const int32_t t = (int32_t)(p / K), k = (int32_t)(p % K);
-        if (!isfinite(wt))
-            kc_record_err(err, KC_ERR_WEIGHT, t, k, id, wt);
-        int32_t r = -1;
-        if (id < 0 || id >= E) {
-            kc_record_err(err, KC_ERR_ID, t, k, id, wt);
-        } else {
-            const int32_t e = map ? map[id] : id;
-            if (e < -1 || e >= n_local)
-                kc_record_err(err, KC_ERR_MAP, t, k, e, wt);
-            else if (e >= 0)
-                r = atomicAdd(&cnt[e], 1);
-        }
-        pair_pos[p] = r;
+        const int32_t e = kc_align_check(ids, w, p, K, map, E, n_local, err);
+        pair_pos[p] = e >= 0 ? atomicAdd(&cnt[e], 1) : -1;
     }
     __syncthreads();
 
@@ -169,21 +178,10 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
         my_r[i] = -1;
         if (p >= p1)
             continue;
-        const int32_t id = ids[p];
-        const float wt = w[p];
-        const int32_t t = (int32_t)(p / K), k = (int32_t)(p % K);
-        if (!isfinite(wt))
-            kc_record_err(err, KC_ERR_WEIGHT, t, k, id, wt);
-        if (id < 0 || id >= E) {
-            kc_record_err(err, KC_ERR_ID, t, k, id, wt);
-        } else {
-            const int32_t e = map ? map[id] : id;
-            if (e < -1 || e >= n_local)
-                kc_record_err(err, KC_ERR_MAP, t, k, e, wt);
-            else if (e >= 0) {
-                my_e[i] = e;
-                my_r[i] = atomicAdd(&lcnt[e], 1);
-            }
+        const int32_t e = kc_align_check(ids, w, p, K, map, E, n_local, err);
+        if (e >= 0) {
+            my_e[i] = e;
+            my_r[i] = atomicAdd(&lcnt[e], 1);
         }
     }
     __syncthreads();

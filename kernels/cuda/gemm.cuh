@@ -167,19 +167,17 @@ KC_WG_OP(__half, f16, 128)
  * the CTAs that stream W2 at small T (lab run 4: the down product at T = 1 had too few). */
 __host__ __device__ constexpr int kc_accb(int mode, int bn) { return (mode == KC_MODE_DOWN && bn <= 16) ? 1 : 2; }
 
-template <int NWG, int BN, int ACCB = 2, int SMAX = 8> struct kc_tile {
+template <int NWG, int BN, int ACCB = 2> struct kc_tile {
     static constexpr int threads = 128 * NWG;
     static constexpr int a_rows = 64 * ACCB * NWG;
     static constexpr int a_bytes = a_rows * 128;
     static constexpr int b_bytes = BN * 128;
     static constexpr int stage_bytes = a_bytes + b_bytes;
-    /* As many stages as fit in ~200 KB, between 4 and SMAX (8): the small tiles are memory-bound
-     * and want bytes in flight, the large ones fit 4. SMAX = 4: the small down tiles whose
-     * weights were prefetched into the L2 (KERN_CUDA_SMALL_SHALLOW_DOWN): 2 stages of lead from
-     * the L2 are enough, and 4-5 CTAs fit per SM beside a gate-up CTA, so that every down CTA is
-     * resident while gate-up runs. */
+    /* As many stages as fit in ~200 KB, between 4 and 8: the small tiles are memory-bound
+     * and want bytes in flight, the large ones fit 4. (Run 15 measured 4 stages for the small
+     * down tiles, so that all of their CTAs fit beside gate-up at T = 1: 1-2 us slower.) */
     static constexpr int stages_fit = (200 * 1024) / stage_bytes;
-    static constexpr int stages = stages_fit > SMAX ? SMAX : (stages_fit < 4 ? 4 : stages_fit);
+    static constexpr int stages = stages_fit > 8 ? 8 : (stages_fit < 4 ? 4 : stages_fit);
     static constexpr int smem = stages * stage_bytes + 1024; /* + alignment slack */
 };
 
@@ -234,28 +232,39 @@ static __device__ __forceinline__ uint64_t kc_policy_evict_first() {
 #endif
     return pol;
 }
-/* Bulk prefetch of [p, p + bytes) into the L2 (p and bytes multiples of 16; sm_90). */
-static __device__ __forceinline__ void kc_prefetch_l2(const void *p, uint32_t bytes) {
+static __device__ __forceinline__ uint64_t kc_policy_evict_last() {
+    uint64_t pol = 0;
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(pol));
+#endif
+    return pol;
+}
+/* Bulk prefetch of [p, p + bytes) into the L2 with a cache policy (p and bytes multiples of 16;
+ * sm_90). */
+static __device__ __forceinline__ void kc_prefetch_l2(const void *p, uint32_t bytes, uint64_t pol) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;\n" ::"l"(p), "r"(bytes), "l"(pol)
+                 : "memory");
 #endif
 }
-/* Rows [r0, r1) of a row-major matrix of row_bytes per row into the L2, the last `tail` bytes
- * of each row (tail == row_bytes: the rows are contiguous, in 16 KB pieces), spread over the
- * 32 lanes of the calling warp. */
+/* Rows [r0, r1) of a row-major matrix of row_bytes per row into the L2 (evict_last: they must
+ * outlive the gate-up stream; the down product's evict_first loads demote them again), the
+ * last `tail` bytes of each row (tail == row_bytes: the rows are contiguous, in 16 KB pieces),
+ * spread over the 32 lanes of the calling warp. */
 #define KC_PF_PIECE 16384
 static __device__ __forceinline__ void kc_prefetch_rows(const char *base, int r0, int r1, int row_bytes, int tail,
                                                         int lane) {
     if (r1 <= r0 || tail <= 0)
         return;
+    const uint64_t pol = kc_policy_evict_last();
     if (tail >= row_bytes) {
         const char *p0 = base + (size_t)r0 * row_bytes;
         const size_t n = (size_t)(r1 - r0) * row_bytes;
         for (size_t off = (size_t)lane * KC_PF_PIECE; off < n; off += 32 * (size_t)KC_PF_PIECE)
-            kc_prefetch_l2(p0 + off, (uint32_t)(n - off < KC_PF_PIECE ? n - off : KC_PF_PIECE));
+            kc_prefetch_l2(p0 + off, (uint32_t)(n - off < KC_PF_PIECE ? n - off : KC_PF_PIECE), pol);
     } else {
         for (int r = r0 + lane; r < r1; r += 32)
-            kc_prefetch_l2(base + (size_t)r * row_bytes + (row_bytes - tail), (uint32_t)tail);
+            kc_prefetch_l2(base + (size_t)r * row_bytes + (row_bytes - tail), (uint32_t)tail, pol);
     }
 }
 
@@ -290,15 +299,27 @@ static __device__ __forceinline__ void kc_fold_sum8(const kc_gemm_args &a, int t
     for (int i = 0; i < 8; i++)
         acc[i] = 0.0f;
     const T *slots = (const T *)a.out;
-    for (int k = 0; k < a.top_k; k++) {
-        const int p = t * a.top_k + k;
-        if (kc_local_of(a, p) < 0)
-            continue;
-        const uint4 u = __ldcg((const uint4 *)(slots + (size_t)p * a.out_ld + r));
-        const T *v = (const T *)&u;
+    /* Eight slots at a time: their loads issued together (run 15: one dependent load after
+     * another cost the down product ~5 us at T = 1), the additions in slot order. */
+    for (int k0 = 0; k0 < a.top_k; k0 += 8) {
+        bool held[8];
+        uint4 u[8];
 #pragma unroll
-        for (int i = 0; i < 8; i++)
-            acc[i] += kc_elem<T>::to_f(v[i]);
+        for (int kk = 0; kk < 8; kk++)
+            held[kk] = k0 + kk < a.top_k && kc_local_of(a, t * a.top_k + k0 + kk) >= 0;
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++)
+            if (held[kk])
+                u[kk] = __ldcg((const uint4 *)(slots + (size_t)(t * a.top_k + k0 + kk) * a.out_ld + r));
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            if (!held[kk])
+                continue;
+            const T *v = (const T *)&u[kk];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                acc[i] += kc_elem<T>::to_f(v[i]);
+        }
     }
     uint4 o;
     T *ov = (T *)&o;
@@ -308,10 +329,10 @@ static __device__ __forceinline__ void kc_fold_sum8(const kc_gemm_args &a, int t
     *(uint4 *)((T *)a.fold_y + (size_t)t * a.M + r) = o;
 }
 
-template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false, int SMAX = 8>
+template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false>
 __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb, const int rb, const kc_fuse_sync fs) {
     constexpr int ACCB = kc_accb(MODE, BN);
-    typedef kc_tile<NWG, BN, ACCB, SMAX> TL;
+    typedef kc_tile<NWG, BN, ACCB> TL;
     constexpr int S = TL::stages;
     constexpr bool DEEP_ = DEEP || PATH == KC_PATH_MMA; /* mma.sync is synchronous: its stages free at the barrier */
     constexpr int D = DEEP_ ? S - 1 : S - 2; /* prefetch distance */
@@ -372,44 +393,7 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
         }
         if (e < 0)
             return;
-        int dup = 0;
-        for (int j = tid; j < nb; j += TL::threads)
-            dup |= kc_local_of(a, j) == e;
-        if (__syncthreads_or(dup))
-            return;
         expert = e;
-        if (!fs.fused && tid < 32) {
-            /* Gate-up: the down weights of this expert into the L2 while this product streams
-             * its own (they depend on nothing this launch computes); down: its own rows,
-             * before the PDL wait. */
-            if (MODE == KC_MODE_GATE_UP && a.pf_w) {
-                const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
-                const int r0 = (int)((long)rb * a.pf_rows / n_rb), r1 = (int)((long)(rb + 1) * a.pf_rows / n_rb);
-                kc_prefetch_rows((const char *)a.pf_w + (size_t)e * a.pf_rows * a.pf_row_bytes, r0, r1,
-                                 a.pf_row_bytes, a.pf_tail, tid);
-            }
-            if (MODE == KC_MODE_DOWN && a.pf_self) {
-                const int r0 = rb * rows_per_cta, r1 = r0 + rows_per_cta < M ? r0 + rows_per_cta : M;
-                const int rowb = K * (int)sizeof(T);
-                kc_prefetch_rows((const char *)a.w + (size_t)e * a.w_rows * rowb, r0, r1, rowb, rowb, tid);
-            }
-        }
-        /* Compact the expert's pairs in pair order (warp 0, 32 at a time). */
-        if (tid < 32) {
-            int cnt = 0;
-            for (int base = 0; base < a.n_pairs; base += 32) {
-                const int p = base + tid;
-                const bool mine = p < a.n_pairs && kc_local_of(a, p) == e;
-                const unsigned bal = __ballot_sync(0xffffffffu, mine);
-                if (mine)
-                    s_list[cnt + __popc(bal & ((1u << tid) - 1u))] = p;
-                cnt += __popc(bal);
-            }
-            if (tid == 0)
-                s_count = cnt;
-        }
-        __syncthreads();
-        n_chunks = (s_count + BN - 1) / BN;
     } else if (!a.dense) {
         if (nb >= *a.n_blocks)
             return;
@@ -474,6 +458,53 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
             kc_cp_async16(sb + kc_swz(r, c), src, ok);
         }
     };
+
+    /* Early weight stages (small mode, a.early_a): the first chunk's weight stages are issued
+     * as soon as the expert is known, before the duplicate check and the compaction below
+     * (they land in commit group 0 with the first B stage, as in the chunk loop's prologue). */
+    const bool a_pre = a.small && a.early_a && !fs.fused;
+    if (a_pre) {
+#pragma unroll 1
+        for (int s = 0; s < D; s++)
+            if (s < nk)
+                load_a(s);
+    }
+    if (a.small) {
+        int dup = 0;
+        for (int j = tid; j < nb; j += TL::threads)
+            dup |= kc_local_of(a, j) == expert;
+        if (__syncthreads_or(dup)) {
+            if (a_pre) { /* let the early copies land before the CTA's shared memory goes */
+                kc_cp_commit();
+                kc_cp_wait<0>();
+            }
+            return;
+        }
+        if (MODE == KC_MODE_GATE_UP && a.pf_w && !fs.fused && tid < 32) {
+            /* The down weights of this expert into the L2 while this product streams its own
+             * (they depend on nothing this launch computes). */
+            const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
+            const int r0 = (int)((long)rb * a.pf_rows / n_rb), r1 = (int)((long)(rb + 1) * a.pf_rows / n_rb);
+            kc_prefetch_rows((const char *)a.pf_w + (size_t)expert * a.pf_rows * a.pf_row_bytes, r0, r1,
+                             a.pf_row_bytes, a.pf_tail, tid);
+        }
+        /* Compact the expert's pairs in pair order (warp 0, 32 at a time). */
+        if (tid < 32) {
+            int cnt = 0;
+            for (int base = 0; base < a.n_pairs; base += 32) {
+                const int p = base + tid;
+                const bool mine = p < a.n_pairs && kc_local_of(a, p) == expert;
+                const unsigned bal = __ballot_sync(0xffffffffu, mine);
+                if (mine)
+                    s_list[cnt + __popc(bal & ((1u << tid) - 1u))] = p;
+                cnt += __popc(bal);
+            }
+            if (tid == 0)
+                s_count = cnt;
+        }
+        __syncthreads();
+        n_chunks = (s_count + BN - 1) / BN;
+    }
 
     const int wg = tid >> 7;
     const int warp = (tid >> 5) & 3;
@@ -544,10 +575,12 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
         /* Prologue: the weight stages first (they depend on nothing the previous kernel
          * writes), then, in the down product, the wait for the gate-up results, then B. One
          * commit group per stage; group 0 also holds every prologue weight stage. */
+        if (!(a_pre && chunk == 0)) {
 #pragma unroll 1
-        for (int s = 0; s < D; s++)
-            if (s < nk)
-                load_a(s);
+            for (int s = 0; s < D; s++)
+                if (s < nk)
+                    load_a(s);
+        }
         if (MODE == KC_MODE_DOWN && chunk == 0) {
             if (fs.fused) {
                 if (tid == 0)
@@ -731,7 +764,7 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
 #endif
 }
 
-template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false, int SMAX = 8>
+template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false>
 __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_args a) {
     constexpr int ACCB = kc_accb(MODE, BN);
     const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 64 * ACCB * NWG;
@@ -748,7 +781,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
     if (nb >= max_nb || rb >= n_rb)
         return;
     const kc_fuse_sync fs = {0, nullptr, 0, 0};
-    kc_gemm_tile<T, NWG, BN, PATH, MODE, DEEP, SMAX>(a, nb, rb, fs);
+    kc_gemm_tile<T, NWG, BN, PATH, MODE, DEEP>(a, nb, rb, fs);
 }
 
 /* The small-T path in one persistent launch (one CTA per SM): items 0 .. n_gu-1 are the
@@ -1391,7 +1424,7 @@ static int kc_encode_wmap(CUtensorMap *m, const void *w, long rows, int K, int b
     return r == CUDA_SUCCESS ? 0 : (int)cudaErrorInvalidValue;
 }
 
-template <typename T, int NWG, int BN, int PATH, bool DEEP = false, int SMAX = 8>
+template <typename T, int NWG, int BN, int PATH, bool DEEP = false>
 static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st);
 
 template <typename T, bool BT>
@@ -1870,16 +1903,13 @@ static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     return (int)cudaGetLastError();
 }
 
-/* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel).
- * SMAX != 8 (the shallow small down tiles) is compiled for the down product only. */
-template <typename T, int NWG, int BN, int PATH, bool DEEP, int SMAX>
+/* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
+template <typename T, int NWG, int BN, int PATH, bool DEEP>
 static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
-    if (SMAX != 8 && a->mode != KC_MODE_DOWN)
-        return (int)cudaErrorInvalidValue;
     const int accb = kc_accb(a->mode, BN);
     const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 64 * NWG : 64 * accb * NWG;
-    const int smem = a->mode == KC_MODE_GATE_UP ? kc_tile<NWG, BN, kc_accb(KC_MODE_GATE_UP, BN), SMAX>::smem
-                                                : kc_tile<NWG, BN, kc_accb(KC_MODE_DOWN, BN), SMAX>::smem;
+    const int smem = a->mode == KC_MODE_GATE_UP ? kc_tile<NWG, BN, kc_accb(KC_MODE_GATE_UP, BN)>::smem
+                                                : kc_tile<NWG, BN, kc_accb(KC_MODE_DOWN, BN)>::smem;
     const long n_rb = (a->M + rows_per_cta - 1) / rows_per_cta;
     const long nbl = a->small ? a->n_pairs : a->dense ? (a->n_dense + BN - 1) / BN : a->max_blocks;
     kc_gemm_args aa = *a;
@@ -1898,14 +1928,10 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
     const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
     if (!(attr_done[mi] & bit)) {
-        if constexpr (SMAX != 8)
-            e = cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP, SMAX>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        else
-            e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
-                        : cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
+                    : cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess)
             return (int)e;
         attr_done[mi] |= bit;
@@ -1922,26 +1948,14 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
         cfg.attrs = attr;
         cfg.numAttrs = 1;
     }
-    if constexpr (SMAX != 8)
-        e = cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP, SMAX>, aa);
-    else
-        e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>, aa)
-                    : cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>, aa);
+    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>, aa)
+                : cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>, aa);
     if (e != cudaSuccess)
         return (int)e;
     return (int)cudaGetLastError();
 }
 
-/* A compiled configuration's launch: the small down tiles (1, 8) and (1, 16) also come with
- * 4 stages (a->shallow; the same bits). */
-template <typename T, int NWG, int BN, int PATH>
-static int kc_gemm_launch_sel_t(const kc_gemm_args *a, cudaStream_t st) {
-    if constexpr (NWG == 1 && BN <= 16) {
-        if (a->shallow && a->mode == KC_MODE_DOWN)
-            return kc_gemm_launch_t<T, NWG, BN, PATH, false, 4>(a, st);
-    }
-    return kc_gemm_launch_t<T, NWG, BN, PATH>(a, st);
-}
+
 
 /* The compiled configurations: (path, nwg, bn). */
 #define KC_GEMM_CONFIGS(X)             \
@@ -1961,7 +1975,7 @@ static int kc_gemm_launch_sel_t(const kc_gemm_args *a, cudaStream_t st) {
 /* Defines `extern "C" int NAME(args, path, nwg, bn, stream)` for element type T. */
 #define KC_GEMM_X_(P, W, N)                     \
     if (path == (P) && nwg == (W) && bn == (N)) \
-        return kc_gemm_launch_sel_t<KC_T_, W, N, P>(a, st);
+        return kc_gemm_launch_t<KC_T_, W, N, P>(a, st);
 /* (wgmma, 3, 128): the warp-specialized kernel (a producer warpgroup + two consumers).
  * (wgmma, 4, 128): the (2, 128) tile with S - 1 stages of lead (wgmma waits drain each stage).
  * (wgmma, 5, 128): the (2, 128) tile fed by the copy engine (kc_gemm_tma_kernel), routed rows by cp.async;

@@ -467,15 +467,17 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
         const double budget = KC_PF_L2_SHARE * (double)s->l2_bytes;
         const int64_t row_bytes = I * (int64_t)es;
         int64_t tail = all <= budget ? row_bytes : (int64_t)((double)row_bytes * budget / all) / 16 * 16;
-        if (tail >= row_bytes / 4) {
+        if (tail >= row_bytes * 3 / 4) { /* run 15: partial prefetches (Qwen3 T = 2, 4) lost 6-14 us */
             a.pf_w = w2->data;
             a.pf_rows = (int32_t)H;
             a.pf_row_bytes = (int32_t)row_bytes;
             a.pf_tail = (int32_t)tail;
-            a.evict_first = (s->small_opts & KERN_CUDA_SMALL_EVICT_FIRST) != 0;
         }
     }
-    const bool w2_in_l2 = a.pf_w != NULL;
+    if (small && !fused) {
+        a.evict_first = (s->small_opts & KERN_CUDA_SMALL_EVICT_FIRST) != 0;
+        a.early_a = (s->small_opts & KERN_CUDA_SMALL_EARLY_A) != 0;
+    }
     if (!fused)
         MOE_CHECK(launch_gemm(s, &a, nwg, bn, s->stream, "gate-up"));
     if (s->lab_stop == 1 && folded) {
@@ -486,7 +488,6 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     a.err.claim = NULL;
     a.pf_w = NULL;
     a.pf_rows = a.pf_row_bytes = a.pf_tail = 0;
-    a.evict_first = 0;
 
     a.mode = KC_MODE_DOWN;
     a.w = w2->data;
@@ -501,8 +502,6 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     a.out_ld = (int32_t)H;
     a.topk_w = p->weight_on_input ? NULL : w->data;
     if (small && !fused) {
-        a.pf_self = hopper && (s->small_opts & KERN_CUDA_SMALL_PREFETCH_DOWN) != 0;
-        a.shallow = w2_in_l2 && nwg == 1 && bn <= 16 && (s->small_opts & KERN_CUDA_SMALL_SHALLOW_DOWN) != 0;
         if (fold_y && (s->small_opts & KERN_CUDA_SMALL_FOLD_SUM)) {
             /* counters per (token, row block of at least 64 rows), zeroed when (re)allocated */
             const size_t need = (size_t)T * (size_t)((H + 63) / 64) * sizeof(unsigned long long);

@@ -72,21 +72,20 @@ moe_status kern_cuda_set_fused(kern_ctx_t *ctx, bool on);
  *     sums its slots in slot order (integer counters, no floating-point atomics; the separate
  *     sum kernel is not launched).
  *   PREFETCH_W2: the gate-up CTAs prefetch the down weights of their experts into the L2
- *     (sm_90 bulk prefetch), as much as fits in 60% of it.
- *   EVICT_FIRST: with PREFETCH_W2, the gate-up weight loads carry the L2 evict_first policy.
- *   PREFETCH_DOWN: each down CTA prefetches its own weight rows into the L2 before it waits
- *     for the gate-up results (sm_90).
- *   SHALLOW_DOWN: with PREFETCH_W2 in effect, the down tiles (1, 8) and (1, 16) with 4 stages
- *     instead of 8, so that all of their CTAs fit on the SMs beside the gate-up CTAs.
+ *     (sm_90 bulk prefetch, evict_last), as much as fits in 60% of it.
+ *   EVICT_FIRST: both products' weight loads carry the L2 evict_first policy (streamed once:
+ *     they replace each other in the L2 rather than what was there).
+ *   EARLY_A: the first weight stages are issued as soon as a CTA knows its expert, before the
+ *     duplicate check and the compaction of its pairs.
  * The default is in kern_cuda.c (KC_SMALL_OPTS_DEFAULT); MOE_CUDA_SMALL_OPTS=N in the
- * environment overrides it at context creation (the lab's and the benchmark's before/after). */
+ * environment overrides it at context creation (the lab's and the benchmark's before/after).
+ * Measured in the lab's --small part (docs/PERF.md, runs 15-16). */
 enum {
     KERN_CUDA_SMALL_FOLD_SUM = 1,
     KERN_CUDA_SMALL_PREFETCH_W2 = 2,
     KERN_CUDA_SMALL_EVICT_FIRST = 4,
-    KERN_CUDA_SMALL_PREFETCH_DOWN = 8,
-    KERN_CUDA_SMALL_SHALLOW_DOWN = 16,
-    KERN_CUDA_SMALL_ALL = 31
+    KERN_CUDA_SMALL_EARLY_A = 8,
+    KERN_CUDA_SMALL_ALL = 15
 };
 moe_status kern_cuda_set_small_opts(kern_ctx_t *ctx, uint32_t opts);
 uint32_t kern_cuda_get_small_opts(const kern_ctx_t *ctx);

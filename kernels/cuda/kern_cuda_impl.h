@@ -109,19 +109,17 @@ typedef struct kc_gemm_args {
     int32_t pdl;
     /* Small-mode extras (kc_gemm_kernel only; all zero = off; docs/PERF.md runs 15-16).
      * Gate-up: pf_w != NULL: each working CTA (expert e, row block rb of n_rb) prefetches into
-     * the L2 (cp.async.bulk.prefetch, sm_90) the rows [rb pf_rows / n_rb, (rb + 1) pf_rows / n_rb)
-     * of pf_w[e] ([E_local][pf_rows][pf_row_bytes], the down weights), the last pf_tail bytes
-     * of each row (pf_tail == pf_row_bytes: whole rows); evict_first: its own weight loads with
-     * the L2 evict_first policy (streamed once; they should not push the prefetched rows out).
-     * Down: pf_self: the CTA prefetches its own weight rows into the L2 before the PDL wait. */
+     * the L2 (cp.async.bulk.prefetch, sm_90, evict_last) the rows [rb pf_rows / n_rb,
+     * (rb + 1) pf_rows / n_rb) of pf_w[e] ([E_local][pf_rows][pf_row_bytes], the down weights),
+     * the last pf_tail bytes of each row (pf_tail == pf_row_bytes: whole rows).
+     * evict_first: the weight loads with the L2 evict_first policy (streamed once).
+     * early_a: the first weight stages issued before the duplicate check and the compaction. */
     const void *pf_w;
     int32_t pf_rows;
     int32_t pf_row_bytes;
     int32_t pf_tail;
     int32_t evict_first;
-    int32_t pf_self;
-    /* Down, tiles (1, 8) and (1, 16): the 4-stage instance (kc_tile SMAX = 4). */
-    int32_t shallow;
+    int32_t early_a;
     /* Down, small mode: the sum over top-k folded in. fold_y != NULL: after writing its
      * contributions, the CTA counts them per (token, row block) on fold_ctr[t * n_rb + rb]
      * ((seq << 32) | arrivals, seq = fold_seq, new each call: never reset); the CTA whose arrival

@@ -45,3 +45,18 @@ extern "C" int dev_flush_l2(void *buf, size_t bytes, cudaStream_t st) {
     dev_flush_kernel<<<2048, 256, 0, st>>>((uint4 *)buf, bytes / 16, salt++);
     return (int)cudaGetLastError();
 }
+
+__global__ void dev_flush_read_kernel(const uint4 *p, size_t n, unsigned *sink) {
+    unsigned acc = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = p[i];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9e3779b9u) /* practically never: keeps the loads */
+        *sink = acc;
+}
+
+extern "C" int dev_flush_l2_clean(void *buf, size_t bytes, cudaStream_t st) {
+    dev_flush_read_kernel<<<2048, 256, 0, st>>>((const uint4 *)buf, bytes / 16, (unsigned *)buf);
+    return (int)cudaGetLastError();
+}

@@ -24,6 +24,10 @@ int dev_fill_randn(void *p, moe_dtype dt, int64_t n, uint64_t seed, float scale,
 /* Writes a buffer larger than the L2 (the caller sizes it: >= 2 x L2), evicting what the
  * timed region would otherwise find cached. */
 int dev_flush_l2(void *buf, size_t bytes, cudaStream_t st);
+/* The same by reading the buffer (its sum goes to its first word): the L2 is left holding
+ * clean lines, where the write above leaves it full of dirty ones that whatever runs next
+ * must write back as it fills the L2 (the lab compares the two). */
+int dev_flush_l2_clean(void *buf, size_t bytes, cudaStream_t st);
 
 #ifdef __cplusplus
 }

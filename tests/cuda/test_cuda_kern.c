@@ -423,7 +423,7 @@ static void test_fused_slot_mode_expert_map(void **state) {
 
 /* ------------------------------------------------------------------------------------------
  * The small-T options (kern_cuda_set_small_opts): the folded sum over top-k, the L2 prefetch
- * of the down weights, evict_first, the down CTAs' own prefetch. Every mask gives the bits of
+ * of the down weights, evict_first, the early weight stages. Every mask gives the bits of
  * mask 0 (the separate sum kernel), on both paths, also with an expert map (tokens none of
  * whose slots are held here: +0.0 rows), duplicate expert ids in a token, several column
  * chunks per expert, fp16 and the weight on the input; the folded sum is the same bits twice.
@@ -440,11 +440,14 @@ static void test_small_opts(void **state) {
     static const uint32_t masks[] = {
         0,
         KERN_CUDA_SMALL_FOLD_SUM,
+        KERN_CUDA_SMALL_PREFETCH_W2,
+        KERN_CUDA_SMALL_EVICT_FIRST,
+        KERN_CUDA_SMALL_EARLY_A,
+        KERN_CUDA_SMALL_FOLD_SUM | KERN_CUDA_SMALL_EVICT_FIRST,
         KERN_CUDA_SMALL_PREFETCH_W2 | KERN_CUDA_SMALL_EVICT_FIRST,
-        KERN_CUDA_SMALL_PREFETCH_DOWN,
         KERN_CUDA_SMALL_FOLD_SUM | KERN_CUDA_SMALL_PREFETCH_W2 | KERN_CUDA_SMALL_EVICT_FIRST,
-        KERN_CUDA_SMALL_FOLD_SUM | KERN_CUDA_SMALL_PREFETCH_W2 | KERN_CUDA_SMALL_EVICT_FIRST |
-            KERN_CUDA_SMALL_SHALLOW_DOWN,
+        KERN_CUDA_SMALL_EVICT_FIRST | KERN_CUDA_SMALL_EARLY_A,
+        KERN_CUDA_SMALL_FOLD_SUM | KERN_CUDA_SMALL_EVICT_FIRST | KERN_CUDA_SMALL_EARLY_A,
         KERN_CUDA_SMALL_ALL,
     };
     const small_case cases[] = {
@@ -811,6 +814,29 @@ static void test_device_errors(void **state) {
     CT_OK(kern_cuda_set_small_max(g_gpu, 0));
     device_errors_once(0x81);
     CT_OK(kern_cuda_set_small_max(g_gpu, 64));
+    /* the many-CTA alignment (8200 pairs): a bad id late in the batch, then a bad map entry */
+    {
+        moe_rng r;
+        moe_rng_seed(&r, g_seed ^ 0x83);
+        prob pr;
+        prob_init(&pr, &r, MOE_DTYPE_BF16, 4100, 8, 2, 128, 64, NULL, 0);
+        ((int32_t *)pr.ids.data)[4000 * 2 + 1] = 8;
+        ct_upload(&pr.dids, &pr.ids);
+        expect_device_error(&pr, "token 4000, slot 1");
+        prob_free(&pr);
+        int32_t map[8] = {0, 1, -1, 2, 99, -1, 3, -1};
+        prob_init(&pr, &r, MOE_DTYPE_BF16, 4100, 8, 2, 128, 64, map, 4);
+        ((int32_t *)pr.ids.data)[3000 * 2] = 4;
+        ((int32_t *)pr.ids.data)[3000 * 2 + 1] = 0;
+        ct_upload(&pr.dids, &pr.ids);
+        expect_device_error(&pr, "expert_map entry 99");
+        prob_free(&pr);
+    }
+    /* the alignment-free mode with every small-T option (the folded sum skips the bad pair) */
+    const uint32_t saved = kern_cuda_get_small_opts(g_gpu);
+    CT_OK(kern_cuda_set_small_opts(g_gpu, KERN_CUDA_SMALL_ALL));
+    device_errors_once(0x82);
+    CT_OK(kern_cuda_set_small_opts(g_gpu, saved));
 }
 
 int main(void) {
