@@ -25,6 +25,7 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <limits.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -140,7 +141,7 @@ typedef struct coord_stats {
 } coord_stats;
 
 /* The parts of a step's time in STATS "path", in order; they add up to the time from the
- * step's oldest request's arrival to its replies' hand-off to ZeroMQ. */
+ * step's oldest request's arrival to the moment its replies are handed to ZeroMQ. */
 static const char *const path_names[8] = {"queue",          "stage",         "to_worker",  "worker_start",
                                           "worker_compute", "worker_answer", "from_worker", "reply"};
 
@@ -178,7 +179,10 @@ typedef struct coord {
     char rundir[ENG_PATH_MAX];
     char worker_ep[ENG_PATH_MAX + 16];
     char worker_threads[16];
-    char hb_str[16], step_to_str[16], start_to_str[16], step_tokens_str[16], dbo_min_str[16];
+    char hb_str[16], step_to_str[16], start_to_str[16], step_tokens_str[16], dbo_min_str[16], busy_str[16];
+    uv_idle_t spin;      /* --busy-poll-us: active while hot, so the loop polls without sleeping */
+    bool spinning;
+    uint64_t t_active;   /* the last step dispatched or answered */
     int32_t gpu_ids[MAX_WORKERS];
     uint8_t nccl_id[PAR_NCCL_ID_BYTES];
     bool has_nccl_id;
@@ -718,7 +722,7 @@ static void send_ready_steps(coord *co);
 
 /* Adds a finished step's time, split (path_names), to STATS "path". The worker's marks come
  * from its own clock: CLOCK_MONOTONIC, the same on every process of the host. */
-static void path_record(coord *co, const coord_step *s) {
+static void path_record(coord *co, const coord_step *s, uint64_t t_reply) {
     if (!s->trace[0] || !s->t_results || s->n_reqs < 1)
         return;
     uint64_t oldest = UINT64_MAX;
@@ -726,7 +730,7 @@ static void path_record(coord *co, const coord_step *s) {
         if (s->reqs[i]->t_accept < oldest)
             oldest = s->reqs[i]->t_accept;
     const uint64_t marks[9] = {oldest,      s->t_formed, s->t_sent,    s->trace[0], s->trace[1],
-                               s->trace[2], s->trace[3], s->t_results, now_ns()};
+                               s->trace[2], s->trace[3], s->t_results, t_reply};
     for (int k = 0; k < 8; k++)
         co->st.path_us[k] += marks[k + 1] > marks[k] ? (double)(marks[k + 1] - marks[k]) * 1e-3 : 0.0;
     co->st.path_steps++;
@@ -834,6 +838,27 @@ static void send_ready_steps(coord *co) {
 
 static void on_slot_free(uv_async_t *a) { schedule(a->data); }
 
+/* --busy-poll-us: while steps are in flight, and that long after the last step went out or
+ * came back, an active idle handle makes every loop turn poll without blocking, so a message
+ * from a worker or a client is seen at once instead of after a wake-up. */
+static void on_spin(uv_idle_t *h) {
+    coord *co = h->data;
+    if (co->n_inflight == 0 && now_ns() - co->t_active > (uint64_t)co->cfg.busy_poll_us * 1000ull) {
+        uv_idle_stop(h);
+        co->spinning = false;
+    } else {
+        sched_yield(); /* ZeroMQ's I/O threads may need this core */
+    }
+}
+
+static void coord_hot(coord *co) {
+    co->t_active = now_ns();
+    if (co->cfg.busy_poll_us > 0 && !co->spinning && co->handles_inited && !co->closed) {
+        uv_idle_start(&co->spin, on_spin);
+        co->spinning = true;
+    }
+}
+
 /* Forms and starts one step of `layer`; false when no slot is free (retried when one frees). */
 static bool dispatch(coord *co, int32_t layer) {
     int32_t slot = -1;
@@ -873,6 +898,7 @@ static bool dispatch(coord *co, int32_t layer) {
     s->n_tokens = tokens;
     s->t_dispatch = s->t_formed = now_ns();
     s->slot = slot;
+    coord_hot(co);
     co->n_inflight++;
     moe_status st = MOE_OK;
 
@@ -1077,6 +1103,8 @@ static void spawn_group(coord *co) {
                         co->cfg.dbo,
                         "--dbo-min-tokens",
                         co->dbo_min_str,
+                        "--busy-poll-us",
+                        co->busy_str,
                         co->use_shm ? "--shm-fd" : NULL,
                         "3",
                         "--shm-slots",
@@ -1325,9 +1353,11 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         }
         co->st.steps++;
         co->st.step_tokens += s->n_tokens;
+        const uint64_t t_reply = now_ns(); /* before the replies leave: every mark precedes their arrival */
         if (s->slot >= 0 && !send_slot_replies(co, s))
             return; /* the group failed: the step was answered with errors */
-        path_record(co, s);
+        path_record(co, s, t_reply);
+        coord_hot(co);
         for (int32_t i = 0; i < s->n_reqs; i++) {
             if (!s->reqs[i]->answered) /* cannot happen: replies come before the result */
                 req_fail(co, s->reqs[i], MOE_ERR_INTERNAL, "worker 0 finished the step without this reply");
@@ -1435,6 +1465,8 @@ static void begin_close(coord *co) {
         eng_http_close(co->http, on_cb_closed, co);
     if (co->handles_inited) {
         uv_close((uv_handle_t *)&co->tick, on_handle_closed);
+        uv_close((uv_handle_t *)&co->spin, on_handle_closed);
+        co->spinning = false;
         uv_close((uv_handle_t *)&co->sig_term, on_handle_closed);
         uv_close((uv_handle_t *)&co->sig_int, on_handle_closed);
         uv_close((uv_handle_t *)&co->sig_hup, on_handle_closed);
@@ -1586,6 +1618,7 @@ static moe_status coord_init(coord *co) {
     snprintf(co->start_to_str, sizeof co->start_to_str, "%d", (int)co->cfg.start_timeout_ms);
     snprintf(co->step_tokens_str, sizeof co->step_tokens_str, "%d", (int)co->cfg.max_step_tokens);
     snprintf(co->dbo_min_str, sizeof co->dbo_min_str, "%d", (int)co->cfg.dbo_min_tokens);
+    snprintf(co->busy_str, sizeof co->busy_str, "%d", (int)co->cfg.busy_poll_us);
     co->st.expert_tokens = calloc((size_t)co->desc->n_experts, sizeof(int64_t));
     co->inflight = calloc((size_t)co->cfg.max_inflight_steps + 1, sizeof(coord_step));
     MOE_REQUIRE(co->st.expert_tokens && co->inflight, MOE_ERR_NOMEM, "stats");
@@ -1680,6 +1713,8 @@ static moe_status coord_init(coord *co) {
     pthread_mutex_unlock(&co->wake_mu);
     uv_timer_init(&co->loop, &co->tick);
     co->tick.data = co;
+    uv_idle_init(&co->loop, &co->spin);
+    co->spin.data = co;
     int period = co->cfg.heartbeat_ms < 100 ? co->cfg.heartbeat_ms : 100;
     uv_timer_start(&co->tick, on_tick, (uint64_t)period, (uint64_t)period);
     uv_signal_init(&co->loop, &co->sig_term);

@@ -15,6 +15,7 @@
 #include "engine/engine.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +42,7 @@ typedef struct worker_args {
     const char *layers;     /* "all" or a comma list */
     int32_t threads;
     int32_t heartbeat_ms;
+    int32_t busy_poll_us;   /* look for the next message without sleeping this long after a step */
     int32_t step_timeout_ms;
     int32_t device;         /* GPU ordinal (backend cuda) */
     int32_t dbo;            /* 0 off, 1 on, 2 auto */
@@ -77,7 +79,7 @@ static void usage_worker(void) {
     fprintf(stderr, "moe-engine worker is started by `moe-engine serve`; it is not meant to be run by hand.\n"
                     "flags: --rank R --world W --epoch N --coord ENDPOINT --comm-dir DIR --model DIR\n"
                     "       --backend cpu|cpu-ref|cuda --placement P --layers L --threads N\n"
-                    "       --heartbeat-ms N --step-timeout-ms N --device N --dbo on|off|auto\n"
+                    "       --heartbeat-ms N --busy-poll-us N --step-timeout-ms N --device N --dbo on|off|auto\n"
                     "       --dbo-min-tokens N --max-step-tokens N --start-timeout-ms N\n");
 }
 
@@ -128,6 +130,9 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
         } else if (strcmp(f, "--heartbeat-ms") == 0) {
             MOE_CHECK(parse_int(f, v, 1, 3600000, &x));
             a->heartbeat_ms = (int32_t)x;
+        } else if (strcmp(f, "--busy-poll-us") == 0) {
+            MOE_CHECK(parse_int(f, v, 0, 10000000, &x));
+            a->busy_poll_us = (int32_t)x;
         } else if (strcmp(f, "--step-timeout-ms") == 0) {
             MOE_CHECK(parse_int(f, v, 1, 3600000, &x));
             a->step_timeout_ms = (int32_t)x;
@@ -1002,7 +1007,7 @@ int eng_worker_main(int argc, char **argv) {
             goto out;
     }
 
-    uint64_t last_beat = moe_now_ns();
+    uint64_t last_beat = moe_now_ns(), last_step = 0;
     for (;;) {
         /* A step the previous one's hook already received (and staged) runs at once. */
         if (w.jobs[w.next_job].valid) {
@@ -1010,11 +1015,13 @@ int eng_worker_main(int argc, char **argv) {
                 rc = 0;
                 goto out;
             }
-            last_beat = moe_now_ns();
+            last_beat = last_step = moe_now_ns();
             continue;
         }
+        /* --busy-poll-us: right after a step, look without sleeping (no wake-up latency) */
+        const bool hot = w.a.busy_poll_us > 0 && moe_now_ns() - last_step < (uint64_t)w.a.busy_poll_us * 1000ull;
         zmq_pollitem_t it = {w.sock, 0, ZMQ_POLLIN, 0};
-        int n = zmq_poll(&it, 1, w.a.heartbeat_ms);
+        int n = zmq_poll(&it, 1, hot ? 0 : w.a.heartbeat_ms);
         if (n == -1 && zmq_errno() != EINTR) {
             MOE_ERROR(MOE_SUB_ENG, "poll: %s", zmq_strerror(zmq_errno()));
             goto out;
@@ -1028,8 +1035,11 @@ int eng_worker_main(int argc, char **argv) {
             send_simple(&w, ENG_OP_HEARTBEAT, MOE_OK, NULL, (uint32_t)w.steps_done);
             last_beat = now;
         }
-        if (n <= 0 || !(it.revents & ZMQ_POLLIN))
+        if (n <= 0 || !(it.revents & ZMQ_POLLIN)) {
+            if (hot)
+                sched_yield(); /* ZeroMQ's I/O thread may need this core */
             continue;
+        }
         job *j = &w.jobs[w.next_job];
         if (!recv_job(&w, j))
             continue;
@@ -1037,7 +1047,7 @@ int eng_worker_main(int argc, char **argv) {
             rc = 0;
             goto out;
         }
-        last_beat = moe_now_ns();
+        last_beat = last_step = moe_now_ns();
     }
 out:
     worker_free(&w);

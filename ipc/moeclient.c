@@ -12,6 +12,7 @@
  * Invariants: a slot ends exactly once (finish()); y is written only for a successful
  * SUBMIT reply whose dtype and shape are exactly the request's.
  */
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,6 +57,7 @@ struct moec_client {
     slot *tab;
     int cap, n_async, n_used;
     uint64_t next_id, done_seq;
+    int32_t busy_poll_us;
     char err[512];
 };
 
@@ -202,6 +204,17 @@ int moec_client_init(moec_client_t **out, const char *endpoint, const moec_optio
 fail:
     moec_client_free(c);
     return ret(NULL, st);
+}
+
+int moec_client_set_busy_poll(moec_client_t *c, int32_t us) {
+    if (!c)
+        return MOEC_ERR_INVALID_ARG;
+    if (us < 0 || us > 10000000) {
+        snprintf(c->err, sizeof c->err, "busy poll: %d us is outside 0 .. 10000000", (int)us);
+        return MOEC_ERR_INVALID_ARG;
+    }
+    c->busy_poll_us = us;
+    return MOEC_OK;
 }
 
 void moec_client_free(moec_client_t *c) {
@@ -403,7 +416,14 @@ static moe_status pump(moec_client_t *c, int64_t wait_ms) {
         }
     }
     zmq_pollitem_t items[2] = {{c->sock, 0, ZMQ_POLLIN, 0}, {c->mon, 0, ZMQ_POLLIN, 0}};
-    int r = zmq_poll(items, 2, (long)tmo);
+    int r = 0;
+    if (c->busy_poll_us > 0 && tmo != 0) { /* moec_client_set_busy_poll: look without sleeping first */
+        const uint64_t end = now + (uint64_t)c->busy_poll_us * 1000ull;
+        while ((r = zmq_poll(items, 2, 0)) == 0 && moe_now_ns() < end)
+            sched_yield(); /* the ZeroMQ I/O thread may need this core */
+    }
+    if (r == 0)
+        r = zmq_poll(items, 2, (long)tmo);
     if (r < 0 && zmq_errno() != EINTR)
         return moe_fail(MOE_ERR_ZMQ, "zmq_poll: %s", zmq_strerror(zmq_errno()));
     if (r > 0 && (items[1].revents & ZMQ_POLLIN))

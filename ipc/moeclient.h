@@ -97,6 +97,10 @@ typedef struct moec_client moec_client_t; /* opaque */
  * connection within its timeout). opt may be NULL. */
 int moec_client_init(moec_client_t **out, const char *endpoint, const moec_options *opt);
 void moec_client_free(moec_client_t *c);
+/* Waiting for a reply, look for it without sleeping for up to `us` microseconds first (then
+ * block as usual): a lower round trip for small requests (no wake-up of an idle core), at the
+ * cost of a busy core while waiting. 0 (the default): off. */
+int moec_client_set_busy_poll(moec_client_t *c, int32_t us);
 /* The message of this client's last failed call ("" after a success). */
 const char *moec_errmsg(const moec_client_t *c);
 

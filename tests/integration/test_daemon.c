@@ -291,13 +291,17 @@ static void test_bits_across_world_sizes(void **state) {
         total += (size_t)rs[i].x.shape[0] * H * 2;
     }
     uint8_t *base = NULL;
-    /* workers, placement, data path (shared memory, or the tensors in ZeroMQ messages) */
-    const char *configs[][3] = {{"1", "contiguous", "shm"}, {"2", "contiguous", "zmq"}, {"3", "round-robin", "shm"},
-                                {"4", "contiguous", "shm"}, {"4", "round-robin", "zmq"}, {"1", "contiguous", "zmq"}};
+    /* workers, placement, data path (shared memory, or the tensors in ZeroMQ messages), busy
+     * polling (coordinator and workers look for messages without sleeping for that many us) */
+    const char *configs[][4] = {{"1", "contiguous", "shm", "0"},   {"2", "contiguous", "zmq", "0"},
+                                {"3", "round-robin", "shm", "0"},  {"4", "contiguous", "shm", "0"},
+                                {"4", "round-robin", "zmq", "0"}, {"1", "contiguous", "zmq", "0"},
+                                {"2", "round-robin", "shm", "300"}};
     for (size_t ci = 0; ci < sizeof configs / sizeof configs[0]; ci++) {
         daemon_proc d;
         assert_true(h_daemon_start(&d, (const char *[]){"--workers", configs[ci][0], "--placement", configs[ci][1],
-                                                        "--data-path", configs[ci][2], NULL},
+                                                        "--data-path", configs[ci][2], "--busy-poll-us",
+                                                        configs[ci][3], NULL},
                                    60));
         h_client c;
         assert_true(h_client_open(&c, d.endpoint));

@@ -247,6 +247,11 @@ static void test_async_many(void **state) {
     opt.max_in_flight = 64;
     moec_client_t *c = NULL;
     assert_int_equal(moec_client_init(&c, testsrv_endpoint(s), &opt), MOEC_OK);
+    /* busy polling (looks without sleeping for 0.5 ms, then blocks): the same results */
+    assert_int_equal(moec_client_set_busy_poll(c, -1), MOEC_ERR_INVALID_ARG);
+    assert_non_null(strstr(moec_errmsg(c), "busy poll"));
+    assert_int_equal(moec_client_set_busy_poll(NULL, 5), MOEC_ERR_INVALID_ARG);
+    assert_int_equal(moec_client_set_busy_poll(c, 500), MOEC_OK);
     enum { N = 200 };
     batch *b = calloc(N, sizeof *b);
     uint64_t *ids = calloc(N, sizeof *ids);

@@ -3,8 +3,10 @@
  *
  *   bazel build -c opt //engine:moe-engine //tools/bench:bench_engine
  *   bazel-bin/tools/bench/bench_engine --engine bazel-bin/engine/moe-engine [--workers 2]
- *       [--iters 50] [--model DIR] [--gpu N] [--tokens 1,16,1024]
+ *       [--iters 50] [--model DIR] [--gpu N] [--tokens 1,16,1024] [--busy-poll-us N]
  *
+ * With --busy-poll-us N the engine, the client (moec_client_set_busy_poll) and both ends of the
+ * bare echo poll without sleeping for up to N us while they wait.
  * With --gpu N the engine runs one GPU worker on GPU N, and the in-process column is the CUDA
  * kernels on device-resident data (routing from the hidden states + kern_moe_forward, timed
  * with a device synchronize per call): the kernel time the engine's round trip must contain.
@@ -28,8 +30,10 @@
  * Napkin math for the default model (E=16, K=4, H=256, I=128, shared I=256, bf16): per token
  * 2*K*3*H*I + 2*3*H*I_s = 1.6 + 0.4 MFLOP; the weights are 7 MiB, so the CPU stays compute-bound.
  */
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,6 +107,7 @@ typedef struct echo_srv {
     void *ctx;
     char ep[64];
     size_t reply_bytes;
+    bool spin; /* --busy-poll-us: the echo's server and client poll without sleeping too */
     volatile int stop;
     pthread_t th;
 } echo_srv;
@@ -116,8 +121,11 @@ static void *echo_main(void *arg) {
     void *reply = calloc(1, s->reply_bytes + 1);
     while (!s->stop) {
         zmq_pollitem_t it = {r, 0, ZMQ_POLLIN, 0};
-        if (zmq_poll(&it, 1, 50) <= 0)
+        if (zmq_poll(&it, 1, s->spin ? 0 : 50) <= 0) {
+            if (s->spin)
+                sched_yield();
             continue;
+        }
         zmq_msg_t id, body;
         zmq_msg_init(&id);
         zmq_msg_init(&body);
@@ -132,8 +140,8 @@ static void *echo_main(void *arg) {
     return NULL;
 }
 
-static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc) {
-    echo_srv s = {.reply_bytes = reply_bytes};
+static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc, bool spin) {
+    echo_srv s = {.reply_bytes = reply_bytes, .spin = spin};
     s.ctx = zmq_ctx_new();
     if (ipc)
         snprintf(s.ep, sizeof s.ep, "ipc:///tmp/moe-echo-%d", (int)getpid());
@@ -151,7 +159,8 @@ static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc)
         zmq_send(d, req, req_bytes, 0);
         zmq_msg_t m;
         zmq_msg_init(&m);
-        zmq_msg_recv(&m, d, 0);
+        while (zmq_msg_recv(&m, d, spin ? ZMQ_DONTWAIT : 0) < 0 && zmq_errno() == EAGAIN)
+            sched_yield();
         zmq_msg_close(&m);
         if (i >= 0)
             t[i] = (moe_now_s() - t0) * 1e6;
@@ -263,7 +272,7 @@ static double cuda_inproc_us(cuda_inproc *ci, const eng_model_desc *d, const eng
 
 int main(int argc, char **argv) {
     const char *engine = NULL, *model = NULL, *tokens_s = "1,4,16,64,256,1024";
-    int workers = 2, iters = 50, gpu = -1;
+    int workers = 2, iters = 50, gpu = -1, busy_us = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--engine") == 0 && i + 1 < argc)
             engine = argv[++i];
@@ -277,22 +286,27 @@ int main(int argc, char **argv) {
             gpu = atoi(argv[++i]);
         else if (strcmp(argv[i], "--tokens") == 0 && i + 1 < argc)
             tokens_s = argv[++i];
+        else if (strcmp(argv[i], "--busy-poll-us") == 0 && i + 1 < argc)
+            busy_us = atoi(argv[++i]);
         else {
-            fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR]\n");
+            fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR] [--gpu N] [--tokens LIST] "
+                            "[--busy-poll-us N]\n");
             return 2;
         }
     }
     if (!engine || workers < 1 || iters < 3) {
-        fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR]\n");
+        fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR] [--gpu N] [--tokens LIST] "
+                            "[--busy-poll-us N]\n");
         return 2;
     }
     moe_log_init_from_env();
-    char wk[16], gs[16];
+    char wk[16], gs[16], bs[16];
     snprintf(wk, sizeof wk, "%d", workers);
     snprintf(gs, sizeof gs, "%d", gpu);
+    snprintf(bs, sizeof bs, "%d", busy_us);
     engine_proc e;
     const char *flags[] = {gpu >= 0 ? "--gpus" : "--workers", gpu >= 0 ? gs : wk, "--log-level", "warn",
-                           "--max-tokens", "16384", model ? "--model" : NULL, model, NULL};
+                           "--max-tokens", "16384", "--busy-poll-us", bs, model ? "--model" : NULL, model, NULL};
     if (!engine_start(&e, engine, flags))
         return 1;
     moec_client_t *c = NULL;
@@ -304,7 +318,8 @@ int main(int argc, char **argv) {
     eng_model_weights w;
     memset(&w, 0, sizeof w);
     kern_ctx_t *k = NULL;
-    if (moec_client_init(&c, e.endpoint, &o) != MOEC_OK || !engine_wait_ready(&e, c, 120))
+    if (moec_client_init(&c, e.endpoint, &o) != MOEC_OK || moec_client_set_busy_poll(c, busy_us) != MOEC_OK ||
+        !engine_wait_ready(&e, c, 120))
         goto out;
     char dir[512];
     if (model)
@@ -388,8 +403,8 @@ int main(int argc, char **argv) {
             inproc = cuda_inproc_us(&ci, d, l, &x, iters, &isp[ti]);
         /* transport */
         size_t req_bytes = 64 + 64 + (size_t)(T * H) * es + 64, rep_bytes = req_bytes;
-        double echo = echo_us(req_bytes, rep_bytes, iters, false);
-        double echo_ipc = echo_us(req_bytes, rep_bytes, iters, true);
+        double echo = echo_us(req_bytes, rep_bytes, iters, false, busy_us > 0);
+        double echo_ipc = echo_us(req_bytes, rep_bytes, iters, true, busy_us > 0);
         /* engine, one at a time */
         moec_request r = {.layer = l->layer, .dtype = d->dtype, .n_tokens = T, .hidden = H, .x = x.data};
         path_sums before;
@@ -479,7 +494,7 @@ int main(int argc, char **argv) {
            "queue: arrival to the step's forming; stage: its inputs into the data path; to wkr: STEP sent to its "
            "receipt by the worker that answered last; w.start: to its compute (waiting for the step before, "
            "preparing); w.comp: the step (GPU: inputs up, kernels, outputs down, the wait); w.answer: replies "
-           "and RESULT made; from wkr: RESULT sent to received; reply: the replies handed to ZeroMQ.%s\n",
+           "and RESULT made; from wkr: RESULT sent to received; reply: to the replies' hand-off to ZeroMQ (client+ includes the hand-off).%s\n",
            ci.on ? " dev step: the GPU step's device time inside w.comp (events); in-proc: the host's time per "
                    "call, split into router, routing and experts on the device (events) and the host's wait "
                    "beyond them (launch, synchronize)."
