@@ -26,8 +26,16 @@
 /* Pairs (T * K) up to which the products run without the alignment kernel (measured in the
  * kernel lab, docs/PERF.md). */
 #define KC_SMALL_DEFAULT 64
-/* The small-T options on by default (kern_cuda_set_small_opts; docs/PERF.md runs 15-16). */
-#define KC_SMALL_OPTS_DEFAULT 0u
+/* The small-T options on by default (kern_cuda_set_small_opts; docs/PERF.md runs 15-16):
+ * evict_first alone. In run 16's lab it was the only mask faster than none on average (Qwen3
+ * T = 1 44.3 -> 41.1 us, DeepSeek T = 1 53.7 -> 49.7; bench 51.3 -> 46.9 and 58.9 -> 53.6), and
+ * only where the call's weights are a few L2s at most (KC_EVF_MAX_L2). The folded sum, the W2
+ * prefetch and the early stages were each slower (PERF.md). */
+#define KC_SMALL_OPTS_DEFAULT ((uint32_t)KERN_CUDA_SMALL_EVICT_FIRST)
+/* evict_first only where the most weight bytes a call can read (min(pairs, local experts) x
+ * 3 H I) are at most this many L2s: run 16 measured it 1-9% faster up to 302 MB (Qwen3 T = 1-4,
+ * DeepSeek T = 1) and 1.7-2.2% slower from 604 MB (Qwen3 and DeepSeek T = 8, Mixtral T = 1). */
+#define KC_EVF_MAX_L2 8
 /* The share of the L2 that the prefetched down weights may take (the gate-up stream and the
  * routed rows need the rest). */
 #define KC_PF_L2_SHARE 0.6
@@ -475,7 +483,10 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
         }
     }
     if (small && !fused) {
-        a.evict_first = (s->small_opts & KERN_CUDA_SMALL_EVICT_FIRST) != 0;
+        const int64_t n_exp = P < p->n_local ? P : p->n_local;
+        const double w_bytes = (double)n_exp * 3.0 * (double)H * (double)I * (double)es;
+        a.evict_first = (s->small_opts & KERN_CUDA_SMALL_EVICT_FIRST) != 0 &&
+                        w_bytes <= (double)KC_EVF_MAX_L2 * (double)s->l2_bytes;
         a.early_a = (s->small_opts & KERN_CUDA_SMALL_EARLY_A) != 0;
     }
     if (!fused)

@@ -74,7 +74,8 @@ moe_status kern_cuda_set_fused(kern_ctx_t *ctx, bool on);
  *   PREFETCH_W2: the gate-up CTAs prefetch the down weights of their experts into the L2
  *     (sm_90 bulk prefetch, evict_last), as much as fits in 60% of it.
  *   EVICT_FIRST: both products' weight loads carry the L2 evict_first policy (streamed once:
- *     they replace each other in the L2 rather than what was there).
+ *     they replace each other in the L2 rather than what was there), where the call's weights
+ *     (at most min(pairs, local experts) x 3 H I) are at most 8 L2s. On by default.
  *   EARLY_A: the first weight stages are issued as soon as a CTA knows its expert, before the
  *     duplicate check and the compaction of its pairs.
  * The default is in kern_cuda.c (KC_SMALL_OPTS_DEFAULT); MOE_CUDA_SMALL_OPTS=N in the
