@@ -39,10 +39,11 @@ const eng_cfg_entry eng_cfg_table[] = {
      "ZeroMQ I/O threads of the coordinator for the clients: their connections are spread over them (one TCP stream "
      "carries ~2-3 GB/s); the workers' connections have one more of their own"},
     {"heartbeat-ms", I(heartbeat_ms), "200", 10, 60000, NULL, "worker heartbeat period"},
-    {"busy-poll-us", I(busy_poll_us), "0", 0, 10000000, NULL,
+    {"busy-poll-us", I(busy_poll_us), "-1", -1, 10000000, NULL,
      "after each step (and while steps are in flight) the coordinator and the workers look for the next message "
      "without sleeping for this long: lower latency for small requests (no wake-up from an idle core), at the cost of "
-     "a busy core each; 0: off"},
+     "a busy core each; 0: off; -1: 1000 with GPU workers (a GPU worker spins during its steps anyway), off with CPU "
+     "workers (their cores compute)"},
     {"worker-timeout-ms", I(worker_timeout_ms), "3000", 50, 3600000, NULL, "no heartbeat for this long: the worker is hung"},
     {"step-timeout-ms", I(step_timeout_ms), "30000", 50, 3600000, NULL, "a step unanswered this long fails and restarts the workers"},
     {"start-timeout-ms", I(start_timeout_ms), "120000", 100, 3600000, NULL, "workers not ready this long after a (re)start: queued work fails"},

@@ -45,7 +45,7 @@ typedef struct eng_config {
     int32_t io_threads;            /* ZeroMQ I/O threads of the coordinator (client connections) */
     /* health */
     int32_t heartbeat_ms;          /* worker heartbeat period */
-    int32_t busy_poll_us;          /* poll without sleeping this long after work (coordinator, workers) */
+    int32_t busy_poll_us;          /* poll without sleeping this long after work (coordinator, workers); -1 auto */
     int32_t worker_timeout_ms;     /* no heartbeat for this long: the worker is declared hung */
     int32_t step_timeout_ms;       /* a step not answered in this time fails and restarts the group */
     int32_t start_timeout_ms;      /* workers not ready after (re)start in this time: fail queued work */

@@ -1618,6 +1618,8 @@ static moe_status coord_init(coord *co) {
     snprintf(co->start_to_str, sizeof co->start_to_str, "%d", (int)co->cfg.start_timeout_ms);
     snprintf(co->step_tokens_str, sizeof co->step_tokens_str, "%d", (int)co->cfg.max_step_tokens);
     snprintf(co->dbo_min_str, sizeof co->dbo_min_str, "%d", (int)co->cfg.dbo_min_tokens);
+    if (co->cfg.busy_poll_us < 0) /* auto */
+        co->cfg.busy_poll_us = co->cfg.gpus[0] ? 1000 : 0;
     snprintf(co->busy_str, sizeof co->busy_str, "%d", (int)co->cfg.busy_poll_us);
     co->st.expert_tokens = calloc((size_t)co->desc->n_experts, sizeof(int64_t));
     co->inflight = calloc((size_t)co->cfg.max_inflight_steps + 1, sizeof(coord_step));

@@ -414,10 +414,12 @@ static moe_status stage(eng_gpu_t *g, gpu_inputs *in, uint64_t tag, const eng_st
         T += reqs[i].n_tokens;
     MOE_REQUIRE(T <= g->p.max_tokens, MOE_ERR_LIMIT, "gpu step: %lld tokens over the step's %lld", (long long)T,
                 (long long)g->p.max_tokens);
-    bool routed = false;
+    bool routed = false, any_ids = false, any_logits = false;
     int64_t t0 = 0;
     for (int32_t i = 0; i < n; i++) {
         const eng_step_req *q = &reqs[i];
+        any_ids |= q->src == ENG_ROUTE_IDS;
+        any_logits |= q->src == ENG_ROUTE_LOGITS;
         if (!io) {
             memcpy((char *)in->x_h + (size_t)(t0 * H) * es, q->x, (size_t)(q->n_tokens * H) * es);
             if (q->src == ENG_ROUTE_IDS) {
@@ -442,10 +444,15 @@ static moe_status stage(eng_gpu_t *g, gpu_inputs *in, uint64_t tag, const eng_st
         if (hi > lo)
             MOE_CUDA_CHECK(cudaMemcpyAsync((char *)in->x_d + (size_t)lo * row, (const char *)xs + (size_t)lo * row,
                                            (size_t)(hi - lo) * row, cudaMemcpyHostToDevice, s));
-        MOE_CUDA_CHECK(
-            cudaMemcpyAsync(in->ids_d, idss, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice, s));
-        MOE_CUDA_CHECK(cudaMemcpyAsync(in->w_d, ws, sizeof(float) * (size_t)(T * K), cudaMemcpyHostToDevice, s));
-        if (routed)
+        /* Only what the step's requests carry: the ids and weights of routed requests are made
+         * on the device, and logits come only with requests that send them (a copy of a few
+         * bytes still costs microseconds: at T = 1 four copies took 19 us, engine run 23). */
+        if (any_ids) {
+            MOE_CUDA_CHECK(
+                cudaMemcpyAsync(in->ids_d, idss, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice, s));
+            MOE_CUDA_CHECK(cudaMemcpyAsync(in->w_d, ws, sizeof(float) * (size_t)(T * K), cudaMemcpyHostToDevice, s));
+        }
+        if (any_logits)
             MOE_CUDA_CHECK(cudaMemcpyAsync(in->lg_d, lgs, sizeof(float) * (size_t)(T * E), cudaMemcpyHostToDevice, s));
     }
     MOE_CUDA_CHECK(cudaEventRecord(in->tm1, s));

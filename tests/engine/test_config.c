@@ -76,7 +76,7 @@ static void test_errors(void **state) {
     expect_error(1, (char *[]){"positional"}, "unexpected argument");
     expect_error(2, (char *[]){"--placement", "random"}, "not one of contiguous|round-robin");
     expect_error(2, (char *[]){"--dbo", "maybe"}, "not one of on|off|auto");
-    expect_error(2, (char *[]){"--busy-poll-us", "-1"}, "outside [0, 10000000]");
+    expect_error(2, (char *[]){"--busy-poll-us", "-2"}, "outside [-1, 10000000]");
     expect_error(4, (char *[]){"--max-tokens", "100", "--max-step-tokens", "50"}, "must be >= max-tokens");
     expect_error(2, (char *[]){"--gpus", "0,a"}, "comma list of GPU ordinals");
     expect_error(2, (char *[]){"--layers", "1;2"}, "comma list of layer indices");

@@ -497,9 +497,22 @@ static void test_kill_worker_in_flight(void **state) {
         ipc_msg q;
         req_msg(&rs[i], (uint64_t)i, i % 2, &q);
         assert_true(h_send_msg(&c, &q));
-        if (i == NQ / 3)
-            kill(kids[1], SIGKILL);
     }
+    /* The kill lands while a step is in flight: a second connection watches STATS for one (a
+     * step of many 64-token requests takes milliseconds on these CPU workers; killing at a
+     * fixed point of the sends raced with them, and once every request was served before the
+     * kill). */
+    h_client c2;
+    assert_true(h_client_open(&c2, d.endpoint));
+    bool in_flight = false;
+    for (double t0 = moe_now_s(); !in_flight && moe_now_s() - t0 < 10;) {
+        char *js = h_stats(&c2, 2000);
+        in_flight = js && h_json_num(js, "\"inflight_steps\"") >= 1;
+        free(js);
+    }
+    assert_true(in_flight);
+    kill(kids[1], SIGKILL);
+    h_client_close(&c2);
     int ok = 0, err = 0;
     assert_true(h_recv_after_fault(&c, NQ, 30000, &ok, &err));
     fprintf(stderr, "after kill -9 of a worker: %d ok, %d failed with MOE_ERR_WORKER, none lost\n", ok, err);
