@@ -6,7 +6,8 @@
  *       [--iters 50] [--model DIR] [--gpu N] [--tokens 1,16,1024] [--busy-poll-us N]
  *
  * With --busy-poll-us N the engine, the client (moec_client_set_busy_poll) and both ends of the
- * bare echo poll without sleeping for up to N us while they wait.
+ * bare echo poll without sleeping for up to N us while they wait (default: the engine's own
+ * default, 1000 with --gpu, else 0).
  * With --gpu N the engine runs one GPU worker on GPU N, and the in-process column is the CUDA
  * kernels on device-resident data (routing from the hidden states + kern_moe_forward, timed
  * with a device synchronize per call): the kernel time the engine's round trip must contain.
@@ -272,7 +273,7 @@ static double cuda_inproc_us(cuda_inproc *ci, const eng_model_desc *d, const eng
 
 int main(int argc, char **argv) {
     const char *engine = NULL, *model = NULL, *tokens_s = "1,4,16,64,256,1024";
-    int workers = 2, iters = 50, gpu = -1, busy_us = 0;
+    int workers = 2, iters = 50, gpu = -1, busy_us = -1;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--engine") == 0 && i + 1 < argc)
             engine = argv[++i];
@@ -300,6 +301,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     moe_log_init_from_env();
+    if (busy_us < 0) /* the engine's own default (--busy-poll-us auto) */
+        busy_us = gpu >= 0 ? 1000 : 0;
     char wk[16], gs[16], bs[16];
     snprintf(wk, sizeof wk, "%d", workers);
     snprintf(gs, sizeof gs, "%d", gpu);
@@ -353,11 +356,12 @@ int main(int argc, char **argv) {
     char desc[512];
     if (gpu >= 0)
         printf("model: %s\nengine: one GPU worker on GPU %d; in-process: the CUDA kernels on device data; %d "
-               "iterations per row\n\n",
+               "iterations per row\n",
                eng_model_desc_str(d, desc, sizeof desc), gpu, iters);
     else
-        printf("model: %s\nengine: %d CPU workers; in-process: one process, all %ld cores; %d iterations per row\n\n",
+        printf("model: %s\nengine: %d CPU workers; in-process: one process, all %ld cores; %d iterations per row\n",
                eng_model_desc_str(d, desc, sizeof desc), workers, sysconf(_SC_NPROCESSORS_ONLN), iters);
+    printf("busy polling (engine, client, echo): %d us\n\n", busy_us);
     printf("%6s %12s %10s %10s %12s %12s %12s %10s %14s %14s\n", "T", "in-proc us", "echo tcp", "echo ipc",
            "engine p50", "engine p99", "overhead us", "overhead", "tok/s (1 in fl)", "tok/s (4 in fl)");
     int64_t Ts[16];
