@@ -38,6 +38,7 @@
 #include "engine/engine.h"
 #include "engine/http.h"
 #include "engine/model/model.h"
+#include "engine/ctl.h"
 #include "engine/shm.h"
 #include "engine/step.h"
 #include "engine/wire.h"
@@ -203,6 +204,12 @@ typedef struct coord {
     pthread_mutex_t wake_mu; /* guards wake_ok: ZeroMQ's thread may release a reply at any time */
     bool wake_ok;            /* slot_async may be signalled (false once it is closing) */
     char shm_slots_str[16];
+    /* The control rings (engine/ctl.h): STEP and RESULT beside ZeroMQ, with busy polling on the
+     * shared-memory data path */
+    bool use_ctl;
+    eng_shm ctl_map;
+    uint64_t ctl_down, ctl_up;
+    char ctl_down_str[24], ctl_up_str[24];
 
     /* lifecycle */
     bool draining, stopping, closed;
@@ -794,6 +801,70 @@ static moe_status start_copy(coord *co, coord_step *s) {
     return MOE_OK;
 }
 
+/* A STEP through rank's control ring; a WAKE over ZeroMQ if the worker said it was going to
+ * sleep (it publishes that before its last look at the ring, and we read it after publishing:
+ * one of the two sees the other). */
+static moe_status send_step_ctl(coord *co, int32_t rank, const ipc_msg *m) {
+    ctl_ring d, u;
+    ctl_rings(co->ctl_map.base, rank, co->ctl_down, co->ctl_up, &d, &u);
+    void *buf = NULL;
+    size_t len = 0;
+    MOE_CHECK(ipc_encode_alloc(m, &buf, &len));
+    moe_status st = len < CTL_WRAP ? ctl_push(&d, buf, (uint32_t)len)
+                                   : moe_fail(MOE_ERR_LIMIT, "a STEP of %zu bytes", len);
+    moe_free(buf);
+    if (st != MOE_OK) /* the ring is sized for every STEP in flight: this is a bug */
+        return moe_fail(MOE_ERR_INTERNAL, "control ring of worker %d: %s", (int)rank, moe_errmsg());
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load(&d.h->sleeping)) {
+        ipc_msg wake;
+        ipc_msg_init(&wake, ENG_OP_WAKE, 0);
+        st = send_to_worker(co, rank, &wake, NULL);
+    }
+    return st;
+}
+
+static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user);
+
+/* The RESULTs waiting in the workers' control rings, handed to on_worker_msg as if ZeroMQ had
+ * brought them. */
+static void poll_ctl(coord *co) {
+    if (!co->use_ctl || co->closed)
+        return;
+    for (int32_t r = 0; r < co->world; r++) {
+        coord_worker *wk = &co->workers[r];
+        if (!wk->running)
+            continue;
+        ctl_ring d, u;
+        ctl_rings(co->ctl_map.base, r, co->ctl_down, co->ctl_up, &d, &u);
+        const uint64_t epoch = co->epoch;
+        for (int k = 0; k < 64 && wk->running && co->epoch == epoch; k++) {
+            const uint8_t *msg;
+            uint32_t len;
+            bool have = false;
+            if (ctl_peek(&u, &msg, &len, &have) != MOE_OK) {
+                group_fail(co, "worker %d: %s", (int)r, moe_errmsg());
+                return;
+            }
+            if (!have)
+                break;
+            zmq_msg_t f[2];
+            zmq_msg_init_size(&f[0], strlen(wk->ident));
+            memcpy(zmq_msg_data(&f[0]), wk->ident, strlen(wk->ident));
+            if (zmq_msg_init_size(&f[1], len) != 0) {
+                zmq_msg_close(&f[0]);
+                group_fail(co, "out of memory reading worker %d's result", (int)r);
+                return;
+            }
+            memcpy(zmq_msg_data(&f[1]), msg, len);
+            ctl_pop(&u);
+            on_worker_msg(NULL, f, 2, co);
+            zmq_msg_close(&f[0]);
+            zmq_msg_close(&f[1]);
+        }
+    }
+}
+
 /* Sends the STEP messages of the steps whose inputs are in place, in dispatch order (every
  * rank must see the steps in one order). */
 static void send_ready_steps(coord *co) {
@@ -825,7 +896,7 @@ static void send_ready_steps(coord *co) {
         if (st == MOE_OK)
             st = ipc_msg_add_bytes(&hdr, ENG_SEC_STEP_REQS, meta, sizeof(eng_shm_req) * (size_t)s->n_reqs);
         for (int32_t rank = 0; rank < co->world && st == MOE_OK; rank++)
-            st = send_to_worker(co, rank, &hdr, NULL);
+            st = co->use_ctl ? send_step_ctl(co, rank, &hdr) : send_to_worker(co, rank, &hdr, NULL);
         free(meta);
         if (st != MOE_OK) {
             group_fail(co, "cannot send step %llu to the workers: %s", (unsigned long long)s->id, moe_errmsg());
@@ -843,6 +914,7 @@ static void on_slot_free(uv_async_t *a) { schedule(a->data); }
  * from a worker or a client is seen at once instead of after a wake-up. */
 static void on_spin(uv_idle_t *h) {
     coord *co = h->data;
+    poll_ctl(co);
     if (co->n_inflight == 0 && now_ns() - co->t_active > (uint64_t)co->cfg.busy_poll_us * 1000ull) {
         uv_idle_stop(h);
         co->spinning = false;
@@ -1109,17 +1181,30 @@ static void spawn_group(coord *co) {
                         "3",
                         "--shm-slots",
                         co->shm_slots_str,
+                        co->use_ctl ? "--ctl-fd" : NULL,
+                        "4",
+                        "--ctl-down",
+                        co->ctl_down_str,
+                        "--ctl-up",
+                        co->ctl_up_str,
                         NULL};
-        uv_stdio_container_t stdio[4] = {{.flags = UV_IGNORE},
+        uv_stdio_container_t stdio[5] = {{.flags = UV_IGNORE},
                                          {.flags = UV_INHERIT_FD, .data.fd = 1},
                                          {.flags = UV_INHERIT_FD, .data.fd = 2},
-                                         {.flags = UV_INHERIT_FD, .data.fd = co->use_shm ? co->shm.fd : 2}};
+                                         {.flags = UV_INHERIT_FD, .data.fd = co->use_shm ? co->shm.fd : 2},
+                                         {.flags = UV_INHERIT_FD, .data.fd = co->use_ctl ? co->ctl_map.fd : 2}};
+        if (co->use_ctl) { /* the rank's rings start empty (its previous worker has exited) */
+            ctl_ring d, u;
+            ctl_rings(co->ctl_map.base, r, co->ctl_down, co->ctl_up, &d, &u);
+            ctl_reset(&d);
+            ctl_reset(&u);
+        }
         /* Detached: a new session, so a terminal's Ctrl-C reaches the coordinator alone, which
          * then drains; the workers still die with it (PR_SET_PDEATHSIG). */
         uv_process_options_t opt = {.exit_cb = on_worker_exit,
                                     .file = co->exe,
                                     .args = args,
-                                    .stdio_count = co->use_shm ? 4 : 3,
+                                    .stdio_count = co->use_ctl ? 5 : (co->use_shm ? 4 : 3),
                                     .stdio = stdio,
                                     .flags = UV_PROCESS_DETACHED};
         wk->proc.data = wk;
@@ -1378,6 +1463,7 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
  * ---------------------------------------------------------------------------------------- */
 static void on_tick(uv_timer_t *t) {
     coord *co = t->data;
+    poll_ctl(co); /* a safety net: while steps are in flight the loop polls them every turn */
     uint64_t now = now_ns();
     if (co->stopping) {
         if (co->running > 0 && now > co->kill_deadline) {
@@ -1653,6 +1739,28 @@ static moe_status coord_init(coord *co) {
         snprintf(co->shm_slots_str, sizeof co->shm_slots_str, "%d", (int)co->cfg.max_inflight_steps);
         MOE_INFO(MOE_SUB_ENG, "data path: shared memory, %d slots of %.1f MiB (pages are used as steps need them)",
                  (int)co->lay.n_slots, (double)co->lay.slot_bytes / (1 << 20));
+        /* With busy polling, STEP and RESULT go through rings in shared memory: every STEP in
+         * flight fits in a rank's down ring at once (a step has at most one request per token
+         * and per queue place), every RESULT in its up ring. */
+        if (co->cfg.busy_poll_us > 0) {
+            const uint64_t n = (uint64_t)co->cfg.max_inflight_steps + 1;
+            const uint64_t reqs = (uint64_t)(co->cfg.max_step_tokens < co->cfg.max_queue ? co->cfg.max_step_tokens
+                                                                                        : co->cfg.max_queue);
+            co->ctl_down = ctl_ring_bytes(n, 1024 + sizeof(eng_shm_req) * reqs);
+            co->ctl_up = ctl_ring_bytes(n, 4096 + 4ull * (uint64_t)co->desc->n_experts);
+            const size_t bytes = ctl_map_bytes(co->world, co->ctl_down, co->ctl_up);
+            if (bytes <= ((size_t)1 << 30)) {
+                MOE_CHECK(eng_shm_create(&co->ctl_map, bytes));
+                co->use_ctl = true;
+                snprintf(co->ctl_down_str, sizeof co->ctl_down_str, "%llu", (unsigned long long)co->ctl_down);
+                snprintf(co->ctl_up_str, sizeof co->ctl_up_str, "%llu", (unsigned long long)co->ctl_up);
+                MOE_INFO(MOE_SUB_ENG, "control: STEP and RESULT through shared-memory rings (%.1f KiB a rank), "
+                         "busy polling %d us", (double)bytes / 1024.0 / co->world, (int)co->cfg.busy_poll_us);
+            } else {
+                MOE_WARN(MOE_SUB_ENG, "control: rings of %zu bytes would be too large: STEP and RESULT over ZeroMQ",
+                         bytes);
+            }
+        }
     } else {
         MOE_INFO(MOE_SUB_ENG, "data path: ZeroMQ messages");
     }
@@ -1738,6 +1846,7 @@ static void coord_free(coord *co) {
     if (co->zctx) /* waits for ZeroMQ to release every reply that points into the slots */
         zmq_ctx_term(co->zctx);
     eng_shm_unmap(&co->shm);
+    eng_shm_unmap(&co->ctl_map);
     free(co->slots);
     pthread_mutex_destroy(&co->wake_mu);
     par_placement_free(&co->placement);

@@ -47,6 +47,9 @@
 /* NCCL_ID, coordinator -> ranks 1..W-1 of a GPU group: the ENG_SEC_NCCL_ID section of rank 0's
  * HELLO, before their communicators are made */
 #define ENG_OP_NCCL_ID 0x88
+/* WAKE, coordinator -> worker: a STEP waits in the worker's control ring (engine/ctl.h) and the
+ * worker said it was going to sleep; no fields */
+#define ENG_OP_WAKE 0x89
 
 /* Section kinds of the internal messages. */
 #define ENG_SEC_EXPERT_TOKENS 0x100 /* RESULT: [E] tokens per expert in the step, i32 */

@@ -26,6 +26,7 @@
 
 #include "engine/gpu_step.h"
 #include "engine/model/model.h"
+#include "engine/ctl.h"
 #include "engine/shm.h"
 #include "engine/step.h"
 #include "engine/wire.h"
@@ -51,6 +52,8 @@ typedef struct worker_args {
     int32_t start_timeout_ms;
     int32_t shm_fd;    /* the shared-memory data path's descriptor (-1: ZeroMQ data path) */
     int32_t shm_slots;
+    int32_t ctl_fd;    /* the control rings' descriptor (-1: STEP and RESULT over ZeroMQ) */
+    int64_t ctl_down, ctl_up; /* their data bytes per rank (engine/ctl.h) */
 } worker_args;
 
 typedef struct worker {
@@ -67,6 +70,8 @@ typedef struct worker {
     bool gpu;           /* backend cuda: the step runs in eng_gpu */
     eng_shm shm;        /* the data path's mapping (base NULL: ZeroMQ data path) */
     eng_shm_layout lay;
+    eng_shm ctl_map;    /* the control rings (base NULL: STEP and RESULT over ZeroMQ) */
+    ctl_ring ctl_in, ctl_out; /* this rank's: STEPs in, RESULTs out */
     eng_gpu_t *g;
     uint8_t nccl_id[PAR_NCCL_ID_BYTES];
     pid_t parent;
@@ -107,6 +112,7 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
     a->start_timeout_ms = 120000;
     a->shm_fd = -1;
     a->shm_slots = 2;
+    a->ctl_fd = -1;
     a->world = -1;
     a->rank = -1;
     for (int i = 0; i < argc; i++) {
@@ -157,6 +163,15 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
         } else if (strcmp(f, "--shm-fd") == 0) {
             MOE_CHECK(parse_int(f, v, 0, 1 << 20, &x));
             a->shm_fd = (int32_t)x;
+        } else if (strcmp(f, "--ctl-fd") == 0) {
+            MOE_CHECK(parse_int(f, v, 0, 1 << 20, &x));
+            a->ctl_fd = (int32_t)x;
+        } else if (strcmp(f, "--ctl-down") == 0) {
+            MOE_CHECK(parse_int(f, v, 64, (int64_t)1 << 34, &x));
+            a->ctl_down = x;
+        } else if (strcmp(f, "--ctl-up") == 0) {
+            MOE_CHECK(parse_int(f, v, 64, (int64_t)1 << 34, &x));
+            a->ctl_up = x;
         } else if (strcmp(f, "--shm-slots") == 0) {
             MOE_CHECK(parse_int(f, v, 1, 64, &x));
             a->shm_slots = (int32_t)x;
@@ -196,6 +211,26 @@ static moe_status send_msg(worker *w, const ipc_msg *m, bool more) {
     if (rc == -1)
         return moe_fail(MOE_ERR_ZMQ, "worker %d: send to the coordinator: %s", (int)w->a.rank, zmq_strerror(zmq_errno()));
     return MOE_OK;
+}
+
+/* A RESULT: through the control ring when there is one (a full ring, which its sizing rules
+ * out, falls back to ZeroMQ: the coordinator takes RESULTs in any order). */
+static moe_status send_result(worker *w, const ipc_msg *m) {
+    if (!w->ctl_map.base)
+        return send_msg(w, m, false);
+    void *buf = NULL;
+    size_t len = 0;
+    MOE_CHECK(ipc_encode_alloc(m, &buf, &len));
+    moe_status st = len < CTL_WRAP ? ctl_push(&w->ctl_out, buf, (uint32_t)len) : MOE_ERR_LIMIT;
+    if (st != MOE_OK) {
+        MOE_WARN(MOE_SUB_ENG, "worker %d: result of %zu bytes over ZeroMQ: %s", (int)w->a.rank, len, moe_errmsg());
+        int rc = zmq_send(w->sock, buf, len, 0);
+        st = rc == -1 ? moe_fail(MOE_ERR_ZMQ, "worker %d: send to the coordinator: %s", (int)w->a.rank,
+                                 zmq_strerror(zmq_errno()))
+                      : MOE_OK;
+    }
+    moe_free(buf);
+    return st;
 }
 
 static moe_status send_simple(worker *w, uint16_t op, moe_status status, const char *text, uint32_t n_tokens) {
@@ -381,6 +416,13 @@ static moe_status worker_load(worker *w, char *why, size_t whycap) {
                                            w->model.top_k, w->model.dtype, w->a.shm_slots),
                        st, fail);
         MOE_CHECK_GOTO(eng_shm_map(&w->shm, w->a.shm_fd, w->lay.total_bytes), st, fail);
+    }
+    if (w->a.ctl_fd >= 0) {
+        MOE_CHECK_GOTO(eng_shm_map(&w->ctl_map, w->a.ctl_fd,
+                                   ctl_map_bytes(w->a.world, (uint64_t)w->a.ctl_down, (uint64_t)w->a.ctl_up)),
+                       st, fail);
+        ctl_rings(w->ctl_map.base, w->a.rank, (uint64_t)w->a.ctl_down, (uint64_t)w->a.ctl_up, &w->ctl_in,
+                  &w->ctl_out);
     }
     kern_backend kb;
     MOE_CHECK_GOTO(kern_backend_parse(w->a.backend, &kb), st, fail);
@@ -719,7 +761,7 @@ answer:
         if (st == MOE_OK)
             st = ipc_msg_add_bytes(&res, ENG_SEC_TRACE, trace, sizeof trace);
         if (st == MOE_OK)
-            st = send_msg(w, &res, false);
+            st = send_result(w, &res);
         free(counts);
     }
 done:
@@ -789,15 +831,34 @@ static moe_status recv_step_frames(worker *w, const ipc_msg *step, step_frames *
 /* Receives the next message from the coordinator into j (the header, then the requests of a
  * STEP). False when there was none, or it was dropped (undecodable: logged); true with j
  * valid, its receive errors in j->st. */
+/* The next message's job: from the control ring when it holds one, else from the socket. */
 static bool recv_job(worker *w, job *j) {
     memset(j, 0, sizeof *j);
     j->slot = -1;
     zmq_msg_init(&j->head);
-    if (zmq_msg_recv(&j->head, w->sock, 0) == -1) {
+    const uint8_t *cm = NULL;
+    uint32_t cl = 0;
+    bool have = false;
+    if (w->ctl_map.base && ctl_peek(&w->ctl_in, &cm, &cl, &have) != MOE_OK) {
+        /* a corrupt ring cannot be read past: the coordinator's step deadline restarts us */
+        MOE_ERROR(MOE_SUB_ENG, "%s", moe_errmsg());
         zmq_msg_close(&j->head);
         return false;
     }
-    bool more = zmq_msg_more(&j->head);
+    if (have) {
+        int rc = zmq_msg_init_size(&j->head, cl);
+        if (rc == 0 && cl)
+            memcpy(zmq_msg_data(&j->head), cm, cl);
+        ctl_pop(&w->ctl_in);
+        if (rc != 0) {
+            MOE_ERROR(MOE_SUB_ENG, "out of memory receiving a step of %u bytes", cl);
+            return false;
+        }
+    } else if (zmq_msg_recv(&j->head, w->sock, 0) == -1) {
+        zmq_msg_close(&j->head);
+        return false;
+    }
+    bool more = !have && zmq_msg_more(&j->head);
     ipc_limits lim = ipc_limits_default();
     lim.allow_internal = true;
     if (ipc_decode(zmq_msg_data(&j->head), zmq_msg_size(&j->head), &lim, &j->hdr) != MOE_OK) {
@@ -845,9 +906,11 @@ static void worker_hook(void *arg) {
     job *j = &w->jobs[w->next_job];
     if (j->valid)
         return;
-    zmq_pollitem_t it = {w->sock, 0, ZMQ_POLLIN, 0};
-    if (zmq_poll(&it, 1, 0) <= 0 || !(it.revents & ZMQ_POLLIN))
-        return;
+    if (!w->ctl_map.base || ctl_empty(&w->ctl_in)) {
+        zmq_pollitem_t it = {w->sock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&it, 1, 0) <= 0 || !(it.revents & ZMQ_POLLIN))
+            return;
+    }
     if (!recv_job(w, j) || j->hdr.op != ENG_OP_STEP || j->st != MOE_OK)
         return;
     moe_status st = prepare_step(w, j);
@@ -868,6 +931,21 @@ static void worker_hook(void *arg) {
 /* Runs one received message; false on SHUTDOWN. */
 static bool process_job(worker *w, job *j) {
     w->next_job ^= 1; /* the hook receives into the other one */
+    if (j->hdr.op == ENG_OP_WAKE) { /* the coordinator saw us asleep with a STEP in the ring */
+        job_free(j);
+        return true;
+    }
+    if (j->hdr.op == ENG_OP_SHUTDOWN && w->ctl_map.base && !ctl_empty(&w->ctl_in)) {
+        /* steps sent before it through the ring come first (the coordinator fails any it no
+         * longer waits for) */
+        job_free(j);
+        job *k = &w->jobs[w->next_job];
+        while (!ctl_empty(&w->ctl_in) && recv_job(w, k))
+            if (!process_job(w, k))
+                return false;
+        MOE_INFO(MOE_SUB_ENG, "shutdown after %llu steps", (unsigned long long)w->steps_done);
+        return false;
+    }
     if (j->hdr.op == ENG_OP_SHUTDOWN) {
         job_free(j);
         MOE_INFO(MOE_SUB_ENG, "shutdown after %llu steps", (unsigned long long)w->steps_done);
@@ -899,7 +977,7 @@ static bool process_job(worker *w, job *j) {
         res.layer = w->a.rank;
         res.status = j->st;
         if (ipc_msg_add_bytes(&res, IPC_SEC_TEXT, msg, strlen(msg)) == MOE_OK)
-            send_msg(w, &res, false);
+            send_result(w, &res);
     } else {
         w->steps_done++;
         MOE_DEBUG(MOE_SUB_ENG, "step %llu: %u tokens in %.3f ms%s", (unsigned long long)j->hdr.request_id,
@@ -917,6 +995,7 @@ static void worker_free(worker *w) {
     }
     eng_gpu_free(w->g);
     eng_shm_unmap(&w->shm);
+    eng_shm_unmap(&w->ctl_map);
     par_comm_free(w->comm);
     kern_ctx_free(w->kctx);
     free(w->layers);
@@ -1020,8 +1099,20 @@ int eng_worker_main(int argc, char **argv) {
         }
         /* --busy-poll-us: right after a step, look without sleeping (no wake-up latency) */
         const bool hot = w.a.busy_poll_us > 0 && moe_now_ns() - last_step < (uint64_t)w.a.busy_poll_us * 1000ull;
+        bool ring = w.ctl_map.base && !ctl_empty(&w.ctl_in);
+        if (w.ctl_map.base && !ring && !hot) {
+            /* about to sleep: say so, then look once more (the coordinator publishes a STEP
+             * before it reads the flag, and sends a WAKE over ZeroMQ when it is set) */
+            atomic_store(&w.ctl_in.h->sleeping, 1);
+            atomic_thread_fence(memory_order_seq_cst);
+            ring = !ctl_empty(&w.ctl_in);
+        }
         zmq_pollitem_t it = {w.sock, 0, ZMQ_POLLIN, 0};
-        int n = zmq_poll(&it, 1, hot ? 0 : w.a.heartbeat_ms);
+        int n = zmq_poll(&it, 1, hot || ring ? 0 : w.a.heartbeat_ms);
+        if (w.ctl_map.base) {
+            atomic_store(&w.ctl_in.h->sleeping, 0);
+            ring = ring || !ctl_empty(&w.ctl_in);
+        }
         if (n == -1 && zmq_errno() != EINTR) {
             MOE_ERROR(MOE_SUB_ENG, "poll: %s", zmq_strerror(zmq_errno()));
             goto out;
@@ -1035,7 +1126,7 @@ int eng_worker_main(int argc, char **argv) {
             send_simple(&w, ENG_OP_HEARTBEAT, MOE_OK, NULL, (uint32_t)w.steps_done);
             last_beat = now;
         }
-        if (n <= 0 || !(it.revents & ZMQ_POLLIN)) {
+        if (!ring && (n <= 0 || !(it.revents & ZMQ_POLLIN))) {
             if (hot)
                 sched_yield(); /* ZeroMQ's I/O thread may need this core */
             continue;

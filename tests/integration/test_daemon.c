@@ -481,8 +481,9 @@ static void test_malformed_requests(void **state) {
 static void test_kill_worker_in_flight(void **state) {
     (void)state;
     daemon_proc d;
+    /* busy polling: STEP and RESULT go through the control rings, which a restart resets */
     assert_true(h_daemon_start(&d, (const char *[]){"--workers", "3", "--max-inflight-steps", "2", "--max-step-tokens",
-                                                    "8192", NULL},
+                                                    "8192", "--busy-poll-us", "200", NULL},
                                60));
     h_client c;
     assert_true(h_client_open(&c, d.endpoint));
