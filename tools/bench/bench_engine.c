@@ -17,7 +17,10 @@
  *             states + kern_moe_forward, cpu backend, all cores): the compute the engine must do;
  *   echo      a bare ZeroMQ round trip of the same request and reply sizes over tcp loopback
  *             (DEALER -> ROUTER that answers with a reply of the output's size): the transport;
- *             and the same over ipc:// (what a client on the engine's host could use);
+ *             and the same over ipc:// (what a client on the engine's host could use); both with
+ *             client and server in one ZeroMQ context (one I/O thread does both ends: the
+ *             cheapest case), and "tcp 2 ctx" with a context each (two I/O threads on the
+ *             way, as between a client process and the engine);
  *   engine    the engine's round trip, one request at a time (p50 and p99), and its throughput
  *             with 4 requests in flight;
  *   overhead  engine p50 - in-proc - echo: what the coordinator, the scheduling, the worker
@@ -141,15 +144,18 @@ static void *echo_main(void *arg) {
     return NULL;
 }
 
-static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc, bool spin) {
+/* own_ctx: the client in a ZeroMQ context of its own (two I/O threads on the way, as between
+ * two processes); else client and server share one context and its I/O thread. */
+static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc, bool spin, bool own_ctx) {
     echo_srv s = {.reply_bytes = reply_bytes, .spin = spin};
     s.ctx = zmq_ctx_new();
+    void *cctx = own_ctx ? zmq_ctx_new() : s.ctx;
     if (ipc)
         snprintf(s.ep, sizeof s.ep, "ipc:///tmp/moe-echo-%d", (int)getpid());
     else
         snprintf(s.ep, sizeof s.ep, "tcp://127.0.0.1:%d", engine_free_port());
     pthread_create(&s.th, NULL, echo_main, &s);
-    void *d = zmq_socket(s.ctx, ZMQ_DEALER);
+    void *d = zmq_socket(cctx, ZMQ_DEALER);
     int linger = 0;
     zmq_setsockopt(d, ZMQ_LINGER, &linger, sizeof linger);
     zmq_connect(d, s.ep);
@@ -170,6 +176,8 @@ static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc,
     s.stop = 1;
     pthread_join(s.th, NULL);
     zmq_close(d);
+    if (own_ctx)
+        zmq_ctx_term(cctx);
     zmq_ctx_term(s.ctx);
     free(req);
     free(t);
@@ -362,7 +370,7 @@ int main(int argc, char **argv) {
         printf("model: %s\nengine: %d CPU workers; in-process: one process, all %ld cores; %d iterations per row\n",
                eng_model_desc_str(d, desc, sizeof desc), workers, sysconf(_SC_NPROCESSORS_ONLN), iters);
     printf("busy polling (engine, client, echo): %d us\n\n", busy_us);
-    printf("%6s %12s %10s %10s %12s %12s %12s %10s %14s %14s\n", "T", "in-proc us", "echo tcp", "echo ipc",
+    printf("%6s %12s %10s %10s %10s %12s %12s %12s %10s %14s %14s\n", "T", "in-proc us", "echo tcp", "echo ipc", "tcp 2 ctx",
            "engine p50", "engine p99", "overhead us", "overhead", "tok/s (1 in fl)", "tok/s (4 in fl)");
     int64_t Ts[16];
     int n_ts = 0;
@@ -407,8 +415,9 @@ int main(int argc, char **argv) {
             inproc = cuda_inproc_us(&ci, d, l, &x, iters, &isp[ti]);
         /* transport */
         size_t req_bytes = 64 + 64 + (size_t)(T * H) * es + 64, rep_bytes = req_bytes;
-        double echo = echo_us(req_bytes, rep_bytes, iters, false, busy_us > 0);
-        double echo_ipc = echo_us(req_bytes, rep_bytes, iters, true, busy_us > 0);
+        double echo = echo_us(req_bytes, rep_bytes, iters, false, busy_us > 0, false);
+        double echo_ipc = echo_us(req_bytes, rep_bytes, iters, true, busy_us > 0, false);
+        double echo_2c = echo_us(req_bytes, rep_bytes, iters, false, busy_us > 0, true);
         /* engine, one at a time */
         moec_request r = {.layer = l->layer, .dtype = d->dtype, .n_tokens = T, .hidden = H, .x = x.data};
         path_sums before;
@@ -461,8 +470,8 @@ int main(int argc, char **argv) {
         for (int j = 0; j < 4; j++)
             free(ys[j]);
         double over = p50 - inproc - echo;
-        printf("%6lld %12.1f %10.1f %10.1f %12.1f %12.1f %12.1f %9.0f%% %14.0f %14.0f\n", (long long)T, inproc, echo,
-               echo_ipc, p50, p99, over, 100.0 * over / p50, (double)(T * iters) / (wall1 * 1e-6),
+        printf("%6lld %12.1f %10.1f %10.1f %10.1f %12.1f %12.1f %12.1f %9.0f%% %14.0f %14.0f\n", (long long)T, inproc,
+               echo, echo_ipc, echo_2c, p50, p99, over, 100.0 * over / p50, (double)(T * iters) / (wall1 * 1e-6),
                (double)(T * iters) / wall4);
         fflush(stdout);
         free(t);
