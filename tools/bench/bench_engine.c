@@ -3,8 +3,10 @@
  *
  *   bazel build -c opt //engine:moe-engine //tools/bench:bench_engine
  *   bazel-bin/tools/bench/bench_engine --engine bazel-bin/engine/moe-engine [--workers 2]
- *       [--iters 50] [--model DIR] [--gpu N] [--tokens 1,16,1024] [--busy-poll-us N]
+ *       [--iters 50] [--model DIR] [--gpu N] [--tokens 1,16,1024] [--busy-poll-us N] [--ipc]
  *
+ * With --ipc the engine's clients connect over ipc:// and the overhead is taken against the ipc
+ * echo (the issue's "same transport"; default tcp loopback).
  * With --busy-poll-us N the engine, the client (moec_client_set_busy_poll) and both ends of the
  * bare echo poll without sleeping for up to N us while they wait (default: the engine's own
  * default, 1000 with --gpu, else 0).
@@ -282,6 +284,7 @@ static double cuda_inproc_us(cuda_inproc *ci, const eng_model_desc *d, const eng
 int main(int argc, char **argv) {
     const char *engine = NULL, *model = NULL, *tokens_s = "1,4,16,64,256,1024";
     int workers = 2, iters = 50, gpu = -1, busy_us = -1;
+    bool ipc = false; /* --ipc: the engine's client endpoint on ipc://, measured against the ipc echo */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--engine") == 0 && i + 1 < argc)
             engine = argv[++i];
@@ -297,15 +300,17 @@ int main(int argc, char **argv) {
             tokens_s = argv[++i];
         else if (strcmp(argv[i], "--busy-poll-us") == 0 && i + 1 < argc)
             busy_us = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--ipc") == 0)
+            ipc = true;
         else {
             fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR] [--gpu N] [--tokens LIST] "
-                            "[--busy-poll-us N]\n");
+                            "[--busy-poll-us N] [--ipc]\n");
             return 2;
         }
     }
     if (!engine || workers < 1 || iters < 3) {
         fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR] [--gpu N] [--tokens LIST] "
-                            "[--busy-poll-us N]\n");
+                            "[--busy-poll-us N] [--ipc]\n");
         return 2;
     }
     moe_log_init_from_env();
@@ -318,7 +323,7 @@ int main(int argc, char **argv) {
     engine_proc e;
     const char *flags[] = {gpu >= 0 ? "--gpus" : "--workers", gpu >= 0 ? gs : wk, "--log-level", "warn",
                            "--max-tokens", "16384", "--busy-poll-us", bs, model ? "--model" : NULL, model, NULL};
-    if (!engine_start(&e, engine, flags))
+    if (!engine_start_on(&e, engine, ipc, flags))
         return 1;
     moec_client_t *c = NULL;
     moec_options o;
@@ -369,7 +374,9 @@ int main(int argc, char **argv) {
     else
         printf("model: %s\nengine: %d CPU workers; in-process: one process, all %ld cores; %d iterations per row\n",
                eng_model_desc_str(d, desc, sizeof desc), workers, sysconf(_SC_NPROCESSORS_ONLN), iters);
-    printf("busy polling (engine, client, echo): %d us\n\n", busy_us);
+    printf("busy polling (engine, client, echo): %d us; the engine's clients connect over %s (overhead: against "
+           "the %s echo)\n\n",
+           busy_us, ipc ? "ipc" : "tcp", ipc ? "ipc" : "tcp");
     printf("%6s %12s %10s %10s %10s %12s %12s %12s %10s %14s %14s\n", "T", "in-proc us", "echo tcp", "echo ipc", "tcp 2 ctx",
            "engine p50", "engine p99", "overhead us", "overhead", "tok/s (1 in fl)", "tok/s (4 in fl)");
     int64_t Ts[16];
@@ -469,7 +476,7 @@ int main(int argc, char **argv) {
         double wall4 = moe_now_s() - t0;
         for (int j = 0; j < 4; j++)
             free(ys[j]);
-        double over = p50 - inproc - echo;
+        double over = p50 - inproc - (ipc ? echo_ipc : echo);
         printf("%6lld %12.1f %10.1f %10.1f %10.1f %12.1f %12.1f %12.1f %9.0f%% %14.0f %14.0f\n", (long long)T, inproc,
                echo, echo_ipc, echo_2c, p50, p99, over, 100.0 * over / p50, (double)(T * iters) / (wall1 * 1e-6),
                (double)(T * iters) / wall4);

@@ -36,6 +36,10 @@ int engine_free_port(void) {
 }
 
 bool engine_start(engine_proc *e, const char *engine, const char *const *flags) {
+    return engine_start_on(e, engine, false, flags);
+}
+
+bool engine_start_on(engine_proc *e, const char *engine, bool ipc, const char *const *flags) {
     memset(e, 0, sizeof *e);
     snprintf(e->rundir, sizeof e->rundir, "/tmp/moe-engine-tool-XXXXXX");
     if (!mkdtemp(e->rundir)) {
@@ -47,7 +51,10 @@ bool engine_start(engine_proc *e, const char *engine, const char *const *flags) 
         fprintf(stderr, "no free TCP port on 127.0.0.1\n");
         return false;
     }
-    snprintf(e->endpoint, sizeof e->endpoint, "tcp://127.0.0.1:%d", p1);
+    if (ipc)
+        snprintf(e->endpoint, sizeof e->endpoint, "ipc://%s/client.sock", e->rundir);
+    else
+        snprintf(e->endpoint, sizeof e->endpoint, "tcp://127.0.0.1:%d", p1);
     snprintf(e->http, sizeof e->http, "127.0.0.1:%d", p2);
     const char *args[64];
     int n = 0;

@@ -13,7 +13,7 @@
 typedef struct engine_proc {
     pid_t pid;
     char rundir[64];   /* a fresh temporary folder (its runtime dir) */
-    char endpoint[64]; /* tcp://127.0.0.1:PORT */
+    char endpoint[96]; /* tcp://127.0.0.1:PORT or ipc://RUNDIR/client.sock */
     char http[64];
 } engine_proc;
 
@@ -22,6 +22,8 @@ int engine_free_port(void);
 /* Starts `engine serve --bind ... --http ... --runtime-dir ...` plus the NULL-terminated extra
  * flags. Returns false (with a message on stderr) when it cannot start. */
 bool engine_start(engine_proc *e, const char *engine, const char *const *flags);
+/* The same with the client endpoint on ipc:// (a socket file in the runtime folder) when ipc. */
+bool engine_start_on(engine_proc *e, const char *engine, bool ipc, const char *const *flags);
 /* Waits until STATS says "ready" through client c (timeout_s); false if the engine exited. */
 bool engine_wait_ready(engine_proc *e, moec_client_t *c, double timeout_s);
 /* SIGTERM, wait; returns true when it exited with status 0. Removes the runtime folder unless
