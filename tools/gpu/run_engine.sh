@@ -14,7 +14,7 @@
 #   dsv3      bench_scaleout --shape dsv3 (DeepSeek-V3's experts; writes 22.6 GB
 #             of weights once into /tmp/moe-scaleout-dsv3)                       -> dsv3.log
 #   e2e       bench_engine --gpu 0: the engine vs the kernels in-process vs a bare
-#             ZeroMQ echo (tcp and ipc) per request size                          -> e2e.log
+#             ZeroMQ echo per request size, clients over tcp and over ipc  -> e2e_tcp.log, e2e_ipc.log
 # Output in $OUT (default /tmp/moe-gpu-engine); a summary is printed last.
 # Environment: BUNDLE (default .bundle/engine), OUT, GPUS (default: every GPU), TOKENS, CLIENTS,
 # TEST_TIMEOUT, SCALE_TIMEOUT, DSV3_TIMEOUT, E2E_TIMEOUT (seconds), E2E_TOKENS, E2E_ITERS.
@@ -124,8 +124,12 @@ if want e2e; then
   echo "== bench_engine --gpu 0"
   m=""; [ -d /tmp/moe-scaleout-qwen3 ] && m="--model /tmp/moe-scaleout-qwen3"
   # shellcheck disable=SC2086
-  timeout "${E2E_TIMEOUT:-80}" "$BUNDLE/bin/bench_engine" --engine "$MOE_ENGINE" --gpu 0 $m --tokens "${E2E_TOKENS:-1,16,128,1024,4096}" \
-    --iters "${E2E_ITERS:-30}" >"$OUT/e2e.log" 2>&1 || rc=1
-  grep -v "^20.*Z [IW]" "$OUT/e2e.log" | tail -20
+  for tr in tcp ipc; do
+    x=""; [ "$tr" = ipc ] && x="--ipc"
+    # shellcheck disable=SC2086
+    timeout "${E2E_TIMEOUT:-80}" "$BUNDLE/bin/bench_engine" --engine "$MOE_ENGINE" --gpu 0 $m $x \
+      --tokens "${E2E_TOKENS:-1,16,128,1024,4096}" --iters "${E2E_ITERS:-30}" >"$OUT/e2e_$tr.log" 2>&1 || rc=1
+    grep -v "^20.*Z [IW]" "$OUT/e2e_$tr.log" | tail -20
+  done
 fi
 exit $rc
