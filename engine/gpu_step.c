@@ -436,8 +436,12 @@ static moe_status stage(eng_gpu_t *g, gpu_inputs *in, uint64_t tag, const eng_st
     const void *xs = io ? io->x : in->x_h, *lgs = io ? io->logits : in->lg_h;
     const int32_t *idss = io ? io->ids : in->ids_h;
     const float *ws = io ? io->w : in->w_h;
-    cudaStream_t s = g->s_copy;
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(s, in->released, 0));
+    /* Ahead of its step the copy runs on the copy stream, beside the step before; at the step's
+     * own entry on the main stream, whose order already puts it after the set's last use (no
+     * cross-stream wait in front of a small step's kernels). */
+    cudaStream_t s = ahead ? g->s_copy : g->s_main;
+    if (ahead)
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(s, in->released, 0));
     MOE_CUDA_CHECK(cudaEventRecord(in->tm0, s));
     if (T > 0) {
         const int64_t lo = W == 1 ? 0 : T * r / W, hi = W == 1 ? T : T * (r + 1) / W;
@@ -626,7 +630,8 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
     if (T == 0)
         return MOE_OK;
     MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, in->ready, 0));
-    MOE_CUDA_CHECK(cudaEventRecord(g->tm_start, g->s_main));
+    if (W > 1) /* at W = 1 the gather's start is its end (tm_x) */
+        MOE_CUDA_CHECK(cudaEventRecord(g->tm_start, g->s_main));
     /* At W > 1 the ranks all-gather the blocks of x each copied over PCIe (enqueued with the
      * copies): a GPU's PCIe traffic stays T H / W per step however many share the batch, and
      * the ranks start their products together. */
@@ -666,7 +671,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
      * W > 1 the exchange plan needs them first: the one extra wait of a step the engine
      * routes). */
     const int32_t *ids_host = routed ? in->ids_h : in->ids_src;
-    if (routed)
+    if (routed && W > 1) /* at W = 1 after the products: a copy between two kernels delays the second */
         MOE_CUDA_CHECK(cudaMemcpyAsync(in->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
                                        g->s_main));
 
@@ -692,6 +697,9 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         MOE_CHECK(kern_moe_forward(g->k, &ep, &x, &l->w13, &l->w2, &ids, &wt, l->has_shared ? &se : NULL, &yd));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
         MOE_CHECK(copy_out(g, reqs, n, 0, T, io, g->s_main));
+        if (routed) /* the ids the device chose, for the tokens per expert (read after the wait) */
+            MOE_CUDA_CHECK(cudaMemcpyAsync(in->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K),
+                                           cudaMemcpyDeviceToHost, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
         t_wait = moe_now_ns();
