@@ -185,6 +185,50 @@ template <int NWG, int BN, int ACCB = 2> struct kc_tile {
  * token tiles in L2 (rb fastest inside a group, then the token block, then the group). */
 #define KC_RASTER_GROUP 8
 
+/* Tile v of the raster order (KC_RASTER_GROUP row blocks, then the column blocks, then the
+ * group), over n_rb row blocks and nbv column blocks. */
+static __device__ __forceinline__ void kc_raster(int v, int n_rb, int nbv, int &nb, int &rb) {
+    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
+    const int gi = v / (gsz_full * nbv);
+    const int g0 = gi * gsz_full;
+    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
+    const int local = v - gi * gsz_full * nbv;
+    nb = local / gs;
+    rb = g0 + local % gs;
+}
+
+/* Column pos (= column block x BN + column) of an aligned or dense product: src, where its
+ * routed row starts (bi: that row's index in b); orow, its output row; sc, its scale. A
+ * padding column: nullptr, -1, 1.0f. */
+struct kc_col {
+    const char *src;
+    int orow, bi;
+    float sc;
+};
+template <typename T> static __device__ __forceinline__ kc_col kc_col_of(const kc_gemm_args &a, int pos, int K) {
+    kc_col c = {nullptr, -1, -1, 1.0f};
+    if (a.dense) {
+        if (pos < a.n_dense) {
+            c.bi = pos;
+            c.src = (const char *)a.b + (size_t)pos * K * sizeof(T);
+            c.orow = pos;
+            if (a.row_scale)
+                c.sc = a.row_scale[pos];
+        }
+    } else {
+        const int pair = a.sorted_rows[pos];
+        if (pair >= 0) {
+            const int brow = a.b_by_pos ? pos : pair / a.b_div;
+            c.bi = brow;
+            c.src = (const char *)a.b + (size_t)brow * K * sizeof(T);
+            c.orow = a.out_by_pos ? pos : pair;
+            if (a.topk_w)
+                c.sc = a.topk_w[pair];
+        }
+    }
+    return c;
+}
+
 /* Local slot of pair p's expert, or -1 (held elsewhere, or a bad id / map entry). */
 static __device__ __forceinline__ int kc_local_of(const kc_gemm_args &a, int p) {
     return kc_local_slot(a.ids, a.map, a.n_experts, a.n_local, p);
@@ -528,24 +572,11 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
                     if (a.topk_w)
                         sc = a.topk_w[pair];
                 }
-            } else if (a.dense) {
-                const int pos = nb * BN + n;
-                if (pos < a.n_dense) {
-                    src = (const char *)a.b + (size_t)pos * K * sizeof(T);
-                    orow = pos;
-                    if (a.row_scale)
-                        sc = a.row_scale[pos];
-                }
             } else {
-                const int pos = nb * BN + n;
-                const int pair = a.sorted_rows[pos];
-                if (pair >= 0) {
-                    const int brow = a.b_by_pos ? pos : pair / a.b_div;
-                    src = (const char *)a.b + (size_t)brow * K * sizeof(T);
-                    orow = a.out_by_pos ? pos : pair;
-                    if (a.topk_w)
-                        sc = a.topk_w[pair];
-                }
+                const kc_col cl = kc_col_of<T>(a, nb * BN + n, K);
+                src = cl.src;
+                orow = cl.orow;
+                sc = cl.sc;
             }
             s_bsrc[n] = src;
             s_orow[n] = orow;
@@ -770,14 +801,8 @@ __global__ void __launch_bounds__(128 * NWG, 1) kc_gemm_kernel(const kc_gemm_arg
     const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 64 * ACCB * NWG;
     const int n_rb = (a.M + rows_per_cta - 1) / rows_per_cta;
     const int max_nb = a.max_blocks;
-    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
-    const int id = blockIdx.x;
-    const int gi = id / (gsz_full * max_nb);
-    const int g0 = gi * gsz_full;
-    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
-    const int local = id - gi * gsz_full * max_nb;
-    const int nb = local / gs;
-    const int rb = g0 + local % gs;
+    int nb, rb;
+    kc_raster((int)blockIdx.x, n_rb, max_nb, nb, rb);
     if (nb >= max_nb || rb >= n_rb)
         return;
     const kc_fuse_sync fs = {0, nullptr, 0, 0};
@@ -845,6 +870,144 @@ static __device__ __forceinline__ void kc_mbar_wait(uint32_t bar, uint32_t parit
 }
 static __device__ __forceinline__ void kc_cp_mbar_arrive(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+static __device__ __forceinline__ void kc_mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+static __device__ __forceinline__ void kc_tma_load_2d(uint32_t dst, const void *tmap, int c0, int c1, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];\n" ::"r"(dst),
+        "l"((uint64_t)tmap), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+
+/* The S stages' barriers of the warp-specialized kernels: "full" with full_count arrivals,
+ * "empty" with one per consumer warp (8). Thread 0, before the block's first barrier. */
+template <int S>
+static __device__ __forceinline__ void kc_stage_bars_init(uint32_t full0, uint32_t empty0, uint32_t full_count) {
+    for (int s = 0; s < S; s++) {
+        kc_mbar_init(full0 + 8 * s, full_count);
+        kc_mbar_init(empty0 + 8 * s, 8); /* every consumer warp */
+    }
+}
+
+/* The weight stage of k block kb of the TMA-fed tiles (5, 128) .. (8, 128), at sa, by the copy
+ * engine (one thread): arm the stage's "full" barrier bar with bytes, then gate-up: the 128
+ * gate rows from row wrow0 of the tensor map and the 128 up rows M rows further; down: 256
+ * rows from wrow0. */
+template <int MODE>
+static __device__ __forceinline__ void kc_tma_stage_a(const CUtensorMap *tmw, uint32_t sa, uint32_t bar, int kb,
+                                                      int wrow0, int M, uint32_t bytes) {
+    kc_mbar_expect_tx(bar, bytes);
+    if (MODE == KC_MODE_GATE_UP) {
+        kc_tma_load_2d(sa, tmw, kb * KC_BK, wrow0, bar);                 /* gate rows */
+        kc_tma_load_2d(sa + 128 * 128, tmw, kb * KC_BK, wrow0 + M, bar); /* up rows */
+    } else {
+        kc_tma_load_2d(sa, tmw, kb * KC_BK, wrow0, bar);
+    }
+}
+
+/* The producer warpgroup's k walk over one tile of (5, 128) and of the persistent (7, 128) /
+ * (8, 128), k block kb at ring position gg = g + kb (g: the k blocks this CTA issued for its
+ * earlier tiles; 0 in (5, 128)): wait until the consumers have released the stage's previous
+ * use, thread 0 has the copy engine write the weight rows (kc_tma_stage_a), then thread pt
+ * copies chunk pt % 8 of routed rows pt / 8 + 16 i (bsrc: the tile's column table of sources)
+ * with cp.async 16 B, zero-filled past K and for padding columns, and every thread arrives on
+ * the stage's "full" barrier. first (down): the CTA's first tile, whose first weight stages
+ * go out before the wait for the gate-up results. */
+template <typename T, int MODE>
+static __device__ __forceinline__ void
+kc_tma_produce(const kc_gemm_args &a, const CUtensorMap *tmw, const char *const *bsrc, uint32_t g, int nk, bool first,
+               int wrow0, int pt, uint32_t sbase, uint32_t full0, uint32_t empty0) {
+    typedef kc_tile<2, 128> TL;
+    constexpr int S = TL::stages, BN = 128;
+    const int M = a.M, K = a.K;
+    const int c = pt & 7;
+    const char *brow[BN / 16];
+#pragma unroll
+    for (int i = 0; i < BN / 16; i++)
+        brow[i] = bsrc[(pt >> 3) + i * 16];
+    auto load_a = [&](uint32_t gg, int kb) {
+        if (pt == 0) {
+            const int s = (int)(gg % S);
+            kc_tma_stage_a<MODE>(tmw, sbase + (uint32_t)(s * TL::stage_bytes), full0 + 8 * s, kb, wrow0, M,
+                                 (uint32_t)TL::a_bytes);
+        }
+    };
+    const int npre = (MODE == KC_MODE_DOWN && first) ? (nk < S ? nk : S) : 0;
+    for (int kb = 0; kb < npre; kb++)
+        load_a(g + (uint32_t)kb, kb);
+    if (MODE == KC_MODE_DOWN && first)
+        kc_pdl_wait(); /* the gate-up results */
+#pragma unroll 1
+    for (int kb = 0; kb < nk; kb++) {
+        const uint32_t gg = g + (uint32_t)kb;
+        const int s = (int)(gg % S);
+        if (gg >= (uint32_t)S)
+            kc_mbar_wait(empty0 + 8 * s, (uint32_t)(((gg / S) - 1) & 1));
+        if (kb >= npre)
+            load_a(gg, kb);
+        const uint32_t sb = sbase + (uint32_t)(s * TL::stage_bytes) + TL::a_bytes;
+        const int kel = kb * KC_BK + c * 8;
+        const bool kok = kel < K;
+#pragma unroll
+        for (int i = 0; i < BN / 16; i++) {
+            const int r = (pt >> 3) + i * 16;
+            const bool ok = brow[i] != nullptr && kok;
+            const void *src = ok ? (const void *)(brow[i] + (size_t)kel * sizeof(T)) : a.w;
+            kc_cp_async16(sb + kc_swz(r, c), src, ok);
+        }
+        kc_cp_mbar_arrive(full0 + 8 * s);
+    }
+}
+
+/* A consumer warpgroup's k walk over one tile of the warp-specialized kernels (3, 128) ..
+ * (8, 128): its two accumulators from +0.0 (pinned before the first wgmma), then for k block
+ * kb at ring position gg = g + kb: wait on "full", the proxy fence where the routed rows came
+ * through cp.async (FENCE), the block's four k16 steps in order on both 64-row blocks (A rows
+ * at aoff0 and aoff1 of the stage), one wgmma group kept in flight, and the stage of block
+ * kb - 1 released on "empty" unless it is one of the tile's last HOLD (kept for the epilogue).
+ * Returns with every wgmma done. */
+template <typename T, int HOLD, bool FENCE>
+static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32_t g, int nk, uint32_t sbase,
+                                                     uint32_t full0, uint32_t empty0, uint32_t aoff0, uint32_t aoff1,
+                                                     int lane) {
+    typedef kc_tile<2, 128> TL;
+    constexpr int S = TL::stages, BN = 128, NACC = BN / 2;
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int i = 0; i < NACC; i++)
+            acc[b][i] = 0.0f;
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int i = 0; i < NACC; i++)
+            asm volatile("" : "+f"(acc[b][i])::"memory");
+    kc_wg_fence();
+#pragma unroll 1
+    for (int kb = 0; kb < nk; kb++) {
+        const uint32_t gg = g + (uint32_t)kb;
+        const int s = (int)(gg % S);
+        kc_mbar_wait(full0 + 8 * s, (uint32_t)((gg / S) & 1));
+        if (FENCE)
+            kc_fence_proxy_async(); /* the routed rows came through cp.async (generic proxy) */
+        const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
+        const uint32_t sb = sa + TL::a_bytes;
+        kc_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const uint64_t db = kc_desc(sb + kk * 32);
+            kc_wgmma_op<T, BN>::run(acc[0], kc_desc(sa + aoff0 + kk * 32), db);
+            kc_wgmma_op<T, BN>::run(acc[1], kc_desc(sa + aoff1 + kk * 32), db);
+        }
+        kc_wg_commit();
+        kc_wg_wait<1>();
+        if (kb > 0 && (HOLD == 0 || kb - 1 < nk - HOLD) && lane == 0)
+            kc_mbar_arrive(empty0 + 8 * ((gg - 1) % S)); /* wgmma(kb - 1) is done with its stage */
+    }
+    kc_wg_wait<0>();
 }
 
 /* The consumers' epilogue of the warp-specialized kernels (3, 128) and (5, 128), through
@@ -923,14 +1086,8 @@ __global__ void __launch_bounds__(384, 1) kc_gemm_ws_kernel(const kc_gemm_args a
     const int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
     const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
     const int max_nb = a.max_blocks;
-    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
-    const int id = blockIdx.x;
-    const int gi = id / (gsz_full * max_nb);
-    const int g0 = gi * gsz_full;
-    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
-    const int local = id - gi * gsz_full * max_nb;
-    const int nb = local / gs;
-    const int rb = g0 + local % gs;
+    int nb, rb;
+    kc_raster((int)blockIdx.x, n_rb, max_nb, nb, rb);
     if (nb >= max_nb || rb >= n_rb)
         return;
     kc_pdl_wait();
@@ -944,40 +1101,17 @@ __global__ void __launch_bounds__(384, 1) kc_gemm_ws_kernel(const kc_gemm_args a
         return;
     }
     for (int n = tid; n < BN; n += 384) {
-        const char *src = nullptr;
-        int orow = -1;
-        float sc = 1.0f;
-        const int pos = nb * BN + n;
-        if (a.dense) {
-            if (pos < a.n_dense) {
-                src = (const char *)a.b + (size_t)pos * K * sizeof(T);
-                orow = pos;
-                if (a.row_scale)
-                    sc = a.row_scale[pos];
-            }
-        } else {
-            const int pair = a.sorted_rows[pos];
-            if (pair >= 0) {
-                const int brow = a.b_by_pos ? pos : pair / a.b_div;
-                src = (const char *)a.b + (size_t)brow * K * sizeof(T);
-                orow = a.out_by_pos ? pos : pair;
-                if (a.topk_w)
-                    sc = a.topk_w[pair];
-            }
-        }
-        s_bsrc[n] = src;
-        s_orow[n] = orow;
-        s_scale[n] = sc;
+        const kc_col cl = kc_col_of<T>(a, nb * BN + n, K);
+        s_bsrc[n] = cl.src;
+        s_orow[n] = cl.orow;
+        s_scale[n] = cl.sc;
     }
     const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
     const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
     const uint32_t full0 = (uint32_t)__cvta_generic_to_shared(&s_full[0]);
     const uint32_t empty0 = (uint32_t)__cvta_generic_to_shared(&s_empty[0]);
     if (tid == 0) {
-        for (int s = 0; s < S; s++) {
-            kc_mbar_init(full0 + 8 * s, 128); /* every producer thread's copies */
-            kc_mbar_init(empty0 + 8 * s, 8);  /* every consumer warp */
-        }
+        kc_stage_bars_init<S>(full0, empty0, 128); /* every producer thread's copies */
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
@@ -1039,43 +1173,33 @@ __global__ void __launch_bounds__(384, 1) kc_gemm_ws_kernel(const kc_gemm_args a
     const int ct = tid - 128;
     const int lane = ct & 31;
     float acc[2][NACC];
-#pragma unroll
-    for (int b = 0; b < 2; b++)
-#pragma unroll
-        for (int i = 0; i < NACC; i++)
-            acc[b][i] = 0.0f;
-#pragma unroll
-    for (int b = 0; b < 2; b++)
-#pragma unroll
-        for (int i = 0; i < NACC; i++)
-            asm volatile("" : "+f"(acc[b][i])::"memory");
-    kc_wg_fence();
-#pragma unroll 1
-    for (int kb = 0; kb < nk; kb++) {
-        const int s = kb % S;
-        kc_mbar_wait(full0 + 8 * s, (uint32_t)((kb / S) & 1));
-        kc_fence_proxy_async();
-        const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
-        const uint32_t sb = sa + TL::a_bytes;
-        kc_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            const uint64_t db = kc_desc(sb + kk * 32);
-#pragma unroll
-            for (int blk = 0; blk < 2; blk++) {
-                const uint64_t da = kc_desc(sa + (uint32_t)((cw * 128 + blk * 64) * 128) + kk * 32);
-                kc_wgmma_op<T, BN>::run(acc[blk], da, db);
-            }
-        }
-        kc_wg_commit();
-        kc_wg_wait<1>();
-        if (kb > 0 && lane == 0)
-            kc_mbar_arrive(empty0 + 8 * ((kb - 1) % S)); /* wgmma(kb - 1) is done with its stage */
-    }
-    kc_wg_wait<0>();
+    /* its 64-row blocks: rows 128 cw and 128 cw + 64 of the stage */
+    kc_ws_consume<T, 0, true>(acc, 0, nk, sbase, full0, empty0, (uint32_t)(cw * 128 * 128),
+                              (uint32_t)((cw * 128 + 64) * 128), lane);
 
     kc_ws_epilogue<T, MODE>(a, acc, cw, ct, rb, s_orow, s_scale, smem_raw, sbase, sbase_raw);
 #endif
+}
+
+/* Host: one launch of a product kernel, kgu for gate-up (mi 0) or kdn for down (mi 1), with
+ * smem bytes of dynamic shared memory (its limit raised once per device: bit dev of
+ * attr_done[mi], so that a launch pays no driver call) and programmatic dependent launch
+ * where pdl. */
+template <typename... KArgs, typename... Args>
+static int kc_launch_mode(void (*kgu)(KArgs...), void (*kdn)(KArgs...), unsigned long long (&attr_done)[2], int dev,
+                          int mi, long grid, int threads, int smem, bool pdl, cudaStream_t st, Args... args) {
+    void (*k)(KArgs...) = mi == 0 ? kgu : kdn;
+    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
+    if (!(attr_done[mi] & bit)) {
+        const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess)
+            return (int)e;
+        attr_done[mi] |= bit;
+    }
+    const int rc = kc_launch_ex(k, dim3((unsigned)grid), dim3((unsigned)threads), (size_t)smem, st, pdl, args...);
+    if (rc != 0)
+        return rc;
+    return (int)cudaGetLastError();
 }
 
 template <typename T>
@@ -1099,33 +1223,8 @@ static int kc_gemm_ws_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     if (e != cudaSuccess)
         return (int)e;
     const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
-    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
-    if (!(attr_done[mi] & bit)) {
-        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_ws_kernel<T, KC_MODE_GATE_UP>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem)
-                    : cudaFuncSetAttribute(kc_gemm_ws_kernel<T, KC_MODE_DOWN>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
-        if (e != cudaSuccess)
-            return (int)e;
-        attr_done[mi] |= bit;
-    }
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    cfg.gridDim = dim3((unsigned)grid);
-    cfg.blockDim = dim3(384);
-    cfg.dynamicSmemBytes = TL::smem;
-    cfg.stream = st;
-    if (a->pdl) {
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-    }
-    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_ws_kernel<T, KC_MODE_GATE_UP>, aa)
-                : cudaLaunchKernelEx(&cfg, kc_gemm_ws_kernel<T, KC_MODE_DOWN>, aa);
-    if (e != cudaSuccess)
-        return (int)e;
-    return (int)cudaGetLastError();
+    return kc_launch_mode(kc_gemm_ws_kernel<T, KC_MODE_GATE_UP>, kc_gemm_ws_kernel<T, KC_MODE_DOWN>, attr_done, dev, mi,
+                          grid, 384, TL::smem, a->pdl != 0, st, aa);
 }
 
 /* ---- TMA-fed warp-specialized wgmma kernel (sm_90a), the large tile ("5 x 128") ----------
@@ -1142,19 +1241,6 @@ static int kc_gemm_ws_launch_t(const kc_gemm_args *a, cudaStream_t st) {
  * and the epilogue are those of kc_gemm_kernel: the same bits.
  * Weight rows past M inside the box (the next expert's or the up rows) are loaded but never
  * stored: a wgmma output row depends on its own weight row alone. */
-#ifdef KC_HAVE_WGMMA
-static __device__ __forceinline__ void kc_mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-static __device__ __forceinline__ void kc_tma_load_2d(uint32_t dst, const void *tmap, int c0, int c1, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
-        "[%4];\n" ::"r"(dst),
-        "l"((uint64_t)tmap), "r"(c0), "r"(c1), "r"(bar)
-        : "memory");
-}
-#endif
-
 template <typename T, int MODE, bool BT>
 __global__ void __launch_bounds__(384, 1)
     kc_gemm_tma_kernel(const kc_gemm_args a, const __grid_constant__ CUtensorMap tmw,
@@ -1178,14 +1264,8 @@ __global__ void __launch_bounds__(384, 1)
     constexpr int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
     const int n_rb = (M + rows_per_cta - 1) / rows_per_cta;
     const int max_nb = a.max_blocks;
-    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
-    const int id = blockIdx.x;
-    const int gi = id / (gsz_full * max_nb);
-    const int g0 = gi * gsz_full;
-    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
-    const int local = id - gi * gsz_full * max_nb;
-    const int nb = local / gs;
-    const int rb = g0 + local % gs;
+    int nb, rb;
+    kc_raster((int)blockIdx.x, n_rb, max_nb, nb, rb);
     if (nb >= max_nb || rb >= n_rb)
         return;
     /* As in kc_gemm_kernel: the gate-up product reads the alignment from the start; the down
@@ -1205,45 +1285,20 @@ __global__ void __launch_bounds__(384, 1)
     if (tid == 0)
         asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)&tmw) : "memory");
     for (int n = tid; n < BN; n += 384) {
-        const char *src = nullptr;
-        int orow = -1, bi = -1;
-        float sc = 1.0f;
-        const int pos = nb * BN + n;
-        if (a.dense) {
-            if (pos < a.n_dense) {
-                bi = pos;
-                src = (const char *)a.b + (size_t)pos * K * sizeof(T);
-                orow = pos;
-                if (a.row_scale)
-                    sc = a.row_scale[pos];
-            }
-        } else {
-            const int pair = a.sorted_rows[pos];
-            if (pair >= 0) {
-                const int brow = a.b_by_pos ? pos : pair / a.b_div;
-                bi = brow;
-                src = (const char *)a.b + (size_t)brow * K * sizeof(T);
-                orow = a.out_by_pos ? pos : pair;
-                if (a.topk_w)
-                    sc = a.topk_w[pair];
-            }
-        }
-        s_bsrc[n] = src;
-        s_brow[n] = bi;
-        s_orow[n] = orow;
-        s_scale[n] = sc;
+        const kc_col cl = kc_col_of<T>(a, nb * BN + n, K);
+        s_bsrc[n] = cl.src;
+        s_brow[n] = cl.bi;
+        s_orow[n] = cl.orow;
+        s_scale[n] = cl.sc;
     }
     const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
     const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
     const uint32_t full0 = (uint32_t)__cvta_generic_to_shared(&s_full[0]);
     const uint32_t empty0 = (uint32_t)__cvta_generic_to_shared(&s_empty[0]);
     if (tid == 0) {
-        for (int s = 0; s < S; s++) {
-            /* BT: one arrive (expect_tx of the whole stage); else that and every producer
-             * thread's cp.async */
-            kc_mbar_init(full0 + 8 * s, BT ? 1 : 129);
-            kc_mbar_init(empty0 + 8 * s, 8);  /* every consumer warp */
-        }
+        /* BT: one arrive (expect_tx of the whole stage); else that and every producer
+         * thread's cp.async */
+        kc_stage_bars_init<S>(full0, empty0, BT ? 1 : 129);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
@@ -1268,11 +1323,9 @@ __global__ void __launch_bounds__(384, 1)
          * barrier arrive with the whole stage's bytes; the rows follow on the same phase) */
         for (int kb = 0; kb < npre; kb++) {
             const int s = kb % S;
-            const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
-            if (tid == 0) {
-                kc_mbar_expect_tx(full0 + 8 * s, (uint32_t)TL::stage_bytes);
-                kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
-            }
+            if (tid == 0)
+                kc_tma_stage_a<MODE>(&tmw, sbase + (uint32_t)(s * TL::stage_bytes), full0 + 8 * s, kb, wrow0, M,
+                                     (uint32_t)TL::stage_bytes);
         }
         if (MODE == KC_MODE_DOWN)
             kc_pdl_wait();
@@ -1283,15 +1336,8 @@ __global__ void __launch_bounds__(384, 1)
                 kc_mbar_wait(empty0 + 8 * s, (uint32_t)(((kb / S) - 1) & 1));
             const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
             const uint32_t sb = sa + TL::a_bytes;
-            if (kb >= npre && tid == 0) {
-                kc_mbar_expect_tx(full0 + 8 * s, (uint32_t)TL::stage_bytes);
-                if (MODE == KC_MODE_GATE_UP) {
-                    kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
-                    kc_tma_load_2d(sa + 128 * 128, &tmw, kb * KC_BK, wrow0 + M, full0 + 8 * s);
-                } else {
-                    kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
-                }
-            }
+            if (kb >= npre && tid == 0)
+                kc_tma_stage_a<MODE>(&tmw, sa, full0 + 8 * s, kb, wrow0, M, (uint32_t)TL::stage_bytes);
             __syncwarp();
 #pragma unroll
             for (int i = 0; i < BN / 32; i++)
@@ -1302,50 +1348,8 @@ __global__ void __launch_bounds__(384, 1)
     if (wg == 0) {
         /* ---- producer ---- */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(KC_WS_PROD_REGS));
-        const int pt = tid; /* 0..127: chunk pt % 8 of routed rows pt / 8 + 16 i */
-        const int c = pt & 7;
-        const char *brow[BN / 16];
-#pragma unroll
-        for (int i = 0; i < BN / 16; i++)
-            brow[i] = s_bsrc[(pt >> 3) + i * 16];
         const int wrow0 = expert * (int)a.w_rows + rb * rows_per_cta; /* row of the tensor map */
-        auto load_a = [&](int kb) {
-            if (pt == 0) {
-                const int s = kb % S;
-                const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
-                kc_mbar_expect_tx(full0 + 8 * s, (uint32_t)TL::a_bytes);
-                if (MODE == KC_MODE_GATE_UP) {
-                    kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);             /* gate rows */
-                    kc_tma_load_2d(sa + 128 * 128, &tmw, kb * KC_BK, wrow0 + M, full0 + 8 * s); /* up rows */
-                } else {
-                    kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
-                }
-            }
-        };
-        const int npre = MODE == KC_MODE_DOWN ? (nk < S ? nk : S) : 0;
-        for (int kb = 0; kb < npre; kb++)
-            load_a(kb);
-        if (MODE == KC_MODE_DOWN)
-            kc_pdl_wait(); /* the gate-up results */
-#pragma unroll 1
-        for (int kb = 0; kb < nk; kb++) {
-            const int s = kb % S;
-            if (kb >= S)
-                kc_mbar_wait(empty0 + 8 * s, (uint32_t)(((kb / S) - 1) & 1));
-            if (kb >= npre)
-                load_a(kb);
-            const uint32_t sb = sbase + (uint32_t)(s * TL::stage_bytes) + TL::a_bytes;
-            const int kel = kb * KC_BK + c * 8;
-            const bool kok = kel < K;
-#pragma unroll
-            for (int i = 0; i < BN / 16; i++) {
-                const int r = (pt >> 3) + i * 16;
-                const bool ok = brow[i] != nullptr && kok;
-                const void *src = ok ? (const void *)(brow[i] + (size_t)kel * sizeof(T)) : a.w;
-                kc_cp_async16(sb + kc_swz(r, c), src, ok);
-            }
-            kc_cp_mbar_arrive(full0 + 8 * s);
-        }
+        kc_tma_produce<T, MODE>(a, &tmw, s_bsrc, 0, nk, true, wrow0, tid, sbase, full0, empty0);
         kc_cp_wait<0>();
         return;
     }
@@ -1360,38 +1364,7 @@ __global__ void __launch_bounds__(384, 1)
     const uint32_t aoff0 = (uint32_t)((MODE == KC_MODE_GATE_UP ? 64 * cw : 128 * cw) * 128);
     const uint32_t aoff1 = (uint32_t)((MODE == KC_MODE_GATE_UP ? 128 + 64 * cw : 128 * cw + 64) * 128);
     float acc[2][NACC];
-#pragma unroll
-    for (int b = 0; b < 2; b++)
-#pragma unroll
-        for (int i = 0; i < NACC; i++)
-            acc[b][i] = 0.0f;
-#pragma unroll
-    for (int b = 0; b < 2; b++)
-#pragma unroll
-        for (int i = 0; i < NACC; i++)
-            asm volatile("" : "+f"(acc[b][i])::"memory");
-    kc_wg_fence();
-#pragma unroll 1
-    for (int kb = 0; kb < nk; kb++) {
-        const int s = kb % S;
-        kc_mbar_wait(full0 + 8 * s, (uint32_t)((kb / S) & 1));
-        if (!BT)
-            kc_fence_proxy_async(); /* the routed rows came through cp.async (generic proxy) */
-        const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
-        const uint32_t sb = sa + TL::a_bytes;
-        kc_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            const uint64_t db = kc_desc(sb + kk * 32);
-            kc_wgmma_op<T, BN>::run(acc[0], kc_desc(sa + aoff0 + kk * 32), db);
-            kc_wgmma_op<T, BN>::run(acc[1], kc_desc(sa + aoff1 + kk * 32), db);
-        }
-        kc_wg_commit();
-        kc_wg_wait<1>();
-        if (kb > 0 && lane == 0)
-            kc_mbar_arrive(empty0 + 8 * ((kb - 1) % S)); /* wgmma(kb - 1) is done with its stage */
-    }
-    kc_wg_wait<0>();
+    kc_ws_consume<T, 0, !BT>(acc, 0, nk, sbase, full0, empty0, aoff0, aoff1, lane);
     if (MODE == KC_MODE_DOWN)
         kc_pdl_wait(); /* (long satisfied: the producer waited before its first routed rows) */
 
@@ -1462,33 +1435,8 @@ static int kc_gemm_tma_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     if (e != cudaSuccess)
         return (int)e;
     const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
-    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
-    if (!(attr_done[mi] & bit)) {
-        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_tma_kernel<T, KC_MODE_GATE_UP, BT>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem)
-                    : cudaFuncSetAttribute(kc_gemm_tma_kernel<T, KC_MODE_DOWN, BT>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
-        if (e != cudaSuccess)
-            return (int)e;
-        attr_done[mi] |= bit;
-    }
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    cfg.gridDim = dim3((unsigned)grid);
-    cfg.blockDim = dim3(384);
-    cfg.dynamicSmemBytes = TL::smem;
-    cfg.stream = st;
-    if (a->pdl) {
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-    }
-    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_tma_kernel<T, KC_MODE_GATE_UP, BT>, aa, tm, tb)
-                : cudaLaunchKernelEx(&cfg, kc_gemm_tma_kernel<T, KC_MODE_DOWN, BT>, aa, tm, tb);
-    if (e != cudaSuccess)
-        return (int)e;
-    return (int)cudaGetLastError();
+    return kc_launch_mode(kc_gemm_tma_kernel<T, KC_MODE_GATE_UP, BT>, kc_gemm_tma_kernel<T, KC_MODE_DOWN, BT>,
+                          attr_done, dev, mi, grid, 384, TL::smem, a->pdl != 0, st, aa, tm, tb);
 }
 
 /* ---- persistent TMA-fed kernel (sm_90a), tiles (7, 128) and (8, 128) -----------------------
@@ -1527,18 +1475,6 @@ static __device__ __forceinline__ bool kc_div_fast(float x, float d, float &q) {
     return ax >= 0x1p-60f && ax <= 0x1p60f && d >= 1.0f && d <= 0x1p60f;
 }
 #endif
-
-/* Tile v of the raster order (KC_RASTER_GROUP row blocks, then the column blocks, then the
- * group), over n_rb row blocks and nbv column blocks. */
-static __device__ __forceinline__ void kc_raster(int v, int n_rb, int nbv, int &nb, int &rb) {
-    const int gsz_full = KC_RASTER_GROUP < n_rb ? KC_RASTER_GROUP : n_rb;
-    const int gi = v / (gsz_full * nbv);
-    const int g0 = gi * gsz_full;
-    const int gs = (n_rb - g0) < gsz_full ? (n_rb - g0) : gsz_full;
-    const int local = v - gi * gsz_full * nbv;
-    nb = local / gs;
-    rb = g0 + local % gs;
-}
 
 template <typename T, int MODE, bool FASTACT>
 __global__ void __launch_bounds__(384, 1)
@@ -1584,10 +1520,7 @@ __global__ void __launch_bounds__(384, 1)
     const uint32_t tfull0 = (uint32_t)__cvta_generic_to_shared(&s_tfull[0]);
     const uint32_t tempty0 = (uint32_t)__cvta_generic_to_shared(&s_tempty[0]);
     if (tid == 0) {
-        for (int s = 0; s < S; s++) {
-            kc_mbar_init(full0 + 8 * s, 129); /* the expect_tx arrive and every producer thread's cp.async */
-            kc_mbar_init(empty0 + 8 * s, 8);  /* every consumer warp */
-        }
+        kc_stage_bars_init<S>(full0, empty0, 129); /* the expect_tx arrive and every producer thread's cp.async */
         for (int s = 0; s < 2; s++) {
             kc_mbar_init(tfull0 + 8 * s, 128); /* every producer thread's table entry */
             kc_mbar_init(tempty0 + 8 * s, 8);  /* every consumer warp, after its stores */
@@ -1602,8 +1535,7 @@ __global__ void __launch_bounds__(384, 1)
     if (wg == 0) {
         /* ---- producer ---- */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(KC_WS_PROD_REGS));
-        const int pt = tid; /* table column pt; chunk pt % 8 of routed rows pt / 8 + 16 i */
-        const int c = pt & 7;
+        const int pt = tid; /* table column pt */
         uint32_t g = 0; /* k blocks issued so far, all tiles */
         int it = 0;
 #pragma unroll 1
@@ -1614,78 +1546,17 @@ __global__ void __launch_bounds__(384, 1)
             if (it >= 2)
                 kc_mbar_wait(tempty0 + 8 * slot, (uint32_t)(((it >> 1) - 1) & 1));
             {
-                const char *src = nullptr;
-                int orow = -1;
-                float sc = 1.0f;
-                const int pos = nb * BN + pt;
-                if (a.dense) {
-                    if (pos < a.n_dense) {
-                        src = (const char *)a.b + (size_t)pos * K * sizeof(T);
-                        orow = pos;
-                        if (a.row_scale)
-                            sc = a.row_scale[pos];
-                    }
-                } else {
-                    const int pair = a.sorted_rows[pos];
-                    if (pair >= 0) {
-                        const int brow = a.b_by_pos ? pos : pair / a.b_div;
-                        src = (const char *)a.b + (size_t)brow * K * sizeof(T);
-                        orow = a.out_by_pos ? pos : pair;
-                        if (a.topk_w)
-                            sc = a.topk_w[pair];
-                    }
-                }
-                s_bsrc[slot][pt] = src;
-                s_orow[slot][pt] = orow;
-                s_scale[slot][pt] = sc;
+                const kc_col cl = kc_col_of<T>(a, nb * BN + pt, K);
+                s_bsrc[slot][pt] = cl.src;
+                s_orow[slot][pt] = cl.orow;
+                s_scale[slot][pt] = cl.sc;
             }
             kc_mbar_arrive(tfull0 + 8 * slot);
             asm volatile("bar.sync 2, 128;\n" ::: "memory"); /* the producer's table is whole */
-            const char *brow[BN / 16];
-#pragma unroll
-            for (int i = 0; i < BN / 16; i++)
-                brow[i] = s_bsrc[slot][(pt >> 3) + i * 16];
             const int expert = a.dense ? 0 : a.block_expert[nb];
             const int wrow0 = expert * (int)a.w_rows + rb * rows_per_cta; /* row of the tensor map */
-            auto load_a = [&](uint32_t gg, int kb) {
-                if (pt == 0) {
-                    const int s = (int)(gg % S);
-                    const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
-                    kc_mbar_expect_tx(full0 + 8 * s, (uint32_t)TL::a_bytes);
-                    if (MODE == KC_MODE_GATE_UP) {
-                        kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);             /* gate rows */
-                        kc_tma_load_2d(sa + 128 * 128, &tmw, kb * KC_BK, wrow0 + M, full0 + 8 * s); /* up rows */
-                    } else {
-                        kc_tma_load_2d(sa, &tmw, kb * KC_BK, wrow0, full0 + 8 * s);
-                    }
-                }
-            };
             /* down, first tile: its weight stages before the wait for the gate-up results */
-            const int npre = (MODE == KC_MODE_DOWN && it == 0) ? (nk < S ? nk : S) : 0;
-            for (int kb = 0; kb < npre; kb++)
-                load_a(g + (uint32_t)kb, kb);
-            if (MODE == KC_MODE_DOWN && it == 0)
-                kc_pdl_wait();
-#pragma unroll 1
-            for (int kb = 0; kb < nk; kb++) {
-                const uint32_t gg = g + (uint32_t)kb;
-                const int s = (int)(gg % S);
-                if (gg >= (uint32_t)S)
-                    kc_mbar_wait(empty0 + 8 * s, (uint32_t)(((gg / S) - 1) & 1));
-                if (kb >= npre)
-                    load_a(gg, kb);
-                const uint32_t sb = sbase + (uint32_t)(s * TL::stage_bytes) + TL::a_bytes;
-                const int kel = kb * KC_BK + c * 8;
-                const bool kok = kel < K;
-#pragma unroll
-                for (int i = 0; i < BN / 16; i++) {
-                    const int r = (pt >> 3) + i * 16;
-                    const bool ok = brow[i] != nullptr && kok;
-                    const void *src = ok ? (const void *)(brow[i] + (size_t)kel * sizeof(T)) : a.w;
-                    kc_cp_async16(sb + kc_swz(r, c), src, ok);
-                }
-                kc_cp_mbar_arrive(full0 + 8 * s);
-            }
+            kc_tma_produce<T, MODE>(a, &tmw, s_bsrc[slot], g, nk, it == 0, wrow0, pt, sbase, full0, empty0);
             g += (uint32_t)nk;
         }
         kc_cp_wait<0>();
@@ -1711,38 +1582,7 @@ __global__ void __launch_bounds__(384, 1)
         kc_raster(v, n_rb, nbv, nb, rb);
         (void)nb;
         float acc[2][NACC];
-#pragma unroll
-        for (int b = 0; b < 2; b++)
-#pragma unroll
-            for (int i = 0; i < NACC; i++)
-                acc[b][i] = 0.0f;
-#pragma unroll
-        for (int b = 0; b < 2; b++)
-#pragma unroll
-            for (int i = 0; i < NACC; i++)
-                asm volatile("" : "+f"(acc[b][i])::"memory");
-        kc_wg_fence();
-#pragma unroll 1
-        for (int kb = 0; kb < nk; kb++) {
-            const uint32_t gg = g + (uint32_t)kb;
-            const int s = (int)(gg % S);
-            kc_mbar_wait(full0 + 8 * s, (uint32_t)((gg / S) & 1));
-            kc_fence_proxy_async(); /* the routed rows came through cp.async (generic proxy) */
-            const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
-            const uint32_t sb = sa + TL::a_bytes;
-            kc_wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                const uint64_t db = kc_desc(sb + kk * 32);
-                kc_wgmma_op<T, BN>::run(acc[0], kc_desc(sa + aoff0 + kk * 32), db);
-                kc_wgmma_op<T, BN>::run(acc[1], kc_desc(sa + aoff1 + kk * 32), db);
-            }
-            kc_wg_commit();
-            kc_wg_wait<1>();
-            if (kb > 0 && kb - 1 < nk - HOLD && lane == 0)
-                kc_mbar_arrive(empty0 + 8 * ((gg - 1) % S)); /* wgmma(kb - 1) is done with its stage */
-        }
-        kc_wg_wait<0>();
+        kc_ws_consume<T, HOLD, true>(acc, g, nk, sbase, full0, empty0, aoff0, aoff1, lane);
         const uint32_t glast = g + (uint32_t)nk - 1;
         g += (uint32_t)nk;
         if (MODE == KC_MODE_DOWN && it == 0)
@@ -1864,17 +1704,6 @@ static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess)
         return (int)e;
-    const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
-    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
-    if (!(attr_done[mi] & bit)) {
-        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem)
-                    : cudaFuncSetAttribute(kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
-        if (e != cudaSuccess)
-            return (int)e;
-        attr_done[mi] |= bit;
-    }
     int sms = dev < 64 ? n_sm[dev] : 0;
     if (sms <= 0) {
         e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -1884,23 +1713,10 @@ static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
             n_sm[dev] = sms;
     }
     const long grid = tiles < sms ? tiles : sms;
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    cfg.gridDim = dim3((unsigned)grid);
-    cfg.blockDim = dim3(384);
-    cfg.dynamicSmemBytes = TL::smem;
-    cfg.stream = st;
-    if (a->pdl) {
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-    }
-    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT>, aa, tm)
-                : cudaLaunchKernelEx(&cfg, kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT>, aa, tm);
-    if (e != cudaSuccess)
-        return (int)e;
-    return (int)cudaGetLastError();
+    const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
+    return kc_launch_mode(kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT>,
+                          kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT>, attr_done, dev, mi, grid, 384, TL::smem,
+                          a->pdl != 0, st, aa, tm);
 }
 
 /* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
@@ -1926,33 +1742,9 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     if (e != cudaSuccess)
         return (int)e;
     const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
-    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
-    if (!(attr_done[mi] & bit)) {
-        e = mi == 0 ? cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
-                    : cudaFuncSetAttribute(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        if (e != cudaSuccess)
-            return (int)e;
-        attr_done[mi] |= bit;
-    }
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    cfg.gridDim = dim3((unsigned)grid);
-    cfg.blockDim = dim3(128 * NWG);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    if (a->pdl) {
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-    }
-    e = mi == 0 ? cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>, aa)
-                : cudaLaunchKernelEx(&cfg, kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>, aa);
-    if (e != cudaSuccess)
-        return (int)e;
-    return (int)cudaGetLastError();
+    return kc_launch_mode(kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_GATE_UP, DEEP>,
+                          kc_gemm_kernel<T, NWG, BN, PATH, KC_MODE_DOWN, DEEP>, attr_done, dev, mi, grid, 128 * NWG,
+                          smem, a->pdl != 0, st, aa);
 }
 
 
