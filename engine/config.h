@@ -53,6 +53,7 @@ typedef struct eng_config {
     int32_t max_restarts;          /* restarts of the worker group before giving up (0 = never restart) */
     /* overlap */
     char dbo[8];                   /* on | off | auto */
+    char dbo_split[8];             /* tokens | experts: how DBO halves a step */
     int32_t dbo_min_tokens;        /* auto: DBO at and above this many tokens per step */
     /* logging */
     char log_level[16];

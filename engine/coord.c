@@ -1175,6 +1175,8 @@ static void spawn_group(coord *co) {
                         co->cfg.dbo,
                         "--dbo-min-tokens",
                         co->dbo_min_str,
+                        "--dbo-split",
+                        co->cfg.dbo_split,
                         "--busy-poll-us",
                         co->busy_str,
                         co->use_shm ? "--shm-fd" : NULL,

@@ -82,6 +82,10 @@ struct eng_gpu {
     /* device */
     void *slots_d, *sh_d, *y_d;
     int32_t *map_d;
+    /* DBO split by experts (W > 1): each half of every rank's experts (in_set[h][e] on the
+     * host, for the plans) and this rank's expert map of each half (on the device) */
+    uint8_t *in_set[2];
+    int32_t *map_half_d[2];
     int64_t *cnt;                 /* [E + 1] scratch of count_experts */
     /* the combine (W > 1): the packed rows sent and received (the plans are per input set) */
     void *send_d, *recv_d;
@@ -140,7 +144,9 @@ void eng_gpu_free(eng_gpu_t *g) {
     kern_ctx_free(g->k);
     kern_ctx_free(g->kside);
     kern_ctx_free(g->kcomm);
-    void *dev[] = {g->slots_d, g->sh_d, g->y_d, g->map_d, g->send_d, g->recv_d};
+    void *dev[] = {g->slots_d, g->sh_d, g->y_d, g->map_d, g->send_d, g->recv_d, g->map_half_d[0], g->map_half_d[1]};
+    free(g->in_set[0]);
+    free(g->in_set[1]);
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         dfree(dev[i]);
     for (int b = 0; b < 2; b++) {
@@ -259,6 +265,24 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         moe_tensor mh = moe_tensor_view1(map, MOE_DTYPE_I32, E), md;
         st = upload(&mh, &md);
         g->map_d = md.data;
+    }
+    /* The halves of DBO split by experts: the first (n_local + 1) / 2 local slots of every
+     * rank, and the rest; each rank's map of a half leaves the other half's experts out (-1). */
+    for (int h = 0; h < 2 && st == MOE_OK && g->world > 1; h++) {
+        const par_placement *pl = g->m.placement;
+        g->in_set[h] = calloc((size_t)E, 1);
+        if (!g->in_set[h]) {
+            st = moe_fail(MOE_ERR_NOMEM, "gpu expert halves");
+            break;
+        }
+        for (int64_t e = 0; e < E; e++) {
+            const int32_t o = pl->owner[e];
+            g->in_set[h][e] = (uint8_t)((pl->local_slot[e] < (pl->n_local[o] + 1) / 2) == (h == 0));
+            map[e] = o == p->rank && g->in_set[h][e] ? pl->local_slot[e] : -1;
+        }
+        moe_tensor mh = moe_tensor_view1(map, MOE_DTYPE_I32, E), md;
+        st = upload(&mh, &md);
+        g->map_half_d[h] = md.data;
     }
     free(map);
     if (st != MOE_OK)
@@ -525,7 +549,12 @@ static moe_status gather_x(eng_gpu_t *g, gpu_inputs *in, int64_t T) {
 
 static bool use_dbo(const eng_gpu_t *g, int64_t T);
 
-/* The micro-batches' row bounds of a step of T tokens (2 parts with DBO, else 1). */
+/* DBO halves the step's experts (every token in both micro-batches), not its tokens. */
+static bool split_experts(const eng_gpu_t *g, int parts) { return parts == 2 && g->p.dbo_split == 1; }
+
+/* The micro-batches' row bounds of a step of T tokens (2 parts with DBO, else 1): rows
+ * [bounds[mb], bounds[mb + 1]) split by tokens; every micro-batch has all T rows when split by
+ * experts (then only bounds[0] and bounds[2] apply). */
 static int step_bounds(const eng_gpu_t *g, int64_t T, int64_t bounds[3]) {
     const bool dbo = use_dbo(g, T);
     bounds[0] = 0;
@@ -534,15 +563,25 @@ static int step_bounds(const eng_gpu_t *g, int64_t T, int64_t bounds[3]) {
     return dbo ? 2 : 1;
 }
 
+/* Micro-batch mb's rows: [*a, *b). */
+static void mb_rows(const eng_gpu_t *g, int parts, const int64_t bounds[3], int mb, int64_t *a, int64_t *b) {
+    const bool xs = split_experts(g, parts);
+    *a = xs ? bounds[0] : bounds[mb];
+    *b = xs ? bounds[parts] : bounds[mb + 1];
+}
+
 /* W > 1: the exchange plans of the set's step from its ids (in->ids_h, this rank's private
  * copy). */
 static moe_status plan_step(eng_gpu_t *g, gpu_inputs *in) {
     int64_t bounds[3];
     const int parts = step_bounds(g, in->T, bounds);
     const uint64_t t0 = moe_now_ns();
-    for (int mb = 0; mb < parts; mb++)
-        MOE_CHECK(par_exchange_plan_build(&in->plan[mb], g->m.placement, in->ids_h, bounds[mb], bounds[mb + 1],
-                                          (int32_t)g->m.top_k));
+    for (int mb = 0; mb < parts; mb++) {
+        int64_t a, b;
+        mb_rows(g, parts, bounds, mb, &a, &b);
+        MOE_CHECK(par_exchange_plan_build_set(&in->plan[mb], g->m.placement, in->ids_h, a, b, (int32_t)g->m.top_k,
+                                              split_experts(g, parts) ? g->in_set[mb] : NULL));
+    }
     in->plan_ns = moe_now_ns() - t0;
     in->planned = true;
     return MOE_OK;
@@ -558,7 +597,7 @@ static bool use_dbo(const eng_gpu_t *g, int64_t T) {
  * elsewhere received and put in place, then the fixed-order sum over the slots (plus the
  * shared expert) of the rows it owns, and those rows copied out. Returns the bytes sent.
  */
-static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb, const eng_step_req *reqs,
+static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb, bool sum, const eng_step_req *reqs,
                              int32_t n, const eng_gpu_io *io, size_t *sent) {
     const eng_step_model *m = &g->m;
     const int64_t H = m->hidden, K = m->top_k;
@@ -593,6 +632,8 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
     if (ce)
         return moe_fail(MOE_ERR_CUDA, "combine: unpack: %s", cudaGetErrorString((cudaError_t)ce));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_ce[mb], s));
+    if (!sum) /* split by experts: the rows are summed after the last half's exchange */
+        return MOE_OK;
     const int64_t lo = pl->bound[r], hi = pl->bound[r + 1];
     if (hi > lo) {
         if (l->has_shared)
@@ -728,8 +769,13 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
             MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_side, g->ev_done, 0));
             for (int mb = 0; mb < parts; mb++) {
-                const int64_t a = bounds[mb], nt = bounds[mb + 1] - a;
-                const int64_t lo = a + nt * r / W, hi = a + nt * (r + 1) / W;
+                int64_t a, b;
+                mb_rows(g, parts, bounds, mb, &a, &b);
+                const int64_t nt = b - a, lo = a + nt * r / W, hi = a + nt * (r + 1) / W;
+                if (split_experts(g, parts) && mb > 0) { /* the rows were done with the first half */
+                    MOE_CUDA_CHECK(cudaEventRecord(g->ev_side[mb], g->s_side));
+                    continue;
+                }
                 if (hi > lo) {
                     moe_tensor xv = moe_tensor_view2((char *)in->x_d + (size_t)(lo * H) * es, m->dtype, hi - lo, H);
                     moe_tensor sh = moe_tensor_view2((char *)g->sh_d + (size_t)(lo * H) * es, m->dtype, hi - lo, H);
@@ -741,7 +787,10 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         /* The routed experts of every micro-batch on s_main, enqueued first so that the GPU
          * starts while the host builds the exchange plans. */
         for (int mb = 0; mb < parts; mb++) {
-            int64_t a = bounds[mb], nt = bounds[mb + 1] - bounds[mb];
+            int64_t a, b;
+            mb_rows(g, parts, bounds, mb, &a, &b);
+            const int64_t nt = b - a;
+            ep.expert_map = split_experts(g, parts) ? g->map_half_d[mb] : g->map_d;
             moe_tensor xv = moe_tensor_view2((char *)in->x_d + (size_t)(a * H) * es, m->dtype, nt, H);
             moe_tensor iv = moe_tensor_view2(in->ids_d + a * K, MOE_DTYPE_I32, nt, K);
             moe_tensor wv = moe_tensor_view2(in->w_d + a * K, MOE_DTYPE_F32, nt, K);
@@ -768,7 +817,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
          * of micro-batch 0 runs while micro-batch 1 computes. */
         for (int mb = 0; mb < parts; mb++) {
             size_t sent = 0;
-            MOE_CHECK(combine_mb(g, l, in, mb, reqs, n, io, &sent));
+            MOE_CHECK(combine_mb(g, l, in, mb, !split_experts(g, parts) || mb == parts - 1, reqs, n, io, &sent));
             sent_bytes += sent;
         }
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[0], g->s_comm));

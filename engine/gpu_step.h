@@ -48,6 +48,8 @@ typedef struct eng_gpu_params {
     int32_t timeout_ms;          /* a step's deadline */
     int32_t dbo;                 /* 0 off, 1 on, 2 auto */
     int32_t dbo_min_tokens;      /* auto: DBO at and above this many tokens (W > 1) */
+    int32_t dbo_split;           /* 0: the micro-batches are the two halves of the tokens; 1: every
+                                    token, each half of every rank's experts */
 } eng_gpu_params;
 
 /* Uploads the layers (host weights as the loader gives them; the host copies may be freed

@@ -48,6 +48,7 @@ typedef struct worker_args {
     int32_t device;         /* GPU ordinal (backend cuda) */
     int32_t dbo;            /* 0 off, 1 on, 2 auto */
     int32_t dbo_min_tokens;
+    int32_t dbo_split;      /* 0 tokens, 1 experts */
     int64_t max_step_tokens;
     int32_t start_timeout_ms;
     int32_t shm_fd;    /* the shared-memory data path's descriptor (-1: ZeroMQ data path) */
@@ -85,7 +86,7 @@ static void usage_worker(void) {
                     "flags: --rank R --world W --epoch N --coord ENDPOINT --comm-dir DIR --model DIR\n"
                     "       --backend cpu|cpu-ref|cuda --placement P --layers L --threads N\n"
                     "       --heartbeat-ms N --busy-poll-us N --step-timeout-ms N --device N --dbo on|off|auto\n"
-                    "       --dbo-min-tokens N --max-step-tokens N --start-timeout-ms N\n");
+                    "       --dbo-min-tokens N --dbo-split tokens|experts --max-step-tokens N --start-timeout-ms N\n");
 }
 
 static moe_status parse_int(const char *flag, const char *v, int64_t lo, int64_t hi, int64_t *out) {
@@ -154,6 +155,13 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
                 a->dbo = 2;
             else
                 return moe_fail(MOE_ERR_INVALID_ARG, "worker: --dbo '%s' is not on, off or auto", v);
+        } else if (strcmp(f, "--dbo-split") == 0) {
+            if (strcmp(v, "tokens") == 0)
+                a->dbo_split = 0;
+            else if (strcmp(v, "experts") == 0)
+                a->dbo_split = 1;
+            else
+                return moe_fail(MOE_ERR_INVALID_ARG, "worker: --dbo-split '%s' is not tokens or experts", v);
         } else if (strcmp(f, "--dbo-min-tokens") == 0) {
             MOE_CHECK(parse_int(f, v, 1, INT32_MAX, &x));
             a->dbo_min_tokens = (int32_t)x;
@@ -336,7 +344,8 @@ static moe_status worker_gpu_setup(worker *w) {
                          .comm = w->comm,
                          .timeout_ms = w->a.step_timeout_ms,
                          .dbo = w->a.dbo,
-                         .dbo_min_tokens = w->a.dbo_min_tokens};
+                         .dbo_min_tokens = w->a.dbo_min_tokens,
+                         .dbo_split = w->a.dbo_split};
     MOE_CHECK(eng_gpu_init(&w->g, &gp, w->layers, w->weights.n_layers));
     eng_gpu_set_hook(w->g, worker_hook, w); /* the next step received and staged while one computes */
     if (w->shm.base) /* copies to and from the device straight from the data path */

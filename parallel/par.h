@@ -200,6 +200,10 @@ moe_status par_exchange_plan_init(par_exchange_plan *p, int32_t world_size, int3
 /* Builds the plan of rows [a, b) of ids [.., K] (absolute rows). */
 moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl, const int32_t *ids, int64_t a,
                                    int64_t b, int32_t top_k);
+/* The same for the pairs whose expert e has in_set[e] != 0 only (in_set: [n_experts]; NULL: all):
+ * the exchange of one half of the experts (DBO split by experts). */
+moe_status par_exchange_plan_build_set(par_exchange_plan *p, const par_placement *pl, const int32_t *ids, int64_t a,
+                                       int64_t b, int32_t top_k, const uint8_t *in_set);
 void par_exchange_plan_free(par_exchange_plan *p);
 
 #ifdef __cplusplus

@@ -122,6 +122,11 @@ moe_status par_exchange_plan_init(par_exchange_plan *p, int32_t world_size, int3
 
 moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl, const int32_t *ids, int64_t a,
                                    int64_t b, int32_t top_k) {
+    return par_exchange_plan_build_set(p, pl, ids, a, b, top_k, NULL);
+}
+
+moe_status par_exchange_plan_build_set(par_exchange_plan *p, const par_placement *pl, const int32_t *ids, int64_t a,
+                                       int64_t b, int32_t top_k, const uint8_t *in_set) {
     MOE_REQUIRE(p && pl && p->bound, MOE_ERR_INVALID_ARG, "exchange plan: NULL argument");
     MOE_REQUIRE(pl->world_size == p->world_size, MOE_ERR_INVALID_ARG,
                 "exchange plan: placement of %d ranks, plan of %d", (int)pl->world_size, (int)p->world_size);
@@ -146,8 +151,9 @@ moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl
      * where nothing is received: this rank's own experts and invalid ids. */
     int32_t *mine = p->tab, *from = p->tab + E + 1;
     for (int32_t e = 0; e < E; e++) {
-        mine[e] = pl->owner[e] == r;
-        from[e] = pl->owner[e] == r ? W : pl->owner[e];
+        const bool in = !in_set || in_set[e]; /* pairs of experts outside the set: no one's here */
+        mine[e] = in && pl->owner[e] == r;
+        from[e] = !in || pl->owner[e] == r ? W : pl->owner[e];
     }
     mine[E] = 0;
     from[E] = W;

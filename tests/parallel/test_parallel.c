@@ -213,55 +213,73 @@ static void test_exchange_plan(void **state) {
                     int32_t v = (int32_t)((seed >> 33) % (uint64_t)(E + 2)) - 1; /* -1 .. E */
                     ids[i] = v;
                 }
-                par_exchange_plan *pp = calloc((size_t)W, sizeof *pp);
-                for (int32_t r = 0; r < W; r++) {
-                    assert_int_equal(par_exchange_plan_init(&pp[r], W, r, T * K, NULL, NULL), MOE_OK);
-                    assert_int_equal(par_exchange_plan_build(&pp[r], &pl, ids, a, b, K), MOE_OK);
-                }
-                /* value of pair i: i + 1 on the rank holding its expert, 0 elsewhere */
-                int64_t **slots = calloc((size_t)W, sizeof(int64_t *));
-                for (int32_t r = 0; r < W; r++) {
-                    slots[r] = calloc((size_t)(T * K + 1), sizeof(int64_t));
-                    for (int64_t i = a * K; i < b * K; i++)
-                        if (ids[i] >= 0 && ids[i] < E && pl.owner[ids[i]] == r)
-                            slots[r][i] = i + 1;
-                }
-                for (int32_t q = 0; q < W; q++) {
+                /* one plan of every expert, or two of complementary halves (DBO split by
+                 * experts: build_set) applied one after the other */
+                for (int split = 0; split < 2; split++) {
+                    uint8_t *set = malloc((size_t)E);
+                    for (int32_t e = 0; e < E; e++)
+                        set[e] = (uint8_t)((e * 7 + trial) % 3 == 0);
+                    par_exchange_plan *pp = calloc((size_t)W, sizeof *pp);
+                    for (int32_t r = 0; r < W; r++)
+                        assert_int_equal(par_exchange_plan_init(&pp[r], W, r, T * K, NULL, NULL), MOE_OK);
+                    /* value of pair i: i + 1 on the rank holding its expert, 0 elsewhere */
+                    int64_t **slots = calloc((size_t)W, sizeof(int64_t *));
                     for (int32_t r = 0; r < W; r++) {
-                        /* pairwise agreement of sizes */
-                        assert_int_equal(pp[q].send_count[r], pp[r].recv_count[q]);
-                        if (q == r) {
-                            assert_int_equal(pp[q].send_count[r], 0);
-                            continue;
+                        slots[r] = calloc((size_t)(T * K + 1), sizeof(int64_t));
+                        for (int64_t i = a * K; i < b * K; i++)
+                            if (ids[i] >= 0 && ids[i] < E && pl.owner[ids[i]] == r)
+                                slots[r][i] = i + 1;
+                    }
+                    for (int half = 0; half < (split ? 2 : 1); half++) {
+                        if (split) {
+                            for (int32_t e = 0; e < E; e++)
+                                set[e] = (uint8_t)!set[e]; /* the first pass takes the complement */
+                            for (int32_t r = 0; r < W; r++)
+                                assert_int_equal(par_exchange_plan_build_set(&pp[r], &pl, ids, a, b, K, set), MOE_OK);
+                        } else {
+                            for (int32_t r = 0; r < W; r++)
+                                assert_int_equal(par_exchange_plan_build(&pp[r], &pl, ids, a, b, K), MOE_OK);
                         }
-                        for (int64_t j = 0; j < pp[q].send_count[r]; j++) {
-                            int32_t si = pp[q].send_idx[pp[q].send_off[r] + j];
-                            int32_t di = pp[r].recv_idx[pp[r].recv_off[q] + j];
-                            assert_int_equal(si, di);
-                            if (j > 0)
-                                assert_true(si > pp[q].send_idx[pp[q].send_off[r] + j - 1]);
-                            assert_int_equal(slots[r][di], 0); /* never overwrites */
-                            slots[r][di] = slots[q][si];
+                        for (int32_t q = 0; q < W; q++) {
+                            for (int32_t r = 0; r < W; r++) {
+                                /* pairwise agreement of sizes */
+                                assert_int_equal(pp[q].send_count[r], pp[r].recv_count[q]);
+                                if (q == r) {
+                                    assert_int_equal(pp[q].send_count[r], 0);
+                                    continue;
+                                }
+                                for (int64_t j = 0; j < pp[q].send_count[r]; j++) {
+                                    int32_t si = pp[q].send_idx[pp[q].send_off[r] + j];
+                                    int32_t di = pp[r].recv_idx[pp[r].recv_off[q] + j];
+                                    assert_int_equal(si, di);
+                                    if (j > 0)
+                                        assert_true(si > pp[q].send_idx[pp[q].send_off[r] + j - 1]);
+                                    assert_int_equal(slots[r][di], 0); /* never overwrites */
+                                    assert_true(!split || set[ids[si]]); /* only the pass's half */
+                                    slots[r][di] = slots[q][si];
+                                }
+                            }
                         }
                     }
+                    /* every valid pair of rank r's rows is now on r; rows are split in blocks */
+                    for (int32_t r = 0; r < W; r++) {
+                        assert_int_equal(pp[r].bound[0], a);
+                        assert_int_equal(pp[r].bound[W], b);
+                        for (int64_t t = pp[r].bound[r]; t < pp[r].bound[r + 1]; t++)
+                            for (int32_t k = 0; k < K; k++) {
+                                int64_t i = t * K + k;
+                                bool valid = ids[i] >= 0 && ids[i] < E;
+                                assert_int_equal(slots[r][i], valid ? i + 1 : 0);
+                            }
+                    }
+                    for (int32_t r = 0; r < W; r++) {
+                        par_exchange_plan_free(&pp[r]);
+                        free(slots[r]);
+                    }
+                    free(slots);
+                    free(pp);
+                    free(set);
                 }
-                /* every valid pair of rank r's rows is now on r; rows are split in blocks */
-                for (int32_t r = 0; r < W; r++) {
-                    assert_int_equal(pp[r].bound[0], a);
-                    assert_int_equal(pp[r].bound[W], b);
-                    for (int64_t t = pp[r].bound[r]; t < pp[r].bound[r + 1]; t++)
-                        for (int32_t k = 0; k < K; k++) {
-                            int64_t i = t * K + k;
-                            bool valid = ids[i] >= 0 && ids[i] < E;
-                            assert_int_equal(slots[r][i], valid ? i + 1 : 0);
-                        }
-                }
-                for (int32_t r = 0; r < W; r++) {
-                    par_exchange_plan_free(&pp[r]);
-                    free(slots[r]);
-                }
-                free(slots);
-                free(pp);
                 free(ids);
             }
             par_placement_free(&pl);

@@ -4,7 +4,7 @@
  * the GPUs.
  *
  *   bench_scaleout --engine PATH --gpus 0,1,2,3 [--shape qwen3|dsv3] [--model DIR]
- *                  [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on] [--log-level warn]
+ *                  [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on,experts] [--log-level warn]
  *
  * Shapes (without --model, a synthetic checkpoint of one MoE layer is written once into
  * /tmp/moe-scaleout-SHAPE):
@@ -166,7 +166,7 @@ static int parse_list(const char *s, int64_t *out, int cap) {
 static void usage(void) {
     fprintf(stderr,
             "usage: bench_scaleout --engine PATH --gpus 0,1[,..] [--shape qwen3|dsv3] [--model DIR]\n"
-            "                      [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on]\n"
+            "                      [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on,experts]\n"
             "                      [--log-level warn]   (debug: one line per GPU step and rank, for\n"
             "                                            tools/gpu/step_trace.py)\n"
             "  weak scaling of the engine's GPU workers at world sizes 1, 2, 4, .. up to the GPUs given;\n"
@@ -212,7 +212,8 @@ int main(int argc, char **argv) {
         usage();
         return 2;
     }
-    const bool dbo_off = strstr(dbo_s, "off") != NULL, dbo_on = strstr(dbo_s, "on") != NULL;
+    const bool dbo_off = strstr(dbo_s, "off") != NULL, dbo_on = strstr(dbo_s, "on") != NULL,
+               dbo_exp = strstr(dbo_s, "experts") != NULL;
     moe_log_init_from_env();
     char model_dir[256];
     if (model) {
@@ -291,16 +292,19 @@ int main(int argc, char **argv) {
             size_t n = strcspn(p, ",");
             snprintf(gl + strlen(gl), sizeof gl - strlen(gl), "%s%.*s", r ? "," : "", (int)n, p);
         }
-        for (int dbo = 0; dbo <= 1; dbo++) {
-            if (W == 1 && dbo == 1)
+        for (int dbo = 0; dbo <= 2; dbo++) { /* off, on (split by tokens), on split by experts */
+            if (W == 1 && dbo >= 1)
                 continue;
-            if (W > 1 && ((dbo == 0 && !dbo_off) || (dbo == 1 && !dbo_on)))
+            if (W > 1 && ((dbo == 0 && !dbo_off) || (dbo == 1 && !dbo_on) || (dbo == 2 && !dbo_exp)))
                 continue;
             engine_proc e;
             char mst[32];
             snprintf(mst, sizeof mst, "%lld", (long long)(W * tmax * 2));
-            const char *flags[] = {"--model", model_dir, "--gpus", gl, "--dbo", dbo ? "on" : "off", "--max-tokens", mst,
-                                   "--max-step-tokens", mst, "--io-threads", "4", "--log-level", log_level, NULL};
+            const char *flags[] = {"--model",     model_dir, "--gpus",      gl,
+                                   "--dbo",       dbo ? "on" : "off",
+                                   "--dbo-split", dbo == 2 ? "experts" : "tokens",
+                                   "--max-tokens", mst,     "--max-step-tokens", mst, "--io-threads", "4",
+                                   "--log-level", log_level, NULL};
             if (!engine_start(&e, engine, flags))
                 return 1;
             moec_client_t *c = NULL;
@@ -394,7 +398,7 @@ int main(int argc, char **argv) {
                        gather = steps ? (s1.gather_us - s0.gather_us) / steps : 0;
                 printf("%3d %4s %7lld %8.0f %12.0f %5.0f%% %7.0f%% %10.1f %11.1f %11.1f %11.0f %10.1f %10.1f %9.2f %8.1f "
                        "%8.1f %8.1f %5.0f%% %9.1f\n",
-                       W, W > 1 ? (dbo ? "on" : "off") : "-", (long long)tg[ti], tsteps, tps, 100 * eff, 100 * deff, step,
+                       W, W > 1 ? (dbo == 2 ? "exp" : dbo ? "on" : "off") : "-", (long long)tg[ti], tsteps, tps, 100 * eff, 100 * deff, step,
                        comp, comb, bytes, comb > 0 ? bytes / comb * 1e-3 : 0.0, ideal, ideal > 0 ? step / ideal : 0.0,
                        h2d, host, plan, 100 * ahead, gather);
                 fflush(stdout);

@@ -16,7 +16,7 @@
 #   e2e       bench_engine --gpu 0: the engine vs the kernels in-process vs a bare
 #             ZeroMQ echo per request size, clients over tcp and over ipc  -> e2e_tcp.log, e2e_ipc.log
 # Output in $OUT (default /tmp/moe-gpu-engine); a summary is printed last.
-# Environment: BUNDLE (default .bundle/engine), OUT, GPUS (default: every GPU), TOKENS, CLIENTS,
+# Environment: BUNDLE (default .bundle/engine), OUT, GPUS (default: every GPU), TOKENS, CLIENTS, SCALE_DBO,
 # TEST_TIMEOUT, SCALE_TIMEOUT, DSV3_TIMEOUT, E2E_TIMEOUT (seconds), E2E_TOKENS, E2E_ITERS.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -109,7 +109,8 @@ fi
 if want scaleout; then
   echo "== bench_scaleout"
   timeout "${SCALE_TIMEOUT:-240}" "$BUNDLE/bin/bench_scaleout" --engine "$MOE_ENGINE" --gpus "$GPUS" \
-    --tokens "${TOKENS:-1024,4096}" --clients "${CLIENTS:-4}" --requests 20 >"$OUT/scaleout.log" 2>&1 || rc=1
+    --tokens "${TOKENS:-1024,4096}" --clients "${CLIENTS:-4}" --requests 20 --dbo "${SCALE_DBO:-off,on,experts}" \
+    >"$OUT/scaleout.log" 2>&1 || rc=1
   grep -v "^20.*Z [IW]" "$OUT/scaleout.log" | tail -16
   bare_compare "$OUT/scaleout.log" "$OUT/scaleout_bare.log"
 fi
