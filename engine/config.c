@@ -50,7 +50,7 @@ const eng_cfg_entry eng_cfg_table[] = {
     {"drain-timeout-ms", I(drain_timeout_ms), "10000", 0, 3600000, NULL, "on SIGTERM: time to finish the work in flight"},
     {"max-restarts", I(max_restarts), "100", 0, 1000000, NULL, "worker group restarts before the engine gives up"},
     {"dbo", E(dbo), "auto", 0, 0, "on|off|auto", "dual-batch overlap (GPU workers)"},
-    {"dbo-split", E(dbo_split), "tokens", 0, 0, "tokens|experts",
+    {"dbo-split", E(dbo_split), "experts", 0, 0, "tokens|experts",
      "how DBO halves a step: the first and second half of the tokens (each half reads every local expert's "
      "weights), or every token with the first and second half of each rank's experts (the weights read once)"},
     {"dbo-min-tokens", I(dbo_min_tokens), "65536", 1, 1 << 22, NULL,

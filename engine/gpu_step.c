@@ -86,6 +86,9 @@ struct eng_gpu {
      * host, for the plans) and this rank's expert map of each half (on the device) */
     uint8_t *in_set[2];
     int32_t *map_half_d[2];
+    bool dbo_serial; /* MOE_DBO_SERIAL=1 (a diagnostic): the exchanges wait for every micro-batch's
+                        products, so DBO's step shows the split's own cost without the overlap */
+    int last_mb;     /* the step's last micro-batch (combine_mb's wait with dbo_serial) */
     int64_t *cnt;                 /* [E + 1] scratch of count_experts */
     /* the combine (W > 1): the packed rows sent and received (the plans are per input set) */
     void *send_d, *recv_d;
@@ -195,6 +198,7 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     if (!g)
         return moe_fail(MOE_ERR_NOMEM, "gpu");
     g->p = *p;
+    g->dbo_serial = getenv("MOE_DBO_SERIAL") && strcmp(getenv("MOE_DBO_SERIAL"), "1") == 0;
     g->m = *p->model;
     g->world = g->m.placement->world_size;
     moe_status st = MOE_OK;
@@ -613,7 +617,7 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
         MOE_CUDA_CHECK(cudaMemcpyAsync(sidx_d, sidx_h, sizeof(int32_t) * (size_t)pl->n_send, cudaMemcpyHostToDevice, s));
     if (pl->n_recv)
         MOE_CUDA_CHECK(cudaMemcpyAsync(ridx_d, ridx_h, sizeof(int32_t) * (size_t)pl->n_recv, cudaMemcpyHostToDevice, s));
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_mb[mb], 0));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_mb[g->dbo_serial ? g->last_mb : mb], 0));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_cs[mb], s));
     int ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
     if (ce)
@@ -817,6 +821,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
          * of micro-batch 0 runs while micro-batch 1 computes. */
         for (int mb = 0; mb < parts; mb++) {
             size_t sent = 0;
+            g->last_mb = parts - 1;
             MOE_CHECK(combine_mb(g, l, in, mb, !split_experts(g, parts) || mb == parts - 1, reqs, n, io, &sent));
             sent_bytes += sent;
         }

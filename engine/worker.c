@@ -109,6 +109,7 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
     a->step_timeout_ms = 30000;
     a->dbo = 2;
     a->dbo_min_tokens = 65536;
+    a->dbo_split = 1;
     a->max_step_tokens = 16384;
     a->start_timeout_ms = 120000;
     a->shm_fd = -1;
