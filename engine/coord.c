@@ -83,7 +83,6 @@ typedef struct coord_step {
                         workers each write the rows they own of the replies) */
     float gpu_step_us, gpu_compute_us, gpu_h2d_us, gpu_host_us, gpu_plan_us, gpu_gather_us; /* the slowest rank's */
     int32_t gpu_staged_ranks; /* ranks whose inputs went up during the step before */
-    bool gpu_graph;           /* the step replayed a CUDA graph */
     /* Where the step's time went (STATS "path"): formed, STEP sent, the RESULT's trace of the
      * rank that answered last (ENG_SEC_TRACE), and when that RESULT arrived. */
     uint64_t t_formed, t_sent, t_results;
@@ -133,7 +132,7 @@ typedef struct coord_stats {
     uint64_t restarts;
     int64_t *expert_tokens; /* [E] */
     /* GPU workers' device times (rank 0's RESULT; combine: every rank's) */
-    uint64_t gpu_steps, gpu_step_tokens, gpu_staged_steps, gpu_graph_steps;
+    uint64_t gpu_steps, gpu_step_tokens, gpu_staged_steps;
     double gpu_step_us, gpu_compute_us, gpu_combine_us, gpu_combine_bytes, gpu_h2d_us, gpu_host_us, gpu_plan_us,
         gpu_gather_us;
     uint64_t errors_by_status[32];
@@ -415,7 +414,6 @@ static char *stats_json(coord *co) {
         cJSON_AddNumberToObject(gp, "host_us_sum", co->st.gpu_host_us);
         cJSON_AddNumberToObject(gp, "plan_us_sum", co->st.gpu_plan_us);
         cJSON_AddNumberToObject(gp, "staged_steps", (double)co->st.gpu_staged_steps);
-        cJSON_AddNumberToObject(gp, "graph_steps", (double)co->st.gpu_graph_steps);
         cJSON_AddNumberToObject(gp, "gather_us_sum", co->st.gpu_gather_us);
     }
     cJSON *pa = cJSON_AddObjectToObject(root, "path");
@@ -1406,15 +1404,13 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
             float tv[ENG_GPU_TIMING_N];
             memcpy(tv, tm->data, sizeof tv);
             float *mx[] = {&s->gpu_step_us, &s->gpu_compute_us, NULL, NULL, &s->gpu_h2d_us, &s->gpu_host_us,
-                           &s->gpu_plan_us, NULL, &s->gpu_gather_us, NULL};
-            _Static_assert(sizeof mx / sizeof mx[0] == ENG_GPU_TIMING_N, "one entry per timing field");
+                           &s->gpu_plan_us, NULL, &s->gpu_gather_us};
             for (int k = 0; k < ENG_GPU_TIMING_N; k++)
                 if (mx[k] && tv[k] > *mx[k])
                     *mx[k] = tv[k];
             co->st.gpu_combine_us += tv[2];
             co->st.gpu_combine_bytes += tv[3];
             s->gpu_staged_ranks += tv[7] > 0.5f;
-            s->gpu_graph = s->gpu_graph || tv[9] > 0.5f;
         }
         const ipc_section *tr = ipc_msg_find(&m, ENG_SEC_TRACE);
         if (tr && tr->nbytes == sizeof s->trace) { /* the last rank to answer sets the pace */
@@ -1440,7 +1436,6 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         if (s->gpu_step_us > 0) {
             co->st.gpu_steps++;
             co->st.gpu_staged_steps += s->gpu_staged_ranks == co->world;
-            co->st.gpu_graph_steps += s->gpu_graph;
             co->st.gpu_step_tokens += s->n_tokens;
         }
         co->st.steps++;

@@ -62,19 +62,6 @@ typedef struct gpu_inputs {
     uint64_t plan_ns;
 } gpu_inputs;
 
-/* A CUDA graph of a small step at W = 1 and its key (w1_step). */
-#define GPU_GRAPHS 32
-#define GPU_GRAPH_MAX_PAIRS 64 /* T K: the products' small mode, no alignment kernel */
-typedef struct gpu_graph {
-    int32_t layer;
-    int64_t T;
-    int src;   /* eng_route_src of the one request */
-    int lg_dt; /* and its logits' dtype */
-    const void *in, *y;
-    cudaGraphExec_t exec;
-    bool failed;
-} gpu_graph;
-
 struct eng_gpu {
     eng_gpu_params p;
     eng_step_model m;
@@ -99,12 +86,6 @@ struct eng_gpu {
      * host, for the plans) and this rank's expert map of each half (on the device) */
     uint8_t *in_set[2];
     int32_t *map_half_d[2];
-    /* CUDA graphs of small steps at W = 1 (w1_step) */
-    bool graphs_on;
-    int n_graphs;
-    gpu_graph graphs[GPU_GRAPHS];
-    uint64_t graph_steps;
-    bool replayed; /* the step running replayed a graph (its timing says so) */
     bool dbo_serial; /* MOE_DBO_SERIAL=1 (a diagnostic): the exchanges wait for every micro-batch's
                         products, so DBO's step shows the split's own cost without the overlap */
     int last_mb;     /* the step's last micro-batch (combine_mb's wait with dbo_serial) */
@@ -152,9 +133,6 @@ void eng_gpu_free(eng_gpu_t *g) {
     cudaSetDevice(g->p.device);
     if (g->s_main)
         cudaStreamSynchronize(g->s_main);
-    for (int i = 0; i < g->n_graphs; i++)
-        if (g->graphs[i].exec)
-            cudaGraphExecDestroy(g->graphs[i].exec);
     for (int32_t i = 0; i < g->n_layers && g->layers; i++) {
         gpu_layer *l = &g->layers[i];
         dfree(l->w13.data);
@@ -221,7 +199,6 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         return moe_fail(MOE_ERR_NOMEM, "gpu");
     g->p = *p;
     g->dbo_serial = getenv("MOE_DBO_SERIAL") && strcmp(getenv("MOE_DBO_SERIAL"), "1") == 0;
-    g->graphs_on = !(getenv("MOE_GPU_GRAPHS") && strcmp(getenv("MOE_GPU_GRAPHS"), "0") == 0);
     g->m = *p->model;
     g->world = g->m.placement->world_size;
     moe_status st = MOE_OK;
@@ -681,127 +658,6 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
                             g->gv_bytes, 0, g->p.timeout_ms, s);
 }
 
-/* Routing on the device, request by request (requests that came with ids keep them). */
-static moe_status route_step(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t layer, const eng_step_req *reqs,
-                             int32_t n) {
-    const eng_step_model *m = &g->m;
-    const int64_t H = m->hidden, E = m->n_experts, K = m->top_k;
-    const size_t es = moe_dtype_size(m->dtype);
-    kern_route_params rp = m->route;
-    rp.correction_bias = l->bias;
-    int64_t t0 = 0;
-    for (int32_t i = 0; i < n; i++) {
-        const eng_step_req *q = &reqs[i];
-        const int64_t nt = q->n_tokens;
-        if (q->src != ENG_ROUTE_IDS && nt > 0) {
-            void *lgp = (char *)in->lg_d + (size_t)(t0 * E) * sizeof(float);
-            moe_tensor lg = moe_tensor_view2(lgp, q->src == ENG_ROUTE_LOGITS ? q->logits_dtype : MOE_DTYPE_F32, nt, E);
-            if (q->src == ENG_ROUTE_HIDDEN) {
-                MOE_REQUIRE(l->router.data, MOE_ERR_UNSUPPORTED,
-                            "layer %d: this engine has no router weights: send topk ids and weights, or router logits",
-                            (int)layer);
-                moe_tensor xv = moe_tensor_view2((char *)in->x_d + (size_t)(t0 * H) * es, m->dtype, nt, H);
-                MOE_CHECK(kern_router_logits(g->k, &xv, &l->router, &lg));
-            }
-            moe_tensor ti = moe_tensor_view2(in->ids_d + t0 * K, MOE_DTYPE_I32, nt, K);
-            moe_tensor tw = moe_tensor_view2(in->w_d + t0 * K, MOE_DTYPE_F32, nt, K);
-            MOE_CHECK(kern_route(g->k, &rp, &lg, &ti, &tw));
-        }
-        t0 += nt;
-    }
-    return MOE_OK;
-}
-
-/* The step at W = 1 from the inputs on the device to the outputs in the replies: routing, one
- * kern_moe_forward (the unwrapped fast path: one stream, straight into y), the copy out, and
- * the routed ids back for the tokens per expert (after the products: a copy between two
- * kernels delays the second). `graph`: being captured (the timing event as a graph node). */
-static moe_status w1_body(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t layer, const eng_step_req *reqs,
-                          int32_t n, const eng_gpu_io *io, bool graph) {
-    const eng_step_model *m = &g->m;
-    const int64_t H = m->hidden, E = m->n_experts, K = m->top_k, T = in->T;
-    MOE_CHECK(route_step(g, l, in, layer, reqs, n));
-    kern_shared_expert se;
-    memset(&se, 0, sizeof se);
-    if (l->has_shared) {
-        se.w13 = &l->sw13;
-        se.w2 = &l->sw2;
-        se.gate = l->sgate.data ? &l->sgate : NULL;
-        se.act = m->act;
-    }
-    moe_tensor x = moe_tensor_view2(in->x_d, m->dtype, T, H);
-    moe_tensor ids = moe_tensor_view2(in->ids_d, MOE_DTYPE_I32, T, K);
-    moe_tensor wt = moe_tensor_view2(in->w_d, MOE_DTYPE_F32, T, K);
-    moe_tensor yd = moe_tensor_view2(g->y_d, m->dtype, T, H);
-    kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = m->act};
-    MOE_CHECK(kern_moe_forward(g->k, &ep, &x, &l->w13, &l->w2, &ids, &wt, l->has_shared ? &se : NULL, &yd));
-    MOE_CUDA_CHECK(cudaEventRecordWithFlags(g->tm_compute, g->s_main, graph ? cudaEventRecordExternal : 0));
-    MOE_CHECK(copy_out(g, reqs, n, 0, T, io, g->s_main));
-    if (in->routed)
-        MOE_CUDA_CHECK(cudaMemcpyAsync(in->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
-                                       g->s_main));
-    return MOE_OK;
-}
-
-/* Small steps at W = 1 replay a CUDA graph of w1_body: one launch instead of a dozen calls
- * (launches, copies, an event) of a few microseconds each. A graph holds device and host
- * addresses, so its key is everything they depend on: the layer, T, each request's routing
- * form, the input set and the output address (the slot). A key is captured the second time it
- * is seen (the first run has grown every buffer the kernels need for it; kern_cuda_reserve has
- * sized the rest at init) and replayed after; a capture that fails (a call the capture does not
- * allow) marks the key, which then runs without a graph. MOE_GPU_GRAPHS=0 turns graphs off. */
-static moe_status w1_step(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t layer, const eng_step_req *reqs,
-                          int32_t n, const eng_gpu_io *io) {
-    const int64_t T = in->T;
-    if (!g->graphs_on || !io || n != 1 || T * g->m.top_k > GPU_GRAPH_MAX_PAIRS)
-        return w1_body(g, l, in, layer, reqs, n, io, false);
-    gpu_graph *e = NULL;
-    for (int i = 0; i < g->n_graphs && !e; i++) {
-        gpu_graph *c = &g->graphs[i];
-        if (c->layer == layer && c->T == T && c->src == (int)reqs[0].src && c->lg_dt == (int)reqs[0].logits_dtype &&
-            c->in == in && c->y == io->y[0])
-            e = c;
-    }
-    if (!e) {
-        if (g->n_graphs < GPU_GRAPHS) { /* first sight: a plain run, remembered */
-            e = &g->graphs[g->n_graphs++];
-            *e = (gpu_graph){.layer = layer,
-                             .T = T,
-                             .src = (int)reqs[0].src,
-                             .lg_dt = (int)reqs[0].logits_dtype,
-                             .in = in,
-                             .y = io->y[0]};
-        }
-        return w1_body(g, l, in, layer, reqs, n, io, false);
-    }
-    if (e->failed)
-        return w1_body(g, l, in, layer, reqs, n, io, false);
-    if (!e->exec) {
-        cudaGraph_t gr = NULL;
-        MOE_CUDA_CHECK(cudaStreamBeginCapture(g->s_main, cudaStreamCaptureModeRelaxed));
-        moe_status st = w1_body(g, l, in, layer, reqs, n, io, true);
-        cudaError_t ce = cudaStreamEndCapture(g->s_main, &gr);
-        if (st == MOE_OK && ce == cudaSuccess && gr)
-            ce = cudaGraphInstantiate(&e->exec, gr, 0);
-        if (gr)
-            cudaGraphDestroy(gr);
-        if (st != MOE_OK || ce != cudaSuccess || !e->exec) {
-            MOE_DEBUG(MOE_SUB_ENG, "gpu step: no graph for layer %d, T %lld: %s", (int)layer, (long long)T,
-                      st != MOE_OK ? moe_errmsg() : cudaGetErrorString(ce));
-            (void)cudaGetLastError();
-            e->failed = true;
-            e->exec = NULL;
-            return w1_body(g, l, in, layer, reqs, n, io, false);
-        }
-        MOE_INFO(MOE_SUB_ENG, "gpu step: layer %d, %lld tokens (%s): replayed as a CUDA graph from now on", (int)layer,
-                 (long long)T, reqs[0].src == ENG_ROUTE_IDS ? "ids" : reqs[0].src == ENG_ROUTE_LOGITS ? "logits" : "routed");
-    }
-    MOE_CUDA_CHECK(cudaGraphLaunch(e->exec, g->s_main));
-    g->graph_steps++;
-    g->replayed = true;
-    return MOE_OK;
-}
-
 /* The step proper, from inputs staged in `in`. */
 static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t layer, const eng_step_req *reqs,
                            int32_t n, int64_t *expert_tokens, eng_gpu_timing *timing, const eng_gpu_io *io,
@@ -832,8 +688,29 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_x, g->s_main));
     g->hmark[2] = g->hmark[3] = g->hmark[4] = moe_now_ns();
 
-    if (W > 1) /* (at W = 1 the routing is part of w1_body) */
-        MOE_CHECK(route_step(g, l, in, layer, reqs, n));
+    /* Routing on the device, request by request. */
+    kern_route_params rp = m->route;
+    rp.correction_bias = l->bias;
+    int64_t t0 = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const eng_step_req *q = &reqs[i];
+        const int64_t nt = q->n_tokens;
+        if (q->src != ENG_ROUTE_IDS && nt > 0) {
+            void *lgp = (char *)in->lg_d + (size_t)(t0 * E) * sizeof(float);
+            moe_tensor lg = moe_tensor_view2(lgp, q->src == ENG_ROUTE_LOGITS ? q->logits_dtype : MOE_DTYPE_F32, nt, E);
+            if (q->src == ENG_ROUTE_HIDDEN) {
+                MOE_REQUIRE(l->router.data, MOE_ERR_UNSUPPORTED,
+                            "layer %d: this engine has no router weights: send topk ids and weights, or router logits",
+                            (int)layer);
+                moe_tensor xv = moe_tensor_view2((char *)in->x_d + (size_t)(t0 * H) * es, m->dtype, nt, H);
+                MOE_CHECK(kern_router_logits(g->k, &xv, &l->router, &lg));
+            }
+            moe_tensor ti = moe_tensor_view2(in->ids_d + t0 * K, MOE_DTYPE_I32, nt, K);
+            moe_tensor tw = moe_tensor_view2(in->w_d + t0 * K, MOE_DTYPE_F32, nt, K);
+            MOE_CHECK(kern_route(g->k, &rp, &lg, &ti, &tw));
+        }
+        t0 += nt;
+    }
     /* The step's ids on the host: as they came (the client's), or copied back into the set's
      * pinned memory after the device routed them (read after the step's wait at W = 1; at
      * W > 1 the exchange plan needs them first: the one extra wait of a step the engine
@@ -851,12 +728,23 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         se.gate = l->sgate.data ? &l->sgate : NULL;
         se.act = m->act;
     }
+    moe_tensor x = moe_tensor_view2(in->x_d, m->dtype, T, H);
+    moe_tensor ids = moe_tensor_view2(in->ids_d, MOE_DTYPE_I32, T, K);
+    moe_tensor wt = moe_tensor_view2(in->w_d, MOE_DTYPE_F32, T, K);
+    moe_tensor yd = moe_tensor_view2(g->y_d, m->dtype, T, H);
     const bool dbo = use_dbo(g, T);
     const int parts = dbo ? 2 : 1;
     size_t sent_bytes = 0;
 
     if (W == 1) {
-        MOE_CHECK(w1_step(g, l, in, layer, reqs, n, io));
+        /* The unwrapped fast path: one call on one stream, straight into y. */
+        kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = m->act};
+        MOE_CHECK(kern_moe_forward(g->k, &ep, &x, &l->w13, &l->w2, &ids, &wt, l->has_shared ? &se : NULL, &yd));
+        MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
+        MOE_CHECK(copy_out(g, reqs, n, 0, T, io, g->s_main));
+        if (routed) /* the ids the device chose, for the tokens per expert (read after the wait) */
+            MOE_CUDA_CHECK(cudaMemcpyAsync(in->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K),
+                                           cudaMemcpyDeviceToHost, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
         t_wait = moe_now_ns();
@@ -1014,12 +902,9 @@ moe_status eng_gpu_step(eng_gpu_t *g, uint64_t tag, int32_t layer, const eng_ste
     g->hmark[1] = moe_now_ns();
     in->staged = false;
     g->next ^= 1; /* the next step's inputs go to the other set, while this one runs */
-    g->replayed = false;
     moe_status st = step_run(g, l, in, layer, reqs, n, expert_tokens, timing, io, t_entry);
-    if (timing) {
+    if (timing)
         timing->staged = ahead ? 1.0f : 0.0f;
-        timing->graph = g->replayed ? 1.0f : 0.0f;
-    }
     /* The set is free again once everything this step enqueued is done, on every stream (also
      * after an error: a staging copy must never overwrite inputs a failed step still reads). */
     if (g->world > 1) {

@@ -73,7 +73,6 @@ typedef struct eng_gpu_timing {
     float staged;        /* 1 when the inputs went up ahead, during the step before (the hook) */
     float gather_us;     /* W > 1: the x all-gather, from this rank's inputs on the device (it
                             includes waiting for the other ranks to reach it; not in step_us) */
-    float graph;         /* 1 when the step replayed a CUDA graph (small steps at W = 1) */
     float host_split_us[5]; /* host_us and the input copy at entry split: copying the inputs (when
                                not staged ahead), enqueueing the x all-gather, the products, the
                                plans (= plan_us), the exchanges and copies (worker debug log only) */

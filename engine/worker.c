@@ -764,7 +764,7 @@ answer:
         }
         float tv[ENG_GPU_TIMING_N] = {timing.step_us, timing.compute_us, timing.combine_us, timing.combine_bytes,
                                       timing.h2d_us,  timing.host_us,    timing.plan_us,      timing.staged,
-                                      timing.gather_us, timing.graph};
+                                      timing.gather_us};
         if (st == MOE_OK && have_timing)
             st = ipc_msg_add(&res, ENG_SEC_TIMING, MOE_DTYPE_F32, 1, (int64_t[]){ENG_GPU_TIMING_N}, tv);
         trace[3] = moe_now_ns();
