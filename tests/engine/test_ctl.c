@@ -45,15 +45,22 @@ static void *map_rings(size_t bytes) {
     return p;
 }
 
+/* A shared mapping of `ranks` ranks' rings and rank r's two, its down ring reset; *bytes: the size. */
+static uint8_t *rings_of(int32_t ranks, int32_t r, uint64_t down, uint64_t up, ctl_ring *d, ctl_ring *u,
+                         size_t *bytes) {
+    *bytes = ctl_map_bytes(ranks, down, up);
+    uint8_t *base = map_rings(*bytes);
+    ctl_rings(base, r, down, up, d, u);
+    ctl_reset(d);
+    return base;
+}
+
 static void test_random_against_reference(void **state) {
     (void)state;
-    const uint64_t down = 1024, up = 512;
-    const size_t bytes = ctl_map_bytes(3, down, up);
-    uint8_t *base = map_rings(bytes);
     ctl_ring d, u;
-    ctl_rings(base, 2, down, up, &d, &u);
+    size_t bytes;
+    uint8_t *base = rings_of(3, 2, 1024, 512, &d, &u, &bytes);
     assert_true((uint8_t *)u.data + u.cap <= base + bytes);
-    ctl_reset(&d);
     uint64_t s = 7;
     uint32_t lens[4096];
     uint32_t pushed = 0, popped = 0, refused = 0;
@@ -97,11 +104,9 @@ static void test_sized_ring_always_fits(void **state) {
     (void)state;
     for (uint64_t n = 1; n <= 5; n++) {
         const uint64_t max_msg = 100 + 37 * n, cap = ctl_ring_bytes(n, max_msg);
-        const size_t bytes = ctl_map_bytes(1, cap, 64);
-        uint8_t *base = map_rings(bytes);
         ctl_ring d, u;
-        ctl_rings(base, 0, cap, 64, &d, &u);
-        ctl_reset(&d);
+        size_t bytes;
+        uint8_t *base = rings_of(1, 0, cap, 64, &d, &u, &bytes);
         uint8_t buf[400];
         /* every starting offset (8-byte steps), then n messages of the largest size at once */
         for (uint64_t off = 0; off < cap; off += 8) {
@@ -128,12 +133,9 @@ static void test_sized_ring_always_fits(void **state) {
 
 static void test_across_processes(void **state) {
     (void)state;
-    const uint64_t down = 4096, up = 64;
-    const size_t bytes = ctl_map_bytes(1, down, up);
-    uint8_t *base = map_rings(bytes);
     ctl_ring d, u;
-    ctl_rings(base, 0, down, up, &d, &u);
-    ctl_reset(&d);
+    size_t bytes;
+    uint8_t *base = rings_of(1, 0, 4096, 64, &d, &u, &bytes);
     enum { N = 20000 };
     pid_t pid = fork();
     assert_true(pid >= 0);
@@ -173,11 +175,9 @@ static void test_across_processes(void **state) {
 
 static void test_corrupt_length(void **state) {
     (void)state;
-    const size_t bytes = ctl_map_bytes(1, 256, 64);
-    uint8_t *base = map_rings(bytes);
     ctl_ring d, u;
-    ctl_rings(base, 0, 256, 64, &d, &u);
-    ctl_reset(&d);
+    size_t bytes;
+    uint8_t *base = rings_of(1, 0, 256, 64, &d, &u, &bytes);
     uint8_t buf[16] = {0};
     assert_int_equal(ctl_push(&d, buf, 16), MOE_OK);
     uint32_t bad = 1000; /* longer than what was published */

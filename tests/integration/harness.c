@@ -132,11 +132,7 @@ char *h_stats(h_client *c, int timeout_ms) {
     return js;
 }
 
-double h_json_num(const char *js, const char *key) {
-    const char *p = js ? strstr(js, key) : NULL;
-    p = p ? strchr(p, ':') : NULL;
-    return p ? strtod(p + 1, NULL) : 0;
-}
+double h_json_num(const char *js, const char *key) { return engine_json_num(js, key); }
 
 bool h_recv_after_fault(h_client *c, int n, int timeout_ms, int *ok, int *worker_err) {
     bool good = true;

@@ -74,14 +74,6 @@ typedef struct path_sums {
     double steps, us[N_PATH], gpu_steps, gpu_step_us, gpu_h2d_us, gpu_host_us;
 } path_sums;
 
-static double json_num(const char *js, const char *key) {
-    const char *p = js ? strstr(js, key) : NULL;
-    if (!p)
-        return 0;
-    p = strchr(p, ':');
-    return p ? strtod(p + 1, NULL) : 0;
-}
-
 static path_sums read_path(moec_client_t *c) {
     path_sums s;
     memset(&s, 0, sizeof s);
@@ -90,19 +82,19 @@ static path_sums read_path(moec_client_t *c) {
         return s;
     const char *p = strstr(js, "\"path\":");
     if (p) {
-        s.steps = json_num(p, "\"steps\"");
+        s.steps = engine_json_num(p, "\"steps\"");
         for (int k = 0; k < N_PATH; k++) {
             char key[64];
             snprintf(key, sizeof key, "\"%s_us_sum\"", path_keys[k]);
-            s.us[k] = json_num(p, key);
+            s.us[k] = engine_json_num(p, key);
         }
     }
     const char *g = strstr(js, "\"gpu\":");
     if (g) {
-        s.gpu_steps = json_num(g, "\"steps\"");
-        s.gpu_step_us = json_num(g, "\"step_us_sum\"");
-        s.gpu_h2d_us = json_num(g, "\"h2d_us_sum\"");
-        s.gpu_host_us = json_num(g, "\"host_us_sum\"");
+        s.gpu_steps = engine_json_num(g, "\"steps\"");
+        s.gpu_step_us = engine_json_num(g, "\"step_us_sum\"");
+        s.gpu_h2d_us = engine_json_num(g, "\"h2d_us_sum\"");
+        s.gpu_host_us = engine_json_num(g, "\"host_us_sum\"");
     }
     moec_free(js);
     return s;

@@ -55,14 +55,6 @@
 #include "ipc/moeclient.h"
 #include "tools/common/engine_proc.h"
 
-static double json_num(const char *js, const char *key) {
-    const char *p = strstr(js, key);
-    if (!p)
-        return 0;
-    p = strchr(p, ':');
-    return p ? strtod(p + 1, NULL) : 0;
-}
-
 typedef struct gpu_sums {
     double steps, step_tokens, step_us, compute_us, combine_us, combine_bytes, h2d_us, host_us, plan_us, staged, gather_us;
 } gpu_sums;
@@ -73,17 +65,17 @@ static gpu_sums read_sums(moec_client_t *c) {
     if (moec_stats(c, &js, 10000) == MOEC_OK) {
         const char *g = strstr(js, "\"gpu\":");
         if (g) {
-            s.steps = json_num(g, "\"steps\"");
-            s.step_tokens = json_num(g, "\"step_tokens\"");
-            s.step_us = json_num(g, "\"step_us_sum\"");
-            s.compute_us = json_num(g, "\"compute_us_sum\"");
-            s.combine_us = json_num(g, "\"combine_us_sum\"");
-            s.combine_bytes = json_num(g, "\"combine_bytes_sum\"");
-            s.h2d_us = json_num(g, "\"h2d_us_sum\"");
-            s.host_us = json_num(g, "\"host_us_sum\"");
-            s.plan_us = json_num(g, "\"plan_us_sum\"");
-            s.staged = json_num(g, "\"staged_steps\"");
-            s.gather_us = json_num(g, "\"gather_us_sum\"");
+            s.steps = engine_json_num(g, "\"steps\"");
+            s.step_tokens = engine_json_num(g, "\"step_tokens\"");
+            s.step_us = engine_json_num(g, "\"step_us_sum\"");
+            s.compute_us = engine_json_num(g, "\"compute_us_sum\"");
+            s.combine_us = engine_json_num(g, "\"combine_us_sum\"");
+            s.combine_bytes = engine_json_num(g, "\"combine_bytes_sum\"");
+            s.h2d_us = engine_json_num(g, "\"h2d_us_sum\"");
+            s.host_us = engine_json_num(g, "\"host_us_sum\"");
+            s.plan_us = engine_json_num(g, "\"plan_us_sum\"");
+            s.staged = engine_json_num(g, "\"staged_steps\"");
+            s.gather_us = engine_json_num(g, "\"gather_us_sum\"");
         }
     }
     moec_free(js);

@@ -35,6 +35,12 @@ int engine_free_port(void) {
     return ntohs(a.sin_port);
 }
 
+double engine_json_num(const char *js, const char *key) {
+    const char *p = js && key ? strstr(js, key) : NULL;
+    p = p ? strchr(p, ':') : NULL;
+    return p ? strtod(p + 1, NULL) : 0;
+}
+
 bool engine_start(engine_proc *e, const char *engine, const char *const *flags) {
     return engine_start_on(e, engine, false, flags);
 }

@@ -17,6 +17,9 @@ typedef struct engine_proc {
     char http[64];
 } engine_proc;
 
+/* The number after the first `key` (quoted, as "\"steps\"") in the JSON text js, or 0 where
+ * there is none (the benchmarks read the engine's STATS sums with it). */
+double engine_json_num(const char *js, const char *key);
 /* A free TCP port of 127.0.0.1 (bind to 0 and read it back). */
 int engine_free_port(void);
 /* Starts `engine serve --bind ... --http ... --runtime-dir ...` plus the NULL-terminated extra
