@@ -1,39 +1,20 @@
 /*
- * gpu_rows.cu: eng_gpu_copy_rows (gpu_rows.h). A CTA moves ENG_ROWS rows per turn (grid-stride
- * over groups of rows), 16-byte loads and stores when the row size and the buffers allow, else
- * 4-byte, else bytes.
+ * gpu_rows.cu: eng_gpu_copy_rows (gpu_rows.h). One CTA per row (grid-stride over rows), 16-byte
+ * loads and stores when the row size and the buffers allow, else 4-byte, else bytes.
  */
 #include "engine/gpu_rows.h"
 
 #include <cuda_runtime.h>
 
-#define ENG_ROWS 4 /* rows a CTA moves per turn */
-
 template <typename V>
 __global__ void copy_rows_kernel(V *dst, const int32_t *dst_idx, const V *src, const int32_t *src_idx, int64_t n,
                                  int64_t row_elems) {
-    /* ENG_ROWS rows per CTA turn, their loads issued before their stores: a thread keeps
-     * ENG_ROWS loads in flight instead of one (a 4 KiB row is one 16-byte load per thread) */
-    for (int64_t i0 = (int64_t)blockIdx.x * ENG_ROWS; i0 < n; i0 += (int64_t)gridDim.x * ENG_ROWS) {
-        const int cnt = n - i0 < ENG_ROWS ? (int)(n - i0) : ENG_ROWS;
-        int64_t d[ENG_ROWS], s[ENG_ROWS];
-#pragma unroll
-        for (int r = 0; r < ENG_ROWS; r++) {
-            const int64_t i = r < cnt ? i0 + r : i0;
-            d[r] = (dst_idx ? dst_idx[i] : i) * row_elems;
-            s[r] = (src_idx ? src_idx[i] : i) * row_elems;
-        }
-        for (int64_t j = threadIdx.x; j < row_elems; j += blockDim.x) {
-            V v[ENG_ROWS];
-#pragma unroll
-            for (int r = 0; r < ENG_ROWS; r++)
-                if (r < cnt)
-                    v[r] = src[s[r] + j];
-#pragma unroll
-            for (int r = 0; r < ENG_ROWS; r++)
-                if (r < cnt)
-                    dst[d[r] + j] = v[r];
-        }
+    for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+        const int64_t d = dst_idx ? dst_idx[i] : i, s = src_idx ? src_idx[i] : i;
+        V *dp = dst + d * row_elems;
+        const V *sp = src + s * row_elems;
+        for (int64_t j = threadIdx.x; j < row_elems; j += blockDim.x)
+            dp[j] = sp[j];
     }
 }
 
@@ -42,7 +23,7 @@ static int launch(void *dst, const int32_t *dst_idx, const void *src, const int3
                   size_t row_bytes, cudaStream_t s) {
     const int64_t elems = (int64_t)(row_bytes / sizeof(V));
     const int threads = elems >= 256 ? 256 : elems >= 128 ? 128 : 64;
-    const int64_t turns = (n + ENG_ROWS - 1) / ENG_ROWS, blocks = turns < 65535 * 4 ? turns : 65535 * 4;
+    const int64_t blocks = n < 65535 * 4 ? n : 65535 * 4;
     copy_rows_kernel<V><<<(unsigned)blocks, threads, 0, s>>>((V *)dst, dst_idx, (const V *)src, src_idx, n, elems);
     return (int)cudaGetLastError();
 }
