@@ -31,6 +31,7 @@
 typedef struct args {
     const char *endpoint, *server_key, *client_key, *cmd, *prefix;
     int32_t timeout_ms;
+    int32_t busy_poll_us;
     int count;
     int32_t layer;
     const char *x, *ids, *weights, *logits, *input, *out, *dtype, *mode;
@@ -41,7 +42,8 @@ typedef struct args {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: moe-client [--endpoint EP] [--timeout-ms N] [--server-key F.pub] [--client-key F.key] CMD\n"
+            "usage: moe-client [--endpoint EP] [--timeout-ms N] [--busy-poll-us N] [--server-key F.pub]\n"
+            "                  [--client-key F.key] CMD\n"
             "  ping [--count N]\n"
             "  info | stats\n"
             "  submit --layer L (--x X.npy [--ids I.npy --weights W.npy | --logits G.npy] | --input IN.safetensors)\n"
@@ -117,6 +119,8 @@ static int parse_args(int argc, char **argv, args *a) {
             a->mode = v;
         else if (strcmp(o, "--timeout-ms") == 0 && parse_int(v, 1, 86400000, &n))
             a->timeout_ms = (int32_t)n;
+        else if (strcmp(o, "--busy-poll-us") == 0 && parse_int(v, 0, 10000000, &n))
+            a->busy_poll_us = (int32_t)n;
         else if (strcmp(o, "--count") == 0 && parse_int(v, 1, 1000000, &n))
             a->count = (int)n;
         else if (strcmp(o, "--layer") == 0 && parse_int(v, 0, 1 << 30, &n))
@@ -169,6 +173,9 @@ static int connect_client(const args *a, moec_client_t **c) {
     memset(csec, 0, sizeof csec);
     if (st != MOEC_OK)
         return fail("connect", st, moe_errmsg());
+    /* waiting for replies, look without sleeping this long first (lower latency, a busy core) */
+    if (a->busy_poll_us && (st = moec_client_set_busy_poll(*c, a->busy_poll_us)) != MOEC_OK)
+        return fail("--busy-poll-us", st, moec_errmsg(*c));
     return 0;
 }
 

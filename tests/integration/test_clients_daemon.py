@@ -288,9 +288,14 @@ class TestCliBench(unittest.TestCase):
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertIn("tokens/s", r.stdout + r.stderr)
             sys.stderr.write(r.stdout)
-            for cmd in (["ping"], ["info"], ["stats"]):
+            for cmd in (["ping"], ["info"], ["stats"], ["--busy-poll-us", "200", "ping", "--count", "3"]):
                 r = subprocess.run([CLI, "--endpoint", eng.endpoint] + cmd, capture_output=True, text=True, timeout=30)
                 self.assertEqual(r.returncode, 0, r.stderr)
+            # a bad value is refused with a message, before any connection
+            r = subprocess.run([CLI, "--endpoint", eng.endpoint, "--busy-poll-us", "-5", "ping"], capture_output=True,
+                               text=True, timeout=30)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("--busy-poll-us", r.stderr)
         finally:
             eng.stop()
 
