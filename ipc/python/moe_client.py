@@ -264,9 +264,13 @@ def _from_wire(mv, dt, shape, torch_dtype):
 # ------------------------------------------------------------------------------------------
 class Client:
     def __init__(self, endpoint=None, timeout_ms=10000, server_key=None, client_public=None,
-                 client_secret=None, max_msg_bytes=256 << 20, context=None):
+                 client_secret=None, max_msg_bytes=256 << 20, context=None, busy_poll_us=0):
         self.endpoint = endpoint or os.environ.get("MOE_ENDPOINT") or "tcp://127.0.0.1:5555"
         self.timeout_ms = int(timeout_ms)
+        # waiting for a reply, look without sleeping this long first (as moec_client_set_busy_poll)
+        if not 0 <= int(busy_poll_us) <= 10000000:
+            raise MoeError(MOE_ERR_INVALID_ARG, "busy_poll_us %r is outside 0 .. 10000000" % (busy_poll_us,))
+        self.busy_poll_us = int(busy_poll_us)
         self.max_msg_bytes = int(max_msg_bytes)
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
@@ -389,7 +393,13 @@ class Client:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._mon, zmq.POLLIN)
-        ev = dict(poller.poll(int(tmo * 1000) + (1 if tmo > 0 else 0)))
+        ev = {}
+        if self.busy_poll_us and tmo > 0:
+            end = now + self.busy_poll_us * 1e-6
+            while not ev and time.monotonic() < end:
+                ev = dict(poller.poll(0))
+        if not ev:
+            ev = dict(poller.poll(int(tmo * 1000) + (1 if tmo > 0 else 0)))
         if self._mon in ev:
             from zmq.utils.monitor import recv_monitor_message
             while True:

@@ -195,6 +195,16 @@ class CaseBase:
         for rid, rows in ids[:6]:
             alone = self.c.submit(L, rows, dtype=kind if kind == "bf16" else None)
             self.assertTrue(np.array_equal(np.asarray(got[rid]), np.asarray(alone)))
+        # a client that busy-polls for its replies gets the same bits; a bad setting is refused
+        b = mc.Client(self.eng.endpoint, timeout_ms=20000, busy_poll_us=300)
+        try:
+            for rid, rows in ids[:3]:
+                y = b.submit(L, rows, dtype=kind if kind == "bf16" else None)
+                self.assertTrue(np.array_equal(np.asarray(got[rid]), np.asarray(y)))
+        finally:
+            b.close()
+        with self.assertRaises(mc.MoeError):
+            mc.Client(self.eng.endpoint, busy_poll_us=-1)
 
     def test_server_errors(self):
         L = self.layers[0]
