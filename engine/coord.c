@@ -490,6 +490,13 @@ static int http_handler(void *user, const char *path, char **body, const char **
     fprintf(f, "moe_request_latency_seconds_bucket{le=\"+Inf\"} %" PRIu64 "\n", acc);
     fprintf(f, "moe_request_latency_seconds_sum %.6f\nmoe_request_latency_seconds_count %" PRIu64 "\n", co->st.lat_sum,
             acc);
+    fprintf(f, "# HELP moe_step_path_seconds_total Where the answered steps' time went (STATS path), by part.\n"
+               "# TYPE moe_step_path_seconds_total counter\n");
+    for (int k = 0; k < 8; k++)
+        fprintf(f, "moe_step_path_seconds_total{part=\"%s\"} %.6f\n", path_names[k], co->st.path_us[k] * 1e-6);
+    fprintf(f, "# HELP moe_step_path_steps_total Steps counted in moe_step_path_seconds_total.\n"
+               "# TYPE moe_step_path_steps_total counter\nmoe_step_path_steps_total %" PRIu64 "\n",
+            co->st.path_steps);
     fprintf(f, "# HELP moe_expert_tokens_total Tokens routed to each expert.\n# TYPE moe_expert_tokens_total counter\n");
     for (int32_t e = 0; e < co->desc->n_experts; e++)
         fprintf(f, "moe_expert_tokens_total{expert=\"%d\"} %" PRId64 "\n", (int)e, co->st.expert_tokens[e]);

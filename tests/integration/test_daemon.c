@@ -743,6 +743,20 @@ static void test_probes(void **state) {
     assert_non_null(strstr(m, "moe_tokens_total 9"));
     assert_non_null(strstr(m, "# TYPE moe_request_latency_seconds histogram"));
     assert_non_null(strstr(m, "moe_expert_tokens_total{expert=\"15\"}"));
+    /* the one step's time, split: every part there, the worker's compute above zero */
+    assert_non_null(strstr(m, "moe_step_path_steps_total 1"));
+    static const char *const parts[] = {"queue",          "stage",         "to_worker",   "worker_start",
+                                        "worker_compute", "worker_answer", "from_worker", "reply"};
+    for (int k = 0; k < 8; k++) {
+        char key[96];
+        snprintf(key, sizeof key, "moe_step_path_seconds_total{part=\"%s\"} ", parts[k]);
+        const char *p = strstr(m, key);
+        assert_non_null(p);
+        const double v = strtod(p + strlen(key), NULL);
+        assert_true(v >= 0 && v < 60);
+        if (k == 4)
+            assert_true(v > 0);
+    }
     free(m);
     char *nf = http_get(d.http_port, "/nope");
     assert_non_null(strstr(nf, "404"));
