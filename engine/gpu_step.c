@@ -92,6 +92,7 @@ struct eng_gpu {
     int64_t *cnt;                 /* [E + 1] scratch of count_experts */
     /* the combine (W > 1): the packed rows sent and received (the plans are per input set) */
     void *send_d, *recv_d;
+    int32_t *recv_of_d; /* [max_tokens K]: for the sum, each own pair's received row or -1 */
     /* the per-peer sizes and offsets of the all-to-alls ([4][W]: send bytes, send offsets,
      * receive bytes, receive offsets) and of the gather to rank 0 ([W] pointers, [W] bytes) */
     size_t *a2a;
@@ -147,7 +148,8 @@ void eng_gpu_free(eng_gpu_t *g) {
     kern_ctx_free(g->k);
     kern_ctx_free(g->kside);
     kern_ctx_free(g->kcomm);
-    void *dev[] = {g->slots_d, g->sh_d, g->y_d, g->map_d, g->send_d, g->recv_d, g->map_half_d[0], g->map_half_d[1]};
+    void *dev[] = {g->slots_d,        g->sh_d,          g->y_d,          g->map_d,     g->send_d,
+                   g->recv_d,         g->map_half_d[0], g->map_half_d[1], g->recv_of_d};
     free(g->in_set[0]);
     free(g->in_set[1]);
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
@@ -330,6 +332,7 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->slots_d, pairs * (size_t)H * es), st, fail);
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->send_d, pairs * (size_t)H * es), st, fail);
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->recv_d, pairs * (size_t)H * es), st, fail);
+        MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->recv_of_d, pairs * sizeof(int32_t)), st, fail);
         for (int b = 0; b < 2; b++) {
             gpu_inputs *in = &g->in[b];
             MOE_CUDA_CHECK_GOTO(
@@ -598,8 +601,10 @@ static bool use_dbo(const eng_gpu_t *g, int64_t T) {
 /*
  * The combine of micro-batch mb (rows [a, b)) on s_comm, once its products are done: this
  * rank's slot rows of other ranks' tokens packed and sent, the rows of its own tokens computed
- * elsewhere received and put in place, then the fixed-order sum over the slots (plus the
- * shared expert) of the rows it owns, and those rows copied out. Returns the bytes sent.
+ * elsewhere received, then the fixed-order sum over the slots (plus the shared expert) of the
+ * rows it owns, reading each received row where it landed (or, when `sum` is false, the
+ * received rows put into the slots for a later sum), and those rows copied out. Returns the
+ * bytes sent.
  */
 static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb, bool sum, const eng_step_req *reqs,
                              int32_t n, const eng_gpu_io *io, size_t *sent) {
@@ -632,20 +637,27 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
         *sent += sbp[q];
     }
     MOE_CHECK(par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s));
-    ce = eng_gpu_copy_rows(g->slots_d, ridx_d, g->recv_d, NULL, pl->n_recv, row, s);
-    if (ce)
-        return moe_fail(MOE_ERR_CUDA, "combine: unpack: %s", cudaGetErrorString((cudaError_t)ce));
-    MOE_CUDA_CHECK(cudaEventRecord(g->tm_ce[mb], s));
-    if (!sum) /* split by experts: the rows are summed after the last half's exchange */
-        return MOE_OK;
     const int64_t lo = pl->bound[r], hi = pl->bound[r + 1];
+    if (!sum) { /* split by experts, first half: into the slots, summed after the second exchange */
+        ce = eng_gpu_copy_rows(g->slots_d, ridx_d, g->recv_d, NULL, pl->n_recv, row, s);
+        if (ce)
+            return moe_fail(MOE_ERR_CUDA, "combine: unpack: %s", cudaGetErrorString((cudaError_t)ce));
+        MOE_CUDA_CHECK(cudaEventRecord(g->tm_ce[mb], s));
+        return MOE_OK;
+    }
+    /* The rows received stay where they landed: the sum reads each own pair from its received
+     * row or its slot (recv_of), the same values in the same order as after an unpack. */
+    ce = eng_gpu_index_of(g->recv_of_d, (hi - lo) * K, ridx_d, pl->n_recv, lo * K, s);
+    if (ce)
+        return moe_fail(MOE_ERR_CUDA, "combine: received rows' index: %s", cudaGetErrorString((cudaError_t)ce));
+    MOE_CUDA_CHECK(cudaEventRecord(g->tm_ce[mb], s));
     if (hi > lo) {
         if (l->has_shared)
             MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_side[mb], 0));
         moe_tensor sv = moe_tensor_view3((char *)g->slots_d + (size_t)(lo * K) * row, m->dtype, hi - lo, K, H);
         moe_tensor shv = moe_tensor_view2((char *)g->sh_d + (size_t)lo * row, m->dtype, hi - lo, H);
         moe_tensor yv = moe_tensor_view2((char *)g->y_d + (size_t)lo * row, m->dtype, hi - lo, H);
-        MOE_CHECK(kern_moe_sum(g->kcomm, &sv, l->has_shared ? &shv : NULL, &yv));
+        MOE_CHECK(kern_cuda_moe_sum_recv(g->kcomm, &sv, g->recv_of_d, g->recv_d, l->has_shared ? &shv : NULL, &yv));
     }
     if (io)
         return copy_out(g, reqs, n, lo, hi, io, s);

@@ -321,6 +321,15 @@ static __device__ __forceinline__ bool kc_held(const kc_locality &l, int64_t p) 
 }
 
 /* ---- the sum over slots --------------------------------------------------------------- */
+/* Where pair p's row is: a received row (loc.recv_of[p] >= 0), else its slot. Only the place
+ * changes, never the values or the order of the sum. */
+static __device__ __forceinline__ const char *kc_sum_src(const kc_locality &l, const void *slots, int64_t p, int64_t H,
+                                                         int64_t h, size_t es) {
+    const int32_t r = l.recv_of ? l.recv_of[p] : -1;
+    return r >= 0 ? (const char *)l.recv_rows + ((size_t)r * (size_t)H + (size_t)h) * es
+                  : (const char *)slots + ((size_t)p * (size_t)H + (size_t)h) * es;
+}
+
 template <typename T, int V, bool BATCH>
 __global__ void kc_sum_kernel(const void *slots, kc_locality loc, const void *shared, void *y, int64_t T_, int32_t K,
                               int64_t H) {
@@ -349,7 +358,7 @@ __global__ void kc_sum_kernel(const void *slots, kc_locality loc, const void *sh
             for (int kk = 0; kk < 8; kk++) {
                 if (!held[kk])
                     continue;
-                const char *src = (const char *)slots + ((size_t)(t * K + k0 + kk) * (size_t)H + (size_t)h) * es;
+                const char *src = kc_sum_src(loc, slots, t * K + k0 + kk, H, h, es);
                 if (V == 8) {
                     kc_v8<T>::load(src, sv[kk]);
                 } else {
@@ -371,7 +380,7 @@ __global__ void kc_sum_kernel(const void *slots, kc_locality loc, const void *sh
             const int64_t p = t * K + k;
             if (!kc_held(loc, p))
                 continue;
-            const char *src = (const char *)slots + ((size_t)p * (size_t)H + (size_t)h) * es;
+            const char *src = kc_sum_src(loc, slots, p, H, h, es);
             if (V == 8) {
                 kc_v8<T>::load(src, v);
             } else {
@@ -411,7 +420,7 @@ template <typename T>
 static int kc_sum_t(const void *slots, kc_locality loc, const void *shared, void *y, int64_t T_, int32_t K, int64_t H,
                     int pdl, cudaStream_t st) {
     const bool vec = H % 8 == 0 && ((uintptr_t)slots % 16) == 0 && ((uintptr_t)y % 16) == 0 &&
-                     (!shared || ((uintptr_t)shared % 16) == 0);
+                     (!shared || ((uintptr_t)shared % 16) == 0) && ((uintptr_t)loc.recv_rows % 16) == 0;
     const int64_t n = T_ * (vec ? H / 8 : H);
     const unsigned grid = (unsigned)((n + 255) / 256);
     /* fewer than ~4 CTAs per SM: latency-bound, batch the slot loads */

@@ -85,6 +85,12 @@ moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on) {
     return not_built();
 }
 
+moe_status kern_cuda_moe_sum_recv(kern_ctx_t *ctx, const moe_tensor *slots, const int32_t *recv_of,
+                                  const void *recv_rows, const moe_tensor *shared, moe_tensor *y) {
+    (void)ctx, (void)slots, (void)recv_of, (void)recv_rows, (void)shared, (void)y;
+    return not_built();
+}
+
 void *kern_cuda_stream(kern_ctx_t *ctx) {
     (void)ctx;
     return NULL;

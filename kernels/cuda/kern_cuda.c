@@ -706,6 +706,26 @@ static moe_status require_cuda_ctx(kern_ctx_t *ctx) {
     return MOE_OK;
 }
 
+moe_status kern_cuda_moe_sum_recv(kern_ctx_t *ctx, const moe_tensor *slots, const int32_t *recv_of,
+                                  const void *recv_rows, const moe_tensor *shared, moe_tensor *y) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    MOE_REQUIRE(slots && y && slots->ndim == 3 && y->ndim == 2 && y->shape[0] == slots->shape[0] &&
+                    y->shape[1] == slots->shape[2] && y->dtype == slots->dtype && (!shared || shared->dtype == y->dtype),
+                MOE_ERR_INVALID_ARG, "kern_cuda_moe_sum_recv: slots [T, K, H] and y [T, H] of one dtype");
+    MOE_REQUIRE(!recv_of == !recv_rows && ((uintptr_t)recv_rows % 16) == 0, MOE_ERR_INVALID_ARG,
+                "kern_cuda_moe_sum_recv: recv_of and recv_rows (16-byte aligned) together");
+    kc_state *s = st_of(ctx);
+    MOE_CUDA_CHECK(cudaSetDevice(s->device));
+    MOE_CHECK(check_device_errors(s));
+    kc_locality loc = {0};
+    loc.recv_of = recv_of;
+    loc.recv_rows = recv_rows;
+    KC_LAUNCH(kc_launch_sum(slots->dtype, slots->data, loc, shared ? shared->data : NULL, y->data, slots->shape[0],
+                            (int32_t)slots->shape[1], slots->shape[2], s->pdl, s->stream),
+              "moe_sum_recv");
+    return MOE_OK;
+}
+
 moe_status kern_cuda_reserve(kern_ctx_t *ctx, int64_t max_tokens, int32_t top_k, int64_t hidden, int64_t inter,
                              int32_t n_local, int64_t shared_inter) {
     MOE_CHECK(require_cuda_ctx(ctx));

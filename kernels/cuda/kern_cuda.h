@@ -31,6 +31,15 @@ typedef enum kern_cuda_path {
     KERN_CUDA_PATH_WGMMA = 2 /* wgmma m64nNk16 (sm_90a) */
 } kern_cuda_path;
 
+/* kern_moe_sum where some pairs' rows were received by an exchange and stay where they landed:
+ * y[t] = round(sum_k row(t, k) (k ascending, from +0.0) + shared[t]), row(t, k) = recv_rows
+ * [recv_of[t K + k]] where recv_of[t K + k] >= 0, else slots[t, k]. The same values summed in
+ * the same order as kern_moe_sum over the slots they would have been copied into, so the same
+ * bits, without the copy. recv_of: device int32 [T K]; recv_rows: device rows of slots' dtype
+ * and H, 16-byte aligned. */
+moe_status kern_cuda_moe_sum_recv(kern_ctx_t *ctx, const moe_tensor *slots, const int32_t *recv_of,
+                                  const void *recv_rows, const moe_tensor *shared, moe_tensor *y);
+
 /* Sizes the workspace for calls up to these sizes (0 for an unused part: shared_inter = 0
  * without a shared expert). MOE_ERR_CUDA if the device memory is not there. */
 moe_status kern_cuda_reserve(kern_ctx_t *ctx, int64_t max_tokens, int32_t top_k, int64_t hidden, int64_t inter,

@@ -176,6 +176,10 @@ typedef struct kc_locality {
     const int32_t *map;
     int32_t n_experts;
     int32_t n_local;
+    /* the sum only: pair p's row is recv_rows[recv_of[p]] where recv_of[p] >= 0, else the slot
+     * (kern_cuda_moe_sum_recv: rows received by an exchange, summed where they landed) */
+    const int32_t *recv_of;
+    const void *recv_rows;
 } kc_locality;
 
 /* The misc launchers take `pdl` (launch with programmatic stream serialization, sm_90 only). */

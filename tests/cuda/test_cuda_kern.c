@@ -600,6 +600,42 @@ static void test_moe_sum_exact(void **state) {
                 if (!bits_equal(&yc, &yg))
                     fail_msg("moe_sum %s H=%lld shared=%d: not bit-identical to the CPU reference",
                              moe_dtype_name(dts[d]), (long long)H, with);
+                /* kern_cuda_moe_sum_recv: a third of the pairs "received" (their rows in a
+                 * buffer, in reverse order), their slots poisoned: the same bits */
+                const size_t rb = (size_t)H * moe_dtype_size(dts[d]);
+                int32_t *recv_of = malloc(sizeof(int32_t) * (size_t)(T * K));
+                uint8_t *rows = malloc(rb * (size_t)(T * K)), *poisoned = malloc(moe_tensor_nbytes(&slots));
+                memcpy(poisoned, slots.data, moe_tensor_nbytes(&slots));
+                int32_t nr = 0;
+                for (int64_t p = T * K - 1; p >= 0; p--) {
+                    recv_of[p] = -1;
+                    if ((p * 7 + 3) % 3 == 0) {
+                        memcpy(rows + (size_t)nr * rb, (uint8_t *)slots.data + (size_t)p * rb, rb);
+                        memset(poisoned + (size_t)p * rb, 0xFF, rb);
+                        recv_of[p] = nr++;
+                    }
+                }
+                ct_dev dro, drows, dsp;
+                ct_dev_alloc(&dro, MOE_DTYPE_I32, 1, (int64_t[]){T * K});
+                ct_dev_alloc(&drows, dts[d], 2, (int64_t[]){nr, H});
+                ct_dev_alloc(&dsp, dts[d], 3, slots.shape);
+                CT_CUDA(cudaMemcpy(dro.t.data, recv_of, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice));
+                CT_CUDA(cudaMemcpy(drows.t.data, rows, rb * (size_t)nr, cudaMemcpyHostToDevice));
+                CT_CUDA(cudaMemcpy(dsp.t.data, poisoned, moe_tensor_nbytes(&slots), cudaMemcpyHostToDevice));
+                ct_dev_poison(&dy);
+                CT_OK(kern_cuda_moe_sum_recv(g_gpu, &dsp.t, dro.t.data, drows.t.data, with ? &dsh.t : NULL, &dy.t));
+                CT_OK(kern_ctx_sync(g_gpu));
+                ct_download(&yg, &dy);
+                ct_dev_check_guards(&dy, "moe_sum_recv output");
+                if (!bits_equal(&yc, &yg))
+                    fail_msg("moe_sum_recv %s H=%lld shared=%d: not bit-identical to moe_sum over the slots",
+                             moe_dtype_name(dts[d]), (long long)H, with);
+                ct_dev_free(&dro);
+                ct_dev_free(&drows);
+                ct_dev_free(&dsp);
+                free(recv_of);
+                free(rows);
+                free(poisoned);
             }
             moe_tensor_free(&slots);
             moe_tensor_free(&sh);
