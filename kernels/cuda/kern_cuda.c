@@ -427,6 +427,7 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     }
     if (p->weight_on_input)
         KC_LAUNCH(kc_launch_scale_x(dt, x->data, w->data, s->xw.p, P, (int32_t)K, H, s->pdl, s->stream), "scale x");
+    memset(loc, 0, sizeof *loc); /* every field: the ones below and those of other uses (recv_of) */
     loc->pair_pos = small ? NULL : s->pair_pos.p;
     loc->ids = ids->data;
     loc->map = p->expert_map;
@@ -604,7 +605,7 @@ static moe_status cuda_fused_experts(kern_ctx_t *ctx, const kern_experts_params 
     MOE_CUDA_CHECK(cudaSetDevice(s->device));
     MOE_CHECK(check_device_errors(s));
     const int64_t T = x->shape[0], H = x->shape[1], K = ids->shape[1];
-    kc_locality loc;
+    kc_locality loc = {0};
     if (y->ndim == 3) { /* slot mode: contributions straight into y, zeros where not local */
         MOE_CHECK(routed(s, p, x, w13, w2, ids, w, y->data, &loc, NULL, NULL));
         if (!p->slots_local_only)
@@ -659,7 +660,7 @@ static moe_status cuda_moe_forward(kern_ctx_t *ctx, const kern_experts_params *p
     MOE_CUDA_CHECK(cudaStreamWaitEvent(s->side, s->ev_fork, 0));
     MOE_CHECK(shared_run(s, se, x, s->sh_out.p, s->side));
     MOE_CUDA_CHECK(cudaEventRecord(s->ev_join, s->side));
-    kc_locality loc;
+    kc_locality loc = {0};
     MOE_CHECK(routed(s, p, x, w13, w2, ids, w, s->slots.p, &loc, NULL, NULL));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(s->stream, s->ev_join, 0));
     KC_LAUNCH(kc_launch_sum(x->dtype, s->slots.p, loc, s->sh_out.p, y->data, T, (int32_t)K, H, s->pdl, s->stream),
