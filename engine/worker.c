@@ -839,9 +839,9 @@ static moe_status recv_step_frames(worker *w, const ipc_msg *step, step_frames *
 }
 
 /* Receives the next message from the coordinator into j (the header, then the requests of a
- * STEP). False when there was none, or it was dropped (undecodable: logged); true with j
- * valid, its receive errors in j->st. */
-/* The next message's job: from the control ring when it holds one, else from the socket. */
+ * STEP): from the control ring when it holds one, else from the socket. False when there was
+ * none, or it was dropped (undecodable: logged); true with j valid, its receive errors in
+ * j->st. */
 static bool recv_job(worker *w, job *j) {
     memset(j, 0, sizeof *j);
     j->slot = -1;
