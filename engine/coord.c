@@ -735,7 +735,9 @@ static coord_step *find_step(coord *co, uint64_t id);
 static void send_ready_steps(coord *co);
 
 /* Adds a finished step's time, split (path_names), to STATS "path". The worker's marks come
- * from its own clock: CLOCK_MONOTONIC, the same on every process of the host. */
+ * from its own clock: CLOCK_MONOTONIC, the same on every process of the host. Every mark is
+ * taken before the message it precedes is sent (a preempted sender must not stretch one part
+ * over the next), so the parts add up to at most the client's round trip. */
 static void path_record(coord *co, const coord_step *s, uint64_t t_reply) {
     if (!s->trace[0] || !s->t_results || s->n_reqs < 1)
         return;
@@ -902,6 +904,7 @@ static void send_ready_steps(coord *co) {
         moe_status st = ipc_msg_add(&hdr, ENG_SEC_SLOT, MOE_DTYPE_I32, 1, (int64_t[]){1}, &slot);
         if (st == MOE_OK)
             st = ipc_msg_add_bytes(&hdr, ENG_SEC_STEP_REQS, meta, sizeof(eng_shm_req) * (size_t)s->n_reqs);
+        s->t_sent = now_ns(); /* before the sends: a worker may have it before this thread runs again */
         for (int32_t rank = 0; rank < co->world && st == MOE_OK; rank++)
             st = co->use_ctl ? send_step_ctl(co, rank, &hdr) : send_to_worker(co, rank, &hdr, NULL);
         free(meta);
@@ -910,7 +913,7 @@ static void send_ready_steps(coord *co) {
             return;
         }
         s->sent = true;
-        s->t_dispatch = s->t_sent = now_ns();
+        s->t_dispatch = now_ns();
     }
 }
 
@@ -993,6 +996,7 @@ static bool dispatch(coord *co, int32_t layer) {
     hdr.layer = layer;
     hdr.n_tokens = tokens;
     hdr.top_k = (uint32_t)n;
+    s->t_sent = now_ns(); /* before the sends (as above) */
     for (int32_t rank = 0; rank < co->world && st == MOE_OK; rank++) {
         st = send_to_worker(co, rank, &hdr, NULL);
         for (int32_t i = 0; i < n && st == MOE_OK; i++) {
@@ -1006,7 +1010,6 @@ static bool dispatch(coord *co, int32_t layer) {
         }
     }
     s->sent = true;
-    s->t_sent = now_ns();
     if (st != MOE_OK)
         group_fail(co, "cannot send step %llu to the workers: %s", (unsigned long long)s->id, moe_errmsg());
     else
