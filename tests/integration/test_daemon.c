@@ -540,12 +540,12 @@ static void test_kill_worker_in_flight(void **state) {
 
 /* A worker that stops answering (SIGSTOP): idle, it misses its heartbeats; busy, its step
  * misses the deadline. Either way the requests in flight get MOE_ERR_WORKER within the bounded
- * time, the group is replaced, and service resumes. */
-static void test_hung_worker(void **state) {
-    (void)state;
+ * time, the group is replaced, and service resumes. Without and with busy polling (then STEP
+ * and RESULT go through the control rings, and a STEP for a stopped worker waits in its ring). */
+static void hung_worker_case(const char *busy) {
     daemon_proc d;
     assert_true(h_daemon_start(&d, (const char *[]){"--workers", "2", "--heartbeat-ms", "50", "--worker-timeout-ms",
-                                                    "600", "--step-timeout-ms", "1500", NULL},
+                                                    "600", "--step-timeout-ms", "1500", "--busy-poll-us", busy, NULL},
                                60));
     h_client c;
     assert_true(h_client_open(&c, d.endpoint));
@@ -562,7 +562,7 @@ static void test_hung_worker(void **state) {
         usleep(100000);
         st = submit(&c, &r, 2, 0, NULL);
     } while (st != 0 && moe_now_s() - t0 < 20);
-    fprintf(stderr, "idle hang: service back after %.2f s\n", moe_now_s() - t0);
+    fprintf(stderr, "busy poll %s us, idle hang: service back after %.2f s\n", busy, moe_now_s() - t0);
     assert_int_equal(st, 0);
     kill(kids[0], SIGCONT); /* it was killed with its group; harmless if gone */
     /* Busy hang: a step in flight on a stopped worker fails by the step deadline. */
@@ -577,7 +577,7 @@ static void test_hung_worker(void **state) {
     ipc_msg rep;
     assert_true(h_recv(&c, 10000, &buf, &len, &rep));
     double dt = moe_now_s() - t0;
-    fprintf(stderr, "busy hang: request answered %d after %.2f s\n", (int)rep.status, dt);
+    fprintf(stderr, "busy poll %s us, busy hang: request answered %d after %.2f s\n", busy, (int)rep.status, dt);
     assert_int_equal(rep.status, MOE_ERR_WORKER);
     assert_true(dt < 5.0);
     moe_free(buf);
@@ -593,10 +593,17 @@ static void test_hung_worker(void **state) {
     assert_int_equal(h_daemon_stop(&d, 20), 0);
 }
 
-static void test_sigterm_drains(void **state) {
+static void test_hung_worker(void **state) {
     (void)state;
+    hung_worker_case("0");
+    hung_worker_case("200");
+}
+
+/* SIGTERM with requests in flight: every request answered (computed or MOE_ERR_SHUTDOWN), exit 0,
+ * no worker left; without and with busy polling (the control rings). */
+static void sigterm_case(const char *busy) {
     daemon_proc d;
-    assert_true(h_daemon_start(&d, (const char *[]){"--workers", "2", NULL}, 60));
+    assert_true(h_daemon_start(&d, (const char *[]){"--workers", "2", "--busy-poll-us", busy, NULL}, 60));
     h_client c;
     assert_true(h_client_open(&c, d.endpoint));
     enum { NQ = 40 };
@@ -627,7 +634,7 @@ static void test_sigterm_drains(void **state) {
         }
         moe_free(buf);
     }
-    fprintf(stderr, "SIGTERM with %d in flight: %d computed, %d refused\n", NQ, ok, down);
+    fprintf(stderr, "busy poll %s us, SIGTERM with %d in flight: %d computed, %d refused\n", busy, NQ, ok, down);
     int status = 0;
     assert_int_equal(waitpid(pid, &status, 0), pid);
     d.pid = 0;
@@ -637,6 +644,12 @@ static void test_sigterm_drains(void **state) {
     for (int i = 0; i < NQ; i++)
         req_free(&rs[i]);
     h_client_close(&c);
+}
+
+static void test_sigterm_drains(void **state) {
+    (void)state;
+    sigterm_case("0");
+    sigterm_case("200");
 }
 
 static void test_flood_busy(void **state) {
