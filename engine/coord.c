@@ -182,7 +182,6 @@ typedef struct coord {
     char worker_threads[16];
     char hb_str[16], step_to_str[16], start_to_str[16], step_tokens_str[16], dbo_min_str[16], busy_str[16];
     uv_idle_t spin;      /* --busy-poll-us: active while hot, so the loop polls without sleeping */
-    bool spinning;
     uint64_t t_active;   /* the last step dispatched or answered */
     int32_t gpu_ids[MAX_WORKERS];
     uint8_t nccl_id[PAR_NCCL_ID_BYTES];
@@ -810,33 +809,36 @@ static moe_status start_copy(coord *co, coord_step *s) {
     return MOE_OK;
 }
 
-/* A STEP through rank's control ring; a WAKE over ZeroMQ if the worker said it was going to
- * sleep (it publishes that before its last look at the ring, and we read it after publishing:
- * one of the two sees the other). */
-static moe_status send_step_ctl(coord *co, int32_t rank, const ipc_msg *m) {
-    ctl_ring d, u;
-    ctl_rings(co->ctl_map.base, rank, co->ctl_down, co->ctl_up, &d, &u);
+/* A STEP, encoded once, through every rank's control ring; a WAKE over ZeroMQ to a worker that
+ * said it was going to sleep (it publishes that before its last look at the ring, and we read
+ * it after publishing: one of the two sees the other). */
+static moe_status send_step_ctl(coord *co, const ipc_msg *m) {
     void *buf = NULL;
     size_t len = 0;
     MOE_CHECK(ipc_encode_alloc(m, &buf, &len));
-    moe_status st = len < CTL_WRAP ? ctl_push(&d, buf, (uint32_t)len)
-                                   : moe_fail(MOE_ERR_LIMIT, "a STEP of %zu bytes", len);
-    moe_free(buf);
-    if (st != MOE_OK) /* the ring is sized for every STEP in flight: this is a bug */
-        return moe_fail(MOE_ERR_INTERNAL, "control ring of worker %d: %s", (int)rank, moe_errmsg());
-    atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load(&d.h->sleeping)) {
-        ipc_msg wake;
-        ipc_msg_init(&wake, ENG_OP_WAKE, 0);
-        st = send_to_worker(co, rank, &wake, NULL);
+    moe_status st = len < CTL_WRAP ? MOE_OK : moe_fail(MOE_ERR_LIMIT, "a STEP of %zu bytes", len);
+    for (int32_t rank = 0; rank < co->world && st == MOE_OK; rank++) {
+        ctl_ring d, u;
+        ctl_rings(co->ctl_map.base, rank, co->ctl_down, co->ctl_up, &d, &u);
+        if (ctl_push(&d, buf, (uint32_t)len) != MOE_OK) { /* sized for every STEP in flight: a bug */
+            st = moe_fail(MOE_ERR_INTERNAL, "control ring of worker %d: %s", (int)rank, moe_errmsg());
+            break;
+        }
+        atomic_thread_fence(memory_order_seq_cst);
+        if (atomic_load(&d.h->sleeping)) {
+            ipc_msg wake;
+            ipc_msg_init(&wake, ENG_OP_WAKE, 0);
+            st = send_to_worker(co, rank, &wake, NULL);
+        }
     }
+    moe_free(buf);
     return st;
 }
 
-static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user);
+static void worker_msg(coord *co, coord_worker *wk, const void *data, size_t len, zmq_msg_t *reply);
 
-/* The RESULTs waiting in the workers' control rings, handed to on_worker_msg as if ZeroMQ had
- * brought them. */
+/* The RESULTs waiting in the workers' control rings, handled where they lie (the ring keeps a
+ * message until it is popped, and nothing keeps pointers into it after the handler). */
 static void poll_ctl(coord *co) {
     if (!co->use_ctl || co->closed)
         return;
@@ -857,19 +859,8 @@ static void poll_ctl(coord *co) {
             }
             if (!have)
                 break;
-            zmq_msg_t f[2];
-            zmq_msg_init_size(&f[0], strlen(wk->ident));
-            memcpy(zmq_msg_data(&f[0]), wk->ident, strlen(wk->ident));
-            if (zmq_msg_init_size(&f[1], len) != 0) {
-                zmq_msg_close(&f[0]);
-                group_fail(co, "out of memory reading worker %d's result", (int)r);
-                return;
-            }
-            memcpy(zmq_msg_data(&f[1]), msg, len);
+            worker_msg(co, wk, msg, len, NULL);
             ctl_pop(&u);
-            on_worker_msg(NULL, f, 2, co);
-            zmq_msg_close(&f[0]);
-            zmq_msg_close(&f[1]);
         }
     }
 }
@@ -905,8 +896,10 @@ static void send_ready_steps(coord *co) {
         if (st == MOE_OK)
             st = ipc_msg_add_bytes(&hdr, ENG_SEC_STEP_REQS, meta, sizeof(eng_shm_req) * (size_t)s->n_reqs);
         s->t_sent = now_ns(); /* before the sends: a worker may have it before this thread runs again */
-        for (int32_t rank = 0; rank < co->world && st == MOE_OK; rank++)
-            st = co->use_ctl ? send_step_ctl(co, rank, &hdr) : send_to_worker(co, rank, &hdr, NULL);
+        if (st == MOE_OK && co->use_ctl)
+            st = send_step_ctl(co, &hdr);
+        for (int32_t rank = 0; rank < co->world && st == MOE_OK && !co->use_ctl; rank++)
+            st = send_to_worker(co, rank, &hdr, NULL);
         free(meta);
         if (st != MOE_OK) {
             group_fail(co, "cannot send step %llu to the workers: %s", (unsigned long long)s->id, moe_errmsg());
@@ -927,7 +920,6 @@ static void on_spin(uv_idle_t *h) {
     poll_ctl(co);
     if (co->n_inflight == 0 && now_ns() - co->t_active > (uint64_t)co->cfg.busy_poll_us * 1000ull) {
         uv_idle_stop(h);
-        co->spinning = false;
     } else {
         sched_yield(); /* ZeroMQ's I/O threads may need this core */
     }
@@ -935,10 +927,8 @@ static void on_spin(uv_idle_t *h) {
 
 static void coord_hot(coord *co) {
     co->t_active = now_ns();
-    if (co->cfg.busy_poll_us > 0 && !co->spinning && co->handles_inited && !co->closed) {
+    if (co->cfg.busy_poll_us > 0 && co->handles_inited && !co->closed && !uv_is_active((uv_handle_t *)&co->spin))
         uv_idle_start(&co->spin, on_spin);
-        co->spinning = true;
-    }
 }
 
 /* Forms and starts one step of `layer`; false when no slot is free (retried when one frees). */
@@ -1297,6 +1287,8 @@ static bool send_slot_replies(coord *co, coord_step *s) {
     return true;
 }
 
+static void worker_msg(coord *co, coord_worker *wk, const void *data, size_t len, zmq_msg_t *reply);
+
 static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user) {
     (void)w;
     coord *co = user;
@@ -1305,11 +1297,17 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
     coord_worker *wk = worker_by_ident(co, &frames[0]);
     if (!wk) /* a worker of an older epoch: its messages are ignored */
         return;
+    worker_msg(co, wk, zmq_msg_data(&frames[1]), zmq_msg_size(&frames[1]), n >= 3 ? &frames[2] : NULL);
+}
+
+/* One message of worker wk (from its socket or its control ring); reply: the second frame of a
+ * REPLY (ZeroMQ data path), else NULL. */
+static void worker_msg(coord *co, coord_worker *wk, const void *data, size_t len, zmq_msg_t *reply) {
     ipc_msg m;
     ipc_limits lim = ipc_limits_default();
     lim.allow_internal = true;
     lim.max_msg_bytes = UINT64_MAX >> 1;
-    if (ipc_decode(zmq_msg_data(&frames[1]), zmq_msg_size(&frames[1]), &lim, &m) != MOE_OK) {
+    if (ipc_decode(data, len, &lim, &m) != MOE_OK) {
         group_fail(co, "malformed message from worker %d: %s", (int)wk->rank, moe_errmsg());
         return;
     }
@@ -1377,7 +1375,7 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
     }
     case ENG_OP_REPLY: {
         coord_step *s = find_step(co, m.request_id);
-        if (!s || n < 3 || m.n_tokens >= (uint32_t)s->n_reqs || wk->rank != 0) {
+        if (!s || !reply || m.n_tokens >= (uint32_t)s->n_reqs || wk->rank != 0) {
             MOE_DEBUG(MOE_SUB_ENG, "dropped a stale reply of step %llu", (unsigned long long)m.request_id);
             return;
         }
@@ -1389,7 +1387,7 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         ipc_limits rl = ipc_limits_default();
         rl.accept = IPC_ACCEPT_REPLIES;
         rl.max_msg_bytes = UINT64_MAX >> 1;
-        if (ipc_decode(zmq_msg_data(&frames[2]), zmq_msg_size(&frames[2]), &rl, &rep) != MOE_OK ||
+        if (ipc_decode(zmq_msg_data(reply), zmq_msg_size(reply), &rl, &rep) != MOE_OK ||
             rep.request_id != r->client_id || rep.n_tokens != r->n_tokens) {
             group_fail(co, "worker 0 sent a malformed reply for step %llu", (unsigned long long)s->id);
             return;
@@ -1398,7 +1396,7 @@ static void on_worker_msg(ipc_zwatch_t *w, zmq_msg_t *frames, int n, void *user)
         co->st.ok++;
         co->st.tokens += r->n_tokens;
         lat_record(co, r->t_accept);
-        send_to_client(co, &r->ident, r->has_delim, &frames[2]);
+        send_to_client(co, &r->ident, r->has_delim, reply);
         return;
     }
     case ENG_OP_RESULT: {
@@ -1564,7 +1562,6 @@ static void begin_close(coord *co) {
     if (co->handles_inited) {
         uv_close((uv_handle_t *)&co->tick, on_handle_closed);
         uv_close((uv_handle_t *)&co->spin, on_handle_closed);
-        co->spinning = false;
         uv_close((uv_handle_t *)&co->sig_term, on_handle_closed);
         uv_close((uv_handle_t *)&co->sig_int, on_handle_closed);
         uv_close((uv_handle_t *)&co->sig_hup, on_handle_closed);

@@ -88,7 +88,6 @@ struct eng_gpu {
     int32_t *map_half_d[2];
     bool dbo_serial; /* MOE_DBO_SERIAL=1 (a diagnostic): the exchanges wait for every micro-batch's
                         products, so DBO's step shows the split's own cost without the overlap */
-    int last_mb;     /* the step's last micro-batch (combine_mb's wait with dbo_serial) */
     int64_t *cnt;                 /* [E + 1] scratch of count_experts */
     /* the combine (W > 1): the packed rows sent and received (the plans are per input set) */
     void *send_d, *recv_d;
@@ -602,12 +601,14 @@ static bool use_dbo(const eng_gpu_t *g, int64_t T) {
  * The combine of micro-batch mb (rows [a, b)) on s_comm, once its products are done: this
  * rank's slot rows of other ranks' tokens packed and sent, the rows of its own tokens computed
  * elsewhere received, then the fixed-order sum over the slots (plus the shared expert) of the
- * rows it owns, reading each received row where it landed (or, when `sum` is false, the
- * received rows put into the slots for a later sum), and those rows copied out. Returns the
- * bytes sent.
+ * rows it owns, reading each received row where it landed (the first half of a step split by
+ * experts puts its received rows into the slots instead, for the sum after the second), and
+ * those rows copied out. Returns the bytes sent.
  */
-static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb, bool sum, const eng_step_req *reqs,
+static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb, int parts, const eng_step_req *reqs,
                              int32_t n, const eng_gpu_io *io, size_t *sent) {
+    /* split by experts, the rows are summed after the last half's exchange only */
+    const bool sum = !split_experts(g, parts) || mb == parts - 1;
     const eng_step_model *m = &g->m;
     const int64_t H = m->hidden, K = m->top_k;
     const size_t es = moe_dtype_size(m->dtype), row = (size_t)H * es;
@@ -622,7 +623,7 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
         MOE_CUDA_CHECK(cudaMemcpyAsync(sidx_d, sidx_h, sizeof(int32_t) * (size_t)pl->n_send, cudaMemcpyHostToDevice, s));
     if (pl->n_recv)
         MOE_CUDA_CHECK(cudaMemcpyAsync(ridx_d, ridx_h, sizeof(int32_t) * (size_t)pl->n_recv, cudaMemcpyHostToDevice, s));
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_mb[g->dbo_serial ? g->last_mb : mb], 0));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_mb[g->dbo_serial ? parts - 1 : mb], 0));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_cs[mb], s));
     int ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
     if (ce)
@@ -833,8 +834,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
          * of micro-batch 0 runs while micro-batch 1 computes. */
         for (int mb = 0; mb < parts; mb++) {
             size_t sent = 0;
-            g->last_mb = parts - 1;
-            MOE_CHECK(combine_mb(g, l, in, mb, !split_experts(g, parts) || mb == parts - 1, reqs, n, io, &sent));
+            MOE_CHECK(combine_mb(g, l, in, mb, parts, reqs, n, io, &sent));
             sent_bytes += sent;
         }
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[0], g->s_comm));

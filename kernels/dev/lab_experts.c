@@ -315,6 +315,31 @@ static void lab_bufs_free(lab_bufs *b) {
         cudaFree(p[i]);
 }
 
+/* One case: the views of T tokens over the buffers of model mi, which are made again (for up
+ * to TM tokens) when the model changes from *last_mi. */
+typedef struct lab_case {
+    kern_experts_params p;
+    moe_tensor w13, w2, x, ids, w, y;
+} lab_case;
+
+static lab_case lab_case_of(lab_bufs *b, int *last_mi, kern_ctx_t *gpu, int mi, int64_t TM, int64_t T) {
+    const int64_t E = lab_models[mi].E, K = lab_models[mi].K, H = lab_models[mi].H, I = lab_models[mi].I;
+    if (mi != *last_mi) {
+        if (*last_mi >= 0)
+            lab_bufs_free(b);
+        lab_bufs_init(b, gpu, mi, TM, (size_t)(TM * H) * 2, 1 + (uint64_t)mi);
+        *last_mi = mi;
+    }
+    lab_case c = {.p = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU}};
+    c.w13 = moe_tensor_view3(b->w13, MOE_DTYPE_BF16, E, 2 * I, H);
+    c.w2 = moe_tensor_view3(b->w2, MOE_DTYPE_BF16, E, H, I);
+    c.x = moe_tensor_view2(b->x, MOE_DTYPE_BF16, T, H);
+    c.ids = moe_tensor_view2(b->ids, MOE_DTYPE_I32, T, K);
+    c.w = moe_tensor_view2(b->w, MOE_DTYPE_F32, T, K);
+    c.y = moe_tensor_view2(b->y, MOE_DTYPE_BF16, T, H);
+    return c;
+}
+
 /* One call's time: median of `reps` runs, the L2 flushed before each (two warm-up calls). */
 typedef struct lab_timer {
     void *flush;
@@ -441,25 +466,14 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     lab_bufs b;
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         const int mi = cases[c].mi;
-        const int64_t E = lab_models[mi].E, K = lab_models[mi].K, H = lab_models[mi].H, I = lab_models[mi].I, TM = 8192;
-        if (mi != last_mi) {
-            if (last_mi >= 0)
-                lab_bufs_free(&b);
-            lab_bufs_init(&b, gpu, mi, TM, (size_t)(TM * H) * 2, 1 + (uint64_t)mi);
-            last_mi = mi;
-        }
         const int64_t T = cases[c].T;
-        kern_experts_params p = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU};
-        moe_tensor t13 = moe_tensor_view3(b.w13, MOE_DTYPE_BF16, E, 2 * I, H),
-                   t2 = moe_tensor_view3(b.w2, MOE_DTYPE_BF16, E, H, I);
-        moe_tensor vx = moe_tensor_view2(b.x, MOE_DTYPE_BF16, T, H), vi = moe_tensor_view2(b.ids, MOE_DTYPE_I32, T, K),
-                   vw = moe_tensor_view2(b.w, MOE_DTYPE_F32, T, K), vy = moe_tensor_view2(b.y, MOE_DTYPE_BF16, T, H);
+        lab_case lc = lab_case_of(&b, &last_mi, gpu, mi, 8192, T);
         double t[NV][ROUNDS];
         for (int r = 0; r < ROUNDS; r++)
             for (int v = 0; v < NV; v++) {
                 LB_CHECK(kern_cuda_set_tile(gpu, vars[v].nwg, 128));
                 LB_CHECK(kern_cuda_set_pdl(gpu, vars[v].pdl && prop->major >= 9));
-                t[v][r] = lab_time_fused(&tm, gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy, 3);
+                t[v][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 3);
             }
         printf("| %s | %lld |", lab_models[mi].name, (long long)T);
         for (int v = 0; v < NV; v++)
@@ -504,19 +518,8 @@ static int small_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     lab_bufs b;
     for (int c = 0; c < NC; c++) {
         const int mi = cases[c].mi;
-        const int64_t E = lab_models[mi].E, K = lab_models[mi].K, H = lab_models[mi].H, I = lab_models[mi].I, TM = 64;
-        if (mi != last_mi) {
-            if (last_mi >= 0)
-                lab_bufs_free(&b);
-            lab_bufs_init(&b, gpu, mi, TM, (size_t)(TM * H) * 2, 1 + (uint64_t)mi);
-            last_mi = mi;
-        }
-        const int64_t T = cases[c].T;
-        kern_experts_params p = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = KERN_ACT_SILU};
-        moe_tensor t13 = moe_tensor_view3(b.w13, MOE_DTYPE_BF16, E, 2 * I, H),
-                   t2 = moe_tensor_view3(b.w2, MOE_DTYPE_BF16, E, H, I);
-        moe_tensor vx = moe_tensor_view2(b.x, MOE_DTYPE_BF16, T, H), vi = moe_tensor_view2(b.ids, MOE_DTYPE_I32, T, K),
-                   vw = moe_tensor_view2(b.w, MOE_DTYPE_F32, T, K), vy = moe_tensor_view2(b.y, MOE_DTYPE_BF16, T, H);
+        const int64_t T = cases[c].T, H = lab_models[mi].H;
+        lab_case lc = lab_case_of(&b, &last_mi, gpu, mi, 64, T);
         const size_t nbytes = (size_t)(T * H) * 2;
         uint16_t *first = malloc(nbytes), *got = malloc(nbytes);
         int n_ok = 0;
@@ -526,7 +529,7 @@ static int small_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
             bool ok = true;
             for (int rep = 0; rep < 2; rep++) {
                 LB_CUDA(cudaMemsetAsync(b.y, 0xFF, nbytes, st));
-                LB_CHECK(kern_fused_experts(gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy));
+                LB_CHECK(kern_fused_experts(gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y));
                 LB_CHECK(kern_ctx_sync(gpu));
                 LB_CUDA(cudaMemcpy(got, b.y, nbytes, cudaMemcpyDeviceToHost));
                 int64_t unwritten = 0;
@@ -549,13 +552,13 @@ static int small_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
         for (int r = 0; r < ROUNDS; r++) {
             for (int m = 0; m < NM; m++) {
                 LB_CHECK(kern_cuda_set_small_opts(gpu, masks[m]));
-                t[c][m][r] = lab_time_fused(&tm, gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy, 5);
+                t[c][m][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 5);
             }
             for (int v = 0; v < 3; v++) {
                 LB_CHECK(kern_cuda_set_small_opts(gpu, part_masks[v]));
                 for (int stop = 1; stop <= 3; stop++) {
                     LB_CHECK(kern_cuda_set_lab_stop(gpu, stop == 3 ? 0 : stop));
-                    parts[c][v][stop - 1][r] = lab_time_fused(&tm, gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy, 5);
+                    parts[c][v][stop - 1][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 5);
                 }
                 LB_CHECK(kern_cuda_set_lab_stop(gpu, 0));
             }
@@ -563,7 +566,7 @@ static int small_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
                 tm.clean = true;
                 for (int m = 0; m < NCM; m++) {
                     LB_CHECK(kern_cuda_set_small_opts(gpu, clean_masks[m]));
-                    tc[c][m][r] = lab_time_fused(&tm, gpu, &p, &vx, &t13, &t2, &vi, &vw, &vy, 5);
+                    tc[c][m][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 5);
                 }
                 tm.clean = false;
             }

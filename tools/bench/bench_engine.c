@@ -71,7 +71,8 @@ static double pct(double *v, int n, double q) {
 static const char *const path_keys[N_PATH] = {"queue",          "stage",         "to_worker",  "worker_start",
                                               "worker_compute", "worker_answer", "from_worker", "reply"};
 typedef struct path_sums {
-    double steps, us[N_PATH], gpu_steps, gpu_step_us, gpu_h2d_us, gpu_host_us;
+    double steps, us[N_PATH];
+    engine_gpu_sums gpu;
 } path_sums;
 
 static path_sums read_path(moec_client_t *c) {
@@ -89,13 +90,7 @@ static path_sums read_path(moec_client_t *c) {
             s.us[k] = engine_json_num(p, key);
         }
     }
-    const char *g = strstr(js, "\"gpu\":");
-    if (g) {
-        s.gpu_steps = engine_json_num(g, "\"steps\"");
-        s.gpu_step_us = engine_json_num(g, "\"step_us_sum\"");
-        s.gpu_h2d_us = engine_json_num(g, "\"h2d_us_sum\"");
-        s.gpu_host_us = engine_json_num(g, "\"host_us_sum\"");
-    }
+    s.gpu = engine_gpu_sums_of(js);
     moec_free(js);
     return s;
 }
@@ -440,10 +435,10 @@ int main(int argc, char **argv) {
         const double nst = after.steps - before.steps;
         for (int k = 0; k < N_PATH && nst > 0; k++)
             parts[ti][k] = (after.us[k] - before.us[k]) / nst;
-        const double ngs = after.gpu_steps - before.gpu_steps;
+        const double ngs = after.gpu.steps - before.gpu.steps;
         if (ngs > 0) {
-            dev_step[ti] = (after.gpu_step_us - before.gpu_step_us) / ngs;
-            h2d[ti] = (after.gpu_h2d_us - before.gpu_h2d_us) / ngs;
+            dev_step[ti] = (after.gpu.step_us - before.gpu.step_us) / ngs;
+            h2d[ti] = (after.gpu.h2d_us - before.gpu.h2d_us) / ngs;
         }
         double p50 = pct(t, iters, 0.5), p99 = pct(t, iters, 0.99);
         /* engine, 4 in flight */

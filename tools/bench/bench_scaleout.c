@@ -55,29 +55,9 @@
 #include "ipc/moeclient.h"
 #include "tools/common/engine_proc.h"
 
-typedef struct gpu_sums {
-    double steps, step_tokens, step_us, compute_us, combine_us, combine_bytes, h2d_us, host_us, plan_us, staged, gather_us;
-} gpu_sums;
-
-static gpu_sums read_sums(moec_client_t *c) {
-    gpu_sums s = {0};
+static engine_gpu_sums read_sums(moec_client_t *c) {
     char *js = NULL;
-    if (moec_stats(c, &js, 10000) == MOEC_OK) {
-        const char *g = strstr(js, "\"gpu\":");
-        if (g) {
-            s.steps = engine_json_num(g, "\"steps\"");
-            s.step_tokens = engine_json_num(g, "\"step_tokens\"");
-            s.step_us = engine_json_num(g, "\"step_us_sum\"");
-            s.compute_us = engine_json_num(g, "\"compute_us_sum\"");
-            s.combine_us = engine_json_num(g, "\"combine_us_sum\"");
-            s.combine_bytes = engine_json_num(g, "\"combine_bytes_sum\"");
-            s.h2d_us = engine_json_num(g, "\"h2d_us_sum\"");
-            s.host_us = engine_json_num(g, "\"host_us_sum\"");
-            s.plan_us = engine_json_num(g, "\"plan_us_sum\"");
-            s.staged = engine_json_num(g, "\"staged_steps\"");
-            s.gather_us = engine_json_num(g, "\"gather_us_sum\"");
-        }
-    }
+    engine_gpu_sums s = engine_gpu_sums_of(moec_stats(c, &js, 10000) == MOEC_OK ? js : NULL);
     moec_free(js);
     return s;
 }
@@ -342,7 +322,7 @@ int main(int argc, char **argv) {
                         fprintf(stderr, "submit: %s\n", moec_errmsg(c));
                         rc = 1;
                     }
-                gpu_sums s0 = read_sums(c);
+                engine_gpu_sums s0 = read_sums(c);
                 pthread_barrier_t bar;
                 pthread_barrier_init(&bar, NULL, (unsigned)clients + 1);
                 client_job jobs[64];
@@ -367,7 +347,7 @@ int main(int argc, char **argv) {
                 pthread_barrier_destroy(&bar);
                 if (failed)
                     rc = 1;
-                gpu_sums s1 = read_sums(c);
+                engine_gpu_sums s1 = read_sums(c);
                 double steps = s1.steps - s0.steps;
                 double tsteps = steps ? (s1.step_tokens - s0.step_tokens) / steps : 0;
                 double step = steps ? (s1.step_us - s0.step_us) / steps : 0;

@@ -41,6 +41,26 @@ double engine_json_num(const char *js, const char *key) {
     return p ? strtod(p + 1, NULL) : 0;
 }
 
+engine_gpu_sums engine_gpu_sums_of(const char *stats_json) {
+    engine_gpu_sums s;
+    memset(&s, 0, sizeof s);
+    const char *g = stats_json ? strstr(stats_json, "\"gpu\":") : NULL;
+    if (!g)
+        return s;
+    s.steps = engine_json_num(g, "\"steps\"");
+    s.step_tokens = engine_json_num(g, "\"step_tokens\"");
+    s.step_us = engine_json_num(g, "\"step_us_sum\"");
+    s.compute_us = engine_json_num(g, "\"compute_us_sum\"");
+    s.combine_us = engine_json_num(g, "\"combine_us_sum\"");
+    s.combine_bytes = engine_json_num(g, "\"combine_bytes_sum\"");
+    s.h2d_us = engine_json_num(g, "\"h2d_us_sum\"");
+    s.host_us = engine_json_num(g, "\"host_us_sum\"");
+    s.plan_us = engine_json_num(g, "\"plan_us_sum\"");
+    s.staged = engine_json_num(g, "\"staged_steps\"");
+    s.gather_us = engine_json_num(g, "\"gather_us_sum\"");
+    return s;
+}
+
 bool engine_start(engine_proc *e, const char *engine, const char *const *flags) {
     return engine_start_on(e, engine, false, flags);
 }

@@ -20,6 +20,14 @@ typedef struct engine_proc {
 /* The number after the first `key` (quoted, as "\"steps\"") in the JSON text js, or 0 where
  * there is none (the benchmarks read the engine's STATS sums with it). */
 double engine_json_num(const char *js, const char *key);
+
+/* The sums of STATS "gpu" (docs/protocol.md): read before and after a run, their differences
+ * divided by the steps give the run's means. Zeros where the engine has no GPU workers. */
+typedef struct engine_gpu_sums {
+    double steps, step_tokens, step_us, compute_us, combine_us, combine_bytes, h2d_us, host_us, plan_us, staged,
+        gather_us;
+} engine_gpu_sums;
+engine_gpu_sums engine_gpu_sums_of(const char *stats_json);
 /* A free TCP port of 127.0.0.1 (bind to 0 and read it back). */
 int engine_free_port(void);
 /* Starts `engine serve --bind ... --http ... --runtime-dir ...` plus the NULL-terminated extra
