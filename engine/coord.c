@@ -81,7 +81,8 @@ typedef struct coord_step {
     bool sent;      /* STEP sent to the workers */
     int32_t results; /* RESULTs received: the step is done when every rank has answered (GPU
                         workers each write the rows they own of the replies) */
-    float gpu_step_us, gpu_compute_us, gpu_h2d_us, gpu_host_us, gpu_plan_us, gpu_gather_us; /* the slowest rank's */
+    float gpu_step_us, gpu_compute_us, gpu_h2d_us, gpu_host_us, gpu_plan_us, gpu_gather_us,
+        gpu_wait_us; /* the slowest rank's */
     int32_t gpu_staged_ranks; /* ranks whose inputs went up during the step before */
     /* Where the step's time went (STATS "path"): formed, STEP sent, the RESULT's trace of the
      * rank that answered last (ENG_SEC_TRACE), and when that RESULT arrived. */
@@ -134,7 +135,7 @@ typedef struct coord_stats {
     /* GPU workers' device times (rank 0's RESULT; combine: every rank's) */
     uint64_t gpu_steps, gpu_step_tokens, gpu_staged_steps;
     double gpu_step_us, gpu_compute_us, gpu_combine_us, gpu_combine_bytes, gpu_h2d_us, gpu_host_us, gpu_plan_us,
-        gpu_gather_us;
+        gpu_gather_us, gpu_wait_us;
     uint64_t errors_by_status[32];
     /* STATS "path": each answered step's time, split (path_names); sums in microseconds */
     uint64_t path_steps;
@@ -414,6 +415,7 @@ static char *stats_json(coord *co) {
         cJSON_AddNumberToObject(gp, "plan_us_sum", co->st.gpu_plan_us);
         cJSON_AddNumberToObject(gp, "staged_steps", (double)co->st.gpu_staged_steps);
         cJSON_AddNumberToObject(gp, "gather_us_sum", co->st.gpu_gather_us);
+        cJSON_AddNumberToObject(gp, "wait_us_sum", co->st.gpu_wait_us);
     }
     cJSON *pa = cJSON_AddObjectToObject(root, "path");
     cJSON_AddNumberToObject(pa, "steps", (double)co->st.path_steps);
@@ -1412,7 +1414,7 @@ static void worker_msg(coord *co, coord_worker *wk, const void *data, size_t len
             float tv[ENG_GPU_TIMING_N];
             memcpy(tv, tm->data, sizeof tv);
             float *mx[] = {&s->gpu_step_us, &s->gpu_compute_us, NULL, NULL, &s->gpu_h2d_us, &s->gpu_host_us,
-                           &s->gpu_plan_us, NULL, &s->gpu_gather_us};
+                           &s->gpu_plan_us, NULL, &s->gpu_gather_us, &s->gpu_wait_us};
             for (int k = 0; k < ENG_GPU_TIMING_N; k++)
                 if (mx[k] && tv[k] > *mx[k])
                     *mx[k] = tv[k];
@@ -1441,6 +1443,7 @@ static void worker_msg(coord *co, coord_worker *wk, const void *data, size_t len
         co->st.gpu_host_us += s->gpu_host_us;
         co->st.gpu_plan_us += s->gpu_plan_us;
         co->st.gpu_gather_us += s->gpu_gather_us;
+        co->st.gpu_wait_us += s->gpu_wait_us;
         if (s->gpu_step_us > 0) {
             co->st.gpu_steps++;
             co->st.gpu_staged_steps += s->gpu_staged_ranks == co->world;

@@ -47,6 +47,9 @@ typedef struct gpu_inputs {
     cudaEvent_t released; /* the step that used the set last is done with it (s_main) */
     cudaEvent_t tm0, tm1; /* the copies' own duration */
     bool staged;          /* holds the next step's inputs */
+    bool ahead;           /* they were copied on the copy stream, ahead of the step (else on the
+                             main stream at the step's entry: `ready` is then not recorded at
+                             W = 1, and tm1 is where the step's device time starts) */
     bool routed;          /* some request needs routing on the device */
     uint64_t tag;         /* the staged step (checked by the step) */
     int64_t T;
@@ -79,6 +82,10 @@ struct eng_gpu {
     void *hook_arg;
     /* pinned host: the output (ZeroMQ data path) */
     void *y_h;
+    /* the registered data path (eng_gpu_register_host): its host range and the device's address
+     * of its first byte */
+    char *reg_h, *reg_d;
+    size_t reg_bytes;
     /* device */
     void *slots_d, *sh_d, *y_d;
     int32_t *map_d;
@@ -86,6 +93,9 @@ struct eng_gpu {
      * host, for the plans) and this rank's expert map of each half (on the device) */
     uint8_t *in_set[2];
     int32_t *map_half_d[2];
+    uint64_t min_step_ns; /* MOE_GPU_MIN_STEP_US (a test knob): a step returns no sooner, the hook
+                             running meanwhile, so a test can count on the next STEP arriving
+                             while one computes (the inputs staged ahead) */
     bool dbo_serial; /* MOE_DBO_SERIAL=1 (a diagnostic): the exchanges wait for every micro-batch's
                         products, so DBO's step shows the split's own cost without the overlap */
     int64_t *cnt;                 /* [E + 1] scratch of count_experts */
@@ -101,9 +111,45 @@ struct eng_gpu {
 
 bool eng_gpu_available(void) { return true; }
 
-moe_status eng_gpu_register_host(void *p, size_t bytes) {
-    MOE_CUDA_CHECK(cudaHostRegister(p, bytes, cudaHostRegisterPortable));
+moe_status eng_gpu_register_host(eng_gpu_t *g, void *p, size_t bytes) {
+    MOE_REQUIRE(g && p && bytes, MOE_ERR_INVALID_ARG, "gpu register: NULL argument");
+    MOE_REQUIRE(!g->reg_h, MOE_ERR_INVALID_ARG, "gpu register: a region is registered already");
+    MOE_CUDA_CHECK(cudaSetDevice(g->p.device));
+    MOE_CUDA_CHECK(cudaHostRegister(p, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped));
+    void *d = NULL;
+    cudaError_t e = cudaHostGetDevicePointer(&d, p, 0);
+    if (e != cudaSuccess) {
+        (void)cudaHostUnregister(p);
+        return moe_fail(MOE_ERR_CUDA, "gpu register: the device's address of %zu registered bytes: %s", bytes,
+                        cudaGetErrorString(e));
+    }
+    g->reg_h = p;
+    g->reg_d = d;
+    g->reg_bytes = bytes;
     return MOE_OK;
+}
+
+/* The device's address of [p, p + n) in the registered region, or NULL if it is not all there. */
+static void *reg_dev(const eng_gpu_t *g, const void *p, size_t n) {
+    const char *c = p;
+    if (!g->reg_h || c < g->reg_h || n > g->reg_bytes || (size_t)(c - g->reg_h) > g->reg_bytes - n)
+        return NULL;
+    return g->reg_d + (c - g->reg_h);
+}
+
+/* Where the device writes a W = 1 step's output straight into the registered data path: the
+ * requests' outputs one after another there (a single request, or outputs that abut), and the
+ * step small (the device's last kernel then writes the few rows over PCIe itself; a large
+ * output goes by the copy engine). NULL otherwise. */
+#define ENG_GPU_DIRECT_OUT_MAX (64 * 1024)
+static void *direct_out(const eng_gpu_t *g, const eng_step_req *reqs, int32_t n, const eng_gpu_io *io, int64_t T) {
+    const size_t row = (size_t)g->m.hidden * moe_dtype_size(g->m.dtype);
+    if (!io || n < 1 || (size_t)T * row > ENG_GPU_DIRECT_OUT_MAX)
+        return NULL;
+    for (int32_t i = 1; i < n; i++)
+        if ((const char *)io->y[i] != (const char *)io->y[i - 1] + (size_t)reqs[i - 1].n_tokens * row)
+            return NULL;
+    return reg_dev(g, io->y[0], (size_t)T * row);
 }
 
 static void dfree(void *p) {
@@ -169,6 +215,8 @@ void eng_gpu_free(eng_gpu_t *g) {
             if (e[i])
                 cudaEventDestroy(e[i]);
     }
+    if (g->reg_h)
+        (void)cudaHostUnregister(g->reg_h);
     void *host[] = {g->y_h};
     free(g->a2a);
     free(g->cnt);
@@ -203,6 +251,16 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     g->m = *p->model;
     g->world = g->m.placement->world_size;
     moe_status st = MOE_OK;
+    const char *hold = getenv("MOE_GPU_MIN_STEP_US");
+    if (hold) {
+        char *end = NULL;
+        const unsigned long long us = strtoull(hold, &end, 10);
+        if (end == hold || *end != '\0' || us > 10000000ull) {
+            st = moe_fail(MOE_ERR_INVALID_ARG, "MOE_GPU_MIN_STEP_US '%s': microseconds in [0, 10000000]", hold);
+            goto fail;
+        }
+        g->min_step_ns = us * 1000ull;
+    }
     const int64_t H = g->m.hidden, E = g->m.n_experts, K = g->m.top_k, TM = p->max_tokens;
     const size_t es = moe_dtype_size(g->m.dtype);
     MOE_CUDA_CHECK_GOTO(cudaSetDevice(p->device), st, fail);
@@ -490,7 +548,9 @@ static moe_status stage(eng_gpu_t *g, gpu_inputs *in, uint64_t tag, const eng_st
             MOE_CUDA_CHECK(cudaMemcpyAsync(in->lg_d, lgs, sizeof(float) * (size_t)(T * E), cudaMemcpyHostToDevice, s));
     }
     MOE_CUDA_CHECK(cudaEventRecord(in->tm1, s));
-    MOE_CUDA_CHECK(cudaEventRecord(in->ready, s));
+    if (ahead || W > 1) /* waited for by the step's main stream, or by the gather's */
+        MOE_CUDA_CHECK(cudaEventRecord(in->ready, s));
+    in->ahead = ahead;
     in->routed = routed;
     in->tag = tag;
     in->T = T;
@@ -687,7 +747,8 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         memset(timing, 0, sizeof *timing);
     if (T == 0)
         return MOE_OK;
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, in->ready, 0));
+    if (in->ahead)
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, in->ready, 0));
     if (W > 1) /* at W = 1 the gather's start is its end (tm_x) */
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_start, g->s_main));
     /* At W > 1 the ranks all-gather the blocks of x each copied over PCIe (enqueued with the
@@ -698,7 +759,11 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             MOE_CHECK(gather_x(g, in, T));
         MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, in->gathered, 0));
     }
-    MOE_CUDA_CHECK(cudaEventRecord(g->tm_x, g->s_main));
+    /* where the step's device time starts: at W = 1 with the inputs copied at entry, the copies'
+     * end on this stream (one event fewer on a small step's path) */
+    const cudaEvent_t ev_x = W == 1 && !in->ahead ? in->tm1 : g->tm_x;
+    if (ev_x == g->tm_x)
+        MOE_CUDA_CHECK(cudaEventRecord(g->tm_x, g->s_main));
     g->hmark[2] = g->hmark[3] = g->hmark[4] = moe_now_ns();
 
     /* Routing on the device, request by request. */
@@ -724,12 +789,21 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         }
         t0 += nt;
     }
+    /* W = 1: the ids the device chose go back on the copy stream while the products run (they
+     * serve only the tokens per expert, read after the wait); at W > 1 below, on this stream */
+    if (routed && W == 1) {
+        MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_copy, g->ev_in, 0));
+        MOE_CUDA_CHECK(cudaMemcpyAsync(in->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
+                                       g->s_copy));
+        MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[0], g->s_copy));
+    }
     /* The step's ids on the host: as they came (the client's), or copied back into the set's
      * pinned memory after the device routed them (read after the step's wait at W = 1; at
      * W > 1 the exchange plan needs them first: the one extra wait of a step the engine
      * routes). */
     const int32_t *ids_host = routed ? in->ids_h : in->ids_src;
-    if (routed && W > 1) /* at W = 1 after the products: a copy between two kernels delays the second */
+    if (routed && W > 1) /* (at W = 1 on the copy stream, above) */
         MOE_CUDA_CHECK(cudaMemcpyAsync(in->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost,
                                        g->s_main));
 
@@ -750,23 +824,27 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
     size_t sent_bytes = 0;
 
     if (W == 1) {
-        /* The unwrapped fast path: one call on one stream, straight into y. */
+        /* The unwrapped fast path: one call on one stream, straight into y; a small step's y is
+         * the requests' outputs in the registered data path themselves (the last kernel writes
+         * them there over PCIe: no copy after it). */
+        void *yo = direct_out(g, reqs, n, io, T);
+        if (yo)
+            yd = moe_tensor_view2(yo, m->dtype, T, H);
         kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = m->act};
         MOE_CHECK(kern_moe_forward(g->k, &ep, &x, &l->w13, &l->w2, &ids, &wt, l->has_shared ? &se : NULL, &yd));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
-        MOE_CHECK(copy_out(g, reqs, n, 0, T, io, g->s_main));
-        if (routed) /* the ids the device chose, for the tokens per expert (read after the wait) */
-            MOE_CUDA_CHECK(cudaMemcpyAsync(in->ids_h, in->ids_d, sizeof(int32_t) * (size_t)(T * K),
-                                           cudaMemcpyDeviceToHost, g->s_main));
+        if (!yo)
+            MOE_CHECK(copy_out(g, reqs, n, 0, T, io, g->s_main));
+        if (routed)
+            MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[0], 0));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
-        MOE_CUDA_CHECK(cudaEventRecord(g->ev_done, g->s_main));
         t_wait = moe_now_ns();
         /* The tokens per expert while the device works, when the ids came with the requests. */
         if (expert_tokens && !routed) {
             count_experts(ids_host, T * K, E, g->cnt, expert_tokens);
             counted = true;
         }
-        MOE_CHECK(poll_event(g->ev_done, deadline, "step", g->hook, g->hook_arg));
+        MOE_CHECK(poll_event(g->tm_end, deadline, "step", g->hook, g->hook_arg));
     } else {
         kern_experts_params ep = {.n_experts = (int32_t)E,
                                   .n_local = g->m.placement->n_local[r],
@@ -852,6 +930,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         int32_t left = (int32_t)((deadline > t_wait ? deadline - t_wait : 1000000) / 1000000);
         MOE_CHECK(par_comm_wait_idle(g->p.comm, g->s_main, left > 0 ? left : 1, g->hook, g->hook_arg));
     }
+    const uint64_t t_done = moe_now_ns();
     /* Errors the kernels found on the device (a bad id is skipped there and reported here). */
     MOE_CHECK(kern_ctx_sync(g->k));
     if (W > 1) {
@@ -863,15 +942,16 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         count_experts(ids_host, T * K, E, g->cnt, expert_tokens);
     if (timing) {
         float ms = 0;
-        if (cudaEventElapsedTime(&ms, g->tm_x, g->tm_end) == cudaSuccess)
+        if (cudaEventElapsedTime(&ms, ev_x, g->tm_end) == cudaSuccess)
             timing->step_us = ms * 1e3f;
         if (W > 1 && cudaEventElapsedTime(&ms, g->tm_start, g->tm_x) == cudaSuccess)
             timing->gather_us = ms * 1e3f;
-        if (cudaEventElapsedTime(&ms, g->tm_x, g->tm_compute) == cudaSuccess)
+        if (cudaEventElapsedTime(&ms, ev_x, g->tm_compute) == cudaSuccess)
             timing->compute_us = ms * 1e3f;
         if (cudaEventElapsedTime(&ms, in->tm0, in->tm1) == cudaSuccess)
             timing->h2d_us = ms * 1e3f;
         timing->host_us = (float)((double)(t_wait - t_entry) * 1e-3);
+        timing->wait_us = (float)((double)(t_done - t_wait) * 1e-3);
         timing->plan_us = (float)((double)t_plan * 1e-3);
         g->hmark[5] = t_wait;
         for (int i = 0; i < 5; i++)
@@ -928,5 +1008,10 @@ moe_status eng_gpu_step(eng_gpu_t *g, uint64_t tag, int32_t layer, const eng_ste
     (void)cudaEventRecord(in->released, g->s_main);
     if (st == MOE_OK && y && g->p.rank == 0 && !io)
         *y = g->y_h;
+    while (st == MOE_OK && g->min_step_ns && moe_now_ns() - t_entry < g->min_step_ns) {
+        if (g->hook)
+            g->hook(g->hook_arg);
+        sched_yield();
+    }
     return st;
 }

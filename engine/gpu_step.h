@@ -73,6 +73,9 @@ typedef struct eng_gpu_timing {
     float staged;        /* 1 when the inputs went up ahead, during the step before (the hook) */
     float gather_us;     /* W > 1: the x all-gather, from this rank's inputs on the device (it
                             includes waiting for the other ranks to reach it; not in step_us) */
+    float wait_us;       /* host time in the one wait, until the device is done (the rest of the
+                            step's host time after host_us: its check of the device's errors
+                            and these timings, then returning) */
     float host_split_us[5]; /* host_us and the input copy at entry split: copying the inputs (when
                                not staged ahead), enqueueing the x all-gather, the products, the
                                plans (= plan_us), the exchanges and copies (worker debug log only) */
@@ -90,9 +93,10 @@ typedef struct eng_gpu_io {
     void *const *y; /* [n] (every rank writes the rows it owns) */
 } eng_gpu_io;
 
-/* Registers host memory with CUDA (page-locked, for direct copies); the memory stays mapped
- * by the caller. */
-moe_status eng_gpu_register_host(void *p, size_t bytes);
+/* Registers host memory with CUDA (page-locked, for direct copies, and mapped into the device's
+ * address space: a small step's output is written there by the device's last kernel, with no
+ * copy); the memory stays mapped by the caller. One region per context. */
+moe_status eng_gpu_register_host(eng_gpu_t *g, void *p, size_t bytes);
 
 /*
  * Copies the inputs of the step `tag` to the device ahead of it, on the copy stream, into the

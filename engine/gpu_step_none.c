@@ -46,7 +46,8 @@ void eng_gpu_set_hook(eng_gpu_t *g, void (*fn)(void *), void *arg) {
     (void)arg;
 }
 
-moe_status eng_gpu_register_host(void *p, size_t bytes) {
+moe_status eng_gpu_register_host(eng_gpu_t *g, void *p, size_t bytes) {
+    (void)g;
     (void)p;
     (void)bytes;
     return moe_fail(MOE_ERR_UNSUPPORTED, "this build has no GPU workers");

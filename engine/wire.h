@@ -59,9 +59,9 @@
                                        (engine/shm.h) per request, in order */
 #define ENG_SEC_TIMING 0x102        /* RESULT of a GPU worker: f32 [ENG_GPU_TIMING_N]: step_us,
                                        compute_us, combine_us, combine_bytes, h2d_us, host_us,
-                                       plan_us, staged, gather_us (eng_gpu_timing,
+                                       plan_us, staged, gather_us, wait_us (eng_gpu_timing,
                                        engine/gpu_step.h) */
-#define ENG_GPU_TIMING_N 9
+#define ENG_GPU_TIMING_N 10
 #define ENG_SEC_TRACE 0x105         /* RESULT: bytes, u64 [ENG_TRACE_N] (host order), the worker's CLOCK_MONOTONIC (ns) when it
                                        had received the STEP, began computing it, had its
                                        output, and sent this RESULT (the coordinator's STATS

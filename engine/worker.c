@@ -350,7 +350,7 @@ static moe_status worker_gpu_setup(worker *w) {
     MOE_CHECK(eng_gpu_init(&w->g, &gp, w->layers, w->weights.n_layers));
     eng_gpu_set_hook(w->g, worker_hook, w); /* the next step received and staged while one computes */
     if (w->shm.base) /* copies to and from the device straight from the data path */
-        MOE_CHECK(eng_gpu_register_host(w->shm.base, w->shm.bytes));
+        MOE_CHECK(eng_gpu_register_host(w->g, w->shm.base, w->shm.bytes));
     /* The host copies of the weights are no longer needed; the layer list stays (it names the
      * served layers), its tensors cleared. */
     for (int32_t i = 0; i < w->weights.n_layers; i++) {
@@ -764,7 +764,7 @@ answer:
         }
         float tv[ENG_GPU_TIMING_N] = {timing.step_us, timing.compute_us, timing.combine_us, timing.combine_bytes,
                                       timing.h2d_us,  timing.host_us,    timing.plan_us,      timing.staged,
-                                      timing.gather_us};
+                                      timing.gather_us, timing.wait_us};
         if (st == MOE_OK && have_timing)
             st = ipc_msg_add(&res, ENG_SEC_TIMING, MOE_DTYPE_F32, 1, (int64_t[]){ENG_GPU_TIMING_N}, tv);
         trace[3] = moe_now_ns();

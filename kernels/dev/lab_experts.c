@@ -116,6 +116,9 @@ static int check_variants(kern_ctx_t *gpu, kern_ctx_t *cpu, int npaths, const ke
     LB_CUDA(cudaMemcpy(d2, w2.data, moe_tensor_nbytes(&w2), cudaMemcpyHostToDevice));
     LB_CUDA(cudaMemcpy(di, ids.data, moe_tensor_nbytes(&ids), cudaMemcpyHostToDevice));
     LB_CUDA(cudaMemcpy(dw, w.data, moe_tensor_nbytes(&w), cudaMemcpyHostToDevice));
+    /* the backend's stream does not wait for the legacy stream's copies and fills: every one of
+     * them is done on the device before a kernel runs */
+    LB_CUDA(cudaDeviceSynchronize());
     moe_tensor tx = moe_tensor_view2(dx, MOE_DTYPE_BF16, T, H), t13 = moe_tensor_view3(d13, MOE_DTYPE_BF16, E, 2 * I, H),
                t2 = moe_tensor_view3(d2, MOE_DTYPE_BF16, E, H, I), ti = moe_tensor_view2(di, MOE_DTYPE_I32, T, K),
                tw = moe_tensor_view2(dw, MOE_DTYPE_F32, T, K), ty = moe_tensor_view2(dy, MOE_DTYPE_BF16, T, H);
@@ -132,6 +135,7 @@ static int check_variants(kern_ctx_t *gpu, kern_ctx_t *cpu, int npaths, const ke
         for (int32_t k = 0; k < nt; k++) {
             LB_CHECK(kern_cuda_set_tile(gpu, tiles[2 * k], tiles[2 * k + 1]));
             LB_CUDA(cudaMemset(dy, 0xFF, moe_tensor_nbytes(&yg)));
+            LB_CUDA(cudaDeviceSynchronize());
             LB_CHECK(kern_fused_experts(gpu, &p, &tx, &t13, &t2, &ti, &tw, &ty));
             LB_CHECK(kern_ctx_sync(gpu));
             LB_CUDA(cudaMemcpy(yg.data, dy, moe_tensor_nbytes(&yg), cudaMemcpyDeviceToHost));
@@ -240,6 +244,7 @@ static int check_many_tiles(kern_ctx_t *gpu, uint64_t seed) {
                 continue;
             LB_CHECK(kern_cuda_set_tile(gpu, tiles[2 * k], tiles[2 * k + 1]));
             LB_CUDA(cudaMemset(y, 0xFF, nbytes));
+            LB_CUDA(cudaDeviceSynchronize());
             LB_CHECK(kern_fused_experts(gpu, &p, &tx, &t13, &t2, &ti, &tw, &ty));
             LB_CHECK(kern_ctx_sync(gpu));
             LB_CUDA(cudaMemcpy(got, y, nbytes, cudaMemcpyDeviceToHost));
@@ -409,6 +414,7 @@ static int ep_compare(kern_ctx_t *gpu, int32_t W, const struct cudaDeviceProp *p
         for (int64_t e = 0; e < E; e++)
             hmap[e] = e < EL ? (int32_t)e : -1;
         LB_CUDA(cudaMemcpy(map, hmap, sizeof(int32_t) * (size_t)E, cudaMemcpyHostToDevice));
+        LB_CUDA(cudaDeviceSynchronize());
         free(hmap);
         moe_tensor t13 = moe_tensor_view3(b.w13, MOE_DTYPE_BF16, E, 2 * I, H),
                    t2 = moe_tensor_view3(b.w2, MOE_DTYPE_BF16, E, H, I);

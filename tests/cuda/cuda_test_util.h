@@ -41,6 +41,20 @@
 #define CT_GUARD 4096
 #define CT_GUARD_BYTE 0xA5
 
+/* Every fill and upload below ends with a device synchronize. The backend runs on a
+ * non-blocking stream, which does not wait for the legacy stream: cudaMemset on device memory
+ * and a cudaMemcpy from pageable memory or between device buffers may return before the device
+ * has done them, and a kernel enqueued next could read (or have its output overwritten by)
+ * bytes still in flight. Engine run 34 (2x H200) saw it: test_moe_sum_exact's largest case
+ * (f32, 233 KB uploaded last) read part of its input before the copy had landed. */
+static inline void ct_sync(void) { CT_CUDA(cudaDeviceSynchronize()); }
+
+/* Host to device, done on the device when it returns (see ct_sync). */
+static inline void ct_h2d(void *dst, const void *src, size_t n) {
+    CT_CUDA(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice));
+    ct_sync();
+}
+
 /* A device tensor with guards: the tensor view points past the front guard. */
 typedef struct ct_dev {
     moe_tensor t;
@@ -54,11 +68,15 @@ static inline void ct_dev_alloc(ct_dev *d, moe_dtype dt, int32_t ndim, const int
     d->nbytes = moe_tensor_nbytes(&d->t);
     CT_CUDA(cudaMalloc(&d->base, d->nbytes + 2 * CT_GUARD));
     CT_CUDA(cudaMemset(d->base, CT_GUARD_BYTE, d->nbytes + 2 * CT_GUARD));
+    ct_sync();
     d->t.data = (char *)d->base + CT_GUARD;
 }
 
 /* Fills the payload with 0xFF bytes: NaN in f32, f16 and bf16, -1 in int32. */
-static inline void ct_dev_poison(ct_dev *d) { CT_CUDA(cudaMemset(d->t.data, 0xFF, d->nbytes)); }
+static inline void ct_dev_poison(ct_dev *d) {
+    CT_CUDA(cudaMemset(d->t.data, 0xFF, d->nbytes));
+    ct_sync();
+}
 
 static inline void ct_dev_check_guards(const ct_dev *d, const char *what) {
     unsigned char *g = malloc(2 * CT_GUARD);
@@ -82,7 +100,7 @@ static inline void ct_dev_free(ct_dev *d) {
 
 static inline void ct_upload(ct_dev *d, const moe_tensor *h) {
     assert_int_equal(moe_tensor_nbytes(h), d->nbytes);
-    CT_CUDA(cudaMemcpy(d->t.data, h->data, d->nbytes, cudaMemcpyHostToDevice));
+    ct_h2d(d->t.data, h->data, d->nbytes);
 }
 
 static inline void ct_download(moe_tensor *h, const ct_dev *d) {

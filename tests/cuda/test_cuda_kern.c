@@ -544,6 +544,7 @@ static void test_row_independence(void **state) {
         /* same weights as the big problem */
         CT_CUDA(cudaMemcpy(sm.dw13.t.data, big.dw13.t.data, sm.dw13.nbytes, cudaMemcpyDeviceToDevice));
         CT_CUDA(cudaMemcpy(sm.dw2.t.data, big.dw2.t.data, sm.dw2.nbytes, cudaMemcpyDeviceToDevice));
+        ct_sync(); /* a device-to-device cudaMemcpy may return before it is done */
         for (int64_t t = 0; t < sizes[c]; t++) {
             int64_t src = t == at[c] ? tok : (t * 577) % 4096;
             memcpy((char *)sm.x.data + t * H * 2, (char *)big.x.data + src * H * 2, (size_t)H * 2);
@@ -619,9 +620,9 @@ static void test_moe_sum_exact(void **state) {
                 ct_dev_alloc(&dro, MOE_DTYPE_I32, 1, (int64_t[]){T * K});
                 ct_dev_alloc(&drows, dts[d], 2, (int64_t[]){nr, H});
                 ct_dev_alloc(&dsp, dts[d], 3, slots.shape);
-                CT_CUDA(cudaMemcpy(dro.t.data, recv_of, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyHostToDevice));
-                CT_CUDA(cudaMemcpy(drows.t.data, rows, rb * (size_t)nr, cudaMemcpyHostToDevice));
-                CT_CUDA(cudaMemcpy(dsp.t.data, poisoned, moe_tensor_nbytes(&slots), cudaMemcpyHostToDevice));
+                ct_h2d(dro.t.data, recv_of, sizeof(int32_t) * (size_t)(T * K));
+                ct_h2d(drows.t.data, rows, rb * (size_t)nr);
+                ct_h2d(dsp.t.data, poisoned, moe_tensor_nbytes(&slots));
                 ct_dev_poison(&dy);
                 CT_OK(kern_cuda_moe_sum_recv(g_gpu, &dsp.t, dro.t.data, drows.t.data, with ? &dsh.t : NULL, &dy.t));
                 CT_OK(kern_ctx_sync(g_gpu));

@@ -220,6 +220,7 @@ static double cuda_inproc_us(cuda_inproc *ci, const eng_model_desc *d, const eng
         cudaMemcpy(bias_d, rp.correction_bias, sizeof(float) * (size_t)E, cudaMemcpyHostToDevice);
         rp.correction_bias = bias_d;
     }
+    cudaDeviceSynchronize(); /* the uploads done before the backend's (non-blocking) stream reads them */
     kern_experts_params ep = {.n_experts = (int32_t)E, .n_local = (int32_t)E, .act = d->act};
     kern_shared_expert se = {.w13 = &ci->sw13, .w2 = &ci->sw2, .gate = ci->sgate.data ? &ci->sgate : NULL, .act = d->act};
     double *t = calloc((size_t)iters * 4, sizeof *t);
@@ -376,7 +377,7 @@ int main(int argc, char **argv) {
     moe_rng g;
     moe_rng_seed(&g, 1);
     /* the breakdown table's rows, printed after the main table */
-    double rtt_mean[16] = {0}, parts[16][N_PATH], dev_step[16] = {0}, h2d[16] = {0};
+    double rtt_mean[16] = {0}, parts[16][N_PATH], dev_step[16] = {0}, h2d[16] = {0}, enq[16] = {0}, gwait[16] = {0};
     inproc_split isp[16];
     memset(parts, 0, sizeof parts);
     memset(isp, 0, sizeof isp);
@@ -439,6 +440,8 @@ int main(int argc, char **argv) {
         if (ngs > 0) {
             dev_step[ti] = (after.gpu.step_us - before.gpu.step_us) / ngs;
             h2d[ti] = (after.gpu.h2d_us - before.gpu.h2d_us) / ngs;
+            enq[ti] = (after.gpu.host_us - before.gpu.host_us) / ngs;
+            gwait[ti] = (after.gpu.wait_us - before.gpu.wait_us) / ngs;
         }
         double p50 = pct(t, iters, 0.5), p99 = pct(t, iters, 0.99);
         /* engine, 4 in flight */
@@ -481,7 +484,8 @@ int main(int argc, char **argv) {
     printf("%6s %9s %9s %7s %7s %9s %9s %9s %9s %9s %9s %7s", "T", "rtt", "client+", "queue", "stage", "to wkr",
            "w.start", "w.comp", "w.answer", "from wkr", "reply", "sum");
     if (ci.on)
-        printf(" %9s %7s | %9s %7s %8s %9s %9s", "dev step", "h2d", "in-proc", "router", "route", "experts", "host wait");
+        printf(" %9s %7s %7s %7s | %9s %7s %8s %9s %9s", "dev step", "h2d", "enqueue", "wait", "in-proc", "router",
+               "route", "experts", "host wait");
     printf("\n");
     for (int ti = 0; ti < n_ts; ti++) {
         double sum = 0;
@@ -492,7 +496,8 @@ int main(int argc, char **argv) {
             printf(k < 2 ? " %7.1f" : " %9.1f", parts[ti][k]);
         printf(" %7.1f", sum);
         if (ci.on)
-            printf(" %9.1f %7.1f | %9.1f %7.1f %8.1f %9.1f %9.1f", dev_step[ti], h2d[ti], isp[ti].wall, isp[ti].router,
+            printf(" %9.1f %7.1f %7.1f %7.1f | %9.1f %7.1f %8.1f %9.1f %9.1f", dev_step[ti], h2d[ti], enq[ti], gwait[ti],
+                   isp[ti].wall, isp[ti].router,
                    isp[ti].route, isp[ti].experts,
                    isp[ti].wall - isp[ti].router - isp[ti].route - isp[ti].experts);
         printf("\n");
@@ -502,7 +507,9 @@ int main(int argc, char **argv) {
            "receipt by the worker that answered last; w.start: to its compute (waiting for the step before, "
            "preparing); w.comp: the step (GPU: inputs up, kernels, outputs down, the wait); w.answer: replies "
            "and RESULT made; from wkr: RESULT sent to received; reply: to the replies' hand-off to ZeroMQ (client+ includes the hand-off).%s\n",
-           ci.on ? " dev step: the GPU step's device time inside w.comp (events); in-proc: the host's time per "
+           ci.on ? " dev step: the GPU step's device time inside w.comp (events); h2d: the inputs' copy (events, "
+                   "before dev step); enqueue: the worker's host time from the step's start to its one wait; wait: "
+                   "in that wait (w.comp - enqueue - wait: checks and timings after it); in-proc: the host's time per "
                    "call, split into router, routing and experts on the device (events) and the host's wait "
                    "beyond them (launch, synchronize)."
                  : "");

@@ -58,6 +58,7 @@ engine_gpu_sums engine_gpu_sums_of(const char *stats_json) {
     s.plan_us = engine_json_num(g, "\"plan_us_sum\"");
     s.staged = engine_json_num(g, "\"staged_steps\"");
     s.gather_us = engine_json_num(g, "\"gather_us_sum\"");
+    s.wait_us = engine_json_num(g, "\"wait_us_sum\"");
     return s;
 }
 

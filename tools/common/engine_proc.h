@@ -25,7 +25,7 @@ double engine_json_num(const char *js, const char *key);
  * divided by the steps give the run's means. Zeros where the engine has no GPU workers. */
 typedef struct engine_gpu_sums {
     double steps, step_tokens, step_us, compute_us, combine_us, combine_bytes, h2d_us, host_us, plan_us, staged,
-        gather_us;
+        gather_us, wait_us;
 } engine_gpu_sums;
 engine_gpu_sums engine_gpu_sums_of(const char *stats_json);
 /* A free TCP port of 127.0.0.1 (bind to 0 and read it back). */
