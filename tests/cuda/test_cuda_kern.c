@@ -167,9 +167,21 @@ static bool bits_equal(const moe_tensor *a, const moe_tensor *b) {
 /* ------------------------------------------------------------------------------------------
  * Routing.
  * ---------------------------------------------------------------------------------------- */
-static void check_route(moe_rng *r, moe_dtype dt, int64_t T, kern_route_params rp, bool with_bias) {
+/* ties: logits on a coarse grid (multiples of 0.5 in [-2, 2]), so that many experts of a token
+ * score the same and the choice among equals (the lower id first) decides the ids. */
+static void check_route_ex(moe_rng *r, moe_dtype dt, int64_t T, kern_route_params rp, bool with_bias, bool ties) {
     moe_tensor logits, ids_c, w_c, ids_g, w_g, bias = {0};
     ct_host_randn(&logits, dt, 2, (int64_t[]){T, rp.n_experts}, r, 2.0f);
+    if (ties) {
+        const size_t n = (size_t)(T * rp.n_experts);
+        float *f = malloc(sizeof(float) * n);
+        assert_non_null(f);
+        moe_to_f32(dt, logits.data, f, n);
+        for (size_t i = 0; i < n; i++)
+            f[i] = fminf(2.0f, fmaxf(-2.0f, roundf(f[i] * 2.0f) * 0.5f));
+        moe_from_f32(dt, f, logits.data, n);
+        free(f);
+    }
     ct_dev dl, di, dw, db = {0};
     ct_dev_alloc(&dl, dt, 2, logits.shape);
     ct_upload(&dl, &logits);
@@ -221,6 +233,10 @@ static void check_route(moe_rng *r, moe_dtype dt, int64_t T, kern_route_params r
     ct_dev_free(&db);
 }
 
+static void check_route(moe_rng *r, moe_dtype dt, int64_t T, kern_route_params rp, bool with_bias) {
+    check_route_ex(r, dt, T, rp, with_bias, false);
+}
+
 static void test_route(void **state) {
     (void)state;
     moe_rng r;
@@ -252,6 +268,17 @@ static void test_route(void **state) {
         p = kern_route_params_default(40, 5); /* odd sizes, sigmoid, bias, E not a multiple of 32 */
         p.scoring = KERN_SCORE_SIGMOID;
         check_route(&r, dts[d], 3, p, true);
+        p = kern_route_params_default(128, 8); /* ties everywhere: equal scores go to the lower id */
+        p.renormalize = true;
+        check_route_ex(&r, dts[d], 33, p, false, true);
+        p = kern_route_params_default(1000, 8); /* E near the limit, 32 experts a lane */
+        check_route_ex(&r, dts[d], 5, p, false, true);
+        p = kern_route_params_default(256, 8); /* ties inside kept groups */
+        p.scoring = KERN_SCORE_SIGMOID;
+        p.group_mode = KERN_GROUP_TOP2_SUM;
+        p.n_group = 8;
+        p.topk_group = 4;
+        check_route_ex(&r, dts[d], 17, p, true, true);
     }
 }
 
