@@ -421,18 +421,25 @@ fail:
 }
 
 /* Polls an event until done or the deadline: spins first (a step of small T ends in tens of
- * microseconds), then sleeps briefly between looks; idle (if any) runs between looks. */
+ * microseconds), then sleeps briefly between looks; idle (if any) runs between looks, at most
+ * every ENG_GPU_IDLE_NS (the worker's hook looks for the next message: a system call, which
+ * would otherwise stand between the device's end and the look that sees it). */
+#define ENG_GPU_IDLE_NS 10000ull
 static moe_status poll_event(cudaEvent_t ev, uint64_t deadline, const char *what, void (*idle)(void *), void *arg) {
+    uint64_t next_idle = 0;
     for (int i = 0;; i++) {
         cudaError_t e = cudaEventQuery(ev);
         if (e == cudaSuccess)
             return MOE_OK;
         if (e != cudaErrorNotReady)
             return moe_fail(MOE_ERR_CUDA, "%s: %s", what, cudaGetErrorString(e));
-        if (moe_now_ns() > deadline)
+        const uint64_t now = moe_now_ns();
+        if (now > deadline)
             return moe_fail(MOE_ERR_TIMEOUT, "%s: the device did not finish the step in time", what);
-        if (idle)
+        if (idle && now >= next_idle) {
             idle(arg);
+            next_idle = now + ENG_GPU_IDLE_NS;
+        }
         if (i < 20000) {
             sched_yield();
         } else {
