@@ -247,6 +247,26 @@ extern "C" int kc_launch_route(const kern_route_params *p, const void *logits, i
 #define KC_RL_TOK 8
 #define KC_RL_SMEM (96 * 1024) /* the token rows' budget: two CTAs per SM */
 
+/* xs[i] = x[i] as fp32 for i < n, by the CTA: 16-byte loads where x is 16-byte aligned and n
+ * fills them (eight loads in flight a thread), else one element at a time. */
+template <typename T> static __device__ __forceinline__ void kc_stage_rows(const T *x, int64_t n, float *xs) {
+    constexpr int V = 16 / sizeof(T);
+    if (((uintptr_t)x & 15) == 0 && n % V == 0) {
+        const uint4 *x4 = (const uint4 *)x;
+#pragma unroll 8
+        for (int64_t c = threadIdx.x; c < n / V; c += blockDim.x) {
+            const uint4 u = x4[c];
+            const T *v = (const T *)&u;
+#pragma unroll
+            for (int k = 0; k < V; k++)
+                xs[c * V + k] = kc_ld<T>(v, k);
+        }
+    } else {
+        for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+            xs[i] = kc_ld<T>(x, i);
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(KC_RL_THREADS)
     kc_router_logits_kernel(const T *x, const float *router, float *logits, int64_t T_, int64_t E, int64_t H,
@@ -254,8 +274,7 @@ __global__ void __launch_bounds__(KC_RL_THREADS)
     extern __shared__ float xs[]; /* [tok][H] */
     const int64_t t0 = (int64_t)blockIdx.x * tok;
     const int nt = (int)(T_ - t0 < tok ? T_ - t0 : tok);
-    for (int64_t i = threadIdx.x; i < (int64_t)nt * H; i += blockDim.x)
-        xs[i] = kc_ld<T>(x + t0 * H, i);
+    kc_stage_rows<T>(x + t0 * H, (int64_t)nt * H, xs);
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpc = (int)(blockDim.x >> 5);
     const int64_t wstep = (int64_t)gridDim.y * wpc;
@@ -318,13 +337,10 @@ extern "C" int kc_launch_router_logits(int32_t dtype, const void *x, const float
     if (cudaGetDevice(&dev) == cudaSuccess)
         cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
     const int64_t gx = (T + tok - 1) / tok;
-    /* Warps per CTA: eight, or fewer where the token blocks and the experts leave SMs idle (one
-     * token block of Qwen3: 128 experts, 16 CTAs of eight warps, or 64 of two), so that a few
-     * tokens read the router over more SMs. The sums do not depend on it. */
-    int64_t wpc = KC_RL_THREADS / 32;
-    while (wpc > 2 && gx * ((E + wpc - 1) / wpc) < (int64_t)n_sm)
-        wpc /= 2;
-    const int64_t max_gy = (E + wpc - 1) / wpc;
+    /* Eight warps per CTA. Fewer, to spread one token block over more SMs, was measured and
+     * made it slower (engine run 38: T = 1 9 -> 21 us, T = 16 16 -> 100 us): a CTA's threads
+     * also stage its token rows. */
+    const int64_t wpc = KC_RL_THREADS / 32, max_gy = (E + wpc - 1) / wpc;
     int64_t gy = (2 * (int64_t)n_sm + gx - 1) / gx;
     gy = gy < 1 ? 1 : (gy > max_gy ? max_gy : gy);
     if (gx > 0x7fffffff || gy > 65535)
@@ -337,8 +353,8 @@ extern "C" int kc_launch_router_logits(int32_t dtype, const void *x, const float
             e = cudaFuncSetAttribute(kc_router_logits_kernel<TY>, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
                                      (int)smem);                                                                  \
         if (e == cudaSuccess)                                                                                     \
-            kc_router_logits_kernel<TY><<<grid, (unsigned)(32 * wpc), smem, st>>>((const TY *)x, router, logits, T, \
-                                                                                  E, H, tok);                    \
+            kc_router_logits_kernel<TY><<<grid, KC_RL_THREADS, smem, st>>>((const TY *)x, router, logits, T, E, \
+                                                                          H, tok);                               \
         break;
     switch (dtype) {
         KC_RL_CASE(MOE_DTYPE_F32, float)
