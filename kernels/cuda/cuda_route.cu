@@ -238,34 +238,14 @@ extern "C" int kc_launch_route(const kern_route_params *p, const void *logits, i
 /* ---- router logits ------------------------------------------------------------------------
  * logits[t, e] = sum_h x[t, h] * router[e, h] in fp32. A CTA holds up to KC_RL_TOK token rows in
  * shared memory as fp32 and its warps take experts in turn: a warp reads one router row once for
- * all of the CTA's tokens; lane l sums its 16-byte groups of h (4 l .. 4 l + 3, then 128 more on,
- * ...) in order (h = l, l + 32, ... where H % 4 != 0), then a fixed xor-tree over the lanes. The order depends on nothing but H: a row's logits never depend on the other rows, on
+ * all of the CTA's tokens; lane l sums h = l, l + 32, ... in order, then a fixed xor-tree over the
+ * lanes. The order depends on nothing but H: a row's logits never depend on the other rows, on
  * the grid or on how many tokens share a CTA. The grid spreads the experts over CTAs (blockIdx.y)
  * until there are about two CTAs per SM, so a few tokens read the router (E H fp32: 1 MiB for
  * Qwen3) over many SMs instead of one (one CTA per token took 88 us at T = 1 on an H200). */
 #define KC_RL_THREADS 256
 #define KC_RL_TOK 8
 #define KC_RL_SMEM (96 * 1024) /* the token rows' budget: two CTAs per SM */
-
-/* xs[i] = x[i] as fp32 for i < n, by the CTA: 16-byte loads where x is 16-byte aligned and n
- * fills them (eight loads in flight a thread), else one element at a time. */
-template <typename T> static __device__ __forceinline__ void kc_stage_rows(const T *x, int64_t n, float *xs) {
-    constexpr int V = 16 / sizeof(T);
-    if (((uintptr_t)x & 15) == 0 && n % V == 0) {
-        const uint4 *x4 = (const uint4 *)x;
-#pragma unroll 8
-        for (int64_t c = threadIdx.x; c < n / V; c += blockDim.x) {
-            const uint4 u = x4[c];
-            const T *v = (const T *)&u;
-#pragma unroll
-            for (int k = 0; k < V; k++)
-                xs[c * V + k] = kc_ld<T>(v, k);
-        }
-    } else {
-        for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-            xs[i] = kc_ld<T>(x, i);
-    }
-}
 
 template <typename T>
 __global__ void __launch_bounds__(KC_RL_THREADS)
@@ -274,43 +254,23 @@ __global__ void __launch_bounds__(KC_RL_THREADS)
     extern __shared__ float xs[]; /* [tok][H] */
     const int64_t t0 = (int64_t)blockIdx.x * tok;
     const int nt = (int)(T_ - t0 < tok ? T_ - t0 : tok);
-    kc_stage_rows<T>(x + t0 * H, (int64_t)nt * H, xs);
+    for (int64_t i = threadIdx.x; i < (int64_t)nt * H; i += KC_RL_THREADS)
+        xs[i] = kc_ld<T>(x + t0 * H, i);
     __syncthreads();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpc = (int)(blockDim.x >> 5);
-    const int64_t wstep = (int64_t)gridDim.y * wpc;
-    for (int64_t e = (int64_t)blockIdx.y * wpc + warp; e < E; e += wstep) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t wstep = (int64_t)gridDim.y * (KC_RL_THREADS / 32);
+    for (int64_t e = (int64_t)blockIdx.y * (KC_RL_THREADS / 32) + warp; e < E; e += wstep) {
         const float *r = router + e * H;
         float acc[KC_RL_TOK];
 #pragma unroll
         for (int j = 0; j < KC_RL_TOK; j++)
             acc[j] = 0.0f;
-        if ((H & 3) == 0) {
-            /* lane l: the 16-byte groups g = l, l + 32, ... (h = 4 g .. 4 g + 3 in order), eight
-             * loads in flight per lane (one scalar load at a time left a T = 1 call at 9-12 us,
-             * latency-bound: engine run 34, ncu) */
-            const int64_t H4 = H >> 2;
-            const bool r16 = ((uintptr_t)router & 15) == 0; /* else the same sums, 4-byte loads */
-#pragma unroll 8
-            for (int64_t g = lane; g < H4; g += 32) {
-                const float4 rv = r16 ? ((const float4 *)r)[g] : make_float4(r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+        for (int64_t h = lane; h < H; h += 32) {
+            const float rv = r[h];
 #pragma unroll
-                for (int j = 0; j < KC_RL_TOK; j++)
-                    if (j < nt) {
-                        const float4 xv = ((const float4 *)(xs + (int64_t)j * H))[g];
-                        acc[j] += xv.x * rv.x;
-                        acc[j] += xv.y * rv.y;
-                        acc[j] += xv.z * rv.z;
-                        acc[j] += xv.w * rv.w;
-                    }
-            }
-        } else {
-            for (int64_t h = lane; h < H; h += 32) {
-                const float rv = r[h];
-#pragma unroll
-                for (int j = 0; j < KC_RL_TOK; j++)
-                    if (j < nt)
-                        acc[j] += xs[(int64_t)j * H + h] * rv;
-            }
+            for (int j = 0; j < KC_RL_TOK; j++)
+                if (j < nt)
+                    acc[j] += xs[(int64_t)j * H + h] * rv;
         }
 #pragma unroll
         for (int j = 0; j < KC_RL_TOK; j++) {
@@ -336,11 +296,7 @@ extern "C" int kc_launch_router_logits(int32_t dtype, const void *x, const float
     int dev = 0, n_sm = 132;
     if (cudaGetDevice(&dev) == cudaSuccess)
         cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
-    const int64_t gx = (T + tok - 1) / tok;
-    /* Eight warps per CTA. Fewer, to spread one token block over more SMs, was measured and
-     * made it slower (engine run 38: T = 1 9 -> 21 us, T = 16 16 -> 100 us): a CTA's threads
-     * also stage its token rows. */
-    const int64_t wpc = KC_RL_THREADS / 32, max_gy = (E + wpc - 1) / wpc;
+    const int64_t gx = (T + tok - 1) / tok, wpc = KC_RL_THREADS / 32, max_gy = (E + wpc - 1) / wpc;
     int64_t gy = (2 * (int64_t)n_sm + gx - 1) / gx;
     gy = gy < 1 ? 1 : (gy > max_gy ? max_gy : gy);
     if (gx > 0x7fffffff || gy > 65535)
