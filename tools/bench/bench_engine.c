@@ -24,7 +24,8 @@
  *             cheapest case), and "tcp 2 ctx" with a context each (two I/O threads on the
  *             way, as between a client process and the engine);
  *   engine    the engine's round trip, one request at a time (p50 and p99), and its throughput
- *             with 4 requests in flight;
+ *             with 4 requests in flight; the echoes and the engine's one-at-a-time requests are
+ *             measured in five rounds that take turns, so that both see the same moments;
  *   overhead  engine p50 - in-proc - echo: what the coordinator, the scheduling, the worker
  *             hops and the gather add on top of compute and one transport round trip.
  * and then where the engine's round trip went, one request at a time (means per request, from
@@ -133,9 +134,11 @@ static void *echo_main(void *arg) {
     return NULL;
 }
 
-/* own_ctx: the client in a ZeroMQ context of its own (two I/O threads on the way, as between
- * two processes); else client and server share one context and its I/O thread. */
-static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc, bool spin, bool own_ctx) {
+/* n round trips (us) into out, after 5 unrecorded ones. own_ctx: the client in a ZeroMQ context
+ * of its own (two I/O threads on the way, as between two processes); else client and server
+ * share one context and its I/O thread. */
+static void echo_samples(size_t req_bytes, size_t reply_bytes, int iters, bool ipc, bool spin, bool own_ctx,
+                         double *t) {
     echo_srv s = {.reply_bytes = reply_bytes, .spin = spin};
     s.ctx = zmq_ctx_new();
     void *cctx = own_ctx ? zmq_ctx_new() : s.ctx;
@@ -149,7 +152,6 @@ static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc,
     zmq_setsockopt(d, ZMQ_LINGER, &linger, sizeof linger);
     zmq_connect(d, s.ep);
     void *req = calloc(1, req_bytes + 1);
-    double *t = calloc((size_t)iters, sizeof *t);
     for (int i = -5; i < iters; i++) {
         double t0 = moe_now_s();
         zmq_send(d, req, req_bytes, 0);
@@ -161,7 +163,6 @@ static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc,
         if (i >= 0)
             t[i] = (moe_now_s() - t0) * 1e6;
     }
-    double med = pct(t, iters, 0.5);
     s.stop = 1;
     pthread_join(s.th, NULL);
     zmq_close(d);
@@ -169,8 +170,6 @@ static double echo_us(size_t req_bytes, size_t reply_bytes, int iters, bool ipc,
         zmq_ctx_term(cctx);
     zmq_ctx_term(s.ctx);
     free(req);
-    free(t);
-    return med;
 }
 
 /* In-process CUDA: the whole model on one GPU, kernels on device-resident data. */
@@ -408,26 +407,41 @@ int main(int argc, char **argv) {
         double inproc = pct(t, iters, 0.5);
         if (ci.on)
             inproc = cuda_inproc_us(&ci, d, l, &x, iters, &isp[ti]);
-        /* transport */
+        /* The transport and the engine one request at a time, in rounds that take turns (each
+         * echo, then the engine, five times over): the machine's state drifts over a run (the
+         * echo's own p50 moved 31-47 us between runs, engine runs 35-39), and the overhead
+         * compares the engine with an echo of the same moments. */
         size_t req_bytes = 64 + 64 + (size_t)(T * H) * es + 64, rep_bytes = req_bytes;
-        double echo = echo_us(req_bytes, rep_bytes, iters, false, busy_us > 0, false);
-        double echo_ipc = echo_us(req_bytes, rep_bytes, iters, true, busy_us > 0, false);
-        double echo_2c = echo_us(req_bytes, rep_bytes, iters, false, busy_us > 0, true);
-        /* engine, one at a time */
+        double *te = calloc((size_t)iters * 3, sizeof *te), *te_ipc = te + iters, *te_2c = te + 2 * iters;
         moec_request r = {.layer = l->layer, .dtype = d->dtype, .n_tokens = T, .hidden = H, .x = x.data};
         path_sums before;
         memset(&before, 0, sizeof before);
-        for (int i = -3; i < iters; i++) {
-            if (i == 0)
-                before = read_path(c);
-            double t0 = moe_now_s();
+        for (int i = 0; i < 3; i++) /* warm-up */
             if (moec_submit(c, &r, y.data, moe_tensor_nbytes(&y), 0) != MOEC_OK) {
                 fprintf(stderr, "submit: %s\n", moec_errmsg(c));
+                free(te);
                 goto out;
             }
-            if (i >= 0)
+        before = read_path(c);
+        const int rounds = iters >= 25 ? 5 : 1;
+        for (int rd = 0, i0 = 0; rd < rounds; rd++) {
+            const int i1 = iters * (rd + 1) / rounds;
+            echo_samples(req_bytes, rep_bytes, i1 - i0, false, busy_us > 0, false, te + i0);
+            echo_samples(req_bytes, rep_bytes, i1 - i0, true, busy_us > 0, false, te_ipc + i0);
+            echo_samples(req_bytes, rep_bytes, i1 - i0, false, busy_us > 0, true, te_2c + i0);
+            for (int i = i0; i < i1; i++) {
+                double t0 = moe_now_s();
+                if (moec_submit(c, &r, y.data, moe_tensor_nbytes(&y), 0) != MOEC_OK) {
+                    fprintf(stderr, "submit: %s\n", moec_errmsg(c));
+                    free(te);
+                    goto out;
+                }
                 t[i] = (moe_now_s() - t0) * 1e6;
+            }
+            i0 = i1;
         }
+        const double echo = pct(te, iters, 0.5), echo_ipc = pct(te_ipc, iters, 0.5), echo_2c = pct(te_2c, iters, 0.5);
+        free(te);
         double wall1 = 0;
         for (int i = 0; i < iters; i++)
             wall1 += t[i];
