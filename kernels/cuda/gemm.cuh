@@ -229,6 +229,22 @@ template <typename T> static __device__ __forceinline__ kc_col kc_col_of(const k
     return c;
 }
 
+/* The weight row that A row r of a tile loads (row0: the tile's first output row; M: the rows
+ * of the product), and in ok whether it is one (< M): gate-up, warpgroup g's rows
+ * 128 g + 64 blk + i are gate (blk 0) or up (blk 1) row of output row0 + 64 g + i, the up rows
+ * M further in the weights; down, output row row0 + r. */
+template <int MODE> static __device__ __forceinline__ int kc_wrow_of(int r, int row0, int M, bool &ok) {
+    if (MODE == KC_MODE_GATE_UP) {
+        const int wg = r >> 7, blk = (r >> 6) & 1, ii = r & 63;
+        const int j = row0 + wg * 64 + ii;
+        ok = j < M;
+        return blk * M + j;
+    }
+    const int h = row0 + r;
+    ok = h < M;
+    return h;
+}
+
 /* Local slot of pair p's expert, or -1 (held elsewhere, or a bad id / map entry). */
 static __device__ __forceinline__ int kc_local_of(const kc_gemm_args &a, int p) {
     return kc_local_slot(a.ids, a.map, a.n_experts, a.n_local, p);
@@ -373,6 +389,70 @@ static __device__ __forceinline__ void kc_fold_sum8(const kc_gemm_args &a, int t
     *(uint4 *)((T *)a.fold_y + (size_t)t * a.M + r) = o;
 }
 
+/* ---- the staged epilogue (kc_gemm_tile, kc_ws_epilogue) ---------------------------------
+ * Through shared memory, so that the output stores are 16-byte and coalesced: the tile goes to
+ * sC[n][r] in the free stages (kc_epi_stage), then each output row segment is written whole
+ * (kc_epi_store); the caller puts a barrier of the tile's 128 NWG threads before each.
+ * Rows of the tile (of an output row segment): gate-up 64 per warpgroup (act(gate) x up),
+ * down 64 ACCB per warpgroup. */
+__host__ __device__ constexpr int kc_epi_rows(int mode, int nwg, int accb) {
+    return mode == KC_MODE_GATE_UP ? 64 * nwg : 64 * accb * nwg;
+}
+
+/* Warpgroup wg's accumulators to sC[n][r], rows padded to kc_epi_rows + 8 elements (16 B):
+ * gate-up act(gate) x up, down scaled by s_scale[n]. Register 4 i + 2 hf + cb of a 64-row block
+ * holds row 16 warp + lane/4 + 8 hf, column 8 i + 2 (lane % 4) + cb (the same layout for wgmma
+ * and mma.sync). */
+template <typename T, int NWG, int BN, int ACCB, int MODE>
+static __device__ __forceinline__ void kc_epi_stage(const kc_gemm_args &a, const float (&acc)[ACCB][BN / 2],
+                                                    const float *s_scale, T *sC, int wg, int warp, int lane) {
+    typedef kc_tile<NWG, BN, ACCB> TL;
+    constexpr int PITCH = kc_epi_rows(MODE, NWG, ACCB) + 8; /* elements; 16 B pad */
+    static_assert(BN * PITCH * sizeof(T) <= (size_t)TL::stages * TL::stage_bytes, "epilogue tile exceeds the stages");
+#pragma unroll
+    for (int i = 0; i < BN / 8; i++) {
+#pragma unroll
+        for (int cb = 0; cb < 2; cb++) {
+            const int n = 8 * i + 2 * (lane & 3) + cb;
+            const float sc = s_scale[n];
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int rr = warp * 16 + (lane >> 2) + 8 * hf;
+                const int reg = 4 * i + 2 * hf + cb;
+                if (MODE == KC_MODE_GATE_UP) {
+                    const float gt = acc[0][reg], up = acc[ACCB - 1][reg];
+                    sC[n * PITCH + wg * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, gt) * up);
+                } else {
+#pragma unroll
+                    for (int blk = 0; blk < ACCB; blk++) /* sc == 1.0f when unscaled: exact */
+                        sC[n * PITCH + wg * 64 * ACCB + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
+                }
+            }
+        }
+    }
+}
+
+/* sC to the output: column n's rows of row block rb to output row s_orow[n] (none for a padding
+ * column, nor past M), one 16-byte chunk per thread t (0 .. 128 NWG - 1) at a time. out and M
+ * are (T *)a.out and a.M as the caller holds them (kc_gemm_tile reads them once, before its
+ * chunk loop: read here, they would be read again per chunk). */
+template <typename T, int NWG, int BN, int ACCB, int MODE>
+static __device__ __forceinline__ void kc_epi_store(const kc_gemm_args &a, T *out, int M, const T *sC,
+                                                    const int32_t *s_orow, int rb, int t) {
+    constexpr int ROWS = kc_epi_rows(MODE, NWG, ACCB);
+    constexpr int PITCH = ROWS + 8;
+    constexpr int CPR = ROWS / 8; /* 16-byte chunks per output row segment */
+    const int row0 = rb * ROWS;
+    for (int idx = t; idx < BN * CPR; idx += 128 * NWG) {
+        const int n = idx / CPR, c = idx % CPR;
+        const int orow = s_orow[n];
+        const int r = row0 + c * 8;
+        if (orow < 0 || r >= M)
+            continue;
+        *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + c * 8);
+    }
+}
+
 template <typename T, int NWG, int BN, int PATH, int MODE, bool DEEP = false>
 __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb, const int rb, const kc_fuse_sync fs) {
     constexpr int ACCB = kc_accb(MODE, BN);
@@ -454,18 +534,8 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
 #pragma unroll
     for (int i = 0; i < A_PER; i++) {
         const int r = (tid >> 3) + i * (TL::threads / 8);
-        int grow;
         bool ok;
-        if (MODE == KC_MODE_GATE_UP) {
-            const int wg = r >> 7, blk = (r >> 6) & 1, ii = r & 63;
-            const int j = rb * rows_per_cta + wg * 64 + ii;
-            ok = j < M;
-            grow = blk * M + j;
-        } else {
-            const int h = rb * rows_per_cta + r;
-            ok = h < M;
-            grow = h;
-        }
+        const int grow = kc_wrow_of<MODE>(r, rb * rows_per_cta, M, ok);
         arow[i] = ok ? wbase + (size_t)grow * K * sizeof(T) : nullptr;
     }
 
@@ -710,50 +780,12 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
 #endif
         kc_cp_wait<0>();
 
-        /* Epilogue, through shared memory so that the stores are 16-byte and coalesced: the
-         * tile goes to sC[n][r] (the stages are free now), then each output row segment is
-         * written whole. Register 4 i + 2 hf + cb of a 64-row block holds row
-         * 16 warp + lane/4 + 8 hf, column 8 i + 2 (lane % 4) + cb (the same layout for wgmma
-         * and mma.sync). */
+        /* Epilogue, through shared memory (kc_epi_stage, kc_epi_store); the stages are free now. */
         __syncthreads(); /* every warp is done reading the stages */
-        constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 64 * ACCB * NWG; /* output rows per tile */
-        constexpr int PITCH = ROWS + 8;                                       /* elements; 16 B pad */
-        static_assert(BN * PITCH * sizeof(T) <= (size_t)S * TL::stage_bytes, "epilogue tile exceeds the stages");
         T *sC = (T *)(smem_raw + (sbase - sbase_raw));
-#pragma unroll
-        for (int i = 0; i < BN / 8; i++) {
-#pragma unroll
-            for (int cb = 0; cb < 2; cb++) {
-                const int n = 8 * i + 2 * (lane & 3) + cb;
-                const float sc = s_scale[n];
-#pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    const int rr = warp * 16 + (lane >> 2) + 8 * hf;
-                    const int reg = 4 * i + 2 * hf + cb;
-                    if (MODE == KC_MODE_GATE_UP) {
-                        const float gt = acc[0][reg], up = acc[ACCB - 1][reg];
-                        sC[n * PITCH + wg * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, gt) * up);
-                    } else {
-#pragma unroll
-                        for (int blk = 0; blk < ACCB; blk++) /* sc == 1.0f when unscaled: exact */
-                            sC[n * PITCH + wg * 64 * ACCB + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
-                    }
-                }
-            }
-        }
+        kc_epi_stage<T, NWG, BN, ACCB, MODE>(a, acc, s_scale, sC, wg, warp, lane);
         __syncthreads();
-        {
-            const int row0 = rb * rows_per_cta;
-            constexpr int CPR = ROWS / 8; /* 16-byte chunks per output row segment */
-            for (int idx = tid; idx < BN * CPR; idx += TL::threads) {
-                const int n = idx / CPR, c = idx % CPR;
-                const int orow = s_orow[n];
-                const int r = row0 + c * 8;
-                if (orow < 0 || r >= M)
-                    continue;
-                *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + c * 8);
-            }
-        }
+        kc_epi_store<T, NWG, BN, ACCB, MODE>(a, out, M, sC, s_orow, rb, tid);
         if (fold) {
             /* The sum over top-k, folded in: count this tile's contributions per (token, row
              * block); the CTA whose arrival completes a token's held pairs sums that token's
@@ -775,7 +807,7 @@ __device__ __forceinline__ void kc_gemm_tile(const kc_gemm_args &a, const int nb
             }
             __syncthreads();
             const int row0 = rb * rows_per_cta;
-            constexpr int CPR = ROWS / 8;
+            constexpr int CPR = kc_epi_rows(MODE, NWG, ACCB) / 8;
             for (int idx = tid; idx < BN * CPR; idx += TL::threads) {
                 const int n = idx / CPR, c = idx % CPR;
                 const int r = row0 + c * 8;
@@ -1010,59 +1042,21 @@ static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32
     kc_wg_wait<0>();
 }
 
-/* The consumers' epilogue of the warp-specialized kernels (3, 128) and (5, 128), through
- * shared memory as in kc_gemm_kernel: the stages are free once both consumer warpgroups are
- * past their last wgmma (named barrier 1, their 256 threads); the tile goes to sC[n][r], then
- * each output row segment is written whole with 16-byte stores. cw: the consumer warpgroup
- * (0, 1), ct: the thread among the consumers (0 .. 255), rb: the row block. */
+/* The consumers' epilogue of the warp-specialized kernels (3, 128) and (5, 128), the one of
+ * kc_gemm_tile (kc_epi_stage, kc_epi_store) with the consumer warpgroups' named barrier 1 (their
+ * 256 threads) for the CTA's barrier: the stages are free once both are past their last wgmma.
+ * cw: the consumer warpgroup (0, 1), ct: the thread among the consumers (0 .. 255), rb: the row
+ * block. */
 template <typename T, int MODE>
 static __device__ __forceinline__ void kc_ws_epilogue(const kc_gemm_args &a, const float (&acc)[2][64], int cw,
                                                       int ct, int rb, const int32_t *s_orow, const float *s_scale,
                                                       char *smem_raw, uint32_t sbase, uint32_t sbase_raw) {
-    constexpr int NWG = 2, BN = 128;
-    typedef kc_tile<NWG, BN> TL;
-    constexpr int S = TL::stages;
-    constexpr int rows_per_cta = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
     const int M = a.M;
-    const int warp = (ct >> 5) & 3;
-    const int lane = ct & 31;
     asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    constexpr int ROWS = MODE == KC_MODE_GATE_UP ? 64 * NWG : 128 * NWG;
-    constexpr int PITCH = ROWS + 8;
-    static_assert(BN * PITCH * sizeof(T) <= (size_t)S * TL::stage_bytes, "epilogue tile exceeds the stages");
     T *sC = (T *)(smem_raw + (sbase - sbase_raw));
-#pragma unroll
-    for (int i = 0; i < BN / 8; i++) {
-#pragma unroll
-        for (int cb = 0; cb < 2; cb++) {
-            const int n = 8 * i + 2 * (lane & 3) + cb;
-            const float sc = s_scale[n];
-#pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-                const int rr = warp * 16 + (lane >> 2) + 8 * hf;
-                const int reg = 4 * i + 2 * hf + cb;
-                if (MODE == KC_MODE_GATE_UP) {
-                    sC[n * PITCH + cw * 64 + rr] = kc_elem<T>::from_f(kc_act(a.act, acc[0][reg]) * acc[1][reg]);
-                } else {
-#pragma unroll
-                    for (int blk = 0; blk < 2; blk++)
-                        sC[n * PITCH + cw * 128 + blk * 64 + rr] = kc_elem<T>::from_f(acc[blk][reg] * sc);
-                }
-            }
-        }
-    }
+    kc_epi_stage<T, 2, 128, 2, MODE>(a, acc, s_scale, sC, cw, (ct >> 5) & 3, ct & 31);
     asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    T *out = (T *)a.out;
-    const int row0 = rb * rows_per_cta;
-    constexpr int CPR = ROWS / 8;
-    for (int idx = ct; idx < BN * CPR; idx += 256) {
-        const int n = idx / CPR, cc = idx % CPR;
-        const int orow = s_orow[n];
-        const int r = row0 + cc * 8;
-        if (orow < 0 || r >= M)
-            continue;
-        *(uint4 *)(out + (size_t)orow * a.out_ld + r) = *(const uint4 *)(sC + n * PITCH + cc * 8);
-    }
+    kc_epi_store<T, 2, 128, 2, MODE>(a, (T *)a.out, M, sC, s_orow, rb, ct);
 }
 #endif
 
@@ -1137,18 +1131,8 @@ __global__ void __launch_bounds__(384, 1) kc_gemm_ws_kernel(const kc_gemm_args a
 #pragma unroll 4
             for (int i = 0; i < TL::a_rows / 16; i++) {
                 const int r = (pt >> 3) + i * 16;
-                int grow;
                 bool ok;
-                if (MODE == KC_MODE_GATE_UP) {
-                    const int w_ = r >> 7, blk = (r >> 6) & 1, ii = r & 63;
-                    const int j = rb * rows_per_cta + w_ * 64 + ii;
-                    ok = j < M;
-                    grow = blk * M + j;
-                } else {
-                    const int h = rb * rows_per_cta + r;
-                    ok = h < M;
-                    grow = h;
-                }
+                const int grow = kc_wrow_of<MODE>(r, rb * rows_per_cta, M, ok);
                 ok = ok && kok;
                 const void *src = ok ? (const void *)(wbase + ((size_t)grow * K + kel) * sizeof(T)) : a.w;
                 kc_cp_async16_w(sa + kc_swz(r, c), src, ok);
