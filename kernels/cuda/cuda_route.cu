@@ -34,19 +34,32 @@ static __device__ __forceinline__ bool kc_better(float va, int ia, float vb, int
     return ia < ib;
 }
 
-/* This lane's best expert (value *bv, id *bi; -1 if none) among e = lane + 32 j not taken (bit
- * j of `taken`) and in a kept group (bit e / per of `kept` when per < E). */
-static __device__ __forceinline__ void kc_lane_best(const float *choice, int E, int lane, int per, uint64_t kept,
-                                                    uint32_t taken, float &bv, int &bi) {
-    bv = 0.0f;
+/* A score's rank as an unsigned key, the order of kc_better: larger is better, every number
+ * (>= 2) above NaN (1), 0 for no candidate; -0.0 ranks as +0.0, so that equal values tie (and
+ * the lower id wins). */
+static __device__ __forceinline__ uint32_t kc_rank_key(float v) {
+    if (isnan(v))
+        return 1u;
+    uint32_t u = __float_as_uint(v);
+    if (u == 0x80000000u)
+        u = 0u;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* This lane's best expert (key *bk, id *bi; 0 and -1 if none) among e = lane + 32 j not taken
+ * (bit j of `taken`) and in a kept group (bit e / per of `kept` when per < E): the first of the
+ * largest keys, so the lower id among equals. */
+static __device__ __forceinline__ void kc_lane_best(const uint32_t *key, int E, int lane, int per, uint64_t kept,
+                                                    uint32_t taken, uint32_t &bk, int &bi) {
+    bk = 0u;
     bi = -1;
     for (int j = 0, e = lane; e < E; j++, e += 32) {
         if ((taken >> j) & 1u)
             continue;
         if (per < E && !((kept >> (e / per)) & 1ull))
             continue;
-        if (kc_better(choice[e], e, bv, bi)) {
-            bv = choice[e];
+        if (key[e] > bk) {
+            bk = key[e];
             bi = e;
         }
     }
@@ -167,26 +180,31 @@ __global__ void kc_route_kernel(const T *logits, int64_t T_, kc_route_dev p, int
         }
     }
 
-    /* Top-k among the kept experts. Each lane holds its best candidate among its own experts
-     * (lane, lane + 32, ...: not taken, in a kept group); a round takes the warp's best of those
-     * and only the lane that owned it looks again. The same choice as a scan of every expert per
-     * round (kc_better is a total order), at K reductions instead of K scans of E with a check
-     * against every id taken before (12 us for one Qwen3 token, ncu, engine run 34). */
+    /* Top-k among the kept experts. The scores become rank keys (kc_rank_key: the order of
+     * kc_better as unsigned integers) in place; each lane holds its best candidate among its own
+     * experts (lane, lane + 32, ...: not taken, in a kept group); a round takes the warp's
+     * largest key and, among the lanes that hold it, the lowest id (two warp reductions), and
+     * only the lane that owned it looks again. The same choice as a scan of every expert per
+     * round: engine run 34 measured that scan at 12 us for one Qwen3 token (ncu), the same with
+     * shuffle reductions through kc_better at 8.8 us, one warp issuing every 7 cycles (run 40). */
+    __syncwarp(); /* the groups' reads of choice[] are done */
+    uint32_t *key = (uint32_t *)choice;
+    for (int e = lane; e < E; e += 32)
+        key[e] = kc_rank_key(choice[e]);
     int my_sel = -1;
     const int K = p.K;
     uint32_t taken = 0; /* bit j: expert lane + 32 j (E <= 1024) */
-    float cv;
+    uint32_t ck;
     int ci;
-    kc_lane_best(choice, E, lane, per, kept, taken, cv, ci);
+    kc_lane_best(key, E, lane, per, kept, taken, ck, ci);
     for (int k = 0; k < K; k++) {
-        float bv = cv;
-        int bi = ci;
-        kc_warp_best(bv, bi);
+        const uint32_t kmax = __reduce_max_sync(0xffffffffu, ck);
+        const int bi = kmax ? (int)__reduce_min_sync(0xffffffffu, ck == kmax ? (uint32_t)ci : 0xffffffffu) : -1;
         if (lane == k)
             my_sel = bi;
         if (bi >= 0 && (bi & 31) == lane) {
             taken |= 1u << (bi >> 5);
-            kc_lane_best(choice, E, lane, per, kept, taken, cv, ci);
+            kc_lane_best(key, E, lane, per, kept, taken, ck, ci);
         }
     }
     /* Weights: the sum in slot order, like the reference. */
@@ -247,7 +265,11 @@ extern "C" int kc_launch_route(const kern_route_params *p, const void *logits, i
 #define KC_RL_TOK 8
 #define KC_RL_SMEM (96 * 1024) /* the token rows' budget: two CTAs per SM */
 
-template <typename T>
+/* NT: the tokens a CTA can hold (1, 2, 4 or 8; the launch takes the least one >= its token
+ * block): the inner loop over them costs instructions for every h, and at T = 1 the eight-way
+ * loop made the kernel instruction-bound (engine run 40, ncu: 9.6 us, one issue every 8
+ * cycles). Each logit's sum is the same whatever NT. */
+template <typename T, int NT>
 __global__ void __launch_bounds__(KC_RL_THREADS)
     kc_router_logits_kernel(const T *x, const float *router, float *logits, int64_t T_, int64_t E, int64_t H,
                             int tok) {
@@ -261,19 +283,19 @@ __global__ void __launch_bounds__(KC_RL_THREADS)
     const int64_t wstep = (int64_t)gridDim.y * (KC_RL_THREADS / 32);
     for (int64_t e = (int64_t)blockIdx.y * (KC_RL_THREADS / 32) + warp; e < E; e += wstep) {
         const float *r = router + e * H;
-        float acc[KC_RL_TOK];
+        float acc[NT];
 #pragma unroll
-        for (int j = 0; j < KC_RL_TOK; j++)
+        for (int j = 0; j < NT; j++)
             acc[j] = 0.0f;
         for (int64_t h = lane; h < H; h += 32) {
             const float rv = r[h];
 #pragma unroll
-            for (int j = 0; j < KC_RL_TOK; j++)
-                if (j < nt)
+            for (int j = 0; j < NT; j++)
+                if (NT == 1 || j < nt)
                     acc[j] += xs[(int64_t)j * H + h] * rv;
         }
 #pragma unroll
-        for (int j = 0; j < KC_RL_TOK; j++) {
+        for (int j = 0; j < NT; j++) {
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1)
                 acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
@@ -281,6 +303,30 @@ __global__ void __launch_bounds__(KC_RL_THREADS)
                 logits[(t0 + j) * E + e] = acc[j];
         }
     }
+}
+
+template <typename TY, int NT>
+static cudaError_t kc_router_logits_go(const TY *x, const float *router, float *logits, int64_t T, int64_t E, int64_t H,
+                                       int tok, dim3 grid, size_t smem, cudaStream_t st) {
+    cudaError_t e = cudaSuccess;
+    if (smem > 48 * 1024)
+        e = cudaFuncSetAttribute(kc_router_logits_kernel<TY, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)smem);
+    if (e == cudaSuccess)
+        kc_router_logits_kernel<TY, NT><<<grid, KC_RL_THREADS, smem, st>>>(x, router, logits, T, E, H, tok);
+    return e;
+}
+
+template <typename TY>
+static cudaError_t kc_router_logits_nt(const TY *x, const float *router, float *logits, int64_t T, int64_t E,
+                                       int64_t H, int tok, dim3 grid, size_t smem, cudaStream_t st) {
+    if (tok <= 1)
+        return kc_router_logits_go<TY, 1>(x, router, logits, T, E, H, tok, grid, smem, st);
+    if (tok <= 2)
+        return kc_router_logits_go<TY, 2>(x, router, logits, T, E, H, tok, grid, smem, st);
+    if (tok <= 4)
+        return kc_router_logits_go<TY, 4>(x, router, logits, T, E, H, tok, grid, smem, st);
+    return kc_router_logits_go<TY, KC_RL_TOK>(x, router, logits, T, E, H, tok, grid, smem, st);
 }
 
 extern "C" int kc_launch_router_logits(int32_t dtype, const void *x, const float *router, float *logits, int64_t T,
@@ -303,23 +349,19 @@ extern "C" int kc_launch_router_logits(int32_t dtype, const void *x, const float
         return (int)cudaErrorInvalidValue;
     const dim3 grid((unsigned)gx, (unsigned)gy);
     cudaError_t e = cudaSuccess;
-#define KC_RL_CASE(DT, TY)                                                                                        \
-    case DT:                                                                                                      \
-        if (smem > 48 * 1024)                                                                                     \
-            e = cudaFuncSetAttribute(kc_router_logits_kernel<TY>, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
-                                     (int)smem);                                                                  \
-        if (e == cudaSuccess)                                                                                     \
-            kc_router_logits_kernel<TY><<<grid, KC_RL_THREADS, smem, st>>>((const TY *)x, router, logits, T, E, \
-                                                                          H, tok);                               \
-        break;
     switch (dtype) {
-        KC_RL_CASE(MOE_DTYPE_F32, float)
-        KC_RL_CASE(MOE_DTYPE_F16, __half)
-        KC_RL_CASE(MOE_DTYPE_BF16, __nv_bfloat16)
+    case MOE_DTYPE_F32:
+        e = kc_router_logits_nt<float>((const float *)x, router, logits, T, E, H, tok, grid, smem, st);
+        break;
+    case MOE_DTYPE_F16:
+        e = kc_router_logits_nt<__half>((const __half *)x, router, logits, T, E, H, tok, grid, smem, st);
+        break;
+    case MOE_DTYPE_BF16:
+        e = kc_router_logits_nt<__nv_bfloat16>((const __nv_bfloat16 *)x, router, logits, T, E, H, tok, grid, smem, st);
+        break;
     default:
         return (int)cudaErrorInvalidValue;
     }
-#undef KC_RL_CASE
     if (e != cudaSuccess)
         return (int)e;
     return (int)cudaGetLastError();
