@@ -263,14 +263,9 @@ extern "C" int kc_launch_route(const kern_route_params *p, const void *logits, i
  * Qwen3) over many SMs instead of one (one CTA per token took 88 us at T = 1 on an H200). */
 #define KC_RL_THREADS 256
 #define KC_RL_TOK 8
-#define KC_RL_LD 16 /* router loads in flight per lane */
 #define KC_RL_SMEM (96 * 1024) /* the token rows' budget: two CTAs per SM */
 
-/* NT: the tokens a CTA can hold (1, 2, 4 or 8; the launch takes the least one >= its token
- * block): the inner loop over them costs instructions for every h, and at T = 1 the eight-way
- * loop made the kernel instruction-bound (engine run 40, ncu: 9.6 us, one issue every 8
- * cycles). Each logit's sum is the same whatever NT. */
-template <typename T, int NT>
+template <typename T>
 __global__ void __launch_bounds__(KC_RL_THREADS)
     kc_router_logits_kernel(const T *x, const float *router, float *logits, int64_t T_, int64_t E, int64_t H,
                             int tok) {
@@ -284,28 +279,19 @@ __global__ void __launch_bounds__(KC_RL_THREADS)
     const int64_t wstep = (int64_t)gridDim.y * (KC_RL_THREADS / 32);
     for (int64_t e = (int64_t)blockIdx.y * (KC_RL_THREADS / 32) + warp; e < E; e += wstep) {
         const float *r = router + e * H;
-        float acc[NT];
+        float acc[KC_RL_TOK];
 #pragma unroll
-        for (int j = 0; j < NT; j++)
+        for (int j = 0; j < KC_RL_TOK; j++)
             acc[j] = 0.0f;
-        /* KC_RL_LD loads of a lane issued together, then used in h order: one scalar load at a
-         * time waited for each (9 us at T = 1 with the kernel's SMs busy all along, ncu, engine
-         * runs 40-41). The sums are the same, in the same order. */
-        for (int64_t h0 = lane; h0 < H; h0 += 32 * KC_RL_LD) {
-            float rv[KC_RL_LD];
+        for (int64_t h = lane; h < H; h += 32) {
+            const float rv = r[h];
 #pragma unroll
-            for (int u = 0; u < KC_RL_LD; u++)
-                rv[u] = h0 + 32 * u < H ? r[h0 + 32 * u] : 0.0f;
-#pragma unroll
-            for (int u = 0; u < KC_RL_LD; u++)
-                if (h0 + 32 * u < H)
-#pragma unroll
-                    for (int j = 0; j < NT; j++)
-                        if (NT == 1 || j < nt)
-                            acc[j] += xs[(int64_t)j * H + h0 + 32 * u] * rv[u];
+            for (int j = 0; j < KC_RL_TOK; j++)
+                if (j < nt)
+                    acc[j] += xs[(int64_t)j * H + h] * rv;
         }
 #pragma unroll
-        for (int j = 0; j < NT; j++) {
+        for (int j = 0; j < KC_RL_TOK; j++) {
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1)
                 acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
@@ -313,30 +299,6 @@ __global__ void __launch_bounds__(KC_RL_THREADS)
                 logits[(t0 + j) * E + e] = acc[j];
         }
     }
-}
-
-template <typename TY, int NT>
-static cudaError_t kc_router_logits_go(const TY *x, const float *router, float *logits, int64_t T, int64_t E, int64_t H,
-                                       int tok, dim3 grid, size_t smem, cudaStream_t st) {
-    cudaError_t e = cudaSuccess;
-    if (smem > 48 * 1024)
-        e = cudaFuncSetAttribute(kc_router_logits_kernel<TY, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)smem);
-    if (e == cudaSuccess)
-        kc_router_logits_kernel<TY, NT><<<grid, KC_RL_THREADS, smem, st>>>(x, router, logits, T, E, H, tok);
-    return e;
-}
-
-template <typename TY>
-static cudaError_t kc_router_logits_nt(const TY *x, const float *router, float *logits, int64_t T, int64_t E,
-                                       int64_t H, int tok, dim3 grid, size_t smem, cudaStream_t st) {
-    if (tok <= 1)
-        return kc_router_logits_go<TY, 1>(x, router, logits, T, E, H, tok, grid, smem, st);
-    if (tok <= 2)
-        return kc_router_logits_go<TY, 2>(x, router, logits, T, E, H, tok, grid, smem, st);
-    if (tok <= 4)
-        return kc_router_logits_go<TY, 4>(x, router, logits, T, E, H, tok, grid, smem, st);
-    return kc_router_logits_go<TY, KC_RL_TOK>(x, router, logits, T, E, H, tok, grid, smem, st);
 }
 
 extern "C" int kc_launch_router_logits(int32_t dtype, const void *x, const float *router, float *logits, int64_t T,
@@ -359,19 +321,23 @@ extern "C" int kc_launch_router_logits(int32_t dtype, const void *x, const float
         return (int)cudaErrorInvalidValue;
     const dim3 grid((unsigned)gx, (unsigned)gy);
     cudaError_t e = cudaSuccess;
+#define KC_RL_CASE(DT, TY)                                                                                        \
+    case DT:                                                                                                      \
+        if (smem > 48 * 1024)                                                                                     \
+            e = cudaFuncSetAttribute(kc_router_logits_kernel<TY>, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
+                                     (int)smem);                                                                  \
+        if (e == cudaSuccess)                                                                                     \
+            kc_router_logits_kernel<TY><<<grid, KC_RL_THREADS, smem, st>>>((const TY *)x, router, logits, T, E, \
+                                                                          H, tok);                               \
+        break;
     switch (dtype) {
-    case MOE_DTYPE_F32:
-        e = kc_router_logits_nt<float>((const float *)x, router, logits, T, E, H, tok, grid, smem, st);
-        break;
-    case MOE_DTYPE_F16:
-        e = kc_router_logits_nt<__half>((const __half *)x, router, logits, T, E, H, tok, grid, smem, st);
-        break;
-    case MOE_DTYPE_BF16:
-        e = kc_router_logits_nt<__nv_bfloat16>((const __nv_bfloat16 *)x, router, logits, T, E, H, tok, grid, smem, st);
-        break;
+        KC_RL_CASE(MOE_DTYPE_F32, float)
+        KC_RL_CASE(MOE_DTYPE_F16, __half)
+        KC_RL_CASE(MOE_DTYPE_BF16, __nv_bfloat16)
     default:
         return (int)cudaErrorInvalidValue;
     }
+#undef KC_RL_CASE
     if (e != cudaSuccess)
         return (int)e;
     return (int)cudaGetLastError();
