@@ -1011,6 +1011,10 @@ moe_status eng_gpu_step(eng_gpu_t *g, uint64_t tag, int32_t layer, const eng_ste
         (void)cudaStreamWaitEvent(g->s_main, g->ev_red[1], 0);
         (void)cudaEventRecord(g->ev_side[1], g->s_side);
         (void)cudaStreamWaitEvent(g->s_main, g->ev_side[1], 0);
+    } else if (st != MOE_OK) { /* W = 1: a failed step's routed ids may still be on their way
+                                  back on the copy stream (a step that ends well waited for them) */
+        (void)cudaEventRecord(g->ev_red[1], g->s_copy);
+        (void)cudaStreamWaitEvent(g->s_main, g->ev_red[1], 0);
     }
     (void)cudaEventRecord(in->released, g->s_main);
     if (st == MOE_OK && y && g->p.rank == 0 && !io)
