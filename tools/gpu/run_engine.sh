@@ -15,12 +15,18 @@
 #             of weights once into /tmp/moe-scaleout-dsv3)                       -> dsv3.log
 #   e2e       bench_engine --gpu 0: the engine vs the kernels in-process vs a bare
 #             ZeroMQ echo per request size, clients over tcp and over ipc  -> e2e_tcp.log, e2e_ipc.log
+#   ab        (not in the default list) the same bench against two engines on the same machine,
+#             taking turns: this bundle's and the one in $BUNDLE_B (an older build: copy just its
+#             bin/moe-engine and lib/ there), AB_REPS rounds over tcp and ipc; the
+#             p50 rows of each side, the full outputs                          -> ab.log
+#   ncu       (not in the default list) Nsight Compute: each kernel's time of the in-process
+#             call at T = 1 (cold L2; gpu__time_duration, the busiest SM's cycles) -> ncu_t1.log
 # Output in $OUT (default /tmp/moe-gpu-engine); a summary is printed last.
 # Environment: BUNDLE (default .bundle/engine), OUT, GPUS (default: every GPU), TOKENS, CLIENTS, SCALE_DBO,
-# TEST_TIMEOUT, SCALE_TIMEOUT, DSV3_TIMEOUT, E2E_TIMEOUT (seconds), E2E_TOKENS, E2E_ITERS.
+# TEST_TIMEOUT, SCALE_TIMEOUT, DSV3_TIMEOUT, E2E_TIMEOUT (seconds), E2E_TOKENS, E2E_ITERS, BUNDLE_B, AB_REPS.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$ROOT"
+cd "$ROOT" || exit 2
 BUNDLE="${BUNDLE:-.bundle/engine}"
 
 if [ "${1:-}" = "--bundle" ]; then
@@ -132,5 +138,49 @@ if want e2e; then
       --tokens "${E2E_TOKENS:-1,16,128,1024,4096}" --iters "${E2E_ITERS:-30}" >"$OUT/e2e_$tr.log" 2>&1 || rc=1
     grep -v "^20.*Z [IW]" "$OUT/e2e_$tr.log" | tail -20
   done
+fi
+# The Qwen3-30B-A3B expert shape for ab and ncu (one layer, 1.2 GB; written once).
+qwen3_model() {
+  [ -f /tmp/moe-qwen3-1l/config.json ] && return 0
+  "$BUNDLE/bin/moe-engine" make-model --family qwen3_moe --out /tmp/moe-qwen3-1l --layers 1 --experts 128 \
+    --top-k 8 --hidden 2048 --intermediate 768 --norm-topk-prob true >/dev/null 2>&1
+}
+if want ab; then
+  echo "== bench_engine, this bundle vs ${BUNDLE_B:-(none)}, taking turns"
+  if [ -z "${BUNDLE_B:-}" ] || [ ! -x "$BUNDLE_B/bin/moe-engine" ]; then
+    echo "run_engine ab: set BUNDLE_B to a bundle with bin/moe-engine"
+    rc=1
+  elif ! qwen3_model; then
+    echo "run_engine ab: make-model failed"
+    rc=1
+  else
+    : >"$OUT/ab.log"
+    for ((k = 1; k <= ${AB_REPS:-2}; k++)); do
+      for side in B A; do
+        eng="$MOE_ENGINE"; [ "$side" = B ] && eng="$(cd "$BUNDLE_B" && pwd)/bin/moe-engine"
+        for tr in tcp ipc; do
+          x=""; [ "$tr" = ipc ] && x="--ipc"
+          # shellcheck disable=SC2086
+          timeout "${E2E_TIMEOUT:-100}" "$BUNDLE/bin/bench_engine" --engine "$eng" --gpu 0 --model /tmp/moe-qwen3-1l $x \
+            --tokens "${E2E_TOKENS:-1,16,1024}" --iters "${E2E_ITERS:-200}" >/tmp/moe-ab-one.log 2>&1 || rc=1
+          { echo "=== side $side ($eng) $tr round $k"; cat /tmp/moe-ab-one.log; } >>"$OUT/ab.log"
+          echo "-- side $side, $tr, round $k (T, in-proc, echo tcp, echo ipc, tcp 2 ctx, p50, p99, overhead, %, tok/s 1, tok/s 4)"
+          grep -v "^20.*Z [IWE]" /tmp/moe-ab-one.log | grep -E "^ +[0-9]+ " | awk 'NF == 11'
+        done
+      done
+    done
+  fi
+fi
+if want ncu; then
+  echo "== ncu, the in-process call at T = 1"
+  if qwen3_model; then
+    timeout 150 ncu --clock-control none --target-processes application-only \
+      --metrics gpu__time_duration.sum,sm__cycles_active.max -k regex:kc_ --launch-count 12 \
+      "$BUNDLE/bin/bench_engine" --engine "$MOE_ENGINE" --gpu 0 --model /tmp/moe-qwen3-1l --tokens 1 --iters 3 \
+      >"$OUT/ncu_t1.log" 2>&1 || rc=1
+    grep -E "^  [a-z].*\(|gpu__time|sm__cycles" "$OUT/ncu_t1.log" | head -40
+  else
+    rc=1
+  fi
 fi
 exit $rc
