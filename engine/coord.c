@@ -813,7 +813,9 @@ static moe_status start_copy(coord *co, coord_step *s) {
 
 /* A STEP, encoded once, through every rank's control ring; a WAKE over ZeroMQ to a worker that
  * said it was going to sleep (it publishes that before its last look at the ring, and we read
- * it after publishing: one of the two sees the other). */
+ * it after publishing: one of the two sees the other). Reading the flag clears it: one WAKE per
+ * sleep, not one per STEP put in the ring meanwhile (stale WAKEs once the worker is busy; its
+ * hook drops any that still arrive). */
 static moe_status send_step_ctl(coord *co, const ipc_msg *m) {
     void *buf = NULL;
     size_t len = 0;
@@ -827,7 +829,7 @@ static moe_status send_step_ctl(coord *co, const ipc_msg *m) {
             break;
         }
         atomic_thread_fence(memory_order_seq_cst);
-        if (atomic_load(&d.h->sleeping)) {
+        if (atomic_exchange(&d.h->sleeping, 0)) {
             ipc_msg wake;
             ipc_msg_init(&wake, ENG_OP_WAKE, 0);
             st = send_to_worker(co, rank, &wake, NULL);

@@ -924,9 +924,9 @@ static void worker_hook(void *arg) {
         }
         if (!recv_job(w, j))
             return;
-        /* A WAKE is stale once we are busy (the coordinator sends one per STEP it put in the
-         * ring while we slept: two after an idle spell). Held here, it would keep the next STEP
-         * from being received and staged during this step (engine run 34 saw a step held 20 ms
+        /* A WAKE is stale once we are busy (the coordinator sends one per sleep; we may have
+         * found the STEP in the ring before it arrived). Held here, it would keep the next STEP
+         * from being received and staged during this step (engine run 36 saw a step held 20 ms
          * without its successor staged); dropped, the look goes on. */
         if (j->hdr.op != ENG_OP_WAKE)
             break;
