@@ -75,6 +75,16 @@ uint32_t kern_cuda_get_small_opts(const kern_ctx_t *ctx) {
     return 0;
 }
 
+moe_status kern_cuda_set_router_tile(kern_ctx_t *ctx, int32_t tile) {
+    (void)ctx, (void)tile;
+    return not_built();
+}
+
+int32_t kern_cuda_router_tiles(int32_t *out, int32_t cap) {
+    (void)out, (void)cap;
+    return 0;
+}
+
 moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels) {
     (void)ctx, (void)kernels;
     return not_built();

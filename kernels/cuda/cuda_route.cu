@@ -254,91 +254,162 @@ extern "C" int kc_launch_route(const kern_route_params *p, const void *logits, i
 }
 
 /* ---- router logits ------------------------------------------------------------------------
- * logits[t, e] = sum_h x[t, h] * router[e, h] in fp32. A CTA holds up to KC_RL_TOK token rows in
- * shared memory as fp32 and its warps take experts in turn: a warp reads one router row once for
- * all of the CTA's tokens; lane l sums h = l, l + 32, ... in order, then a fixed xor-tree over the
- * lanes. The order depends on nothing but H: a row's logits never depend on the other rows, on
- * the grid or on how many tokens share a CTA. The grid spreads the experts over CTAs (blockIdx.y)
- * until there are about two CTAs per SM, so a few tokens read the router (E H fp32: 1 MiB for
- * Qwen3) over many SMs instead of one (one CTA per token took 88 us at T = 1 on an H200). */
-#define KC_RL_THREADS 256
-#define KC_RL_TOK 8
-#define KC_RL_SMEM (96 * 1024) /* the token rows' budget: two CTAs per SM */
+ * logits[t, e] = sum_h x[t, h] * router[e, h] in fp32. Each logit is one fixed-order sum: lane l
+ * of a warp sums h = l, l + 32, l + 64, ... in increasing order (one fused multiply-add each),
+ * then a fixed xor-tree over the 32 lanes (offsets 16, 8, 4, 2, 1). The order depends on
+ * nothing but H: a row's logits never depend on the other rows, on the grid or on the tile.
+ *
+ * A warp computes a tile of TT tokens x TE experts, reading x and the router straight from
+ * global memory (L1 and L2 hold the reused rows: a CTA's warps share their token tile, and the
+ * router, E H fp32 = 1 MiB for Qwen3, stays in the L2), U steps of its h-sequence at a time:
+ * the U (TT + TE) loads of a batch are all issued before its first multiply-add, so a lane keeps
+ * 24-32 loads in flight. The host picks the largest tile that still gives every SM about 16
+ * warps (T = 1: one expert per warp, 128 warps for Qwen3; T >= 528: 8 x 8 tiles).
+ * Engine runs 34-42 measured the old kernel (token rows staged in shared memory one load at a
+ * time, one expert per warp, an unrolled check per token slot) at 9-10 us (ncu) for T = 1 and
+ * 104 us for T = 1024: latency-bound at both ends (ncu: 8 cycles per issue, 13 of 32 threads
+ * not predicated off). */
+#define KC_RL_THREADS 128
 
-template <typename T>
+template <typename T, int TT, int TE, int U>
 __global__ void __launch_bounds__(KC_RL_THREADS)
-    kc_router_logits_kernel(const T *x, const float *router, float *logits, int64_t T_, int64_t E, int64_t H,
-                            int tok) {
-    extern __shared__ float xs[]; /* [tok][H] */
-    const int64_t t0 = (int64_t)blockIdx.x * tok;
-    const int nt = (int)(T_ - t0 < tok ? T_ - t0 : tok);
-    for (int64_t i = threadIdx.x; i < (int64_t)nt * H; i += KC_RL_THREADS)
-        xs[i] = kc_ld<T>(x + t0 * H, i);
-    __syncthreads();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t wstep = (int64_t)gridDim.y * (KC_RL_THREADS / 32);
-    for (int64_t e = (int64_t)blockIdx.y * (KC_RL_THREADS / 32) + warp; e < E; e += wstep) {
-        const float *r = router + e * H;
-        float acc[KC_RL_TOK];
+    kc_router_logits_kernel(const T *__restrict__ x, const float *__restrict__ router, float *__restrict__ logits,
+                            int n_tok, int E, int H, int n_et) {
+    const int lane = threadIdx.x & 31;
+    const int64_t w = (int64_t)blockIdx.x * (KC_RL_THREADS / 32) + (threadIdx.x >> 5);
+    const int64_t n_tt = ((int64_t)n_tok + TT - 1) / TT;
+    if (w >= n_tt * n_et)
+        return;
+    /* the expert tile varies fastest: a CTA's warps share one token tile */
+    const int e0 = (int)(w % n_et) * TE;
+    const int64_t t0 = (w / n_et) * TT;
+    const T *xr[TT];
+    const float *rr[TE];
 #pragma unroll
-        for (int j = 0; j < KC_RL_TOK; j++)
-            acc[j] = 0.0f;
-        for (int64_t h = lane; h < H; h += 32) {
-            const float rv = r[h];
+    for (int j = 0; j < TT; j++) {
+        const int64_t t = t0 + j < n_tok ? t0 + j : n_tok - 1; /* a tail tile reads the last row, stores nothing */
+        xr[j] = x + t * H;
+    }
 #pragma unroll
-            for (int j = 0; j < KC_RL_TOK; j++)
-                if (j < nt)
-                    acc[j] += xs[(int64_t)j * H + h] * rv;
+    for (int k = 0; k < TE; k++) {
+        const int e = e0 + k < E ? e0 + k : E - 1;
+        rr[k] = router + (int64_t)e * H;
+    }
+    float acc[TT][TE];
+#pragma unroll
+    for (int j = 0; j < TT; j++)
+#pragma unroll
+        for (int k = 0; k < TE; k++)
+            acc[j][k] = 0.0f;
+    int h = lane;
+    for (; h + 32 * (U - 1) < H; h += 32 * U) {
+        float xv[U][TT], rv[U][TE];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+#pragma unroll
+            for (int j = 0; j < TT; j++)
+                xv[u][j] = kc_ld<T>(xr[j], h + 32 * u);
+#pragma unroll
+            for (int k = 0; k < TE; k++)
+                rv[u][k] = __ldg(rr[k] + h + 32 * u);
         }
 #pragma unroll
-        for (int j = 0; j < KC_RL_TOK; j++) {
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int j = 0; j < TT; j++)
+#pragma unroll
+                for (int k = 0; k < TE; k++)
+                    acc[j][k] = fmaf(xv[u][j], rv[u][k], acc[j][k]);
+    }
+    for (; h < H; h += 32) {
+        float xv[TT], rv[TE];
+#pragma unroll
+        for (int j = 0; j < TT; j++)
+            xv[j] = kc_ld<T>(xr[j], h);
+#pragma unroll
+        for (int k = 0; k < TE; k++)
+            rv[k] = __ldg(rr[k] + h);
+#pragma unroll
+        for (int j = 0; j < TT; j++)
+#pragma unroll
+            for (int k = 0; k < TE; k++)
+                acc[j][k] = fmaf(xv[j], rv[k], acc[j][k]);
+    }
+#pragma unroll
+    for (int j = 0; j < TT; j++)
+#pragma unroll
+        for (int k = 0; k < TE; k++) {
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1)
-                acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
-            if (lane == 0 && j < nt)
-                logits[(t0 + j) * E + e] = acc[j];
+                acc[j][k] += __shfl_xor_sync(0xffffffffu, acc[j][k], off);
+            /* every lane holds the sum; the tile's outputs are spread over the lanes to store */
+            if (lane == ((j * TE + k) & 31) && t0 + j < n_tok && e0 + k < E)
+                logits[(t0 + j) * E + e0 + k] = acc[j][k];
         }
-    }
+}
+
+/* The warp tiles (TT tokens x TE experts, U steps a batch), largest first. */
+#define KC_RL_TILES(X) X(8, 8, 2) X(8, 4, 3) X(4, 4, 4) X(4, 2, 5) X(2, 2, 8) X(2, 1, 10) X(1, 1, 32)
+
+extern "C" int kc_router_logits_tiles(int32_t *out, int32_t cap) {
+    int32_t n = 0;
+#define KC_RL_LIST(TT_, TE_, U_)                                                                                  \
+    if (n < cap) {                                                                                                \
+        out[2 * n] = TT_;                                                                                         \
+        out[2 * n + 1] = TE_;                                                                                     \
+    }                                                                                                             \
+    n++;
+    KC_RL_TILES(KC_RL_LIST)
+#undef KC_RL_LIST
+    return n;
 }
 
 extern "C" int kc_launch_router_logits(int32_t dtype, const void *x, const float *router, float *logits, int64_t T,
-                                       int64_t E, int64_t H, cudaStream_t st) {
-    const size_t row = (size_t)H * sizeof(float);
-    if (row > 200 * 1024)
+                                       int64_t E, int64_t H, int tile, int n_sm, cudaStream_t st) {
+    if (T < 1 || E < 1 || H < 1 || T > 0x7fffffff || E > 0x7fffffff || H > 0x7fffffff)
         return (int)cudaErrorInvalidValue;
-    int tok = (int)(KC_RL_SMEM / row);
-    tok = tok < 1 ? 1 : (tok > KC_RL_TOK ? KC_RL_TOK : tok);
-    if (T < tok)
-        tok = (int)T;
-    const size_t smem = row * (size_t)tok;
-    int dev = 0, n_sm = 132;
-    if (cudaGetDevice(&dev) == cudaSuccess)
-        cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
-    const int64_t gx = (T + tok - 1) / tok, wpc = KC_RL_THREADS / 32, max_gy = (E + wpc - 1) / wpc;
-    int64_t gy = (2 * (int64_t)n_sm + gx - 1) / gx;
-    gy = gy < 1 ? 1 : (gy > max_gy ? max_gy : gy);
-    if (gx > 0x7fffffff || gy > 65535)
+    const int64_t want = 16 * (int64_t)(n_sm > 0 ? n_sm : 132); /* warps: about 16 per SM */
+    int tt = 0, te = 0, i = 0;
+#define KC_RL_PICK(TT_, TE_, U_)                                                                                  \
+    if (tile >= 0 ? i == tile                                                                                     \
+                  : tt == 0 && (TT_ == 1 || (TT_ <= T && ((T + TT_ - 1) / TT_) * ((E + TE_ - 1) / TE_) >= want))) { \
+        tt = TT_;                                                                                                 \
+        te = TE_;                                                                                                 \
+    }                                                                                                             \
+    i++;
+    KC_RL_TILES(KC_RL_PICK)
+#undef KC_RL_PICK
+    if (tt == 0)
         return (int)cudaErrorInvalidValue;
-    const dim3 grid((unsigned)gx, (unsigned)gy);
-    cudaError_t e = cudaSuccess;
-#define KC_RL_CASE(DT, TY)                                                                                        \
-    case DT:                                                                                                      \
-        if (smem > 48 * 1024)                                                                                     \
-            e = cudaFuncSetAttribute(kc_router_logits_kernel<TY>, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
-                                     (int)smem);                                                                  \
-        if (e == cudaSuccess)                                                                                     \
-            kc_router_logits_kernel<TY><<<grid, KC_RL_THREADS, smem, st>>>((const TY *)x, router, logits, T, E, \
-                                                                          H, tok);                               \
-        break;
-    switch (dtype) {
-        KC_RL_CASE(MOE_DTYPE_F32, float)
-        KC_RL_CASE(MOE_DTYPE_F16, __half)
-        KC_RL_CASE(MOE_DTYPE_BF16, __nv_bfloat16)
-    default:
+    const int64_t n_et = (E + te - 1) / te, warps = ((T + tt - 1) / tt) * n_et;
+    const int64_t ctas = (warps + KC_RL_THREADS / 32 - 1) / (KC_RL_THREADS / 32);
+    if (ctas > 0x7fffffff)
         return (int)cudaErrorInvalidValue;
+#define KC_RL_LAUNCH(TT_, TE_, U_)                                                                                \
+    if (tt == TT_ && te == TE_) {                                                                                 \
+        kc_router_logits_kernel<TY, TT_, TE_, U_><<<(unsigned)ctas, KC_RL_THREADS, 0, st>>>(                      \
+            (const TY *)x, router, logits, (int)T, (int)E, (int)H, (int)n_et);                                    \
+        return (int)cudaGetLastError();                                                                           \
     }
-#undef KC_RL_CASE
-    if (e != cudaSuccess)
-        return (int)e;
-    return (int)cudaGetLastError();
+    switch (dtype) {
+    case MOE_DTYPE_F32: {
+        typedef float TY;
+        KC_RL_TILES(KC_RL_LAUNCH)
+        break;
+    }
+    case MOE_DTYPE_F16: {
+        typedef __half TY;
+        KC_RL_TILES(KC_RL_LAUNCH)
+        break;
+    }
+    case MOE_DTYPE_BF16: {
+        typedef __nv_bfloat16 TY;
+        KC_RL_TILES(KC_RL_LAUNCH)
+        break;
+    }
+    default:
+        break;
+    }
+#undef KC_RL_LAUNCH
+    return (int)cudaErrorInvalidValue;
 }

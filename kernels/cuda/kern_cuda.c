@@ -64,6 +64,7 @@ typedef struct kc_state {
     int64_t l2_bytes;    /* the device's L2 */
     uint32_t fold_seq;   /* the last folded call's sequence number (never 0 after the first) */
     int32_t lab_stop;    /* kern_cuda_set_lab_stop */
+    int32_t router_tile; /* kern_cuda_set_router_tile: -1 automatic */
     kc_err *err_host; /* mapped pinned */
     kc_err *err_dev;  /* its device view */
     int32_t *claim;   /* device */
@@ -197,6 +198,7 @@ static moe_status cuda_init(kern_ctx_t *ctx) {
     s->pdl = s->cc_major >= 9;
     s->small_max = KC_SMALL_DEFAULT;
     s->small_opts = KC_SMALL_OPTS_DEFAULT;
+    s->router_tile = -1;
     s->l2_bytes = prop.l2CacheSize;
     const char *env = getenv("MOE_CUDA_SMALL_OPTS"); /* the lab's and the bench's before/after */
     if (env && env[0]) {
@@ -672,12 +674,13 @@ static moe_status cuda_router_logits(kern_ctx_t *ctx, const moe_tensor *x, const
                                      moe_tensor *logits) {
     kc_state *s = st_of(ctx);
     const int64_t T = x->shape[0], H = x->shape[1], E = router->shape[0];
-    MOE_REQUIRE(H <= 51200, MOE_ERR_UNSUPPORTED, "cuda router_logits: hidden size %lld over the backend's limit 51200",
-                (long long)H);
-    MOE_REQUIRE(T <= INT32_MAX, MOE_ERR_LIMIT, "cuda router_logits: %lld tokens over the limit", (long long)T);
+    MOE_REQUIRE(T <= INT32_MAX && E <= INT32_MAX && H <= INT32_MAX, MOE_ERR_LIMIT,
+                "cuda router_logits: [%lld, %lld] x [%lld, %lld] over the backend's limit (2^31 - 1 a side)",
+                (long long)T, (long long)H, (long long)E, (long long)H);
     MOE_CUDA_CHECK(cudaSetDevice(s->device));
     MOE_CHECK(check_device_errors(s));
-    KC_LAUNCH(kc_launch_router_logits(x->dtype, x->data, router->data, logits->data, T, E, H, s->stream),
+    KC_LAUNCH(kc_launch_router_logits(x->dtype, x->data, router->data, logits->data, T, E, H, s->router_tile, s->n_sm,
+                                      s->stream),
               "router logits");
     return MOE_OK;
 }
@@ -837,6 +840,17 @@ uint32_t kern_cuda_get_small_opts(const kern_ctx_t *ctx) {
         return 0;
     return ((const kc_state *)ctx->impl)->small_opts;
 }
+
+moe_status kern_cuda_set_router_tile(kern_ctx_t *ctx, int32_t tile) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    int32_t n = kc_router_logits_tiles(NULL, 0);
+    MOE_REQUIRE(tile >= -1 && tile < n, MOE_ERR_INVALID_ARG, "kern_cuda_set_router_tile: %d not in [-1, %d]", (int)tile,
+                (int)n - 1);
+    st_of(ctx)->router_tile = tile;
+    return MOE_OK;
+}
+
+int32_t kern_cuda_router_tiles(int32_t *out, int32_t cap) { return kc_router_logits_tiles(out, cap); }
 
 moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels) {
     MOE_CHECK(require_cuda_ctx(ctx));

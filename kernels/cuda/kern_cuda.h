@@ -105,6 +105,13 @@ uint32_t kern_cuda_get_small_opts(const kern_ctx_t *ctx);
  * default), so that the lab can time the parts of a call. The output is then not written. */
 moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels);
 
+/* The kernel lab only: the router logits' warp tile (kern_router_logits): -1 (the default) picks
+ * by the batch's size, 0 .. n-1 forces the n-th tile of kern_cuda_router_tiles, which writes the
+ * (tokens, experts) pairs of the tiles into out[2 i], out[2 i + 1] and returns how many there are
+ * (at most cap written). Every tile sums each logit in the same order: same bits. */
+moe_status kern_cuda_set_router_tile(kern_ctx_t *ctx, int32_t tile);
+int32_t kern_cuda_router_tiles(int32_t *out, int32_t cap);
+
 /* Programmatic dependent launch between the kernels of a call (on by default on sm_90: the
  * next kernel starts streaming its weights while the previous one finishes). */
 moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on);

@@ -151,10 +151,12 @@ int kc_launch_small_fused(const kc_gemm_args *gu, const kc_gemm_args *dn, int pa
 int kc_launch_route(const kern_route_params *p, const void *logits, int32_t dtype, int64_t T, int32_t *ids,
                     float *w, cudaStream_t st);
 
-/* Router logits: logits[t, e] = x[t] . router[e] in fp32 (fixed order per logit). H * 4 bytes
- * must fit in 200 KB of shared memory. */
+/* Router logits: logits[t, e] = x[t] . router[e] in fp32 (one fixed order per logit, whatever
+ * the tile). tile: -1 picks by T, E and the SM count n_sm; 0 .. n-1 forces one of the warp tiles
+ * kc_router_logits_tiles lists as (tokens, experts) pairs (returns how many there are). */
+int kc_router_logits_tiles(int32_t *out, int32_t cap);
 int kc_launch_router_logits(int32_t dtype, const void *x, const float *router, float *logits, int64_t T, int64_t E,
-                            int64_t H, cudaStream_t st);
+                            int64_t H, int tile, int n_sm, cudaStream_t st);
 
 /* Alignment: sorts the (token, slot) pairs by local expert into blocks of bn rows (each
  * expert's rows padded to a multiple of bn with -1), checks ids, the map and the weights

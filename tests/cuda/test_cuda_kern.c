@@ -766,9 +766,10 @@ static void test_shared_and_forward(void **state) {
 }
 
 /* Router logits: against the CPU's fixed-order sums (fp32, tolerance for the different order),
- * and row-independent bits (a row alone equals the row in a batch). Shapes: a partial last CTA
- * of tokens, warps that take several experts each (many tokens), and a hidden size whose rows
- * fit only three to a CTA. */
+ * row-independent bits (a row alone equals the row in a batch) and tile-independent bits (every
+ * warp tile, forced, gives the automatic choice's bits). Shapes: T = 1 (one expert per warp),
+ * partial tiles of tokens and experts, many tokens (8 x 8 tiles), a large hidden size, and a
+ * hidden size that is not a multiple of the 32 lanes. */
 static void router_logits_case(int64_t T, int64_t E, int64_t H, uint64_t salt) {
     moe_rng r;
     moe_rng_seed(&r, g_seed ^ salt);
@@ -789,16 +790,38 @@ static void router_logits_case(int64_t T, int64_t E, int64_t H, uint64_t salt) {
     ct_dev_poison(&dl1);
     CT_OK(kern_router_logits(g_cpu, &x, &rt, &lc));
     CT_OK(kern_router_logits(g_gpu, &dx.t, &dr.t, &dl.t));
-    moe_tensor x5 = moe_tensor_view2((char *)dx.t.data + 5 * H * 2, MOE_DTYPE_BF16, 1, H);
+    const int64_t row = T > 5 ? 5 : T - 1;
+    moe_tensor x5 = moe_tensor_view2((char *)dx.t.data + row * H * 2, MOE_DTYPE_BF16, 1, H);
     CT_OK(kern_router_logits(g_gpu, &x5, &dr.t, &dl1.t));
     CT_OK(kern_ctx_sync(g_gpu));
     ct_download(&lg, &dl);
     ct_download(&l1, &dl1);
     ct_dev_check_guards(&dl, "router logits");
     ct_compare(&lg, &lc, 1e-4, "router logits");
-    if (memcmp((float *)lg.data + 5 * E, l1.data, sizeof(float) * (size_t)E) != 0)
-        fail_msg("router logits (T %lld, E %lld, H %lld): row 5 alone differs from row 5 in the batch", (long long)T,
-                 (long long)E, (long long)H);
+    if (memcmp((float *)lg.data + row * E, l1.data, sizeof(float) * (size_t)E) != 0)
+        fail_msg("router logits (T %lld, E %lld, H %lld): row %lld alone differs from that row in the batch",
+                 (long long)T, (long long)E, (long long)H, (long long)row);
+    /* every tile, forced: the same bits as the automatic choice */
+    int32_t tiles[32];
+    const int32_t nt = kern_cuda_router_tiles(tiles, 16);
+    assert_true(nt >= 2 && nt <= 16);
+    moe_tensor lt;
+    CT_OK(moe_tensor_alloc(&lt, MOE_DTYPE_F32, 2, (int64_t[]){T, E}));
+    for (int32_t k = 0; k < nt; k++) {
+        ct_dev_poison(&dl);
+        CT_OK(kern_cuda_set_router_tile(g_gpu, k));
+        CT_OK(kern_router_logits(g_gpu, &dx.t, &dr.t, &dl.t));
+        CT_OK(kern_ctx_sync(g_gpu));
+        ct_download(&lt, &dl);
+        ct_dev_check_guards(&dl, "router logits, forced tile");
+        if (memcmp(lt.data, lg.data, sizeof(float) * (size_t)(T * E)) != 0)
+            fail_msg("router logits (T %lld, E %lld, H %lld): tile %d (%d x %d) differs from the automatic choice",
+                     (long long)T, (long long)E, (long long)H, (int)k, (int)tiles[2 * k], (int)tiles[2 * k + 1]);
+    }
+    CT_OK(kern_cuda_set_router_tile(g_gpu, -1));
+    assert_int_equal(kern_cuda_set_router_tile(g_gpu, nt), MOE_ERR_INVALID_ARG);
+    assert_int_equal(kern_cuda_set_router_tile(g_gpu, -2), MOE_ERR_INVALID_ARG);
+    moe_tensor_free(&lt);
     moe_tensor_free(&x);
     moe_tensor_free(&rt);
     moe_tensor_free(&lc);
@@ -812,9 +835,12 @@ static void router_logits_case(int64_t T, int64_t E, int64_t H, uint64_t salt) {
 
 static void test_router_logits(void **state) {
     (void)state;
+    router_logits_case(1, 128, 2048, 0x93);
     router_logits_case(37, 64, 1024, 0x90);
     router_logits_case(600, 64, 1024, 0x91);
     router_logits_case(10, 256, 7168, 0x92);
+    router_logits_case(3, 129, 31, 0x94);
+    router_logits_case(1029, 61, 1000, 0x95);
 }
 
 /* ------------------------------------------------------------------------------------------

@@ -2,31 +2,35 @@
 # tools/gpu/run_cuda.sh: the CUDA backend's GPU run, on a GPU host, from a bundle made here:
 #
 #   here:       tools/gpu/run_cuda.sh --bundle         (builds and bundles into .bundle/cuda)
-#   GPU host:   tools/gpu/run_cuda.sh [STEPS...]       (STEPS: env sass tests lab bench; default all)
+#   GPU host:   tools/gpu/run_cuda.sh [STEPS...]       (STEPS: env sass tests lab router bench;
+#                                                     default all)
 #
 # On the GPU host it runs, in this order, each step's output into $OUT (default /tmp/moe-gpu):
 #   env    nvidia-smi, the bundle's MANIFEST, ldd of each binary           -> env.txt
 #   sass   cuobjdump: HGMMA/HMMA counts and local-memory use per kernel    -> sass.txt
 #   tests  the GPU tests (tests/cuda), every cmocka case                    -> tests.log
 #   lab    the kernel lab (kernels/dev/lab_experts): checks, then timings    -> lab.log
+#   router the router logits' lab (kernels/dev/lab_router): checks, timings   -> router.log
 #   bench  the BASELINES benchmark (kernels/dev/bench_moe)                   -> bench.log
 #   prof   (not in the default list) Nsight Compute per-kernel times of a few cases -> prof.txt
 # and prints a summary last: the test counts, the lab's checks, the benchmark's table.
 # Environment: BUNDLE (default .bundle/cuda), OUT, LAB_ARGS, BENCH_ARGS, MOE_TEST_SEED,
-# TEST_TIMEOUT / LAB_TIMEOUT / BENCH_TIMEOUT (seconds; 150 / 200 / 200).
+# ROUTER_ARGS,
+# TEST_TIMEOUT / LAB_TIMEOUT / ROUTER_TIMEOUT / BENCH_TIMEOUT (seconds; 150 / 200 / 120 / 200).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 BUNDLE="${BUNDLE:-.bundle/cuda}"
 
 if [ "${1:-}" = "--bundle" ]; then
-  exec tools/bundle --out "$BUNDLE" //tests/cuda:test_cuda_kern //kernels/dev:bench_moe //kernels/dev:lab_experts
+  exec tools/bundle --out "$BUNDLE" //tests/cuda:test_cuda_kern //kernels/dev:bench_moe //kernels/dev:lab_experts \
+    //kernels/dev:lab_router
 fi
 
 OUT="${OUT:-/tmp/moe-gpu}"
 mkdir -p "$OUT"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env sass tests lab bench)
+[ ${#steps[@]} -eq 0 ] && steps=(env sass tests lab router bench)
 want() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 [ -x "$BUNDLE/bin/test_cuda_kern" ] || { echo "run_cuda: no bundle at $BUNDLE (make it with --bundle)"; exit 2; }
 export NCCL_NVLS_ENABLE=0
@@ -69,6 +73,15 @@ if want lab; then
   echo "lab exit $lrc"
 fi
 
+if want router; then
+  echo "== router"
+  timeout "${ROUTER_TIMEOUT:-120}" "$BUNDLE/bin/lab_router" ${ROUTER_ARGS:-} >"$OUT/router.log" 2>"$OUT/router.err"
+  rrc=$?
+  [ $rrc -ne 0 ] && rc=1
+  tail -3 "$OUT/router.err"
+  echo "router exit $rrc"
+fi
+
 if want prof; then
   # per-kernel time and DRAM traffic of the automatic variant, a few cases (Nsight Compute)
   echo "== prof"
@@ -98,5 +111,6 @@ echo "================ summary ================"
 want tests && { grep -E "^\[  (PASSED|FAILED)  \]" "$OUT/tests.log"; grep -E "^\[  FAILED  \] test_" "$OUT/tests.log"; }
 want lab && sed -n '/^part 1/,/^part 1: /p' "$OUT/lab.log" | head -40
 want lab && sed -n '/^part 2/,$p' "$OUT/lab.log" | head -200 >"$OUT/lab_table.md"
+want router && { grep -E "^part 1: |FAIL|NO \|" "$OUT/router.log" | head -20; sed -n '/^part 2/,$p' "$OUT/router.log"; }
 want bench && cat "$OUT/bench.log"
 exit $rc

@@ -164,8 +164,8 @@ if want ab; then
           timeout "${E2E_TIMEOUT:-100}" "$BUNDLE/bin/bench_engine" --engine "$eng" --gpu 0 --model /tmp/moe-qwen3-1l $x \
             --tokens "${E2E_TOKENS:-1,16,1024}" --iters "${E2E_ITERS:-200}" >/tmp/moe-ab-one.log 2>&1 || rc=1
           { echo "=== side $side ($eng) $tr round $k"; cat /tmp/moe-ab-one.log; } >>"$OUT/ab.log"
-          echo "-- side $side, $tr, round $k (T, in-proc, echo tcp, echo ipc, tcp 2 ctx, p50, p99, overhead, %, tok/s 1, tok/s 4)"
-          grep -v "^20.*Z [IWE]" /tmp/moe-ab-one.log | grep -E "^ +[0-9]+ " | awk 'NF == 11'
+          echo "-- side $side, $tr, round $k (T, in-proc, echo tcp, echo ipc, tcp 2 ctx, p50, p99, overhead, %, tok/s 1, tok/s 4, echo tok/s 4, eng/echo)"
+          grep -v "^20.*Z [IWE]" /tmp/moe-ab-one.log | grep -E "^ +[0-9]+ " | awk 'NF >= 11'
         done
       done
     done
