@@ -287,7 +287,10 @@ static void test_bits_across_world_sizes(void **state) {
     req rs[NR];
     size_t total = 0;
     for (int i = 0; i < NR; i++) {
-        req_make(&rs[i], 1 + (i * 5) % 17, 900 + (uint64_t)i, i % 3);
+        /* three large ones (logits, hidden states, ids): a step of them is over 1 MiB of inputs,
+         * which the coordinator copies into its slot in parts, split by tokens across requests */
+        const int64_t T = i == 4 ? 600 : i == 5 ? 900 : i == 6 ? 500 : 1 + (i * 5) % 17;
+        req_make(&rs[i], T, 900 + (uint64_t)i, i % 3);
         total += (size_t)rs[i].x.shape[0] * H * 2;
     }
     uint8_t *base = NULL;
