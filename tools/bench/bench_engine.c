@@ -138,11 +138,12 @@ static void *echo_main(void *arg) {
     return NULL;
 }
 
-/* n round trips (us) into out, after 5 unrecorded ones. own_ctx: the client in a ZeroMQ context
- * of its own (two I/O threads on the way, as between two processes); else client and server
- * share one context and its I/O thread. */
-static void echo_samples(size_t req_bytes, size_t reply_bytes, int iters, bool ipc, bool spin, bool own_ctx,
-                         double *t) {
+/* The echo: n requests after 5 unrecorded ones, `inflight` of them outstanding at a time;
+ * returns the seconds the n took. With inflight 1, t (if not NULL) gets each round trip (us).
+ * own_ctx: the client in a ZeroMQ context of its own (two I/O threads on the way, as between two
+ * processes); else client and server share one context and its I/O thread. */
+static double echo_run(size_t req_bytes, size_t reply_bytes, int n, int inflight, bool ipc, bool spin, bool own_ctx,
+                       double *t) {
     echo_srv s = {.reply_bytes = reply_bytes, .spin = spin};
     s.ctx = zmq_ctx_new();
     void *cctx = own_ctx ? zmq_ctx_new() : s.ctx;
@@ -156,48 +157,12 @@ static void echo_samples(size_t req_bytes, size_t reply_bytes, int iters, bool i
     zmq_setsockopt(d, ZMQ_LINGER, &linger, sizeof linger);
     zmq_connect(d, s.ep);
     void *req = calloc(1, req_bytes + 1);
-    for (int i = -5; i < iters; i++) {
-        double t0 = moe_now_s();
-        zmq_send(d, req, req_bytes, 0);
-        zmq_msg_t m;
-        zmq_msg_init(&m);
-        while (zmq_msg_recv(&m, d, spin ? ZMQ_DONTWAIT : 0) < 0 && zmq_errno() == EAGAIN)
-            sched_yield();
-        zmq_msg_close(&m);
-        if (i >= 0)
-            t[i] = (moe_now_s() - t0) * 1e6;
-    }
-    s.stop = 1;
-    pthread_join(s.th, NULL);
-    zmq_close(d);
-    if (own_ctx)
-        zmq_ctx_term(cctx);
-    zmq_ctx_term(s.ctx);
-    free(req);
-}
-
-/* The echo's throughput with `inflight` requests outstanding (as the engine's 4-in-flight row
- * runs), the client in a context of its own (two I/O threads, as between two processes): n
- * requests after 5 unrecorded ones; returns the seconds the n took. */
-static double echo_rate(size_t req_bytes, size_t reply_bytes, int n, int inflight, bool ipc, bool spin) {
-    echo_srv s = {.reply_bytes = reply_bytes, .spin = spin};
-    s.ctx = zmq_ctx_new();
-    void *cctx = zmq_ctx_new();
-    if (ipc)
-        snprintf(s.ep, sizeof s.ep, "ipc:///tmp/moe-echo-%d", (int)getpid());
-    else
-        snprintf(s.ep, sizeof s.ep, "tcp://127.0.0.1:%d", engine_free_port());
-    pthread_create(&s.th, NULL, echo_main, &s);
-    void *d = zmq_socket(cctx, ZMQ_DEALER);
-    int linger = 0;
-    zmq_setsockopt(d, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_connect(d, s.ep);
-    void *req = calloc(1, req_bytes + 1);
-    double t0 = 0;
+    double t0 = 0, t_sent = 0;
     int sent = 0, done = 0;
     const int total = n + 5;
     while (done < total) {
         while (sent < total && sent - done < inflight) {
+            t_sent = moe_now_s();
             zmq_send(d, req, req_bytes, 0);
             sent++;
         }
@@ -206,6 +171,8 @@ static double echo_rate(size_t req_bytes, size_t reply_bytes, int n, int infligh
         while (zmq_msg_recv(&m, d, spin ? ZMQ_DONTWAIT : 0) < 0 && zmq_errno() == EAGAIN)
             sched_yield();
         zmq_msg_close(&m);
+        if (t && inflight == 1 && done >= 5)
+            t[done - 5] = (moe_now_s() - t_sent) * 1e6;
         if (++done == 5)
             t0 = moe_now_s();
     }
@@ -213,10 +180,16 @@ static double echo_rate(size_t req_bytes, size_t reply_bytes, int n, int infligh
     s.stop = 1;
     pthread_join(s.th, NULL);
     zmq_close(d);
-    zmq_ctx_term(cctx);
+    if (own_ctx)
+        zmq_ctx_term(cctx);
     zmq_ctx_term(s.ctx);
     free(req);
     return wall;
+}
+
+/* n round trips (us) into t, one request at a time. */
+static void echo_samples(size_t req_bytes, size_t reply_bytes, int n, bool ipc, bool spin, bool own_ctx, double *t) {
+    (void)echo_run(req_bytes, reply_bytes, n, 1, ipc, spin, own_ctx, t);
 }
 
 /* In-process CUDA: the whole model on one GPU, kernels on device-resident data. */
@@ -529,7 +502,7 @@ int main(int argc, char **argv) {
         for (int j = 0; j < 4; j++)
             free(ys[j]);
         /* the echo the same way, right after: 4 outstanding on the engine's transport */
-        const double wall_e4 = echo_rate(req_bytes, rep_bytes, iters, 4, ipc, busy_us > 0);
+        const double wall_e4 = echo_run(req_bytes, rep_bytes, iters, 4, ipc, busy_us > 0, true, NULL);
         double over = p50 - inproc - (ipc ? echo_ipc : echo);
         printf("%6lld %12.1f %10.1f %10.1f %10.1f %12.1f %12.1f %12.1f %9.0f%% %14.0f %14.0f %14.0f %8.0f%%\n",
                (long long)T, inproc, echo, echo_ipc, echo_2c, p50, p99, over, 100.0 * over / p50,
