@@ -270,7 +270,7 @@ template <> struct kc_v8<__nv_bfloat16> {
         *(uint4 *)p = u;
     }
     static __device__ __forceinline__ float ld1(const void *p, int64_t i) {
-        return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+        return kc_ld((const __nv_bfloat16 *)p, i);
     }
     static __device__ __forceinline__ void st1(void *p, int64_t i, float v) {
         ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
@@ -295,7 +295,7 @@ template <> struct kc_v8<__half> {
             h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
         *(uint4 *)p = u;
     }
-    static __device__ __forceinline__ float ld1(const void *p, int64_t i) { return __half2float(((const __half *)p)[i]); }
+    static __device__ __forceinline__ float ld1(const void *p, int64_t i) { return kc_ld((const __half *)p, i); }
     static __device__ __forceinline__ void st1(void *p, int64_t i, float v) { ((__half *)p)[i] = __float2half_rn(v); }
 };
 template <> struct kc_v8<float> {
@@ -307,7 +307,7 @@ template <> struct kc_v8<float> {
         ((float4 *)p)[0] = make_float4(f[0], f[1], f[2], f[3]);
         ((float4 *)p)[1] = make_float4(f[4], f[5], f[6], f[7]);
     }
-    static __device__ __forceinline__ float ld1(const void *p, int64_t i) { return ((const float *)p)[i]; }
+    static __device__ __forceinline__ float ld1(const void *p, int64_t i) { return kc_ld((const float *)p, i); }
     static __device__ __forceinline__ void st1(void *p, int64_t i, float v) { ((float *)p)[i] = v; }
 };
 

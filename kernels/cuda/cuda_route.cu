@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kernels/cuda/kc_device.cuh"
 #include "kernels/cuda/kern_cuda_impl.h"
 
 #define KC_RT_WARPS 4
@@ -75,13 +76,6 @@ static __device__ __forceinline__ void kc_warp_best(float &v, int &i) {
             i = oi;
         }
     }
-}
-
-template <typename T> static __device__ __forceinline__ float kc_ld(const T *p, int64_t i);
-template <> __device__ __forceinline__ float kc_ld<float>(const float *p, int64_t i) { return p[i]; }
-template <> __device__ __forceinline__ float kc_ld<__half>(const __half *p, int64_t i) { return __half2float(p[i]); }
-template <> __device__ __forceinline__ float kc_ld<__nv_bfloat16>(const __nv_bfloat16 *p, int64_t i) {
-    return __bfloat162float(p[i]);
 }
 
 typedef struct kc_route_dev {

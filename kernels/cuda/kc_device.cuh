@@ -1,12 +1,22 @@
 /*
  * kc_device.cuh: device helpers shared by the CUDA backend's kernels: the error record,
- * programmatic dependent launch, the local slot of a pair's expert.
+ * programmatic dependent launch, the local slot of a pair's expert, one element as fp32.
  */
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include "kernels/cuda/kern_cuda_impl.h"
+
+/* Element i of an fp32 / f16 / bf16 array, as fp32. */
+template <typename T> static __device__ __forceinline__ float kc_ld(const T *p, int64_t i);
+template <> __device__ __forceinline__ float kc_ld<float>(const float *p, int64_t i) { return p[i]; }
+template <> __device__ __forceinline__ float kc_ld<__half>(const __half *p, int64_t i) { return __half2float(p[i]); }
+template <> __device__ __forceinline__ float kc_ld<__nv_bfloat16>(const __nv_bfloat16 *p, int64_t i) {
+    return __bfloat162float(p[i]);
+}
 
 /* First error wins (claim in device memory), the record goes to mapped host memory with plain
  * stores, the code last. */

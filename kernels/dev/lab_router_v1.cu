@@ -9,13 +9,7 @@
 #include <stdint.h>
 
 #include "engine/base/moe_base.h"
-
-template <typename T> static __device__ __forceinline__ float kc_ld(const T *p, int64_t i);
-template <> __device__ __forceinline__ float kc_ld<float>(const float *p, int64_t i) { return p[i]; }
-template <> __device__ __forceinline__ float kc_ld<__half>(const __half *p, int64_t i) { return __half2float(p[i]); }
-template <> __device__ __forceinline__ float kc_ld<__nv_bfloat16>(const __nv_bfloat16 *p, int64_t i) {
-    return __bfloat162float(p[i]);
-}
+#include "kernels/cuda/kc_device.cuh"
 
 /* ---- router logits ------------------------------------------------------------------------
  * logits[t, e] = sum_h x[t, h] * router[e, h] in fp32. A CTA holds up to LAB_RL1_TOK token rows in

@@ -187,11 +187,6 @@ static double echo_run(size_t req_bytes, size_t reply_bytes, int n, int inflight
     return wall;
 }
 
-/* n round trips (us) into t, one request at a time. */
-static void echo_samples(size_t req_bytes, size_t reply_bytes, int n, bool ipc, bool spin, bool own_ctx, double *t) {
-    (void)echo_run(req_bytes, reply_bytes, n, 1, ipc, spin, own_ctx, t);
-}
-
 /* In-process CUDA: the whole model on one GPU, kernels on device-resident data. */
 typedef struct cuda_inproc {
     bool on;
@@ -447,9 +442,9 @@ int main(int argc, char **argv) {
         const int rounds = iters >= 25 ? 5 : 1;
         for (int rd = 0, i0 = 0; rd < rounds; rd++) {
             const int i1 = iters * (rd + 1) / rounds;
-            echo_samples(req_bytes, rep_bytes, i1 - i0, false, busy_us > 0, false, te + i0);
-            echo_samples(req_bytes, rep_bytes, i1 - i0, true, busy_us > 0, false, te_ipc + i0);
-            echo_samples(req_bytes, rep_bytes, i1 - i0, false, busy_us > 0, true, te_2c + i0);
+            echo_run(req_bytes, rep_bytes, i1 - i0, 1, false, busy_us > 0, false, te + i0);
+            echo_run(req_bytes, rep_bytes, i1 - i0, 1, true, busy_us > 0, false, te_ipc + i0);
+            echo_run(req_bytes, rep_bytes, i1 - i0, 1, false, busy_us > 0, true, te_2c + i0);
             for (int i = i0; i < i1; i++) {
                 double t0 = moe_now_s();
                 if (moec_submit(c, &r, y.data, moe_tensor_nbytes(&y), 0) != MOEC_OK) {

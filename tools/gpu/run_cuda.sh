@@ -64,23 +64,22 @@ if want tests; then
   echo "tests exit $trc"
 fi
 
-if want lab; then
-  echo "== lab"
-  timeout "${LAB_TIMEOUT:-200}" "$BUNDLE/bin/lab_experts" ${LAB_ARGS:-} >"$OUT/lab.log" 2>"$OUT/lab.err"
-  lrc=$?
-  [ $lrc -ne 0 ] && rc=1
-  tail -3 "$OUT/lab.err"
-  echo "lab exit $lrc"
-fi
+# run_prog STEP BINARY TIMEOUT [ARGS...]: stdout to STEP.log, stderr to STEP.err, its last lines shown
+run_prog() {
+  local step="$1" bin="$2" to="$3" prc
+  shift 3
+  echo "== $step"
+  timeout "$to" "$BUNDLE/bin/$bin" "$@" >"$OUT/$step.log" 2>"$OUT/$step.err"
+  prc=$?
+  [ $prc -ne 0 ] && rc=1
+  tail -3 "$OUT/$step.err"
+  echo "$step exit $prc"
+}
 
-if want router; then
-  echo "== router"
-  timeout "${ROUTER_TIMEOUT:-120}" "$BUNDLE/bin/lab_router" ${ROUTER_ARGS:-} >"$OUT/router.log" 2>"$OUT/router.err"
-  rrc=$?
-  [ $rrc -ne 0 ] && rc=1
-  tail -3 "$OUT/router.err"
-  echo "router exit $rrc"
-fi
+# shellcheck disable=SC2086
+want lab && run_prog lab lab_experts "${LAB_TIMEOUT:-200}" ${LAB_ARGS:-}
+# shellcheck disable=SC2086
+want router && run_prog router lab_router "${ROUTER_TIMEOUT:-120}" ${ROUTER_ARGS:-}
 
 if want prof; then
   # per-kernel time and DRAM traffic of the automatic variant, a few cases (Nsight Compute)
@@ -97,14 +96,8 @@ if want prof; then
   head -c 5000 "$OUT/prof.txt"
 fi
 
-if want bench; then
-  echo "== bench"
-  timeout "${BENCH_TIMEOUT:-200}" "$BUNDLE/bin/bench_moe" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>"$OUT/bench.err"
-  brc=$?
-  [ $brc -ne 0 ] && rc=1
-  tail -3 "$OUT/bench.err"
-  echo "bench exit $brc"
-fi
+# shellcheck disable=SC2086
+want bench && run_prog bench bench_moe "${BENCH_TIMEOUT:-200}" ${BENCH_ARGS:-}
 
 echo
 echo "================ summary ================"
