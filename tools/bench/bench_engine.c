@@ -393,6 +393,10 @@ int main(int argc, char **argv) {
     moe_rng_seed(&g, 1);
     /* the breakdown table's rows, printed after the main table */
     double rtt_mean[16] = {0}, parts[16][N_PATH], dev_step[16] = {0}, h2d[16] = {0}, enq[16] = {0}, gwait[16] = {0};
+    /* the same with 4 in flight: per step (a step may hold several requests) */
+    double lat4[16] = {0}, wall4_req[16] = {0}, steps4[16] = {0}, tok_step4[16] = {0}, parts4[16][N_PATH],
+           dev4[16] = {0};
+    memset(parts4, 0, sizeof parts4);
     inproc_split isp[16];
     memset(parts, 0, sizeof parts);
     memset(isp, 0, sizeof isp);
@@ -478,6 +482,8 @@ int main(int argc, char **argv) {
         void *ys[4];
         for (int j = 0; j < 4; j++)
             ys[j] = malloc(moe_tensor_nbytes(&y));
+        const path_sums b4 = read_path(c);
+        double lat_sum = 0;
         double t0 = moe_now_s();
         int sent = 0, done = 0;
         while (done < iters) {
@@ -491,9 +497,20 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "async: %s\n", res.message);
                 goto out;
             }
+            lat_sum += res.latency_ms * 1e3;
             done++;
         }
         double wall4 = moe_now_s() - t0;
+        const path_sums a4 = read_path(c);
+        lat4[ti] = lat_sum / iters;
+        wall4_req[ti] = wall4 * 1e6 / iters;
+        steps4[ti] = a4.steps - b4.steps;
+        for (int k = 0; k < N_PATH && steps4[ti] > 0; k++)
+            parts4[ti][k] = (a4.us[k] - b4.us[k]) / steps4[ti];
+        if (steps4[ti] > 0)
+            tok_step4[ti] = (double)(T * iters) / steps4[ti];
+        if (a4.gpu.steps > b4.gpu.steps)
+            dev4[ti] = (a4.gpu.step_us - b4.gpu.step_us) / (a4.gpu.steps - b4.gpu.steps);
         for (int j = 0; j < 4; j++)
             free(ys[j]);
         /* the echo the same way, right after: 4 outstanding on the engine's transport */
@@ -546,6 +563,22 @@ int main(int argc, char **argv) {
                    "call, split into router, routing and experts on the device (events) and the host's wait "
                    "beyond them (launch, synchronize)."
                  : "");
+    printf("\nwith 4 requests in flight (engine STATS \"path\", means per step; a step may hold several requests):\n");
+    printf("%6s %9s %9s %7s %9s %7s %7s %9s %9s %9s %9s %9s %7s", "T", "latency", "wall/req", "steps", "tok/step",
+           "queue", "stage", "to wkr", "w.start", "w.comp", "w.answer", "from wkr", "reply");
+    if (ci.on)
+        printf(" %9s", "dev step");
+    printf("\n");
+    for (int ti = 0; ti < n_ts; ti++) {
+        printf("%6lld %9.1f %9.1f %7.0f %9.0f", (long long)Ts[ti], lat4[ti], wall4_req[ti], steps4[ti], tok_step4[ti]);
+        for (int k = 0; k < N_PATH; k++)
+            printf(k < 2 ? " %7.1f" : " %9.1f", parts4[ti][k]);
+        if (ci.on)
+            printf(" %9.1f", dev4[ti]);
+        printf("\n");
+    }
+    printf("latency: a request's mean round trip seen by the client; wall/req: the run's time over its requests "
+           "(the throughput's inverse); the parts as above, per step.\n");
     rc = 0;
 out:
     if (ci.on) {
