@@ -3,10 +3,13 @@
  *
  *   bazel build -c opt //engine:moe-engine //tools/bench:bench_engine
  *   bazel-bin/tools/bench/bench_engine --engine bazel-bin/engine/moe-engine [--workers 2]
- *       [--iters 50] [--model DIR] [--gpu N] [--tokens 1,16,1024] [--busy-poll-us N] [--ipc]
+ *       [--iters 50] [--model DIR] [--gpu N] [--tokens 1,16,1024] [--busy-poll-us N] [--ipc] [--cpu]
  *
  * With --ipc the engine's clients connect over ipc:// and the overhead is taken against the ipc
  * echo (the issue's "same transport"; default tcp loopback).
+ * With --cpu it also prints, after each request size's row, the CPU time of every thread of this
+ * program (the client), the engine's coordinator and its workers that was busier than 5% of a
+ * core during the 4-in-flight run (from /proc): the thread a pipelined run saturates.
  * With --busy-poll-us N the engine, the client (moec_client_set_busy_poll) and both ends of the
  * bare echo poll without sleeping for up to N us while they wait (default: the engine's own
  * default, 1000 with --gpu, else 0).
@@ -41,6 +44,7 @@
  * Napkin math for the default model (E=16, K=4, H=256, I=128, shared I=256, bf16): per token
  * 2*K*3*H*I + 2*3*H*I_s = 1.6 + 0.4 MFLOP; the weights are 7 MiB, so the CPU stays compute-bound.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -187,6 +191,108 @@ static double echo_run(size_t req_bytes, size_t reply_bytes, int n, int inflight
     return wall;
 }
 
+/* ---- CPU time per thread (Linux /proc), to see which thread a pipelined run saturates ---- */
+#define CPU_MAX_THREADS 512
+typedef struct thr_cpu {
+    int pid, tid;
+    char name[48]; /* process/thread */
+    double ticks;  /* utime + stime */
+} thr_cpu;
+
+/* Appends the threads of process pid to out[*n] (up to cap). */
+static void threads_of(int pid, const char *proc, thr_cpu *out, int *n, int cap) {
+    char dir[64];
+    snprintf(dir, sizeof dir, "/proc/%d/task", pid);
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d)) && *n < cap) {
+        if (de->d_name[0] < '0' || de->d_name[0] > '9')
+            continue;
+        char path[400], buf[1024];
+        snprintf(path, sizeof path, "%s/%s/stat", dir, de->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        size_t len = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[len] = '\0';
+        char *lp = strchr(buf, '('), *rp = strrchr(buf, ')');
+        if (!lp || !rp || rp < lp)
+            continue;
+        /* after ") ": state (field 3) ... utime (14), stime (15) */
+        unsigned long long ut = 0, stt = 0;
+        if (sscanf(rp + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &stt) != 2)
+            continue;
+        thr_cpu *t = &out[(*n)++];
+        t->pid = pid;
+        t->tid = atoi(de->d_name);
+        snprintf(t->name, sizeof t->name, "%s/%.*s", proc, (int)(rp - lp - 1), lp + 1);
+        t->ticks = (double)(ut + stt);
+    }
+    closedir(d);
+}
+
+/* The threads of this process, of the engine (pid) and of its children (the workers). */
+static int cpu_snapshot(int engine_pid, thr_cpu *out, int cap) {
+    int n = 0;
+    threads_of(getpid(), "client", out, &n, cap);
+    threads_of(engine_pid, "coord", out, &n, cap);
+    DIR *d = opendir("/proc");
+    struct dirent *de;
+    while (d && (de = readdir(d))) {
+        if (de->d_name[0] < '0' || de->d_name[0] > '9')
+            continue;
+        char path[300], buf[512];
+        snprintf(path, sizeof path, "/proc/%s/stat", de->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        size_t len = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[len] = '\0';
+        char *rp = strrchr(buf, ')');
+        int ppid = 0;
+        if (rp && sscanf(rp + 2, "%*c %d", &ppid) == 1 && ppid == engine_pid)
+            threads_of(atoi(de->d_name), "worker", out, &n, cap);
+    }
+    if (d)
+        closedir(d);
+    return n;
+}
+
+/* Prints the threads busier than 5% of a core between two snapshots `secs` apart, busiest first. */
+static void cpu_report(const thr_cpu *a, int na, const thr_cpu *b, int nb, double secs) {
+    const double hz = (double)sysconf(_SC_CLK_TCK);
+    typedef struct {
+        const thr_cpu *t;
+        double pct;
+    } row;
+    row rows[CPU_MAX_THREADS];
+    int nr = 0;
+    for (int i = 0; i < nb; i++) {
+        double before = 0;
+        for (int j = 0; j < na; j++)
+            if (a[j].tid == b[i].tid && a[j].pid == b[i].pid)
+                before = a[j].ticks;
+        const double pct = 100.0 * (b[i].ticks - before) / hz / secs;
+        if (pct >= 5.0 && nr < CPU_MAX_THREADS)
+            rows[nr++] = (row){&b[i], pct};
+    }
+    for (int i = 1; i < nr; i++) /* insertion sort, busiest first */
+        for (int j = i; j > 0 && rows[j].pct > rows[j - 1].pct; j--) {
+            row x = rows[j];
+            rows[j] = rows[j - 1];
+            rows[j - 1] = x;
+        }
+    for (int i = 0; i < nr; i++)
+        printf("    %-32s %-12s %5.0f%% of a core\n", rows[i].t->name,
+               rows[i].t->tid == rows[i].t->pid ? "main thread" : "", rows[i].pct);
+    if (nr == 0)
+        printf("    (no thread above 5%%)\n");
+}
+
 /* In-process CUDA: the whole model on one GPU, kernels on device-resident data. */
 typedef struct cuda_inproc {
     bool on;
@@ -287,6 +393,7 @@ int main(int argc, char **argv) {
     const char *engine = NULL, *model = NULL, *tokens_s = "1,4,16,64,256,1024";
     int workers = 2, iters = 50, gpu = -1, busy_us = -1;
     bool ipc = false; /* --ipc: the engine's client endpoint on ipc://, measured against the ipc echo */
+    bool cpu_verbose = false; /* --cpu: each thread's CPU time during the 4-in-flight runs */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--engine") == 0 && i + 1 < argc)
             engine = argv[++i];
@@ -304,15 +411,17 @@ int main(int argc, char **argv) {
             busy_us = atoi(argv[++i]);
         else if (strcmp(argv[i], "--ipc") == 0)
             ipc = true;
+        else if (strcmp(argv[i], "--cpu") == 0)
+            cpu_verbose = true;
         else {
             fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR] [--gpu N] [--tokens LIST] "
-                            "[--busy-poll-us N] [--ipc]\n");
+                            "[--busy-poll-us N] [--ipc] [--cpu]\n");
             return 2;
         }
     }
     if (!engine || workers < 1 || iters < 3) {
         fprintf(stderr, "usage: bench_engine --engine PATH [--workers N] [--iters N] [--model DIR] [--gpu N] [--tokens LIST] "
-                            "[--busy-poll-us N] [--ipc]\n");
+                            "[--busy-poll-us N] [--ipc] [--cpu]\n");
         return 2;
     }
     moe_log_init_from_env();
@@ -484,6 +593,8 @@ int main(int argc, char **argv) {
             ys[j] = malloc(moe_tensor_nbytes(&y));
         const path_sums b4 = read_path(c);
         double lat_sum = 0;
+        static thr_cpu cpu_a[CPU_MAX_THREADS], cpu_b[CPU_MAX_THREADS];
+        const int n_cpu_a = cpu_snapshot((int)e.pid, cpu_a, CPU_MAX_THREADS);
         double t0 = moe_now_s();
         int sent = 0, done = 0;
         while (done < iters) {
@@ -501,6 +612,7 @@ int main(int argc, char **argv) {
             done++;
         }
         double wall4 = moe_now_s() - t0;
+        const int n_cpu_b = cpu_snapshot((int)e.pid, cpu_b, CPU_MAX_THREADS);
         const path_sums a4 = read_path(c);
         lat4[ti] = lat_sum / iters;
         wall4_req[ti] = wall4 * 1e6 / iters;
@@ -509,6 +621,11 @@ int main(int argc, char **argv) {
             parts4[ti][k] = (a4.us[k] - b4.us[k]) / steps4[ti];
         if (steps4[ti] > 0)
             tok_step4[ti] = (double)(T * iters) / steps4[ti];
+        if (cpu_verbose) {
+            printf("  T = %lld, 4 in flight, %.2f s: the threads' CPU time (client = this program)\n", (long long)T,
+                   wall4);
+            cpu_report(cpu_a, n_cpu_a, cpu_b, n_cpu_b, wall4);
+        }
         if (a4.gpu.steps > b4.gpu.steps)
             dev4[ti] = (a4.gpu.step_us - b4.gpu.step_us) / (a4.gpu.steps - b4.gpu.steps);
         for (int j = 0; j < 4; j++)
