@@ -11,7 +11,16 @@
  *
  * Invariants: a slot ends exactly once (finish()); y is written only for a successful
  * SUBMIT reply whose dtype and shape are exactly the request's.
+ *
+ * Request buffers: a request of REQBUF_MIN_BYTES or more is encoded into a buffer of the
+ * client's pool and sent without a copy (zmq_msg_init_data); ZeroMQ's I/O thread hands the
+ * buffer back once it is written out (reqbuf_release, under the pool's lock), and the next
+ * request reuses it. A fresh allocation per request touched every page anew: at 4 MiB a request
+ * the calling thread took ~500 page faults each and was the pipeline's busiest thread
+ * (docs/PERF.md, engine runs 48-49). At most REQBUF_KEEP buffers are kept; the pool is freed
+ * after the context is terminated (every message released).
  */
+#include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -50,8 +59,83 @@ typedef struct slot {
     uint64_t done_seq;
 } slot;
 
+#define REQBUF_MIN_BYTES (64u * 1024u)
+#define REQBUF_KEEP 8
+
+typedef struct reqbuf {
+    struct reqbuf *next;
+    struct reqpool *pool;
+    size_t cap;
+    max_align_t data[]; /* the encoded request */
+} reqbuf;
+
+typedef struct reqpool {
+    pthread_mutex_t mu; /* ZeroMQ's I/O thread returns buffers */
+    bool inited;
+    reqbuf *free;
+    int n_free;
+} reqpool;
+
+/* ZeroMQ's free callback of a pooled request (its I/O thread, or ours on a failed send). */
+static void reqbuf_release(void *data, void *hint) {
+    (void)data;
+    reqbuf *b = hint;
+    reqpool *p = b->pool;
+    pthread_mutex_lock(&p->mu);
+    if (p->n_free < REQBUF_KEEP) {
+        b->next = p->free;
+        p->free = b;
+        p->n_free++;
+        b = NULL;
+    }
+    pthread_mutex_unlock(&p->mu);
+    free(b);
+}
+
+/* A buffer of at least n bytes: a kept one that fits (a kept one too small for it is freed, so
+ * that the pool follows the requests' size), else a new one. NULL when out of memory. */
+static reqbuf *reqbuf_get(reqpool *p, size_t n) {
+    reqbuf *b = NULL, *small = NULL;
+    pthread_mutex_lock(&p->mu);
+    for (reqbuf **pp = &p->free; *pp; pp = &(*pp)->next)
+        if ((*pp)->cap >= n) {
+            b = *pp;
+            *pp = b->next;
+            p->n_free--;
+            break;
+        }
+    if (!b && p->free) {
+        small = p->free;
+        p->free = small->next;
+        p->n_free--;
+    }
+    pthread_mutex_unlock(&p->mu);
+    free(small);
+    if (!b) {
+        b = malloc(sizeof *b + n);
+        if (!b)
+            return NULL;
+        b->pool = p;
+        b->cap = n;
+    }
+    return b;
+}
+
+static void reqpool_free(reqpool *p) {
+    if (!p->inited)
+        return;
+    while (p->free) {
+        reqbuf *b = p->free;
+        p->free = b->next;
+        free(b);
+    }
+    pthread_mutex_destroy(&p->mu);
+    p->inited = false;
+}
+
 struct moec_client {
     void *ctx, *sock, *mon;
+    reqpool pool;
     char endpoint[256];
     moec_options o;
     slot *tab;
@@ -145,6 +229,11 @@ int moec_client_init(moec_client_t **out, const char *endpoint, const moec_optio
     moec_client_t *c = calloc(1, sizeof *c);
     if (!c)
         return MOEC_ERR_NOMEM;
+    if (pthread_mutex_init(&c->pool.mu, NULL) != 0) {
+        free(c);
+        return MOEC_ERR_SYSTEM;
+    }
+    c->pool.inited = true;
     if (opt)
         c->o = *opt;
     else
@@ -227,7 +316,8 @@ void moec_client_free(moec_client_t *c) {
     if (c->sock)
         zmq_close(c->sock);
     if (c->ctx)
-        zmq_ctx_term(c->ctx);
+        zmq_ctx_term(c->ctx); /* every message released: no pooled buffer is out any more */
+    reqpool_free(&c->pool);
     if (c->tab)
         for (int i = 0; i < c->cap; i++)
             free(c->tab[i].json);
@@ -476,12 +566,25 @@ static moe_status start(moec_client_t *c, ipc_msg *m, bool async, int32_t timeou
         return moe_fail(MOE_ERR_LIMIT, "the request is %zu bytes, over max_msg_bytes %llu", n,
                         (unsigned long long)c->o.max_msg_bytes);
     zmq_msg_t zm;
-    if (zmq_msg_init_size(&zm, n) != 0)
-        return moe_fail(MOE_ERR_NOMEM, "request of %zu bytes", n);
-    moe_status st = ipc_encode(m, zmq_msg_data(&zm), n, NULL);
-    if (st != MOE_OK) {
-        zmq_msg_close(&zm);
-        return st;
+    if (n >= REQBUF_MIN_BYTES) { /* from the pool, sent without a copy */
+        reqbuf *b = reqbuf_get(&c->pool, n);
+        if (!b)
+            return moe_fail(MOE_ERR_NOMEM, "request of %zu bytes", n);
+        moe_status st = ipc_encode(m, b->data, n, NULL);
+        if (st == MOE_OK && zmq_msg_init_data(&zm, b->data, n, reqbuf_release, b) != 0)
+            st = moe_fail(MOE_ERR_NOMEM, "request of %zu bytes", n);
+        if (st != MOE_OK) {
+            reqbuf_release(b->data, b);
+            return st;
+        }
+    } else {
+        if (zmq_msg_init_size(&zm, n) != 0)
+            return moe_fail(MOE_ERR_NOMEM, "request of %zu bytes", n);
+        moe_status st = ipc_encode(m, zmq_msg_data(&zm), n, NULL);
+        if (st != MOE_OK) {
+            zmq_msg_close(&zm);
+            return st;
+        }
     }
     if (zmq_msg_send(&zm, c->sock, ZMQ_DONTWAIT) < 0) {
         int e = zmq_errno();

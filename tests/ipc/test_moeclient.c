@@ -318,6 +318,75 @@ static void test_async_many(void **state) {
     stop_server(s);
 }
 
+/* Requests of 64 KiB and more go out from the client's pool of reused buffers: requests that
+ * grow and shrink (a kept buffer too small is replaced), one at a time and eight in flight,
+ * each output bit-exact; a client freed with pooled requests still unanswered. */
+static void test_large_requests(void **state) {
+    (void)state;
+    testsrv_opts o;
+    testsrv_opts_default(&o);
+    o.max_tokens = 8192;
+    testsrv_t *s = start_server(&o);
+    moec_client_t *c = connect_to(testsrv_endpoint(s), 10000);
+    /* f32, H 64: 256 bytes a token, so T >= 256 is pooled; bf16 T = 300 is not */
+    const int64_t Ts[] = {300, 1200, 280, 4000, 600, 2000, 300};
+    for (size_t i = 0; i < sizeof Ts / sizeof Ts[0]; i++) {
+        for (int dt = 0; dt < 2; dt++) {
+            batch b;
+            batch_make(&b, Ts[i], dt ? MOEC_BF16 : MOEC_F32, 300 + 10 * (uint64_t)i + (uint64_t)dt);
+            moec_request r = batch_request(&b, (int32_t)(i % 4), (int)(i % 3));
+            assert_int_equal(moec_submit(c, &r, b.y, b.y_bytes, 0), MOEC_OK);
+            expect_y(&b, (int32_t)(i % 4), (int)(i % 3));
+            batch_free(&b);
+        }
+    }
+    enum { N = 40 };
+    batch *b = calloc(N, sizeof *b);
+    uint64_t *ids = calloc(N, sizeof *ids);
+    int sent = 0, got = 0;
+    while (got < N) {
+        while (sent < N && moec_in_flight(c) < 8) {
+            batch_make(&b[sent], Ts[sent % 7] + sent, MOEC_F32, 900 + (uint64_t)sent);
+            moec_request r = batch_request(&b[sent], sent % 4, sent % 3);
+            assert_int_equal(moec_submit_async(c, &r, b[sent].y, b[sent].y_bytes, 0, &ids[sent]), MOEC_OK);
+            sent++;
+        }
+        moec_result res;
+        assert_int_equal(moec_collect(c, -1, &res), MOEC_OK);
+        int k = -1;
+        for (int i = 0; i < sent; i++)
+            if (ids[i] == res.request_id)
+                k = i;
+        assert_true(k >= 0);
+        if (res.status != MOEC_OK)
+            fail_msg("request %d: %s %s", k, moec_status_name(res.status), res.message);
+        expect_y(&b[k], k % 4, k % 3);
+        batch_free(&b[k]);
+        got++;
+    }
+    free(b);
+    free(ids);
+    moec_client_free(c);
+    stop_server(s);
+
+    /* freed with pooled requests unanswered (the server holds its replies) */
+    o.delay_ms = 2000;
+    s = start_server(&o);
+    c = connect_to(testsrv_endpoint(s), 10000);
+    batch big[4];
+    for (int i = 0; i < 4; i++) {
+        batch_make(&big[i], 3000, MOEC_F32, 70 + (uint64_t)i);
+        moec_request r = batch_request(&big[i], 0, 0);
+        uint64_t id;
+        assert_int_equal(moec_submit_async(c, &r, big[i].y, big[i].y_bytes, 0, &id), MOEC_OK);
+    }
+    assert_int_equal(moec_in_flight(c), 4);
+    moec_client_free(c);
+    for (int i = 0; i < 4; i++)
+        batch_free(&big[i]);
+    stop_server(s);
+}
+
 static void test_timeout_and_busy(void **state) {
     (void)state;
     testsrv_opts o;
@@ -521,6 +590,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ping_info_stats),   cmocka_unit_test(test_submit_all_forms_and_dtypes),
         cmocka_unit_test(test_server_refusals),   cmocka_unit_test(test_async_many),
+        cmocka_unit_test(test_large_requests),
         cmocka_unit_test(test_timeout_and_busy),  cmocka_unit_test(test_server_restart),
         cmocka_unit_test(test_protocol_versions), cmocka_unit_test(test_status_names),
     };
