@@ -22,13 +22,15 @@
 
 /* The tile blocks of each expert, over one CTA of at most KC_ALIGN_THREADS threads, each thread
  * a contiguous range of experts: an exclusive scan of ceil(cnt[e] / bn) (warp shuffles, then
- * the warps' sums), offb[e] = the expert's first block, block_expert[b] = its expert, the
- * padding rows of each expert's last block set to -1, *n_blocks = the total. cnt may be in
- * shared or global memory; wsum is shared scratch of KC_ALIGN_THREADS / 32 words. Callers
- * synchronize after it before reading what it wrote. */
+ * the warps' sums), offb[e] = the expert's first block, block_expert[b] = its expert, *n_blocks =
+ * the total (and *n_blocks_s, shared, where given), then the padding rows of each expert's last
+ * block set to -1, a warp per expert (consecutive lanes, consecutive rows: one thread writing
+ * an expert's padding alone took 5-10 us at bn = 128, every store of a warp on its own line;
+ * run 52). cnt may be in shared or global memory, sorted_rows too; wsum is shared scratch of
+ * KC_ALIGN_THREADS / 32 words. Callers synchronize after it before reading what it wrote. */
 __device__ __forceinline__ void kc_block_scan_fill(const int32_t *cnt, int32_t n_local, int32_t bn, int32_t *offb,
                                                    int32_t *sorted_rows, int32_t *block_expert, int32_t *n_blocks,
-                                                   int32_t *wsum) {
+                                                   int32_t *n_blocks_s, int32_t *wsum) {
     const int tid = threadIdx.x;
     const int chunk = (n_local + blockDim.x - 1) / blockDim.x;
     const int e0 = tid * chunk, e1 = min(n_local, e0 + chunk);
@@ -57,20 +59,29 @@ __device__ __forceinline__ void kc_block_scan_fill(const int32_t *cnt, int32_t n
         }
         if (lane < (int)(blockDim.x / 32))
             wsum[lane] = iv - v; /* exclusive */
-        if (lane == 31)
+        if (lane == 31) {
             *n_blocks = iv;
+            if (n_blocks_s)
+                *n_blocks_s = iv;
+        }
     }
     __syncthreads();
     int32_t run = wsum[warp] + incl - mine;
     for (int e = e0; e < e1; e++) {
         offb[e] = run;
-        const int32_t c = cnt[e];
-        const int32_t nbe = (c + bn - 1) / bn;
+        const int32_t nbe = (cnt[e] + bn - 1) / bn;
         for (int b = 0; b < nbe; b++)
             block_expert[run + b] = e;
-        for (int i = c; i < nbe * bn; i++)
-            sorted_rows[run * bn + i] = -1;
         run += nbe;
+    }
+    __syncthreads(); /* offb */
+    const int nwarps = (int)(blockDim.x / 32);
+    for (int e = warp; e < n_local; e += nwarps) {
+        const int32_t c = cnt[e];
+        const int32_t end = (c + bn - 1) / bn * bn;
+        int32_t *rows = sorted_rows + (size_t)offb[e] * bn;
+        for (int i = c + lane; i < end; i += 32)
+            rows[i] = -1;
     }
 }
 
@@ -97,42 +108,96 @@ static __device__ __forceinline__ int32_t kc_align_check(const int32_t *ids, con
     return e;
 }
 
+/* One CTA, every pair's loads issued before any of its atomics: thread tid holds pairs
+ * tid + i KC_ALIGN_THREADS (i < KC_ALIGN_PPT) in registers from the first load to the last
+ * store, so that a pass costs one memory latency instead of one per pair (run 52: the loop that
+ * loaded, checked and counted one pair at a time took 17 us for 6144 pairs). stage_rows > 0:
+ * the sorted rows are built in shared memory (stage_rows entries, at least n_blocks * bn) and
+ * written out with coalesced stores; a warp's scattered stores to global memory, one line per
+ * thread, took 20-30 us for 6-8k pairs (run 53). */
+#define KC_ALIGN_PPT (KC_ALIGN_MC_MIN_PAIRS / KC_ALIGN_THREADS)
+#define KC_ALIGN_STAGE_BYTES (192 * 1024)
 __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     kc_align_kernel(const int32_t *ids, const float *w, int64_t P, int32_t K, const int32_t *map, int32_t E,
                     int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows, int32_t *block_expert,
-                    int32_t *n_blocks, kc_errsink err) {
+                    int32_t *n_blocks, int32_t stage_rows, kc_errsink err) {
     extern __shared__ int32_t asm_[];
     int32_t *cnt = asm_;            /* [n_local] rows per expert */
     int32_t *offb = asm_ + n_local; /* [n_local] first block of each expert */
+    int32_t *rows = stage_rows > 0 ? asm_ + 2 * n_local : sorted_rows;
     __shared__ int32_t wsum[KC_ALIGN_THREADS / 32];
+    __shared__ int32_t nb_s;
     const int tid = threadIdx.x;
     kc_pdl_wait();
     kc_pdl_trigger();
 
     for (int e = tid; e < n_local; e += blockDim.x)
         cnt[e] = 0;
-    __syncthreads();
-
-    /* Pass 1: check, count, rank within the expert. */
-    for (int64_t p = tid; p < P; p += blockDim.x) {
-        const int32_t e = kc_align_check(ids, w, p, K, map, E, n_local, err);
-        pair_pos[p] = e >= 0 ? atomicAdd(&cnt[e], 1) : -1;
+    int32_t id[KC_ALIGN_PPT], ex[KC_ALIGN_PPT];
+    uint32_t bad_w = 0, idok = 0; /* bit i: pair i's weight is not finite / its id is in range */
+#pragma unroll
+    for (int i = 0; i < KC_ALIGN_PPT; i++) {
+        const int64_t p = tid + (int64_t)i * KC_ALIGN_THREADS;
+        id[i] = p < P ? ids[p] : -1;
+        if (p < P && !isfinite(w[p]))
+            bad_w |= 1u << i;
     }
+    /* the checks of kc_align_check, the map's loads all issued before their first use */
+#pragma unroll
+    for (int i = 0; i < KC_ALIGN_PPT; i++) {
+        const bool ok = id[i] >= 0 && id[i] < E;
+        idok |= (uint32_t)ok << i;
+        ex[i] = ok ? (map ? map[id[i]] : id[i]) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < KC_ALIGN_PPT; i++) {
+        const int64_t p = tid + (int64_t)i * KC_ALIGN_THREADS;
+        if (p >= P)
+            continue;
+        const bool bw = (bad_w >> i) & 1u, ok = (idok >> i) & 1u, bad_map = ok && (ex[i] < -1 || ex[i] >= n_local);
+        if (bw || !ok || bad_map) { /* rare: the weight is read again */
+            const int32_t t = (int32_t)(p / K), k = (int32_t)(p % K);
+            const float wt = w[p];
+            if (bw)
+                kc_record_err(err, KC_ERR_WEIGHT, t, k, id[i], wt);
+            if (!ok)
+                kc_record_err(err, KC_ERR_ID, t, k, id[i], wt);
+            else if (bad_map)
+                kc_record_err(err, KC_ERR_MAP, t, k, ex[i], wt);
+            if (!ok || bad_map)
+                ex[i] = -1;
+        }
+    }
+    __syncthreads(); /* cnt zeroed */
+
+    /* Count and rank within the expert (id[] now holds the rank). */
+#pragma unroll
+    for (int i = 0; i < KC_ALIGN_PPT; i++)
+        id[i] = ex[i] >= 0 ? atomicAdd(&cnt[ex[i]], 1) : -1;
     __syncthreads();
 
     /* Blocks per expert: their exclusive scan, block_expert and the padding rows. */
-    kc_block_scan_fill(cnt, n_local, bn, offb, sorted_rows, block_expert, n_blocks, wsum);
+    kc_block_scan_fill(cnt, n_local, bn, offb, rows, block_expert, n_blocks, &nb_s, wsum);
     __syncthreads();
 
-    /* Pass 2: place each pair. */
-    for (int64_t p = tid; p < P; p += blockDim.x) {
-        const int32_t r = pair_pos[p];
-        if (r < 0)
+    /* Place each pair. */
+#pragma unroll
+    for (int i = 0; i < KC_ALIGN_PPT; i++) {
+        const int64_t p = tid + (int64_t)i * KC_ALIGN_THREADS;
+        if (p >= P)
             continue;
-        const int32_t e = map ? map[ids[p]] : ids[p];
-        const int32_t pos = offb[e] * bn + r;
-        sorted_rows[pos] = (int32_t)p;
+        int32_t pos = -1;
+        if (ex[i] >= 0) {
+            pos = offb[ex[i]] * bn + id[i];
+            rows[pos] = (int32_t)p;
+        }
         pair_pos[p] = pos;
+    }
+    if (stage_rows > 0) {
+        __syncthreads();
+        const int n = nb_s * bn;
+        for (int i = tid; i < n; i += blockDim.x)
+            sorted_rows[i] = rows[i];
     }
 }
 
@@ -140,14 +205,25 @@ extern "C" int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pai
                                const int32_t *map, int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos,
                                int32_t *sorted_rows, int32_t *block_expert, int32_t *n_blocks, kc_errsink err,
                                int pdl, cudaStream_t st) {
-    const size_t smem = 2 * (size_t)(n_local > 0 ? n_local : 1) * sizeof(int32_t);
-    if (smem > 48 * 1024) { /* only large expert counts need the opt-in */
+    if (n_pairs > (int64_t)KC_ALIGN_PPT * KC_ALIGN_THREADS || bn <= 0)
+        return (int)cudaErrorInvalidValue; /* the three-launch version's */
+    /* the sorted rows in shared memory where they fit: at most ceil(P / bn) + min(n_local, P)
+     * blocks (kern_cuda.c's max_blocks_for) */
+    const int64_t busy = n_local < n_pairs ? n_local : n_pairs;
+    const int64_t max_rows = ((n_pairs + bn - 1) / bn + busy) * bn;
+    size_t smem = 2 * (size_t)(n_local > 0 ? n_local : 1) * sizeof(int32_t);
+    int32_t stage_rows = 0;
+    if (smem + (size_t)max_rows * sizeof(int32_t) <= KC_ALIGN_STAGE_BYTES) {
+        stage_rows = (int32_t)max_rows;
+        smem += (size_t)max_rows * sizeof(int32_t);
+    }
+    if (smem > 48 * 1024) { /* only large expert counts or staged rows need the opt-in */
         cudaError_t e = cudaFuncSetAttribute(kc_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess)
             return (int)e;
     }
     return kc_launch_ex(kc_align_kernel, dim3(1), dim3(KC_ALIGN_THREADS), smem, st, pdl, ids, w, n_pairs, top_k, map,
-                        n_experts, n_local, bn, pair_pos, sorted_rows, block_expert, n_blocks, err);
+                        n_experts, n_local, bn, pair_pos, sorted_rows, block_expert, n_blocks, stage_rows, err);
 }
 
 /* ---- alignment, many CTAs (large batches) ----------------------------------------------
@@ -202,7 +278,7 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     __shared__ int32_t wsum[KC_ALIGN_THREADS / 32];
     kc_pdl_wait();
     kc_pdl_trigger();
-    kc_block_scan_fill(gcnt, n_local, bn, offb, sorted_rows, block_expert, n_blocks, wsum);
+    kc_block_scan_fill(gcnt, n_local, bn, offb, sorted_rows, block_expert, n_blocks, nullptr, wsum);
 }
 
 __global__ void kc_align_place_kernel(const int32_t *ids, const int32_t *map, int64_t P, const int32_t *offb, int32_t bn,
@@ -330,6 +406,34 @@ static __device__ __forceinline__ const char *kc_sum_src(const kc_locality &l, c
                   : (const char *)slots + ((size_t)p * (size_t)H + (size_t)h) * es;
 }
 
+/* The sum's batched form for elements other than 16-bit ones held as raw bytes: the held
+ * slots' values (as floats) loaded together, then added in slot order. */
+template <typename T, int V>
+static __device__ __forceinline__ void kc_sum_batch_f(const kc_locality &loc, const void *slots, const bool *held,
+                                                      int64_t p0, int64_t H, int64_t h, float *acc) {
+    const size_t es = sizeof(T);
+    float sv[8][V];
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++) {
+        if (!held[kk])
+            continue;
+        const char *src = kc_sum_src(loc, slots, p0 + kk, H, h, es);
+        if (V == 8) {
+            kc_v8<T>::load(src, sv[kk]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < V; i++)
+                sv[kk][i] = kc_v8<T>::ld1(src, i);
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++)
+        if (held[kk])
+#pragma unroll
+            for (int i = 0; i < V; i++)
+                acc[i] += sv[kk][i];
+}
+
 template <typename T, int V, bool BATCH>
 __global__ void kc_sum_kernel(const void *slots, kc_locality loc, const void *shared, void *y, int64_t T_, int32_t K,
                               int64_t H) {
@@ -350,29 +454,29 @@ __global__ void kc_sum_kernel(const void *slots, kc_locality loc, const void *sh
          * additions stay in slot order. For small grids, where latency is the cost. */
         for (int k0 = 0; k0 < K; k0 += 8) {
             bool held[8];
-            float sv[8][V];
 #pragma unroll
             for (int kk = 0; kk < 8; kk++)
                 held[kk] = k0 + kk < K && kc_held(loc, t * K + k0 + kk);
+            if (V == 8 && sizeof(T) == 2) {
+                /* 16-bit elements: the raw 16 bytes of each slot held (4 registers, not 8), so
+                 * that the kernel keeps its occupancy at mid T (run 54: the one-slot-at-a-time
+                 * form took 17.8 us for Qwen3 T = 1024, 33.6 MB) */
+                uint4 raw[8];
 #pragma unroll
-            for (int kk = 0; kk < 8; kk++) {
-                if (!held[kk])
-                    continue;
-                const char *src = kc_sum_src(loc, slots, t * K + k0 + kk, H, h, es);
-                if (V == 8) {
-                    kc_v8<T>::load(src, sv[kk]);
-                } else {
+                for (int kk = 0; kk < 8; kk++)
+                    if (held[kk])
+                        raw[kk] = *(const uint4 *)kc_sum_src(loc, slots, t * K + k0 + kk, H, h, es);
 #pragma unroll
-                    for (int i = 0; i < V; i++)
-                        sv[kk][i] = kc_v8<T>::ld1(src, i);
-                }
+                for (int kk = 0; kk < 8; kk++)
+                    if (held[kk]) {
+                        kc_v8<T>::load(&raw[kk], v);
+#pragma unroll
+                        for (int i = 0; i < V; i++)
+                            acc[i] += v[i];
+                    }
+            } else {
+                kc_sum_batch_f<T, V>(loc, slots, held, t * K + k0, H, h, acc);
             }
-#pragma unroll
-            for (int kk = 0; kk < 8; kk++)
-                if (held[kk])
-#pragma unroll
-                    for (int i = 0; i < V; i++)
-                        acc[i] += sv[kk][i];
         }
     } else {
         /* One slot at a time: few registers, many threads in flight (large grids). */
@@ -423,8 +527,10 @@ static int kc_sum_t(const void *slots, kc_locality loc, const void *shared, void
                      (!shared || ((uintptr_t)shared % 16) == 0) && ((uintptr_t)loc.recv_rows % 16) == 0;
     const int64_t n = T_ * (vec ? H / 8 : H);
     const unsigned grid = (unsigned)((n + 255) / 256);
-    /* fewer than ~4 CTAs per SM: latency-bound, batch the slot loads */
-    const bool batch = grid < 512;
+    /* Up to about two waves the whole sum is a few dependent loads per thread: batch the slot
+     * loads (8 at a time, issued together). 16-bit elements: batched below 2048 CTAs (Qwen3
+     * T = 1024: 1024 CTAs); fp32 (8 floats per slot held): below 512, as measured first. */
+    const bool batch = grid < (sizeof(T) == 2 ? 2048u : 512u);
     if (vec && batch)
         return kc_launch_ex(kc_sum_kernel<T, 8, true>, dim3(grid), dim3(256), 0, st, pdl, slots, loc, shared, y, T_, K,
                             H);

@@ -192,7 +192,9 @@ int kc_launch_align_mc(const int32_t *ids, const float *w, int64_t n_pairs, int3
                        int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows,
                        int32_t *block_expert, int32_t *n_blocks, int32_t *scratch, kc_errsink err, int pdl,
                        cudaStream_t st);
-#define KC_ALIGN_MC_MIN_PAIRS 8192 /* from here on the three-launch version */
+/* From here on the three-launch version; below it, the one-CTA kernel holds every pair in
+ * registers (KC_ALIGN_MC_MIN_PAIRS / 1024 per thread). */
+#define KC_ALIGN_MC_MIN_PAIRS 16384
 
 /* y[t, h] = round(sum_k slots[t, k, h] (k ascending, from +0.0, skipping pairs not held here)
  * + shared[t, h] (when given)); all of dtype. */

@@ -18,8 +18,9 @@
  * FLOPs on 1/W of the weights). (b) / (a) above 1 is the cost of expert parallelism inside the
  * products (docs/PERF.md, engine runs 4-10, measured 1.36 at W = 2 in the engine).
  *
- * --ab: the 128-column TMA tiles ((5, 128), (7, 128), (8, 128), with and without PDL) in
- * interleaved rounds on five large-T cases (ab_compare).
+ * --ab: the automatic choice, the cp.async (1, 64) and (2, 64) and the 128-column TMA tiles
+ * ((5, 128), (8, 128)) in interleaved rounds on fifteen cases of 32 to 2048 rows per expert
+ * (ab_compare).
  *
  * --small: the alignment-free mode's options (kern_cuda_set_small_opts), numbered variants in
  * the same manner: variant 3.M is the automatic tile with option mask M (bit 1: the sum over
@@ -450,21 +451,26 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     static const struct {
         int mi;
         int64_t T;
-    } cases[] = {{0, 8192}, {0, 1024}, {1, 8192}, {2, 8192}, {2, 1024}};
+    } cases[] = {{0, 8192}, {0, 1024}, {0, 512}, {0, 384}, {0, 256}, {0, 128}, {1, 8192}, {1, 1024},
+                 {1, 768},  {1, 512},  {2, 8192}, {2, 1024}, {2, 768}, {2, 512}, {2, 352}};
+    /* (0, 0): the automatic choice; (1, 64) and (2, 64): the cp.async tiles of 22-80 rows per expert */
     static const struct {
-        int32_t nwg;
-        bool pdl;
-    } vars[] = {{5, true}, {7, true}, {8, true}, {5, false}, {7, false}};
+        int32_t nwg, bn;
+    } vars[] = {{0, 0}, {1, 64}, {2, 64}, {5, 128}, {8, 128}};
     enum { NV = sizeof vars / sizeof vars[0], ROUNDS = 9 };
     lab_timer tm;
     lab_timer_init(&tm);
     LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_WGMMA));
-    printf("\n--ab: the 128-column TMA tiles interleaved (%d rounds of median-of-3, L2 flushed, %s; us)\n", ROUNDS,
-           prop->name);
-    printf("| model | T |");
-    for (int v = 0; v < NV; v++)
-        printf(" %dx128%s |", (int)vars[v].nwg, vars[v].pdl ? "" : " no-pdl");
-    printf("\n|---|---|");
+    LB_CHECK(kern_cuda_set_pdl(gpu, prop->major >= 9));
+    printf("\n--ab: the large tiles interleaved (%d rounds of median-of-3, L2 flushed, %s; us)\n", ROUNDS, prop->name);
+    printf("| model | T | rows per expert |");
+    for (int v = 0; v < NV; v++) {
+        if (vars[v].nwg)
+            printf(" %dx%d |", (int)vars[v].nwg, (int)vars[v].bn);
+        else
+            printf(" auto |");
+    }
+    printf("\n|---|---|---|");
     for (int v = 0; v < NV; v++)
         printf("---|");
     printf("\n");
@@ -477,11 +483,11 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
         double t[NV][ROUNDS];
         for (int r = 0; r < ROUNDS; r++)
             for (int v = 0; v < NV; v++) {
-                LB_CHECK(kern_cuda_set_tile(gpu, vars[v].nwg, 128));
-                LB_CHECK(kern_cuda_set_pdl(gpu, vars[v].pdl && prop->major >= 9));
+                LB_CHECK(kern_cuda_set_tile(gpu, vars[v].nwg, vars[v].bn));
                 t[v][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 3);
             }
-        printf("| %s | %lld |", lab_models[mi].name, (long long)T);
+        printf("| %s | %lld | %lld |", lab_models[mi].name, (long long)T,
+               (long long)(T * lab_models[mi].K / lab_models[mi].E));
         for (int v = 0; v < NV; v++)
             printf(" %.1f |", dev_median(t[v], ROUNDS));
         printf("\n");
