@@ -27,16 +27,22 @@
  * block set to -1, a warp per expert (consecutive lanes, consecutive rows: one thread writing
  * an expert's padding alone took 5-10 us at bn = 128, every store of a warp on its own line;
  * run 52). cnt may be in shared or global memory, sorted_rows too; wsum is shared scratch of
- * KC_ALIGN_THREADS / 32 words. Callers synchronize after it before reading what it wrote. */
-__device__ __forceinline__ void kc_block_scan_fill(const int32_t *cnt, int32_t n_local, int32_t bn, int32_t *offb,
-                                                   int32_t *sorted_rows, int32_t *block_expert, int32_t *n_blocks,
-                                                   int32_t *n_blocks_s, int32_t *wsum) {
+ * KC_ALIGN_THREADS / 32 words. Callers synchronize after it before reading what it wrote. pair: each
+ * expert's block count rounded up to even (the 2-CTA cluster tile (9, 128) pairs an expert's
+ * blocks), the extra block all padding. */
+__device__ __forceinline__ int32_t kc_blocks_of(int32_t c, int32_t bn, int32_t pair) {
+    const int32_t nbe = (c + bn - 1) / bn;
+    return pair ? (nbe + 1) & ~1 : nbe;
+}
+__device__ __forceinline__ void kc_block_scan_fill(const int32_t *cnt, int32_t n_local, int32_t bn, int32_t pair,
+                                                   int32_t *offb, int32_t *sorted_rows, int32_t *block_expert,
+                                                   int32_t *n_blocks, int32_t *n_blocks_s, int32_t *wsum) {
     const int tid = threadIdx.x;
     const int chunk = (n_local + blockDim.x - 1) / blockDim.x;
     const int e0 = tid * chunk, e1 = min(n_local, e0 + chunk);
     int32_t mine = 0;
     for (int e = e0; e < e1; e++)
-        mine += (cnt[e] + bn - 1) / bn;
+        mine += kc_blocks_of(cnt[e], bn, pair);
     const int lane = tid & 31, warp = tid >> 5;
     int32_t incl = mine;
 #pragma unroll
@@ -69,7 +75,7 @@ __device__ __forceinline__ void kc_block_scan_fill(const int32_t *cnt, int32_t n
     int32_t run = wsum[warp] + incl - mine;
     for (int e = e0; e < e1; e++) {
         offb[e] = run;
-        const int32_t nbe = (cnt[e] + bn - 1) / bn;
+        const int32_t nbe = kc_blocks_of(cnt[e], bn, pair);
         for (int b = 0; b < nbe; b++)
             block_expert[run + b] = e;
         run += nbe;
@@ -78,7 +84,7 @@ __device__ __forceinline__ void kc_block_scan_fill(const int32_t *cnt, int32_t n
     const int nwarps = (int)(blockDim.x / 32);
     for (int e = warp; e < n_local; e += nwarps) {
         const int32_t c = cnt[e];
-        const int32_t end = (c + bn - 1) / bn * bn;
+        const int32_t end = kc_blocks_of(c, bn, pair) * bn;
         int32_t *rows = sorted_rows + (size_t)offb[e] * bn;
         for (int i = c + lane; i < end; i += 32)
             rows[i] = -1;
@@ -119,8 +125,8 @@ static __device__ __forceinline__ int32_t kc_align_check(const int32_t *ids, con
 #define KC_ALIGN_STAGE_BYTES (192 * 1024)
 __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     kc_align_kernel(const int32_t *ids, const float *w, int64_t P, int32_t K, const int32_t *map, int32_t E,
-                    int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows, int32_t *block_expert,
-                    int32_t *n_blocks, int32_t stage_rows, kc_errsink err) {
+                    int32_t n_local, int32_t bn, int32_t pair, int32_t *pair_pos, int32_t *sorted_rows,
+                    int32_t *block_expert, int32_t *n_blocks, int32_t stage_rows, kc_errsink err) {
     extern __shared__ int32_t asm_[];
     int32_t *cnt = asm_;            /* [n_local] rows per expert */
     int32_t *offb = asm_ + n_local; /* [n_local] first block of each expert */
@@ -177,7 +183,7 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     __syncthreads();
 
     /* Blocks per expert: their exclusive scan, block_expert and the padding rows. */
-    kc_block_scan_fill(cnt, n_local, bn, offb, rows, block_expert, n_blocks, &nb_s, wsum);
+    kc_block_scan_fill(cnt, n_local, bn, pair, offb, rows, block_expert, n_blocks, &nb_s, wsum);
     __syncthreads();
 
     /* Place each pair. */
@@ -202,7 +208,8 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
 }
 
 extern "C" int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k,
-                               const int32_t *map, int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos,
+                               const int32_t *map, int32_t n_experts, int32_t n_local, int32_t bn, int32_t pair,
+                               int32_t *pair_pos,
                                int32_t *sorted_rows, int32_t *block_expert, int32_t *n_blocks, kc_errsink err,
                                int pdl, cudaStream_t st) {
     if (n_pairs > (int64_t)KC_ALIGN_PPT * KC_ALIGN_THREADS || bn <= 0)
@@ -210,7 +217,7 @@ extern "C" int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pai
     /* the sorted rows in shared memory where they fit: at most ceil(P / bn) + min(n_local, P)
      * blocks (kern_cuda.c's max_blocks_for) */
     const int64_t busy = n_local < n_pairs ? n_local : n_pairs;
-    const int64_t max_rows = ((n_pairs + bn - 1) / bn + busy) * bn;
+    const int64_t max_rows = ((n_pairs + bn - 1) / bn + (pair ? 2 : 1) * busy) * bn;
     size_t smem = 2 * (size_t)(n_local > 0 ? n_local : 1) * sizeof(int32_t);
     int32_t stage_rows = 0;
     if (smem + (size_t)max_rows * sizeof(int32_t) <= KC_ALIGN_STAGE_BYTES) {
@@ -223,7 +230,7 @@ extern "C" int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pai
             return (int)e;
     }
     return kc_launch_ex(kc_align_kernel, dim3(1), dim3(KC_ALIGN_THREADS), smem, st, pdl, ids, w, n_pairs, top_k, map,
-                        n_experts, n_local, bn, pair_pos, sorted_rows, block_expert, n_blocks, stage_rows, err);
+                        n_experts, n_local, bn, pair, pair_pos, sorted_rows, block_expert, n_blocks, stage_rows, err);
 }
 
 /* ---- alignment, many CTAs (large batches) ----------------------------------------------
@@ -273,12 +280,12 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
 }
 
 __global__ void __launch_bounds__(KC_ALIGN_THREADS)
-    kc_align_scan_kernel(const int32_t *gcnt, int32_t n_local, int32_t bn, int32_t *offb, int32_t *sorted_rows,
-                         int32_t *block_expert, int32_t *n_blocks) {
+    kc_align_scan_kernel(const int32_t *gcnt, int32_t n_local, int32_t bn, int32_t pair, int32_t *offb,
+                         int32_t *sorted_rows, int32_t *block_expert, int32_t *n_blocks) {
     __shared__ int32_t wsum[KC_ALIGN_THREADS / 32];
     kc_pdl_wait();
     kc_pdl_trigger();
-    kc_block_scan_fill(gcnt, n_local, bn, offb, sorted_rows, block_expert, n_blocks, nullptr, wsum);
+    kc_block_scan_fill(gcnt, n_local, bn, pair, offb, sorted_rows, block_expert, n_blocks, nullptr, wsum);
 }
 
 __global__ void kc_align_place_kernel(const int32_t *ids, const int32_t *map, int64_t P, const int32_t *offb, int32_t bn,
@@ -298,7 +305,8 @@ __global__ void kc_align_place_kernel(const int32_t *ids, const int32_t *map, in
 }
 
 extern "C" int kc_launch_align_mc(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k, const int32_t *map,
-                                  int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows,
+                                  int32_t n_experts, int32_t n_local, int32_t bn, int32_t pair, int32_t *pair_pos,
+                                  int32_t *sorted_rows,
                                   int32_t *block_expert, int32_t *n_blocks, int32_t *scratch, kc_errsink err, int pdl,
                                   cudaStream_t st) {
     int32_t *gcnt = scratch, *offb = scratch + n_local;
@@ -317,7 +325,7 @@ extern "C" int kc_launch_align_mc(const int32_t *ids, const float *w, int64_t n_
     if (r)
         return r;
     r = kc_launch_ex(kc_align_scan_kernel, dim3(1), dim3(KC_ALIGN_THREADS), 0, st, pdl, (const int32_t *)gcnt, n_local,
-                     bn, offb, sorted_rows, block_expert, n_blocks);
+                     bn, pair, offb, sorted_rows, block_expert, n_blocks);
     if (r)
         return r;
     return kc_launch_ex(kc_align_place_kernel, dim3((unsigned)((n_pairs + 255) / 256)), dim3(256), 0, st, pdl, ids, map,

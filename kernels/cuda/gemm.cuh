@@ -32,6 +32,8 @@
 #include <cudaTypedefs.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/cuda/kern_cuda_impl.h"
@@ -914,6 +916,44 @@ static __device__ __forceinline__ void kc_tma_load_2d(uint32_t dst, const void *
         : "memory");
 }
 
+/* Clusters (the 2-CTA tile (9, 128)): this CTA's rank, the cluster's index and count, a shared
+ * address of this CTA mapped into CTA rank's shared memory, an arrive on such a barrier (after
+ * the wgmma that read the stage is waited for: the other CTA's copy engine may then write it),
+ * the whole cluster's barrier, and the weight copy written into every CTA of mask. */
+static __device__ __forceinline__ uint32_t kc_cluster_rank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+static __device__ __forceinline__ uint32_t kc_cluster_idx() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(r));
+    return r;
+}
+static __device__ __forceinline__ uint32_t kc_cluster_count() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;\n" : "=r"(r));
+    return r;
+}
+static __device__ __forceinline__ uint32_t kc_mapa(uint32_t addr, uint32_t rank) {
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+static __device__ __forceinline__ void kc_mbar_arrive_cluster(uint32_t cluster_addr) {
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+}
+static __device__ __forceinline__ void kc_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+static __device__ __forceinline__ void kc_tma_load_2d_mc(uint32_t dst, const void *tmap, int c0, int c1, uint32_t bar,
+                                                         uint16_t mask) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster "
+                 "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+                 "l"((uint64_t)tmap), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+                 : "memory");
+}
+
 /* The S stages' barriers of the warp-specialized kernels: "full" with full_count arrivals,
  * "empty" with one per consumer warp (8). Thread 0, before the block's first barrier. */
 template <int S>
@@ -928,10 +968,20 @@ static __device__ __forceinline__ void kc_stage_bars_init(uint32_t full0, uint32
  * engine (one thread): arm the stage's "full" barrier bar with bytes, then gate-up: the 128
  * gate rows from row wrow0 of the tensor map and the 128 up rows M rows further; down: 256
  * rows from wrow0. */
-template <int MODE>
+template <int MODE, int CL = 1>
 static __device__ __forceinline__ void kc_tma_stage_a(const CUtensorMap *tmw, uint32_t sa, uint32_t bar, int kb,
-                                                      int wrow0, int M, uint32_t bytes) {
+                                                      int wrow0, int M, uint32_t bytes, uint32_t rank = 0) {
     kc_mbar_expect_tx(bar, bytes);
+    if (CL == 2) {
+        /* half of the stage each, written into both CTAs (the barrier at the same offset in each
+         * counts its bytes): gate-up, rank 0 the gate rows and rank 1 the up rows; down, rank r
+         * the rows 128 r .. of the 256 (a map of 128-row boxes) */
+        if (MODE == KC_MODE_GATE_UP)
+            kc_tma_load_2d_mc(sa + rank * (128 * 128), tmw, kb * KC_BK, wrow0 + (rank ? M : 0), bar, (uint16_t)3);
+        else
+            kc_tma_load_2d_mc(sa + rank * (128 * 128), tmw, kb * KC_BK, wrow0 + 128 * (int)rank, bar, (uint16_t)3);
+        return;
+    }
     if (MODE == KC_MODE_GATE_UP) {
         kc_tma_load_2d(sa, tmw, kb * KC_BK, wrow0, bar);                 /* gate rows */
         kc_tma_load_2d(sa + 128 * 128, tmw, kb * KC_BK, wrow0 + M, bar); /* up rows */
@@ -948,10 +998,10 @@ static __device__ __forceinline__ void kc_tma_stage_a(const CUtensorMap *tmw, ui
  * with cp.async 16 B, zero-filled past K and for padding columns, and every thread arrives on
  * the stage's "full" barrier. first (down): the CTA's first tile, whose first weight stages
  * go out before the wait for the gate-up results. */
-template <typename T, int MODE>
+template <typename T, int MODE, int CL = 1>
 static __device__ __forceinline__ void
 kc_tma_produce(const kc_gemm_args &a, const CUtensorMap *tmw, const char *const *bsrc, uint32_t g, int nk, bool first,
-               int wrow0, int pt, uint32_t sbase, uint32_t full0, uint32_t empty0) {
+               int wrow0, int pt, uint32_t sbase, uint32_t full0, uint32_t empty0, uint32_t rank = 0) {
     typedef kc_tile<2, 128> TL;
     constexpr int S = TL::stages, BN = 128;
     const int M = a.M, K = a.K;
@@ -963,8 +1013,8 @@ kc_tma_produce(const kc_gemm_args &a, const CUtensorMap *tmw, const char *const 
     auto load_a = [&](uint32_t gg, int kb) {
         if (pt == 0) {
             const int s = (int)(gg % S);
-            kc_tma_stage_a<MODE>(tmw, sbase + (uint32_t)(s * TL::stage_bytes), full0 + 8 * s, kb, wrow0, M,
-                                 (uint32_t)TL::a_bytes);
+            kc_tma_stage_a<MODE, CL>(tmw, sbase + (uint32_t)(s * TL::stage_bytes), full0 + 8 * s, kb, wrow0, M,
+                                     (uint32_t)TL::a_bytes, rank);
         }
     };
     const int npre = (MODE == KC_MODE_DOWN && first) ? (nk < S ? nk : S) : 0;
@@ -1001,10 +1051,10 @@ kc_tma_produce(const kc_gemm_args &a, const CUtensorMap *tmw, const char *const 
  * at aoff0 and aoff1 of the stage), one wgmma group kept in flight, and the stage of block
  * kb - 1 released on "empty" unless it is one of the tile's last HOLD (kept for the epilogue).
  * Returns with every wgmma done. */
-template <typename T, int HOLD, bool FENCE>
+template <typename T, int HOLD, bool FENCE, int CL = 1>
 static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32_t g, int nk, uint32_t sbase,
                                                      uint32_t full0, uint32_t empty0, uint32_t aoff0, uint32_t aoff1,
-                                                     int lane) {
+                                                     int lane, uint32_t peer_empty0 = 0, bool skip = false) {
     typedef kc_tile<2, 128> TL;
     constexpr int S = TL::stages, BN = 128, NACC = BN / 2;
 #pragma unroll
@@ -1027,17 +1077,22 @@ static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32
             kc_fence_proxy_async(); /* the routed rows came through cp.async (generic proxy) */
         const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
         const uint32_t sb = sa + TL::a_bytes;
-        kc_wg_fence();
+        if (CL == 1 || !skip) {
+            kc_wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            const uint64_t db = kc_desc(sb + kk * 32);
-            kc_wgmma_op<T, BN>::run(acc[0], kc_desc(sa + aoff0 + kk * 32), db);
-            kc_wgmma_op<T, BN>::run(acc[1], kc_desc(sa + aoff1 + kk * 32), db);
+            for (int kk = 0; kk < 4; kk++) {
+                const uint64_t db = kc_desc(sb + kk * 32);
+                kc_wgmma_op<T, BN>::run(acc[0], kc_desc(sa + aoff0 + kk * 32), db);
+                kc_wgmma_op<T, BN>::run(acc[1], kc_desc(sa + aoff1 + kk * 32), db);
+            }
+            kc_wg_commit();
+            kc_wg_wait<1>();
         }
-        kc_wg_commit();
-        kc_wg_wait<1>();
-        if (kb > 0 && (HOLD == 0 || kb - 1 < nk - HOLD) && lane == 0)
-            kc_mbar_arrive(empty0 + 8 * ((gg - 1) % S)); /* wgmma(kb - 1) is done with its stage */
+        if (kb > 0 && (HOLD == 0 || kb - 1 < nk - HOLD) && lane == 0) { /* wgmma(kb - 1) is done with its stage */
+            kc_mbar_arrive(empty0 + 8 * ((gg - 1) % S));
+            if (CL == 2)
+                kc_mbar_arrive_cluster(peer_empty0 + 8 * ((gg - 1) % S));
+        }
     }
     kc_wg_wait<0>();
 }
@@ -1460,7 +1515,7 @@ static __device__ __forceinline__ bool kc_div_fast(float x, float d, float &q) {
 }
 #endif
 
-template <typename T, int MODE, bool FASTACT>
+template <typename T, int MODE, bool FASTACT, int CL>
 __global__ void __launch_bounds__(384, 1)
     kc_gemm_tmap_kernel(const kc_gemm_args a, const __grid_constant__ CUtensorMap tmw) {
 #if !defined(KC_HAVE_WGMMA)
@@ -1493,9 +1548,14 @@ __global__ void __launch_bounds__(384, 1)
         nbv = *a.n_blocks;
         nbv = nbv < a.max_blocks ? nbv : a.max_blocks;
     }
-    const int n_tiles = n_rb * nbv;
-    if ((int)blockIdx.x >= n_tiles)
-        return;
+    /* CL == 2: tile (rb, pair of column blocks nbp), column block 2 nbp + rank */
+    const int n_cols = CL == 2 ? (nbv + 1) / 2 : nbv;
+    const int n_tiles = n_rb * n_cols;
+    const uint32_t rank = CL == 2 ? kc_cluster_rank() : 0;
+    const int first = CL == 2 ? (int)kc_cluster_idx() : (int)blockIdx.x;
+    const int stride = CL == 2 ? (int)kc_cluster_count() : (int)gridDim.x;
+    if (first >= n_tiles)
+        return; /* (both CTAs of a cluster alike) */
 
     const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
     const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
@@ -1504,14 +1564,23 @@ __global__ void __launch_bounds__(384, 1)
     const uint32_t tfull0 = (uint32_t)__cvta_generic_to_shared(&s_tfull[0]);
     const uint32_t tempty0 = (uint32_t)__cvta_generic_to_shared(&s_tempty[0]);
     if (tid == 0) {
-        kc_stage_bars_init<S>(full0, empty0, 129); /* the expect_tx arrive and every producer thread's cp.async */
+        /* full: the expect_tx arrive and every producer thread's cp.async; empty: every consumer
+         * warp of each CTA of the cluster */
+        for (int s = 0; s < S; s++) {
+            kc_mbar_init(full0 + 8 * s, 129);
+            kc_mbar_init(empty0 + 8 * s, 8 * CL);
+        }
         for (int s = 0; s < 2; s++) {
             kc_mbar_init(tfull0 + 8 * s, 128); /* every producer thread's table entry */
             kc_mbar_init(tempty0 + 8 * s, 8);  /* every consumer warp, after its stores */
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    if (CL == 2)
+        kc_cluster_sync(); /* the other CTA's barriers are initialized before its copies arrive here */
+    else
+        __syncthreads();
+    const uint32_t peer_empty0 = CL == 2 ? kc_mapa(empty0, rank ^ 1u) : 0;
 
     const int nk = (K + KC_BK - 1) / KC_BK;
     const int wg = tid >> 7;
@@ -1523,27 +1592,39 @@ __global__ void __launch_bounds__(384, 1)
         uint32_t g = 0; /* k blocks issued so far, all tiles */
         int it = 0;
 #pragma unroll 1
-        for (int v = blockIdx.x; v < n_tiles; v += gridDim.x, it++) {
+        for (int v = first; v < n_tiles; v += stride, it++) {
             int nb, rb;
-            kc_raster(v, n_rb, nbv, nb, rb);
+            kc_raster(v, n_rb, n_cols, nb, rb);
+            const int nb0 = CL == 2 ? 2 * nb : nb; /* the block whose expert's weights the pair shares */
+            nb = nb0 + (int)rank;
             const int slot = it & 1;
             if (it >= 2)
                 kc_mbar_wait(tempty0 + 8 * slot, (uint32_t)(((it >> 1) - 1) & 1));
             {
-                const kc_col cl = kc_col_of<T>(a, nb * BN + pt, K);
+                kc_col cl = {nullptr, -1, -1, 1.0f}; /* past the blocks in use (CL == 2): padding */
+                if (CL == 1 || nb < nbv)
+                    cl = kc_col_of<T>(a, nb * BN + pt, K);
                 s_bsrc[slot][pt] = cl.src;
                 s_orow[slot][pt] = cl.orow;
                 s_scale[slot][pt] = cl.sc;
             }
             kc_mbar_arrive(tfull0 + 8 * slot);
             asm volatile("bar.sync 2, 128;\n" ::: "memory"); /* the producer's table is whole */
-            const int expert = a.dense ? 0 : a.block_expert[nb];
+            const int expert = a.dense ? 0 : a.block_expert[nb0];
             const int wrow0 = expert * (int)a.w_rows + rb * rows_per_cta; /* row of the tensor map */
             /* down, first tile: its weight stages before the wait for the gate-up results */
-            kc_tma_produce<T, MODE>(a, &tmw, s_bsrc[slot], g, nk, it == 0, wrow0, pt, sbase, full0, empty0);
+            kc_tma_produce<T, MODE, CL>(a, &tmw, s_bsrc[slot], g, nk, it == 0, wrow0, pt, sbase, full0, empty0, rank);
             g += (uint32_t)nk;
         }
         kc_cp_wait<0>();
+        if (CL == 2 && pt == 0) {
+            /* Before this CTA exits: every stage released by the consumers of both CTAs (the
+             * other CTA's last arrivals on these barriers, and its reads of the stages this
+             * CTA's copies wrote, are then done). */
+            for (uint32_t gg = g; gg < g + (uint32_t)S; gg++)
+                if (gg >= (uint32_t)S)
+                    kc_mbar_wait(empty0 + 8 * (gg % S), (uint32_t)(((gg / S) - 1) & 1));
+        }
         return;
     }
 
@@ -1561,18 +1642,26 @@ __global__ void __launch_bounds__(384, 1)
     uint32_t g = 0;
     int it = 0;
 #pragma unroll 1
-    for (int v = blockIdx.x; v < n_tiles; v += gridDim.x, it++) {
+    for (int v = first; v < n_tiles; v += stride, it++) {
         int nb, rb;
-        kc_raster(v, n_rb, nbv, nb, rb);
+        kc_raster(v, n_rb, n_cols, nb, rb);
         (void)nb;
+        const int slot = it & 1;
+        bool skip = false;
+        if (CL == 2) {
+            /* the table first: a column block of padding alone (an expert's even-count block, or
+             * past the blocks in use) releases its stages without a wgmma */
+            kc_mbar_wait(tfull0 + 8 * slot, (uint32_t)((it >> 1) & 1));
+            skip = s_bsrc[slot][0] == nullptr;
+        }
         float acc[2][NACC];
-        kc_ws_consume<T, HOLD, true>(acc, g, nk, sbase, full0, empty0, aoff0, aoff1, lane);
+        kc_ws_consume<T, HOLD, true, CL>(acc, g, nk, sbase, full0, empty0, aoff0, aoff1, lane, peer_empty0, skip);
         const uint32_t glast = g + (uint32_t)nk - 1;
         g += (uint32_t)nk;
         if (MODE == KC_MODE_DOWN && it == 0)
             kc_pdl_wait(); /* (long satisfied: the producer waited before its first routed rows) */
-        const int slot = it & 1;
-        kc_mbar_wait(tfull0 + 8 * slot, (uint32_t)((it >> 1) & 1));
+        if (CL == 1)
+            kc_mbar_wait(tfull0 + 8 * slot, (uint32_t)((it >> 1) & 1));
 
         /* Epilogue into this warpgroup's rows of the held stage(s): region (blk, half) is 64
          * rows (columns n = 64 half ..) of 128 bytes (64 outputs). Register 4 i + 2 hf + cb of
@@ -1648,8 +1737,11 @@ __global__ void __launch_bounds__(384, 1)
         __syncwarp();
         if (lane == 0) {
 #pragma unroll
-            for (int h = HOLD - 1; h >= 0; h--)
+            for (int h = HOLD - 1; h >= 0; h--) {
                 kc_mbar_arrive(empty0 + 8 * ((glast - (uint32_t)h) % S));
+                if (CL == 2)
+                    kc_mbar_arrive_cluster(peer_empty0 + 8 * ((glast - (uint32_t)h) % S));
+            }
             kc_mbar_arrive(tempty0 + 8 * slot);
         }
     }
@@ -1658,8 +1750,10 @@ __global__ void __launch_bounds__(384, 1)
 
 /* Host: the persistent launch; grid = min(tiles, SMs). Falls back to (5, 128) where a held
  * stage would be missing (down with one k block), and as (5, 128) does where the tensor map
- * cannot be made. */
-template <typename T, bool FASTACT>
+ * cannot be made. CL == 2 ((9, 128)): clusters of two CTAs, as many as can be resident at once
+ * (cudaOccupancyMaxActiveClusters), each taking pairs of column blocks; the weight map's boxes
+ * are 128 rows (each CTA copies half of a stage into both). */
+template <typename T, bool FASTACT, int CL>
 static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     typedef kc_tile<2, 128> TL;
     const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 128 : 256;
@@ -1671,19 +1765,20 @@ static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     const long wrows = (a->dense ? 1L : (long)(a->n_local > 0 ? a->n_local : 1)) * (long)a->w_rows;
     CUtensorMap tm;
     if (((uintptr_t)a->w & 15) != 0 || wrows > 0x7fffffffL ||
-        kc_encode_wmap(&tm, a->w, wrows, a->K, rows_per_cta == 128 ? 128 : 256) != 0)
+        kc_encode_wmap(&tm, a->w, wrows, a->K, (rows_per_cta == 128 || CL == 2) ? 128 : 256) != 0)
         return kc_gemm_launch_t<T, 2, 128, KC_PATH_WGMMA, false>(a, st);
     const long n_rb = (a->M + rows_per_cta - 1) / rows_per_cta;
     const long nbl = a->dense ? (a->n_dense + 127) / 128 : a->max_blocks;
     kc_gemm_args aa = *a;
     aa.max_blocks = (int32_t)nbl;
-    const long tiles = n_rb * nbl;
+    const long tiles = n_rb * (CL == 2 ? (nbl + 1) / 2 : nbl);
     if (tiles <= 0)
         return 0;
     if (tiles > 0x7fffffffL)
         return (int)cudaErrorInvalidConfiguration;
     static unsigned long long attr_done[2];
     static int n_sm[64];
+    static int n_cl[64][2]; /* CL == 2: resident clusters, per device and mode */
     int dev = 0;
     cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess)
@@ -1696,11 +1791,58 @@ static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
         if (dev < 64)
             n_sm[dev] = sms;
     }
-    const long grid = tiles < sms ? tiles : sms;
     const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
-    return kc_launch_mode(kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT>,
-                          kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT>, attr_done, dev, mi, grid, 384, TL::smem,
-                          a->pdl != 0, st, aa, tm);
+    if (CL == 1) {
+        const long grid = tiles < sms ? tiles : sms;
+        return kc_launch_mode(kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT, 1>,
+                              kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT, 1>, attr_done, dev, mi, grid, 384, TL::smem,
+                              a->pdl != 0, st, aa, tm);
+    }
+    void (*k)(const kc_gemm_args, const CUtensorMap) =
+        mi == 0 ? kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT, CL> : kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT, CL>;
+    const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
+    if (!(attr_done[mi] & bit)) {
+        e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
+        if (e != cudaSuccess)
+            return (int)e;
+        attr_done[mi] |= bit;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[2];
+    cfg.blockDim = dim3(384);
+    cfg.dynamicSmemBytes = TL::smem;
+    cfg.stream = st;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = CL;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int ncl = dev < 64 ? n_cl[dev][mi] : 0;
+    if (ncl <= 0) {
+        cfg.gridDim = dim3((unsigned)(sms / CL * CL));
+        e = cudaOccupancyMaxActiveClusters(&ncl, k, &cfg);
+        if (e != cudaSuccess)
+            return (int)e;
+        if (ncl <= 0)
+            return (int)cudaErrorInvalidConfiguration;
+        if (dev < 64)
+            n_cl[dev][mi] = ncl;
+        if (getenv("MOE_CUDA_DEBUG"))
+            fprintf(stderr, "kc_gemm_tmap (cluster %d, %s): %d clusters resident at once\n", CL,
+                    mi == 0 ? "gate-up" : "down", ncl);
+    }
+    const long clusters = tiles < ncl ? tiles : ncl;
+    cfg.gridDim = dim3((unsigned)(clusters * CL));
+    if (a->pdl) {
+        attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[1].val.programmaticStreamSerializationAllowed = 1;
+        cfg.numAttrs = 2;
+    }
+    e = cudaLaunchKernelEx(&cfg, k, aa, tm);
+    if (e != cudaSuccess)
+        return (int)e;
+    return (int)cudaGetLastError();
 }
 
 /* Host side: the grid of one launch (n_rb x max_blocks CTAs, 1-D, decoded in the kernel). */
@@ -1757,7 +1899,8 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
  * (wgmma, 5, 128): the (2, 128) tile fed by the copy engine (kc_gemm_tma_kernel), routed rows by cp.async;
  * (wgmma, 6, 128): the same with the routed rows by the copy engine too (one box per row);
  * (wgmma, 7, 128): (5, 128) in a persistent grid, the producer running on into the next tile;
- * (wgmma, 8, 128): (7, 128) with SiLU's division by the branch-free fast path where exact. */
+ * (wgmma, 8, 128): (7, 128) with SiLU's division by the branch-free fast path where exact;
+ * (wgmma, 9, 128): (8, 128) in clusters of two CTAs that share each weight stage (multicast). */
 #define KC_GEMM_WS_(T)                                   \
     if (path == KC_PATH_WGMMA && nwg == 3 && bn == 128) \
         return kc_gemm_ws_launch_t<T>(a, st);            \
@@ -1768,9 +1911,11 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     if (path == KC_PATH_WGMMA && nwg == 6 && bn == 128) \
         return kc_gemm_tma_launch_t<T, true>(a, st); \
     if (path == KC_PATH_WGMMA && nwg == 7 && bn == 128) \
-        return kc_gemm_tmap_launch_t<T, false>(a, st); \
+        return kc_gemm_tmap_launch_t<T, false, 1>(a, st); \
     if (path == KC_PATH_WGMMA && nwg == 8 && bn == 128) \
-        return kc_gemm_tmap_launch_t<T, true>(a, st);
+        return kc_gemm_tmap_launch_t<T, true, 1>(a, st); \
+    if (path == KC_PATH_WGMMA && nwg == 9 && bn == 128) \
+        return kc_gemm_tmap_launch_t<T, true, 2>(a, st);
 
 /* Host: the fused small-T launch (see kc_small_fused_kernel); grid = min(items, n_sm). */
 template <typename T, int BN, int PATH>

@@ -33,7 +33,7 @@ extern "C" int kc_gemm_has_cfg(int path, int nwg, int bn) {
         return 1;
     KC_GEMM_CONFIGS(KC_HAS_)
 #undef KC_HAS_
-    return path == KC_PATH_WGMMA && nwg >= 3 && nwg <= 8 && bn == 128;
+    return path == KC_PATH_WGMMA && nwg >= 3 && nwg <= 9 && bn == 128;
 }
 
 extern "C" int kc_launch_gemm(const kc_gemm_args *a, int path, int nwg, int bn, cudaStream_t st) {

@@ -108,9 +108,11 @@ static void buf_free(kc_state *s, kc_buf *b) {
 /* Rows of the expert-sorted order for n_pairs pairs in blocks of bn (each expert padded). */
 static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
-static int64_t max_blocks_for(int64_t n_pairs, int32_t n_local, int32_t bn) {
+/* Blocks an alignment can use: ceil(P / bn) + one partial block per busy expert (pair: + one
+ * more, each expert's count rounded up to even for the cluster tile). */
+static int64_t max_blocks_for(int64_t n_pairs, int32_t n_local, int32_t bn, bool pair) {
     int64_t busy = n_local < n_pairs ? n_local : n_pairs;
-    return (n_pairs + bn - 1) / bn + busy;
+    return (n_pairs + bn - 1) / bn + (pair ? 2 : 1) * busy;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -408,7 +410,9 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     const bool small = P <= s->small_max && P <= KC_SMALL_MAX_PAIRS;
     if (small && nwg >= 3)
         nwg = 2; /* the (3 .. 6, 128) variants have no small mode; (2, 128) gives the same bits */
-    const int64_t max_nb = small ? P : max_blocks_for(P, p->n_local, bn);
+    /* (9, 128): CTA pairs of a cluster share the weight stages of one expert's blocks 2i, 2i + 1 */
+    const bool pair = !small && nwg == 9;
+    const int64_t max_nb = small ? P : max_blocks_for(P, p->n_local, bn, pair);
     const int64_t rows = small ? P : max_nb * bn;
     if (!small) {
         MOE_CHECK(buf_ensure(s, &s->pair_pos, (size_t)P * 4));
@@ -423,12 +427,12 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     kc_errsink sink = {s->err_dev, s->claim};
     if (!small && P >= KC_ALIGN_MC_MIN_PAIRS) {
         MOE_CHECK(buf_ensure(s, &s->align_scratch, (size_t)p->n_local * 2 * sizeof(int32_t)));
-        KC_LAUNCH(kc_launch_align_mc(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn,
+        KC_LAUNCH(kc_launch_align_mc(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn, pair,
                                      s->pair_pos.p, s->sorted_rows.p, s->block_expert.p, s->n_blocks.p,
                                      s->align_scratch.p, sink, s->pdl, s->stream),
                   "align");
     } else if (!small) {
-        KC_LAUNCH(kc_launch_align(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn,
+        KC_LAUNCH(kc_launch_align(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn, pair,
                                   s->pair_pos.p, s->sorted_rows.p, s->block_expert.p, s->n_blocks.p, sink, s->pdl,
                                   s->stream),
                   "align");
@@ -745,7 +749,7 @@ moe_status kern_cuda_reserve(kern_ctx_t *ctx, int64_t max_tokens, int32_t top_k,
     MOE_CUDA_CHECK(cudaSetDevice(s->device));
     const size_t es = 2;
     const int64_t P = max_tokens * top_k;
-    const int64_t max_nb = max_blocks_for(P, n_local, 128);
+    const int64_t max_nb = max_blocks_for(P, n_local, 128, true); /* the largest: (9, 128)'s pairs */
     MOE_CHECK(buf_ensure(s, &s->pair_pos, (size_t)P * 4));
     MOE_CHECK(buf_ensure(s, &s->sorted_rows, (size_t)(max_nb * 128) * 4));
     MOE_CHECK(buf_ensure(s, &s->block_expert, (size_t)max_nb * 4));
@@ -804,7 +808,7 @@ moe_status kern_cuda_set_tile(kern_ctx_t *ctx, int32_t nwg, int32_t bn) {
 int32_t kern_cuda_tiles(kern_cuda_path path, int32_t *out, int32_t cap) {
     static const int32_t cand[][2] = {{1, 8}, {1, 16}, {1, 32}, {1, 64}, {2, 64}, {2, 128},
                                       {3, 128}, {4, 128}, {5, 128}, {6, 128},
-                                      {7, 128}, {8, 128}};
+                                      {7, 128}, {8, 128}, {9, 128}};
     const int kp = path == KERN_CUDA_PATH_WGMMA ? KC_PATH_WGMMA : KC_PATH_MMA;
     int32_t n = 0;
     for (size_t i = 0; i < sizeof cand / sizeof cand[0]; i++) {

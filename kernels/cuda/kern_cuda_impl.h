@@ -164,10 +164,12 @@ int kc_launch_router_logits(int32_t dtype, const void *x, const float *router, f
  *   pair_pos[p]      position of pair p in sorted order, or -1 (expert held elsewhere / bad)
  *   sorted_rows[i]   pair at position i, or -1 (padding); i < n_blocks * bn
  *   block_expert[b]  local expert of block b; n_blocks[0] = blocks in use
+ * pair != 0: every expert's block count rounded up to even (an all-padding block added), for
+ * the 2-CTA cluster tile (9, 128), whose CTA pairs take blocks 2i and 2i + 1 of one expert.
  * One CTA; n_local <= KC_ALIGN_MAX_LOCAL (shared-memory counters). */
 #define KC_ALIGN_MAX_LOCAL 8192
 int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k, const int32_t *map,
-                    int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows,
+                    int32_t n_experts, int32_t n_local, int32_t bn, int32_t pair, int32_t *pair_pos, int32_t *sorted_rows,
                     int32_t *block_expert, int32_t *n_blocks, kc_errsink err, int pdl, cudaStream_t st);
 
 /* Which pairs are held here, for the kernels after the products: pair_pos[p] < 0 (after an
@@ -189,7 +191,7 @@ typedef struct kc_locality {
 /* The same for large batches, in three launches (count with many CTAs, scan, place);
  * scratch: 2 * n_local int32. */
 int kc_launch_align_mc(const int32_t *ids, const float *w, int64_t n_pairs, int32_t top_k, const int32_t *map,
-                       int32_t n_experts, int32_t n_local, int32_t bn, int32_t *pair_pos, int32_t *sorted_rows,
+                       int32_t n_experts, int32_t n_local, int32_t bn, int32_t pair, int32_t *pair_pos, int32_t *sorted_rows,
                        int32_t *block_expert, int32_t *n_blocks, int32_t *scratch, kc_errsink err, int pdl,
                        cudaStream_t st);
 /* From here on the three-launch version; below it, the one-CTA kernel holds every pair in

@@ -19,7 +19,7 @@
  * products (docs/PERF.md, engine runs 4-10, measured 1.36 at W = 2 in the engine).
  *
  * --ab: the automatic choice, the cp.async (1, 64) and (2, 64) and the 128-column TMA tiles
- * ((5, 128), (8, 128)) in interleaved rounds on fifteen cases of 32 to 2048 rows per expert
+ * ((5, 128), (8, 128), (9, 128)) in interleaved rounds on fifteen cases of 32 to 2048 rows per expert
  * (ab_compare).
  *
  * --small: the alignment-free mode's options (kern_cuda_set_small_opts), numbered variants in
@@ -36,7 +36,7 @@
  * the lowest mean ratio to mask 0 over the cases ("best mask", small_compare).
  *
  * Build: bazel build //kernels/dev:lab_experts; run on a GPU host:
- *   lab_experts [--check-only | --from-T N | --one MODEL T | --ep W | --ab | --small]
+ *   lab_experts [--check-only | --from-T N | --one MODEL T [NWG BN] | --ep W | --ab | --small]
  */
 #include <math.h>
 #include <stdio.h>
@@ -456,7 +456,7 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     /* (0, 0): the automatic choice; (1, 64) and (2, 64): the cp.async tiles of 22-80 rows per expert */
     static const struct {
         int32_t nwg, bn;
-    } vars[] = {{0, 0}, {1, 64}, {2, 64}, {5, 128}, {8, 128}};
+    } vars[] = {{0, 0}, {1, 64}, {2, 64}, {5, 128}, {8, 128}, {9, 128}};
     enum { NV = sizeof vars / sizeof vars[0], ROUNDS = 9 };
     lab_timer tm;
     lab_timer_init(&tm);
@@ -657,6 +657,8 @@ int main(int argc, char **argv) {
     /* --one MODEL T: only the automatic variant of one case, a few runs (for a profiler). */
     const char *one_model = argc > 3 && strcmp(argv[1], "--one") == 0 ? argv[2] : NULL;
     const int64_t one_T = one_model ? atoll(argv[3]) : 0;
+    /* --one MODEL T NWG BN: that tile instead of the automatic choice */
+    const int32_t one_nwg = one_model && argc > 5 ? atoi(argv[4]) : 0, one_bn = one_model && argc > 5 ? atoi(argv[5]) : 0;
     /* --from-T N: part 2 only for T >= N (the large-T tiles, in less device time). */
     const int64_t from_T = argc > 2 && strcmp(argv[1], "--from-T") == 0 ? atoll(argv[2]) : 0;
     /* --ep W: part 3 only */
@@ -738,7 +740,7 @@ int main(int argc, char **argv) {
                 for (int32_t k = 0; k <= nt + extra; k++) {
                     if (one_model && (k != nt || pi != npaths - 1))
                         continue;
-                    int32_t nwg = k < nt ? tiles[2 * k] : 0, bn = k < nt ? tiles[2 * k + 1] : 0;
+                    int32_t nwg = k < nt ? tiles[2 * k] : one_nwg, bn = k < nt ? tiles[2 * k + 1] : one_bn;
                     if (k < nt && (m > 16 * (int64_t)bn || (int64_t)bn > 2 * m + 8))
                         continue; /* too many weight re-reads, or a tile mostly padding */
                     if (k < nt && k < 16 && g_bad_tile[pi][k])
