@@ -60,10 +60,20 @@ template <> struct kc_elem<__half> {
     static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
 };
 
-/* The activations, written exactly as kern_act_f32 in kern.c (IEEE division, accurate expf). */
+/* The activations. GELU as kern_act_f32 in kern.c (accurate tanhf, erff). SiLU x / (1 + e^-x)
+ * by the special function unit: 2^(-x log2 e) and the reciprocal of 1 + that, both approximate
+ * (relative error about 1e-6, far below a bf16 or fp16 output's rounding; vLLM's fused kernels
+ * compile expf and the division the same way). Until run 61 it was the IEEE division of an
+ * accurate expf: 25-30 instructions an element, 13% of Qwen3-30B-A3B's products at T = 8192
+ * (MOE_CUDA_LAB_BREAK=16). Every GPU path computes it here, so the tiles still agree bit for
+ * bit; the CPU backend keeps the exact form (the two agree within the tests' tolerance). */
 static __device__ __forceinline__ float kc_act(int act, float x) {
-    if (act == KERN_ACT_SILU)
-        return x / (1.0f + expf(-x));
+    if (act == KERN_ACT_SILU) {
+        float e, r;
+        asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(x * -1.4426950408889634f));
+        asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
+        return x * r;
+    }
     if (act == KERN_ACT_GELU_TANH) {
         const float k0 = 0.7978845608028654f;
         return 0.5f * x * (1.0f + tanhf(k0 * (x + 0.044715f * x * x * x)));
@@ -1036,7 +1046,7 @@ kc_tma_produce(const kc_gemm_args &a, const CUtensorMap *tmw, const char *const 
 #pragma unroll
         for (int i = 0; i < BN / 16; i++) {
             const int r = (pt >> 3) + i * 16;
-            const bool ok = brow[i] != nullptr && kok;
+            const bool ok = brow[i] != nullptr && kok && !(a.lab_break & 4);
             const void *src = ok ? (const void *)(brow[i] + (size_t)kel * sizeof(T)) : a.w;
             kc_cp_async16(sb + kc_swz(r, c), src, ok);
         }
@@ -1054,7 +1064,8 @@ kc_tma_produce(const kc_gemm_args &a, const CUtensorMap *tmw, const char *const 
 template <typename T, int HOLD, bool FENCE, int CL = 1>
 static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32_t g, int nk, uint32_t sbase,
                                                      uint32_t full0, uint32_t empty0, uint32_t aoff0, uint32_t aoff1,
-                                                     int lane, uint32_t peer_empty0 = 0, bool skip = false) {
+                                                     int lane, uint32_t peer_empty0 = 0, bool skip = false,
+                                                     int lab_break = 0) {
     typedef kc_tile<2, 128> TL;
     constexpr int S = TL::stages, BN = 128, NACC = BN / 2;
 #pragma unroll
@@ -1073,7 +1084,7 @@ static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32
         const uint32_t gg = g + (uint32_t)kb;
         const int s = (int)(gg % S);
         kc_mbar_wait(full0 + 8 * s, (uint32_t)((gg / S) & 1));
-        if (FENCE)
+        if (FENCE && !(lab_break & 2))
             kc_fence_proxy_async(); /* the routed rows came through cp.async (generic proxy) */
         const uint32_t sa = sbase + (uint32_t)(s * TL::stage_bytes);
         const uint32_t sb = sa + TL::a_bytes;
@@ -1493,25 +1504,27 @@ static int kc_gemm_tma_launch_t(const kc_gemm_args *a, cudaStream_t st) {
  * rows 128 cw..), so that a warpgroup needs no other warpgroup's progress: rows of 128 bytes
  * (64 outputs of one column), 16-byte chunk c of row r at c ^ (r & 7). The held stages go back
  * to the producer after the stores. The values and their order are kc_gemm_kernel's: the same
- * bits. FASTACT ((8, 128)): SiLU's division by the branch-free fast path of the IEEE division
- * (kc_div_fast below) where it is exact, the whole epilogue redone with kc_act where a lane of
- * the warp is outside that range. */
+ * bits. FASTACT: until run 61 (8, 128) computed SiLU's IEEE division by a branch-free fast path
+ * where exact; since kc_act's SiLU is itself the fast form, (7, 128) and (8, 128) run the same
+ * code (the parameter is kept so that both tiles stay selectable). CL == 2 ((9, 128)): see
+ * kc_gemm_tmap_launch_t. */
+
 #ifdef KC_HAVE_WGMMA
-/* x / d correctly rounded, for |x| in [2^-60, 2^60] and d in [1, 2^60] (false elsewhere: use
- * '/'). The sequence of the compiler's div.rn.f32 fast path (reciprocal, one Newton step, the
- * quotient, its remainder by fma, one correction), whose result is the IEEE quotient wherever
- * its range check passes; in this range no intermediate is subnormal or overflows. */
-static __device__ __forceinline__ bool kc_div_fast(float x, float d, float &q) {
-    float r0;
-    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r0) : "f"(d));
-    const float nd = -d;
-    const float e = __fmaf_rn(r0, nd, 1.0f);
-    const float r1 = __fmaf_rn(r0, e, r0);
-    const float q0 = __fmaf_rn(x, r1, 0.0f);
-    const float rem = __fmaf_rn(nd, q0, x);
-    q = __fmaf_rn(r1, rem, q0);
-    const float ax = fabsf(x);
-    return ax >= 0x1p-60f && ax <= 0x1p60f && d >= 1.0f && d <= 0x1p60f;
+/* Two values rounded to T and packed (the first in the low half), and stmatrix .trans of four
+ * 8 x 8 matrices of 16-bit elements (lanes 8 q .. 8 q + 7: matrix q's row addresses). */
+template <typename T> static __device__ __forceinline__ uint32_t kc_pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t kc_pack2<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *(const uint32_t *)&h;
+}
+template <> __device__ __forceinline__ uint32_t kc_pack2<__half>(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *(const uint32_t *)&h;
+}
+static __device__ __forceinline__ void kc_stsm_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
 }
 #endif
 
@@ -1655,7 +1668,8 @@ __global__ void __launch_bounds__(384, 1)
             skip = s_bsrc[slot][0] == nullptr;
         }
         float acc[2][NACC];
-        kc_ws_consume<T, HOLD, true, CL>(acc, g, nk, sbase, full0, empty0, aoff0, aoff1, lane, peer_empty0, skip);
+        kc_ws_consume<T, HOLD, true, CL>(acc, g, nk, sbase, full0, empty0, aoff0, aoff1, lane, peer_empty0, skip,
+                                         a.lab_break);
         const uint32_t glast = g + (uint32_t)nk - 1;
         g += (uint32_t)nk;
         if (MODE == KC_MODE_DOWN && it == 0)
@@ -1673,54 +1687,63 @@ __global__ void __launch_bounds__(384, 1)
                 return hs1 + (uint32_t)((64 * cw + 128 * half) * 128);
             return (blk ? hs1 : hs0) + (uint32_t)((128 * cw + 64 * half) * 128);
         };
-        auto write_tile = [&](bool fast) -> bool {
-            bool bad = false;
+        /* Two column groups (i, i + 1) at a time, four 8 x 8 matrices (column group i + ii,
+         * row half hf) of packed pairs, by one stmatrix .trans: the matrix's column n (of the
+         * fragment) becomes the 16-byte shared row chunk of column n, rows 16 warp + 8 hf ..
+         * + 7 in order, i.e. chunk 2 warp + hf of column n's 128-byte row, at the swizzled
+         * place; lane 8 q + j gives the address of matrix q's column j. The values and their
+         * rounding are those of one element at a time (run 59: that form, 128 two-byte stores
+         * per thread, made the epilogue cost 13-16% of Qwen3's and DeepSeek's products). */
+        auto write_tile = [&]() {
+            const int q = lane >> 3, j = lane & 7;
+            const int cq = 2 * warp + (q & 1);
 #pragma unroll
-            for (int i = 0; i < BN / 8; i++) {
+            for (int i = 0; i < BN / 8; i += 2) {
+                const int na = 8 * (i + (q >> 1)) + j;
+                const uint32_t roff = (uint32_t)((na & 63) * 128 + ((cq ^ j) << 4));
+                if (MODE == KC_MODE_GATE_UP) {
+                    uint32_t pk[4];
 #pragma unroll
-                for (int cb = 0; cb < 2; cb++) {
-                    const int n = 8 * i + 2 * (lane & 3) + cb;
-                    const int r = n & 63;
-                    const float sc = s_scale[slot][n];
+                    for (int ii = 0; ii < 2; ii++)
 #pragma unroll
-                    for (int hf = 0; hf < 2; hf++) {
-                        const int rr = warp * 16 + (lane >> 2) + 8 * hf;
-                        const int reg = 4 * i + 2 * hf + cb;
-                        const uint32_t off = (uint32_t)(r * 128 + (((rr >> 3) ^ (r & 7)) << 4) + (rr & 7) * 2);
-                        if (MODE == KC_MODE_GATE_UP) {
-                            const float gt = acc[0][reg], up = acc[1][reg];
-                            float av;
-                            if (fast) {
-                                const float d = 1.0f + expf(-gt);
-                                bad |= !kc_div_fast(gt, d, av);
-                            } else {
-                                av = kc_act(a.act, gt);
+                        for (int hf = 0; hf < 2; hf++) {
+                            float v[2];
+#pragma unroll
+                            for (int cb = 0; cb < 2; cb++) {
+                                const int reg = 4 * (i + ii) + 2 * hf + cb;
+                                v[cb] = kc_act(a.act, acc[0][reg]) * acc[1][reg];
                             }
-                            *(T *)(sgen + region(0, i >> 3) + off) = kc_elem<T>::from_f(av * up);
-                        } else {
-#pragma unroll
-                            for (int blk = 0; blk < 2; blk++) /* sc == 1.0f when unscaled: exact */
-                                *(T *)(sgen + region(blk, i >> 3) + off) = kc_elem<T>::from_f(acc[blk][reg] * sc);
+                            pk[2 * ii + hf] = kc_pack2<T>(v[0], v[1]);
                         }
+                    kc_stsm_x4_trans(region(0, i >> 3) + roff, pk);
+                } else {
+#pragma unroll
+                    for (int blk = 0; blk < 2; blk++) { /* sc == 1.0f when unscaled: exact */
+                        uint32_t pk[4];
+#pragma unroll
+                        for (int ii = 0; ii < 2; ii++) {
+                            const int n0 = 8 * (i + ii) + 2 * (lane & 3);
+                            const float sc0 = s_scale[slot][n0], sc1 = s_scale[slot][n0 + 1];
+#pragma unroll
+                            for (int hf = 0; hf < 2; hf++) {
+                                const int reg = 4 * (i + ii) + 2 * hf;
+                                pk[2 * ii + hf] = kc_pack2<T>(acc[blk][reg] * sc0, acc[blk][reg + 1] * sc1);
+                            }
+                        }
+                        kc_stsm_x4_trans(region(blk, i >> 3) + roff, pk);
                     }
                 }
             }
-            return bad;
         };
-        if (FASTACT && MODE == KC_MODE_GATE_UP && a.act == KERN_ACT_SILU) {
-            const bool bad = write_tile(true);
-            if (__any_sync(0xffffffffu, bad))
-                write_tile(false); /* the same addresses, every value by kc_act */
-        } else {
-            write_tile(false);
-        }
+        if (!(a.lab_break & 17)) /* (lab: no epilogue, or no shared-memory writes of it) */
+            write_tile();
         /* this warpgroup's rows are written (named barrier 3 + cw, its 128 threads) */
         asm volatile("bar.sync %0, 128;\n" ::"r"(3 + cw) : "memory");
         {
             constexpr int CPR = MODE == KC_MODE_GATE_UP ? 8 : 16; /* 16-byte chunks per column */
             const int row0 = rb * rows_per_cta + (MODE == KC_MODE_GATE_UP ? 64 : 128) * cw;
 #pragma unroll 2
-            for (int idx = wt; idx < BN * CPR; idx += 128) {
+            for (int idx = wt; idx < ((a.lab_break & 9) ? 0 : BN * CPR); idx += 128) {
                 const int n = idx / CPR, cc = idx % CPR;
                 const int orow = s_orow[slot][n];
                 const int r = row0 + cc * 8;

@@ -65,6 +65,7 @@ typedef struct kc_state {
     uint32_t fold_seq;   /* the last folded call's sequence number (never 0 after the first) */
     int32_t lab_stop;    /* kern_cuda_set_lab_stop */
     int32_t router_tile; /* kern_cuda_set_router_tile: -1 automatic */
+    int32_t lab_break;   /* MOE_CUDA_LAB_BREAK (kc_gemm_args.lab_break) */
     kc_err *err_host; /* mapped pinned */
     kc_err *err_dev;  /* its device view */
     int32_t *claim;   /* device */
@@ -212,6 +213,19 @@ static moe_status cuda_init(kern_ctx_t *ctx) {
             goto fail;
         }
         s->small_opts = (uint32_t)v;
+    }
+    env = getenv("MOE_CUDA_LAB_BREAK"); /* the lab's decomposition of the TMA-fed tiles: wrong outputs */
+    if (env && env[0]) {
+        char *end = NULL;
+        const unsigned long v = strtoul(env, &end, 0);
+        if (*end != '\0' || v > 31) {
+            st = moe_fail(MOE_ERR_INVALID_ARG, "MOE_CUDA_LAB_BREAK='%.16s': expected a mask of 0..31", env);
+            goto fail;
+        }
+        s->lab_break = (int32_t)v;
+        if (v)
+            MOE_WARN(MOE_SUB_KERN, "cuda backend: MOE_CUDA_LAB_BREAK=%lu: the large tiles leave parts out, outputs "
+                                   "are wrong (a lab measurement only)", v);
     }
     env = getenv("MOE_CUDA_PATH");
     if (env && env[0]) {
@@ -476,6 +490,7 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     if (small)
         a.err = sink;
     a.pdl = s->pdl;
+    a.lab_break = s->lab_break;
     kc_gemm_args gu = a;
     const bool fused = small && s->fused && nwg == 1;
     const bool hopper = s->cc_major >= 9;

@@ -128,6 +128,11 @@ typedef struct kc_gemm_args {
     void *fold_y;
     unsigned long long *fold_ctr;
     uint32_t fold_seq;
+    /* Lab only, wrong outputs (MOE_CUDA_LAB_BREAK; the TMA-fed tiles): what a part of the kernel
+     * costs, by leaving it out. 1: no epilogue (nothing stored); 2: no proxy fence before the
+     * wgmma of each k block; 4: the routed rows not read (zero-filled stages); 8: the epilogue's
+     * global stores left out; 16: its shared-memory writes (and the activation) left out. */
+    int32_t lab_break;
 } kc_gemm_args;
 
 /* Tile configurations: NWG consumer warpgroups (128 weight rows each), BN routed rows. */
