@@ -330,17 +330,18 @@ static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int
         /* lab run 52 (H100, --ab): Qwen3 T = 512 (32 rows per expert) 493 us against (1, 64)'s
          * 562; DeepSeek-V2-Lite T = 512 (48) 457 against (8, 128)'s 484 */
         *nwg = 2, *bn = 64;
-    } else if (hopper && (m <= 96 || m > 256)) {
+    } else if (hopper && (m <= 96 || m > 160)) {
         /* (8, 128): (5, 128) in a persistent grid, the producer running on into the next tile
-         * during the epilogue, SiLU's division by its branch-free fast path where exact; the
-         * same bits. Above 256 rows per expert (labs of runs 12 and 13, docs/PERF.md): faster
-         * than (5, 128) at T = 8192 (512-2048 rows per expert) on all three models in both
-         * runs (1-3% on Mixtral, 1-9% on Qwen3 and DeepSeek). At 49-96 rows (lab run 52): the
-         * fastest of all tiles at 64 rows on all three models (Mixtral T = 256 1010 us against
-         * (2, 64)'s 1089, Qwen3 T = 1024 530 against 562) and at 96 (DeepSeek T = 1024 492
-         * against (5, 128)'s 515). But 10-21% slower than (5, 128) at 128-256 rows (Mixtral
-         * T = 512 and 1024, runs 12, 13 and 52). (7, 128), the same with '/', won on Mixtral
-         * T = 8192 in run 12 and lost in run 13's interleaved rounds. */
+         * during the epilogue; the same bits. Above 256 rows per expert (labs of runs 12 and
+         * 13, docs/PERF.md): faster than (5, 128) at T = 8192 (512-2048 rows per expert) on all
+         * three models in both runs (1-3% on Mixtral, 1-9% on Qwen3 and DeepSeek). At 49-96
+         * rows (lab runs 52-62): the fastest of all tiles at 64 rows on all three models
+         * (Mixtral T = 256 1010 us against (2, 64)'s 1089, Qwen3 T = 1024 530 against 562) and
+         * at 96 (DeepSeek T = 1024 492 against (5, 128)'s 515). At 128-256 rows it was 10-21%
+         * slower than (5, 128) until run 61, because its SiLU fast path redid the epilogue
+         * wherever a padding column gave x = 0; since run 62 (SiLU by the SFU everywhere):
+         * Mixtral T = 1024 (256 rows) 1526 against 1592, T = 512 (128 rows) 1221 against
+         * 1186. (7, 128) is the same kernel. */
         *nwg = 8, *bn = 128;
     } else if (hopper) {
         /* (5, 128): the (2, 128) tile fed by the bulk tensor copy engine, the same bits; lab

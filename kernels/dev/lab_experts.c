@@ -19,7 +19,7 @@
  * products (docs/PERF.md, engine runs 4-10, measured 1.36 at W = 2 in the engine).
  *
  * --ab: the automatic choice, the cp.async (1, 64) and (2, 64) and the 128-column TMA tiles
- * ((5, 128), (8, 128), (9, 128)) in interleaved rounds on fifteen cases of 32 to 2048 rows per expert
+ * ((5, 128), (8, 128), (9, 128)) in interleaved rounds on sixteen cases of 32 to 2048 rows per expert
  * (ab_compare).
  *
  * --small: the alignment-free mode's options (kern_cuda_set_small_opts), numbered variants in
@@ -451,7 +451,7 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     static const struct {
         int mi;
         int64_t T;
-    } cases[] = {{0, 8192}, {0, 1024}, {0, 512}, {0, 384}, {0, 256}, {0, 128}, {1, 8192}, {1, 1024},
+    } cases[] = {{0, 8192}, {0, 1024}, {0, 768}, {0, 512}, {0, 384}, {0, 256}, {0, 128}, {1, 8192}, {1, 1024},
                  {1, 768},  {1, 512},  {2, 8192}, {2, 1024}, {2, 768}, {2, 512}, {2, 352}};
     /* (0, 0): the automatic choice; (1, 64) and (2, 64): the cp.async tiles of 22-80 rows per expert */
     static const struct {
