@@ -115,7 +115,8 @@ static __device__ __forceinline__ int32_t kc_align_check(const int32_t *ids, con
 }
 
 /* One CTA, every pair's loads issued before any of its atomics: thread tid holds pairs
- * tid + i KC_ALIGN_THREADS (i < KC_ALIGN_PPT) in registers from the first load to the last
+ * tid + i KC_ALIGN_THREADS (i < PPT, the least power of two that covers P) in registers from the
+ * first load to the last
  * store, so that a pass costs one memory latency instead of one per pair (run 52: the loop that
  * loaded, checked and counted one pair at a time took 17 us for 6144 pairs). stage_rows > 0:
  * the sorted rows are built in shared memory (stage_rows entries, at least n_blocks * bn) and
@@ -123,6 +124,7 @@ static __device__ __forceinline__ int32_t kc_align_check(const int32_t *ids, con
  * thread, took 20-30 us for 6-8k pairs (run 53). */
 #define KC_ALIGN_PPT (KC_ALIGN_MC_MIN_PAIRS / KC_ALIGN_THREADS)
 #define KC_ALIGN_STAGE_BYTES (192 * 1024)
+template <int PPT>
 __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     kc_align_kernel(const int32_t *ids, const float *w, int64_t P, int32_t K, const int32_t *map, int32_t E,
                     int32_t n_local, int32_t bn, int32_t pair, int32_t *pair_pos, int32_t *sorted_rows,
@@ -139,10 +141,10 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
 
     for (int e = tid; e < n_local; e += blockDim.x)
         cnt[e] = 0;
-    int32_t id[KC_ALIGN_PPT], ex[KC_ALIGN_PPT];
+    int32_t id[PPT], ex[PPT];
     uint32_t bad_w = 0, idok = 0; /* bit i: pair i's weight is not finite / its id is in range */
 #pragma unroll
-    for (int i = 0; i < KC_ALIGN_PPT; i++) {
+    for (int i = 0; i < PPT; i++) {
         const int64_t p = tid + (int64_t)i * KC_ALIGN_THREADS;
         id[i] = p < P ? ids[p] : -1;
         if (p < P && !isfinite(w[p]))
@@ -150,13 +152,13 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     }
     /* the checks of kc_align_check, the map's loads all issued before their first use */
 #pragma unroll
-    for (int i = 0; i < KC_ALIGN_PPT; i++) {
+    for (int i = 0; i < PPT; i++) {
         const bool ok = id[i] >= 0 && id[i] < E;
         idok |= (uint32_t)ok << i;
         ex[i] = ok ? (map ? map[id[i]] : id[i]) : -1;
     }
 #pragma unroll
-    for (int i = 0; i < KC_ALIGN_PPT; i++) {
+    for (int i = 0; i < PPT; i++) {
         const int64_t p = tid + (int64_t)i * KC_ALIGN_THREADS;
         if (p >= P)
             continue;
@@ -178,7 +180,7 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
 
     /* Count and rank within the expert (id[] now holds the rank). */
 #pragma unroll
-    for (int i = 0; i < KC_ALIGN_PPT; i++)
+    for (int i = 0; i < PPT; i++)
         id[i] = ex[i] >= 0 ? atomicAdd(&cnt[ex[i]], 1) : -1;
     __syncthreads();
 
@@ -188,7 +190,7 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
 
     /* Place each pair. */
 #pragma unroll
-    for (int i = 0; i < KC_ALIGN_PPT; i++) {
+    for (int i = 0; i < PPT; i++) {
         const int64_t p = tid + (int64_t)i * KC_ALIGN_THREADS;
         if (p >= P)
             continue;
@@ -224,13 +226,31 @@ extern "C" int kc_launch_align(const int32_t *ids, const float *w, int64_t n_pai
         stage_rows = (int32_t)max_rows;
         smem += (size_t)max_rows * sizeof(int32_t);
     }
-    if (smem > 48 * 1024) { /* only large expert counts or staged rows need the opt-in */
-        cudaError_t e = cudaFuncSetAttribute(kc_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    /* pairs per thread: the least of 1, 2, 4, 8, 16 that covers P (each unrolled loop costs its
+     * full count of instructions, on one SM) */
+    typedef void (*align_fn)(const int32_t *, const float *, int64_t, int32_t, const int32_t *, int32_t, int32_t,
+                             int32_t, int32_t, int32_t *, int32_t *, int32_t *, int32_t *, int32_t, kc_errsink);
+    static const align_fn fns[5] = {kc_align_kernel<1>, kc_align_kernel<2>, kc_align_kernel<4>, kc_align_kernel<8>,
+                                    kc_align_kernel<KC_ALIGN_PPT>};
+    static_assert(KC_ALIGN_PPT == 16, "the variants above cover 16 pairs per thread");
+    const int64_t per = (n_pairs + KC_ALIGN_THREADS - 1) / KC_ALIGN_THREADS;
+    const int vi = per <= 1 ? 0 : per <= 2 ? 1 : per <= 4 ? 2 : per <= 8 ? 3 : 4;
+    const align_fn k = fns[vi];
+    /* the shared-memory limit raised once per (variant, device, size above 48 KB) */
+    static size_t smem_set[5][64];
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess)
+        return (int)e;
+    if (smem > 48 * 1024 && (dev >= 64 || smem_set[vi][dev] < smem)) {
+        e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess)
             return (int)e;
+        if (dev < 64)
+            smem_set[vi][dev] = smem;
     }
-    return kc_launch_ex(kc_align_kernel, dim3(1), dim3(KC_ALIGN_THREADS), smem, st, pdl, ids, w, n_pairs, top_k, map,
-                        n_experts, n_local, bn, pair, pair_pos, sorted_rows, block_expert, n_blocks, stage_rows, err);
+    return kc_launch_ex(k, dim3(1), dim3(KC_ALIGN_THREADS), smem, st, pdl, ids, w, n_pairs, top_k, map, n_experts,
+                        n_local, bn, pair, pair_pos, sorted_rows, block_expert, n_blocks, stage_rows, err);
 }
 
 /* ---- alignment, many CTAs (large batches) ----------------------------------------------

@@ -70,6 +70,7 @@ typedef struct kc_state {
     kc_err *err_dev;  /* its device view */
     int32_t *claim;   /* device */
     kc_buf pair_pos, sorted_rows, block_expert, n_blocks, abuf, slots, xw, sh_abuf, sh_out, gate, align_scratch;
+    int32_t align_mode; /* kern_cuda_set_align: 0 automatic */
     kc_buf fold_ctr; /* [T * ceil(H / 64)] counters of the folded sum, zeroed when (re)allocated */
 } kc_state;
 
@@ -440,7 +441,14 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
         MOE_CHECK(buf_ensure(s, &s->xw, (size_t)P * (size_t)H * es));
 
     kc_errsink sink = {s->err_dev, s->claim};
-    if (!small && P >= KC_ALIGN_MC_MIN_PAIRS) {
+    /* The alignment: one CTA below KC_ALIGN_ONE_CTA_BELOW pairs, three launches from there
+     * (kern_cuda_set_align forces either; the one CTA holds at most KC_ALIGN_MC_MIN_PAIRS) */
+    int align = s->align_mode;
+    if (align == 0)
+        align = P < KC_ALIGN_ONE_CTA_BELOW ? 1 : 2;
+    if (align == 1 && P >= KC_ALIGN_MC_MIN_PAIRS)
+        align = 2;
+    if (!small && align == 2) {
         MOE_CHECK(buf_ensure(s, &s->align_scratch, (size_t)p->n_local * 2 * sizeof(int32_t)));
         KC_LAUNCH(kc_launch_align_mc(ids->data, w->data, P, (int32_t)K, p->expert_map, p->n_experts, p->n_local, bn, pair,
                                      s->pair_pos.p, s->sorted_rows.p, s->block_expert.p, s->n_blocks.p,
@@ -877,6 +885,13 @@ moe_status kern_cuda_set_router_tile(kern_ctx_t *ctx, int32_t tile) {
 }
 
 int32_t kern_cuda_router_tiles(int32_t *out, int32_t cap) { return kc_router_logits_tiles(out, cap); }
+
+moe_status kern_cuda_set_align(kern_ctx_t *ctx, int32_t mode) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    MOE_REQUIRE(mode >= 0 && mode <= 2, MOE_ERR_INVALID_ARG, "kern_cuda_set_align: %d not in [0, 2]", (int)mode);
+    st_of(ctx)->align_mode = mode;
+    return MOE_OK;
+}
 
 moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels) {
     MOE_CHECK(require_cuda_ctx(ctx));

@@ -105,6 +105,11 @@ uint32_t kern_cuda_get_small_opts(const kern_ctx_t *ctx);
  * default), so that the lab can time the parts of a call. The output is then not written. */
 moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels);
 
+/* The kernel lab and the tests: which alignment of (token, slot) pairs the aligned mode runs:
+ * 0 (the default) by the batch's size, 1 one CTA (below 16384 pairs; three launches above),
+ * 2 three launches (count, scan, place). Both give the same outputs. */
+moe_status kern_cuda_set_align(kern_ctx_t *ctx, int32_t mode);
+
 /* The kernel lab only: the router logits' warp tile (kern_router_logits): -1 (the default) picks
  * by the batch's size, 0 .. n-1 forces the n-th tile of kern_cuda_router_tiles, which writes the
  * (tokens, experts) pairs of the tiles into out[2 i], out[2 i + 1] and returns how many there are

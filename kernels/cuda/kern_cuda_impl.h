@@ -201,7 +201,11 @@ int kc_launch_align_mc(const int32_t *ids, const float *w, int64_t n_pairs, int3
                        cudaStream_t st);
 /* From here on the three-launch version; below it, the one-CTA kernel holds every pair in
  * registers (KC_ALIGN_MC_MIN_PAIRS / 1024 per thread). */
-#define KC_ALIGN_MC_MIN_PAIRS 16384
+#define KC_ALIGN_MC_MIN_PAIRS 16384 /* the one-CTA kernel's most (its registers) */
+/* The automatic choice: one CTA below this, three launches from it (lab --align, run 64: one
+ * CTA 470 against 477 us at Qwen3 T = 512 (4096 pairs); three launches 465 against 481 at
+ * DeepSeek-V2-Lite T = 1024 (6144), 490 against 506 at Qwen3 T = 1024 (8192)). */
+#define KC_ALIGN_ONE_CTA_BELOW 6144
 
 /* y[t, h] = round(sum_k slots[t, k, h] (k ascending, from +0.0, skipping pairs not held here)
  * + shared[t, h] (when given)); all of dtype. */

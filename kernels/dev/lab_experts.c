@@ -22,6 +22,9 @@
  * ((5, 128), (8, 128), (9, 128)) in interleaved rounds on sixteen cases of 32 to 2048 rows per expert
  * (ab_compare).
  *
+ * --align: the alignments (one CTA, three launches; kern_cuda_set_align) timed against each
+ * other on nine cases, their outputs compared bit for bit (align_compare).
+ *
  * --small: the alignment-free mode's options (kern_cuda_set_small_opts), numbered variants in
  * the same manner: variant 3.M is the automatic tile with option mask M (bit 1: the sum over
  * top-k folded into the down product; 2: the gate-up CTAs prefetch the down weights into the
@@ -36,7 +39,7 @@
  * the lowest mean ratio to mask 0 over the cases ("best mask", small_compare).
  *
  * Build: bazel build //kernels/dev:lab_experts; run on a GPU host:
- *   lab_experts [--check-only | --from-T N | --one MODEL T [NWG BN] | --ep W | --ab | --small]
+ *   lab_experts [--check-only | --from-T N | --one MODEL T [NWG BN] | --ep W | --ab | --align | --small]
  */
 #include <math.h>
 #include <stdio.h>
@@ -501,6 +504,63 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     lab_timer_free(&tm);
 }
 
+/* ---- --align: the alignments against each other ----------------------------------------
+ * Each case in rounds of (auto, one CTA, three launches: median of 3 calls each, L2 flushed);
+ * the outputs of every mode must have the bits of the first (the alignment only orders rows
+ * inside an expert). Run 64 also had a one-launch many-CTA form (the last CTA to count scans,
+ * the others wait for it): slower than three launches everywhere, removed (docs/PERF.md). */
+static int align_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
+    static const struct {
+        int mi;
+        int64_t T;
+    } cases[] = {{1, 128}, {1, 512}, {1, 1024}, {1, 2048}, {1, 4096}, {1, 8192}, {2, 1024}, {2, 8192}, {0, 1024}};
+    enum { NM = 3, ROUNDS = 9 };
+    lab_timer tm;
+    lab_timer_init(&tm);
+    int bad = 0;
+    printf("\n--align: the alignments (%d rounds of median-of-3, L2 flushed, %s; us, whole call)\n", ROUNDS, prop->name);
+    printf("| model | T | pairs | auto | one CTA | three launches | same bits |\n|---|---|---|---|---|---|---|\n");
+    int last_mi = -1;
+    lab_bufs b;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const int mi = cases[c].mi;
+        const int64_t T = cases[c].T, H = lab_models[mi].H;
+        lab_case lc = lab_case_of(&b, &last_mi, gpu, mi, 8192, T);
+        const size_t nbytes = (size_t)(T * H) * 2;
+        uint16_t *first = malloc(nbytes), *got = malloc(nbytes);
+        bool same = true;
+        for (int m = 0; m < NM; m++) {
+            LB_CHECK(kern_cuda_set_align(gpu, m));
+            LB_CUDA(cudaMemset(lc.y.data, 0xFF, nbytes));
+            LB_CUDA(cudaDeviceSynchronize());
+            LB_CHECK(kern_fused_experts(gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y));
+            LB_CHECK(kern_ctx_sync(gpu));
+            LB_CUDA(cudaMemcpy(m ? got : first, lc.y.data, nbytes, cudaMemcpyDeviceToHost));
+            if (m && memcmp(first, got, nbytes) != 0)
+                same = false;
+        }
+        bad += !same;
+        double t[NM][ROUNDS];
+        for (int r = 0; r < ROUNDS; r++)
+            for (int m = 0; m < NM; m++) {
+                LB_CHECK(kern_cuda_set_align(gpu, m));
+                t[m][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 3);
+            }
+        printf("| %s | %lld | %lld |", lab_models[mi].name, (long long)T, (long long)(T * lab_models[mi].K));
+        for (int m = 0; m < NM; m++)
+            printf(" %.1f |", dev_median(t[m], ROUNDS));
+        printf(" %s |\n", same ? "yes" : "NO");
+        fflush(stdout);
+        free(first);
+        free(got);
+    }
+    if (last_mi >= 0)
+        lab_bufs_free(&b);
+    LB_CHECK(kern_cuda_set_align(gpu, 0));
+    lab_timer_free(&tm);
+    return bad;
+}
+
 /* ---- --small: the alignment-free mode's options ------------------------------------------
  * Napkin math (T = 1): Qwen3-30B-A3B reads 8 experts x 3 x 2048 x 768 x 2 = 75.5 MB (gate-up
  * 50.3, down 25.2): 25 us at 3.0 TB/s; DeepSeek-V2-Lite 6 x 3 x 2048 x 1408 x 2 = 104 MB
@@ -683,6 +743,13 @@ int main(int argc, char **argv) {
         kern_ctx_free(gpu);
         kern_ctx_free(cpu);
         printf("--small: %s\n", rc ? "FAILED" : "all masks the same bits");
+        return rc ? 1 : 0;
+    }
+    if (argc > 1 && strcmp(argv[1], "--align") == 0) {
+        int rc = align_compare(gpu, &prop);
+        kern_ctx_free(gpu);
+        kern_ctx_free(cpu);
+        printf("--align: %s\n", rc ? "FAILED (bits differ)" : "every alignment the same bits");
         return rc ? 1 : 0;
     }
     if (argc > 1 && strcmp(argv[1], "--ab") == 0) {
