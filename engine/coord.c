@@ -182,6 +182,7 @@ typedef struct coord {
     char worker_ep[ENG_PATH_MAX + 16];
     char worker_threads[16];
     char hb_str[16], step_to_str[16], start_to_str[16], step_tokens_str[16], dbo_min_str[16], busy_str[16];
+    char dbo_sm_str[16];
     uv_idle_t spin;      /* --busy-poll-us: active while hot, so the loop polls without sleeping */
     uint64_t t_active;   /* the last step dispatched or answered */
     int32_t gpu_ids[MAX_WORKERS];
@@ -1236,6 +1237,8 @@ static void spawn_group(coord *co) {
                         co->cfg.dbo,
                         "--dbo-min-tokens",
                         co->dbo_min_str,
+                        "--dbo-sm-reserve",
+                        co->dbo_sm_str,
                         "--dbo-split",
                         co->cfg.dbo_split,
                         "--busy-poll-us",
@@ -1775,6 +1778,7 @@ static moe_status coord_init(coord *co) {
     snprintf(co->start_to_str, sizeof co->start_to_str, "%d", (int)co->cfg.start_timeout_ms);
     snprintf(co->step_tokens_str, sizeof co->step_tokens_str, "%d", (int)co->cfg.max_step_tokens);
     snprintf(co->dbo_min_str, sizeof co->dbo_min_str, "%d", (int)co->cfg.dbo_min_tokens);
+    snprintf(co->dbo_sm_str, sizeof co->dbo_sm_str, "%d", (int)co->cfg.dbo_sm_reserve);
     if (co->cfg.busy_poll_us < 0) /* auto */
         co->cfg.busy_poll_us = co->cfg.gpus[0] ? 1000 : 0;
     snprintf(co->busy_str, sizeof co->busy_str, "%d", (int)co->cfg.busy_poll_us);

@@ -286,6 +286,9 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_CHECK_GOTO(kern_ctx_init(&g->kside, KERN_BACKEND_CUDA, &kps), st, fail);
     kern_ctx_params kpc = {.device = p->device, .stream = g->s_comm};
     MOE_CHECK_GOTO(kern_ctx_init(&g->kcomm, KERN_BACKEND_CUDA, &kpc), st, fail);
+    /* --dbo-sm-reserve against this device's SMs, now rather than at the first DBO step */
+    MOE_CHECK_GOTO(kern_cuda_set_sm_reserve(g->k, p->dbo_sm_reserve), st, fail);
+    MOE_CHECK_GOTO(kern_cuda_set_sm_reserve(g->k, 0), st, fail);
 
     /* Weights. */
     g->layers = calloc((size_t)(n_layers ? n_layers : 1), sizeof(gpu_layer));
@@ -887,7 +890,11 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             }
         }
         /* The routed experts of every micro-batch on s_main, enqueued first so that the GPU
-         * starts while the host builds the exchange plans. */
+         * starts while the host builds the exchange plans. With DBO the persistent product tiles
+         * leave --dbo-sm-reserve SMs free (default 0), so that micro-batch 0's exchange (NCCL
+         * kernels on s_comm) can run beside micro-batch 1's products (run 67: no gain at 16
+         * or 32 SMs on 2x H100). */
+        MOE_CHECK(kern_cuda_set_sm_reserve(g->k, dbo ? g->p.dbo_sm_reserve : 0));
         for (int mb = 0; mb < parts; mb++) {
             int64_t a, b;
             mb_rows(g, parts, bounds, mb, &a, &b);

@@ -50,6 +50,7 @@ typedef struct eng_gpu_params {
     int32_t dbo_min_tokens;      /* auto: DBO at and above this many tokens (W > 1) */
     int32_t dbo_split;           /* 0: the micro-batches are the two halves of the tokens; 1: every
                                     token, each half of every rank's experts */
+    int32_t dbo_sm_reserve;      /* with DBO: SMs the products' persistent grid leaves to the exchange */
 } eng_gpu_params;
 
 /* Uploads the layers (host weights as the loader gives them; the host copies may be freed

@@ -49,6 +49,7 @@ typedef struct worker_args {
     int32_t dbo;            /* 0 off, 1 on, 2 auto */
     int32_t dbo_min_tokens;
     int32_t dbo_split;      /* 0 tokens, 1 experts */
+    int32_t dbo_sm_reserve; /* SMs left to the exchange while a DBO step's products run */
     int64_t max_step_tokens;
     int32_t start_timeout_ms;
     int32_t shm_fd;    /* the shared-memory data path's descriptor (-1: ZeroMQ data path) */
@@ -86,7 +87,8 @@ static void usage_worker(void) {
                     "flags: --rank R --world W --epoch N --coord ENDPOINT --comm-dir DIR --model DIR\n"
                     "       --backend cpu|cpu-ref|cuda --placement P --layers L --threads N\n"
                     "       --heartbeat-ms N --busy-poll-us N --step-timeout-ms N --device N --dbo on|off|auto\n"
-                    "       --dbo-min-tokens N --dbo-split tokens|experts --max-step-tokens N --start-timeout-ms N\n");
+                    "       --dbo-min-tokens N --dbo-split tokens|experts --dbo-sm-reserve N --max-step-tokens N\n"
+                    "       --start-timeout-ms N\n");
 }
 
 static moe_status parse_int(const char *flag, const char *v, int64_t lo, int64_t hi, int64_t *out) {
@@ -110,6 +112,7 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
     a->dbo = 2;
     a->dbo_min_tokens = 65536;
     a->dbo_split = 1;
+    a->dbo_sm_reserve = 0;
     a->max_step_tokens = 16384;
     a->start_timeout_ms = 120000;
     a->shm_fd = -1;
@@ -166,6 +169,9 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
         } else if (strcmp(f, "--dbo-min-tokens") == 0) {
             MOE_CHECK(parse_int(f, v, 1, INT32_MAX, &x));
             a->dbo_min_tokens = (int32_t)x;
+        } else if (strcmp(f, "--dbo-sm-reserve") == 0) {
+            MOE_CHECK(parse_int(f, v, 0, 112, &x));
+            a->dbo_sm_reserve = (int32_t)x;
         } else if (strcmp(f, "--max-step-tokens") == 0) {
             MOE_CHECK(parse_int(f, v, 1, 1 << 24, &x));
             a->max_step_tokens = x;
@@ -346,7 +352,8 @@ static moe_status worker_gpu_setup(worker *w) {
                          .timeout_ms = w->a.step_timeout_ms,
                          .dbo = w->a.dbo,
                          .dbo_min_tokens = w->a.dbo_min_tokens,
-                         .dbo_split = w->a.dbo_split};
+                         .dbo_split = w->a.dbo_split,
+                         .dbo_sm_reserve = w->a.dbo_sm_reserve};
     MOE_CHECK(eng_gpu_init(&w->g, &gp, w->layers, w->weights.n_layers));
     eng_gpu_set_hook(w->g, worker_hook, w); /* the next step received and staged while one computes */
     if (w->shm.base) /* copies to and from the device straight from the data path */

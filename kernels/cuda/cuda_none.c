@@ -90,6 +90,11 @@ moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels) {
     return not_built();
 }
 
+moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n) {
+    (void)ctx, (void)n;
+    return not_built();
+}
+
 moe_status kern_cuda_set_align(kern_ctx_t *ctx, int32_t mode) {
     (void)ctx, (void)mode;
     return not_built();

@@ -1815,6 +1815,8 @@ static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
             n_sm[dev] = sms;
     }
     const int mi = a->mode == KC_MODE_GATE_UP ? 0 : 1;
+    if (a->grid_cap > 0 && a->grid_cap < sms)
+        sms = a->grid_cap; /* SMs left to other streams (the same tiles in the same order: the same bits) */
     if (CL == 1) {
         const long grid = tiles < sms ? tiles : sms;
         return kc_launch_mode(kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT, 1>,
@@ -1855,6 +1857,8 @@ static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
             fprintf(stderr, "kc_gemm_tmap (cluster %d, %s): %d clusters resident at once\n", CL,
                     mi == 0 ? "gate-up" : "down", ncl);
     }
+    if (ncl > sms / CL)
+        ncl = sms / CL > 0 ? sms / CL : 1;
     const long clusters = tiles < ncl ? tiles : ncl;
     cfg.gridDim = dim3((unsigned)(clusters * CL));
     if (a->pdl) {

@@ -66,6 +66,7 @@ typedef struct kc_state {
     int32_t lab_stop;    /* kern_cuda_set_lab_stop */
     int32_t router_tile; /* kern_cuda_set_router_tile: -1 automatic */
     int32_t lab_break;   /* MOE_CUDA_LAB_BREAK (kc_gemm_args.lab_break) */
+    int32_t sm_reserve;  /* kern_cuda_set_sm_reserve */
     kc_err *err_host; /* mapped pinned */
     kc_err *err_dev;  /* its device view */
     int32_t *claim;   /* device */
@@ -500,6 +501,7 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
         a.err = sink;
     a.pdl = s->pdl;
     a.lab_break = s->lab_break;
+    a.grid_cap = s->sm_reserve > 0 ? s->n_sm - s->sm_reserve : 0;
     kc_gemm_args gu = a;
     const bool fused = small && s->fused && nwg == 1;
     const bool hopper = s->cc_major >= 9;
@@ -885,6 +887,16 @@ moe_status kern_cuda_set_router_tile(kern_ctx_t *ctx, int32_t tile) {
 }
 
 int32_t kern_cuda_router_tiles(int32_t *out, int32_t cap) { return kc_router_logits_tiles(out, cap); }
+
+moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    kc_state *s = st_of(ctx);
+    MOE_REQUIRE(n >= 0 && n <= s->n_sm - 8, MOE_ERR_INVALID_ARG,
+                "kern_cuda_set_sm_reserve: %d not in [0, %d] (this device has %d SMs)", (int)n, (int)(s->n_sm - 8),
+                (int)s->n_sm);
+    s->sm_reserve = n;
+    return MOE_OK;
+}
 
 moe_status kern_cuda_set_align(kern_ctx_t *ctx, int32_t mode) {
     MOE_CHECK(require_cuda_ctx(ctx));

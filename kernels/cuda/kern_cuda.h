@@ -110,6 +110,12 @@ moe_status kern_cuda_set_lab_stop(kern_ctx_t *ctx, int32_t kernels);
  * 2 three launches (count, scan, place). Both give the same outputs. */
 moe_status kern_cuda_set_align(kern_ctx_t *ctx, int32_t mode);
 
+/* SMs that the persistent product tiles leave free (0, the default: one CTA per SM), so that a
+ * kernel on another stream (the GPU worker's exchange during dual-batch overlap) runs beside
+ * them instead of after them. The same tiles in the same order: the same bits. At most the
+ * device's SMs - 8. */
+moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n);
+
 /* The kernel lab only: the router logits' warp tile (kern_router_logits): -1 (the default) picks
  * by the batch's size, 0 .. n-1 forces the n-th tile of kern_cuda_router_tiles, which writes the
  * (tokens, experts) pairs of the tiles into out[2 i], out[2 i + 1] and returns how many there are

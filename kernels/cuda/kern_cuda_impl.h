@@ -133,6 +133,9 @@ typedef struct kc_gemm_args {
      * wgmma of each k block; 4: the routed rows not read (zero-filled stages); 8: the epilogue's
      * global stores left out; 16: its shared-memory writes (and the activation) left out. */
     int32_t lab_break;
+    /* The persistent tiles ((7 .. 9, 128)): at most this many CTAs (0: one per SM); the SMs
+     * left over run other streams' kernels meanwhile (kern_cuda_set_sm_reserve). */
+    int32_t grid_cap;
 } kc_gemm_args;
 
 /* Tile configurations: NWG consumer warpgroups (128 weight rows each), BN routed rows. */
