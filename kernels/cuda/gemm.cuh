@@ -1504,10 +1504,9 @@ static int kc_gemm_tma_launch_t(const kc_gemm_args *a, cudaStream_t st) {
  * rows 128 cw..), so that a warpgroup needs no other warpgroup's progress: rows of 128 bytes
  * (64 outputs of one column), 16-byte chunk c of row r at c ^ (r & 7). The held stages go back
  * to the producer after the stores. The values and their order are kc_gemm_kernel's: the same
- * bits. FASTACT: until run 61 (8, 128) computed SiLU's IEEE division by a branch-free fast path
- * where exact; since kc_act's SiLU is itself the fast form, (7, 128) and (8, 128) run the same
- * code (the parameter is kept so that both tiles stay selectable). CL == 2 ((9, 128)): see
- * kc_gemm_tmap_launch_t. */
+ * bits. Until run 61 (8, 128) computed SiLU's IEEE division by a branch-free fast path where
+ * exact and (7, 128) by '/'; since kc_act's SiLU is itself the fast form both tiles launch this
+ * one kernel (both stay selectable). CL == 2 ((9, 128)): see kc_gemm_tmap_launch_t. */
 
 #ifdef KC_HAVE_WGMMA
 /* Two values rounded to T and packed (the first in the low half), and stmatrix .trans of four
@@ -1528,7 +1527,7 @@ static __device__ __forceinline__ void kc_stsm_x4_trans(uint32_t addr, const uin
 }
 #endif
 
-template <typename T, int MODE, bool FASTACT, int CL>
+template <typename T, int MODE, int CL>
 __global__ void __launch_bounds__(384, 1)
     kc_gemm_tmap_kernel(const kc_gemm_args a, const __grid_constant__ CUtensorMap tmw) {
 #if !defined(KC_HAVE_WGMMA)
@@ -1776,7 +1775,7 @@ __global__ void __launch_bounds__(384, 1)
  * cannot be made. CL == 2 ((9, 128)): clusters of two CTAs, as many as can be resident at once
  * (cudaOccupancyMaxActiveClusters), each taking pairs of column blocks; the weight map's boxes
  * are 128 rows (each CTA copies half of a stage into both). */
-template <typename T, bool FASTACT, int CL>
+template <typename T, int CL>
 static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
     typedef kc_tile<2, 128> TL;
     const int rows_per_cta = a->mode == KC_MODE_GATE_UP ? 128 : 256;
@@ -1819,12 +1818,12 @@ static int kc_gemm_tmap_launch_t(const kc_gemm_args *a, cudaStream_t st) {
         sms = a->grid_cap; /* SMs left to other streams (the same tiles in the same order: the same bits) */
     if (CL == 1) {
         const long grid = tiles < sms ? tiles : sms;
-        return kc_launch_mode(kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT, 1>,
-                              kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT, 1>, attr_done, dev, mi, grid, 384, TL::smem,
+        return kc_launch_mode(kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, 1>,
+                              kc_gemm_tmap_kernel<T, KC_MODE_DOWN, 1>, attr_done, dev, mi, grid, 384, TL::smem,
                               a->pdl != 0, st, aa, tm);
     }
     void (*k)(const kc_gemm_args, const CUtensorMap) =
-        mi == 0 ? kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, FASTACT, CL> : kc_gemm_tmap_kernel<T, KC_MODE_DOWN, FASTACT, CL>;
+        mi == 0 ? kc_gemm_tmap_kernel<T, KC_MODE_GATE_UP, CL> : kc_gemm_tmap_kernel<T, KC_MODE_DOWN, CL>;
     const unsigned long long bit = dev < 64 ? 1ull << dev : 0;
     if (!(attr_done[mi] & bit)) {
         e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem);
@@ -1926,7 +1925,8 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
  * (wgmma, 5, 128): the (2, 128) tile fed by the copy engine (kc_gemm_tma_kernel), routed rows by cp.async;
  * (wgmma, 6, 128): the same with the routed rows by the copy engine too (one box per row);
  * (wgmma, 7, 128): (5, 128) in a persistent grid, the producer running on into the next tile;
- * (wgmma, 8, 128): (7, 128) with SiLU's division by the branch-free fast path where exact;
+ * (wgmma, 8, 128): the same kernel as (7, 128) since run 62 (before: SiLU's division by a fast
+ * path where exact);
  * (wgmma, 9, 128): (8, 128) in clusters of two CTAs that share each weight stage (multicast). */
 #define KC_GEMM_WS_(T)                                   \
     if (path == KC_PATH_WGMMA && nwg == 3 && bn == 128) \
@@ -1937,12 +1937,10 @@ static int kc_gemm_launch_t(const kc_gemm_args *a, cudaStream_t st) {
         return kc_gemm_tma_launch_t<T, false>(a, st); \
     if (path == KC_PATH_WGMMA && nwg == 6 && bn == 128) \
         return kc_gemm_tma_launch_t<T, true>(a, st); \
-    if (path == KC_PATH_WGMMA && nwg == 7 && bn == 128) \
-        return kc_gemm_tmap_launch_t<T, false, 1>(a, st); \
-    if (path == KC_PATH_WGMMA && nwg == 8 && bn == 128) \
-        return kc_gemm_tmap_launch_t<T, true, 1>(a, st); \
+    if (path == KC_PATH_WGMMA && (nwg == 7 || nwg == 8) && bn == 128) \
+        return kc_gemm_tmap_launch_t<T, 1>(a, st); \
     if (path == KC_PATH_WGMMA && nwg == 9 && bn == 128) \
-        return kc_gemm_tmap_launch_t<T, true, 2>(a, st);
+        return kc_gemm_tmap_launch_t<T, 2>(a, st);
 
 /* Host: the fused small-T launch (see kc_small_fused_kernel); grid = min(items, n_sm). */
 template <typename T, int BN, int PATH>
