@@ -332,7 +332,7 @@ static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int
         /* lab run 52 (H100, --ab): Qwen3 T = 512 (32 rows per expert) 493 us against (1, 64)'s
          * 562; DeepSeek-V2-Lite T = 512 (48) 457 against (8, 128)'s 484 */
         *nwg = 2, *bn = 64;
-    } else if (hopper && (m <= 96 || m > 160)) {
+    } else if (hopper && (m <= 96 || (m > 160 && m <= 1024))) {
         /* (8, 128): (5, 128) in a persistent grid, the producer running on into the next tile
          * during the epilogue; the same bits. Above 256 rows per expert (labs of runs 12 and
          * 13, docs/PERF.md): faster than (5, 128) at T = 8192 (512-2048 rows per expert) on all
@@ -343,10 +343,14 @@ static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int
          * slower than (5, 128) until run 61, because its SiLU fast path redid the epilogue
          * wherever a padding column gave x = 0; since run 62 (SiLU by the SFU everywhere):
          * Mixtral T = 1024 (256 rows) 1526 against 1592, T = 512 (128 rows) 1221 against
-         * 1186. (7, 128) is the same kernel. */
+         * 1186. Above 1024 rows (5, 128) again: lab --ab run 69, each round's order rotated,
+         * Mixtral T = 8192 (2048 rows) 8798 against 10039 (Qwen3 T = 8192, 512 rows: 1331
+         * against 1394; DeepSeek-V2-Lite, 768: 1630 against 1626). (7, 128) is the same
+         * kernel. */
         *nwg = 8, *bn = 128;
     } else if (hopper) {
-        /* (5, 128): the (2, 128) tile fed by the bulk tensor copy engine, the same bits; lab
+        /* (5, 128) (97-160 rows, and above 1024): the (2, 128) tile fed by the bulk tensor copy
+         * engine, the same bits; lab
          * run 9 (docs/PERF.md): 16-26% faster than (2, 128) at T = 1024 and 8192 on all three
          * models. (3, 128), the cp.async warp-specialized kernel, ran 20-30% slower (run 4). */
         *nwg = 5, *bn = 128;

@@ -19,7 +19,7 @@
  * products (docs/PERF.md, engine runs 4-10, measured 1.36 at W = 2 in the engine).
  *
  * --ab: the automatic choice, the cp.async (1, 64) and (2, 64) and the 128-column TMA tiles
- * ((5, 128), (8, 128), (9, 128)) in interleaved rounds on sixteen cases of 32 to 2048 rows per expert
+ * ((5, 128), (8, 128), (9, 128)) in interleaved rounds (each round's order rotated by one) on sixteen cases of 32 to 2048 rows per expert
  * (ab_compare).
  *
  * --align: the alignments (one CTA, three launches; kern_cuda_set_align) timed against each
@@ -484,8 +484,12 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
         const int64_t T = cases[c].T;
         lab_case lc = lab_case_of(&b, &last_mi, gpu, mi, 8192, T);
         double t[NV][ROUNDS];
+        /* each round starts one variant later, so that no variant always follows the same
+         * one (session 7: a configuration's place in the round moved it 3-5% at Mixtral
+         * T = 8192, the card at its power limit after the slow tiles) */
         for (int r = 0; r < ROUNDS; r++)
-            for (int v = 0; v < NV; v++) {
+            for (int vi = 0; vi < NV; vi++) {
+                const int v = (vi + r) % NV;
                 LB_CHECK(kern_cuda_set_tile(gpu, vars[v].nwg, vars[v].bn));
                 t[v][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 3);
             }
@@ -542,7 +546,8 @@ static int align_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
         bad += !same;
         double t[NM][ROUNDS];
         for (int r = 0; r < ROUNDS; r++)
-            for (int m = 0; m < NM; m++) {
+            for (int mi2 = 0; mi2 < NM; mi2++) {
+                const int m = (mi2 + r) % NM; /* rotated, as in ab_compare */
                 LB_CHECK(kern_cuda_set_align(gpu, m));
                 t[m][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 3);
             }
