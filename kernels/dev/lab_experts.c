@@ -447,9 +447,44 @@ static int ep_compare(kern_ctx_t *gpu, int32_t W, const struct cudaDeviceProp *p
     return 0;
 }
 
-/* ---- --ab: the large tiles against each other, interleaved -------------------------------
- * Rounds of (each variant once: median of 3 calls, L2 flushed before each), so that the card's
- * clock drift under a long tensor load falls on every variant alike; the median over rounds. */
+/* ---- interleaved rounds, shared by --ab and --align -----------------------------------------
+ * ROUNDS rounds of every variant once (set(gpu, v, arg) selects variant v; median of 3 calls,
+ * L2 flushed before each), so that the card's clock drift under a long load falls on every
+ * variant alike; each round starts one variant later, so that no variant always follows the
+ * same one (session 7: a configuration's place in a fixed order moved it 3-5% at Mixtral
+ * T = 8192, the card at its power limit after the slow tiles). med[v]: the median over rounds. */
+enum { LAB_ROUNDS = 9, LAB_MAX_VARIANTS = 16 };
+typedef void (*lab_set_fn)(kern_ctx_t *gpu, int v, const void *arg);
+static void lab_rounds(lab_timer *tm, kern_ctx_t *gpu, lab_case *lc, int nv, lab_set_fn set, const void *arg,
+                       double *med) {
+    double t[LAB_MAX_VARIANTS][LAB_ROUNDS];
+    if (nv > LAB_MAX_VARIANTS) {
+        fprintf(stderr, "lab: %d variants, at most %d\n", nv, LAB_MAX_VARIANTS);
+        exit(2);
+    }
+    for (int r = 0; r < LAB_ROUNDS; r++)
+        for (int vi = 0; vi < nv; vi++) {
+            const int v = (vi + r) % nv;
+            set(gpu, v, arg);
+            t[v][r] = lab_time_fused(tm, gpu, &lc->p, &lc->x, &lc->w13, &lc->w2, &lc->ids, &lc->w, &lc->y, 3);
+        }
+    for (int v = 0; v < nv; v++)
+        med[v] = dev_median(t[v], LAB_ROUNDS);
+}
+
+typedef struct lab_tile {
+    int32_t nwg, bn;
+} lab_tile;
+static void lab_set_tile(kern_ctx_t *gpu, int v, const void *arg) {
+    const lab_tile *tiles = arg;
+    LB_CHECK(kern_cuda_set_tile(gpu, tiles[v].nwg, tiles[v].bn));
+}
+static void lab_set_align(kern_ctx_t *gpu, int v, const void *arg) {
+    (void)arg;
+    LB_CHECK(kern_cuda_set_align(gpu, v));
+}
+
+/* ---- --ab: the large tiles against each other, interleaved (lab_rounds) ------------------- */
 static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     static const struct {
         int mi;
@@ -457,15 +492,14 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     } cases[] = {{0, 8192}, {0, 1024}, {0, 768}, {0, 512}, {0, 384}, {0, 256}, {0, 128}, {1, 8192}, {1, 1024},
                  {1, 768},  {1, 512},  {2, 8192}, {2, 1024}, {2, 768}, {2, 512}, {2, 352}};
     /* (0, 0): the automatic choice; (1, 64) and (2, 64): the cp.async tiles of 22-80 rows per expert */
-    static const struct {
-        int32_t nwg, bn;
-    } vars[] = {{0, 0}, {1, 64}, {2, 64}, {5, 128}, {8, 128}, {9, 128}};
-    enum { NV = sizeof vars / sizeof vars[0], ROUNDS = 9 };
+    static const lab_tile vars[] = {{0, 0}, {1, 64}, {2, 64}, {5, 128}, {8, 128}, {9, 128}};
+    enum { NV = sizeof vars / sizeof vars[0] };
     lab_timer tm;
     lab_timer_init(&tm);
     LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_WGMMA));
     LB_CHECK(kern_cuda_set_pdl(gpu, prop->major >= 9));
-    printf("\n--ab: the large tiles interleaved (%d rounds of median-of-3, L2 flushed, %s; us)\n", ROUNDS, prop->name);
+    printf("\n--ab: the large tiles interleaved (%d rounds of median-of-3, order rotated, L2 flushed, %s; us)\n",
+           LAB_ROUNDS, prop->name);
     printf("| model | T | rows per expert |");
     for (int v = 0; v < NV; v++) {
         if (vars[v].nwg)
@@ -483,20 +517,12 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
         const int mi = cases[c].mi;
         const int64_t T = cases[c].T;
         lab_case lc = lab_case_of(&b, &last_mi, gpu, mi, 8192, T);
-        double t[NV][ROUNDS];
-        /* each round starts one variant later, so that no variant always follows the same
-         * one (session 7: a configuration's place in the round moved it 3-5% at Mixtral
-         * T = 8192, the card at its power limit after the slow tiles) */
-        for (int r = 0; r < ROUNDS; r++)
-            for (int vi = 0; vi < NV; vi++) {
-                const int v = (vi + r) % NV;
-                LB_CHECK(kern_cuda_set_tile(gpu, vars[v].nwg, vars[v].bn));
-                t[v][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 3);
-            }
+        double med[NV];
+        lab_rounds(&tm, gpu, &lc, NV, lab_set_tile, vars, med);
         printf("| %s | %lld | %lld |", lab_models[mi].name, (long long)T,
                (long long)(T * lab_models[mi].K / lab_models[mi].E));
         for (int v = 0; v < NV; v++)
-            printf(" %.1f |", dev_median(t[v], ROUNDS));
+            printf(" %.1f |", med[v]);
         printf("\n");
         fflush(stdout);
     }
@@ -509,8 +535,7 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
 }
 
 /* ---- --align: the alignments against each other ----------------------------------------
- * Each case in rounds of (auto, one CTA, three launches: median of 3 calls each, L2 flushed);
- * the outputs of every mode must have the bits of the first (the alignment only orders rows
+ * Each case in lab_rounds of (auto, one CTA, three launches); the outputs of every mode must have the bits of the first (the alignment only orders rows
  * inside an expert). Run 64 also had a one-launch many-CTA form (the last CTA to count scans,
  * the others wait for it): slower than three launches everywhere, removed (docs/PERF.md). */
 static int align_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
@@ -518,11 +543,12 @@ static int align_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
         int mi;
         int64_t T;
     } cases[] = {{1, 128}, {1, 512}, {1, 1024}, {1, 2048}, {1, 4096}, {1, 8192}, {2, 1024}, {2, 8192}, {0, 1024}};
-    enum { NM = 3, ROUNDS = 9 };
+    enum { NM = 3 };
     lab_timer tm;
     lab_timer_init(&tm);
     int bad = 0;
-    printf("\n--align: the alignments (%d rounds of median-of-3, L2 flushed, %s; us, whole call)\n", ROUNDS, prop->name);
+    printf("\n--align: the alignments (%d rounds of median-of-3, order rotated, L2 flushed, %s; us, whole call)\n",
+           LAB_ROUNDS, prop->name);
     printf("| model | T | pairs | auto | one CTA | three launches | same bits |\n|---|---|---|---|---|---|---|\n");
     int last_mi = -1;
     lab_bufs b;
@@ -544,16 +570,11 @@ static int align_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
                 same = false;
         }
         bad += !same;
-        double t[NM][ROUNDS];
-        for (int r = 0; r < ROUNDS; r++)
-            for (int mi2 = 0; mi2 < NM; mi2++) {
-                const int m = (mi2 + r) % NM; /* rotated, as in ab_compare */
-                LB_CHECK(kern_cuda_set_align(gpu, m));
-                t[m][r] = lab_time_fused(&tm, gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y, 3);
-            }
+        double med[NM];
+        lab_rounds(&tm, gpu, &lc, NM, lab_set_align, NULL, med);
         printf("| %s | %lld | %lld |", lab_models[mi].name, (long long)T, (long long)(T * lab_models[mi].K));
         for (int m = 0; m < NM; m++)
-            printf(" %.1f |", dev_median(t[m], ROUNDS));
+            printf(" %.1f |", med[m]);
         printf(" %s |\n", same ? "yes" : "NO");
         fflush(stdout);
         free(first);

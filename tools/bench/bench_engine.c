@@ -211,6 +211,26 @@ typedef struct thr_cpu {
     double minflt; /* minor page faults */
 } thr_cpu;
 
+/* Reads a /proc stat file into buf; returns its fields after the command's ") " (the command
+ * itself, between the parentheses, at *comm with length *comm_len where asked), NULL if the
+ * file is gone or not in that form. */
+static const char *proc_stat_read(const char *path, char *buf, size_t cap, const char **comm, int *comm_len) {
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return NULL;
+    size_t len = fread(buf, 1, cap - 1, f);
+    fclose(f);
+    buf[len] = '\0';
+    char *lp = strchr(buf, '('), *rp = strrchr(buf, ')');
+    if (!lp || !rp || rp < lp || rp[1] == '\0')
+        return NULL;
+    if (comm) {
+        *comm = lp + 1;
+        *comm_len = (int)(rp - lp - 1);
+    }
+    return rp + 2;
+}
+
 /* Appends the threads of process pid to out[*n] (up to cap). */
 static void threads_of(int pid, const char *proc, thr_cpu *out, int *n, int cap) {
     char dir[64];
@@ -224,23 +244,17 @@ static void threads_of(int pid, const char *proc, thr_cpu *out, int *n, int cap)
             continue;
         char path[400], buf[1024];
         snprintf(path, sizeof path, "%s/%s/stat", dir, de->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f)
-            continue;
-        size_t len = fread(buf, 1, sizeof buf - 1, f);
-        fclose(f);
-        buf[len] = '\0';
-        char *lp = strchr(buf, '('), *rp = strrchr(buf, ')');
-        if (!lp || !rp || rp < lp)
-            continue;
-        /* after ") ": state (field 3) ... minflt (10) ... utime (14), stime (15) */
+        const char *comm = NULL;
+        int comm_len = 0;
+        const char *fields = proc_stat_read(path, buf, sizeof buf, &comm, &comm_len);
+        /* state (field 3) ... minflt (10) ... utime (14), stime (15) */
         unsigned long long mf = 0, ut = 0, stt = 0;
-        if (sscanf(rp + 2, "%*c %*d %*d %*d %*d %*d %*u %llu %*u %*u %*u %llu %llu", &mf, &ut, &stt) != 3)
+        if (!fields || sscanf(fields, "%*c %*d %*d %*d %*d %*d %*u %llu %*u %*u %*u %llu %llu", &mf, &ut, &stt) != 3)
             continue;
         thr_cpu *t = &out[(*n)++];
         t->pid = pid;
         t->tid = atoi(de->d_name);
-        snprintf(t->name, sizeof t->name, "%s/%.*s", proc, (int)(rp - lp - 1), lp + 1);
+        snprintf(t->name, sizeof t->name, "%s/%.*s", proc, comm_len, comm);
         t->ticks = (double)(ut + stt);
         t->minflt = (double)mf;
     }
@@ -259,15 +273,9 @@ static int cpu_snapshot(int engine_pid, thr_cpu *out, int cap) {
             continue;
         char path[300], buf[512];
         snprintf(path, sizeof path, "/proc/%s/stat", de->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f)
-            continue;
-        size_t len = fread(buf, 1, sizeof buf - 1, f);
-        fclose(f);
-        buf[len] = '\0';
-        char *rp = strrchr(buf, ')');
+        const char *fields = proc_stat_read(path, buf, sizeof buf, NULL, NULL);
         int ppid = 0;
-        if (rp && sscanf(rp + 2, "%*c %d", &ppid) == 1 && ppid == engine_pid)
+        if (fields && sscanf(fields, "%*c %d", &ppid) == 1 && ppid == engine_pid)
             threads_of(atoi(de->d_name), "worker", out, &n, cap);
     }
     if (d)
