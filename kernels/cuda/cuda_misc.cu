@@ -91,27 +91,42 @@ __device__ __forceinline__ void kc_block_scan_fill(const int32_t *cnt, int32_t n
     }
 }
 
-/* The checks of pair p, shared by both alignments: a non-finite weight, an id out of range or a
- * map entry out of [-1, n_local) is recorded (the first error wins); returns the local expert,
- * or -1 (held elsewhere, or bad: skipped). */
-static __device__ __forceinline__ int32_t kc_align_check(const int32_t *ids, const float *w, int64_t p, int32_t K,
-                                                         const int32_t *map, int32_t E, int32_t n_local,
-                                                         kc_errsink err) {
-    const int32_t id = ids[p];
-    const float wt = w[p];
+/* The rules of both alignments for pair p (token p / K, slot p % K), from what was loaded for
+ * it: its id, whether its weight is finite, and e, its map entry (map[id], or id without a map;
+ * read only where the id is in range). A non-finite weight, an id out of [0, E) or a map entry
+ * out of [-1, n_local) is recorded (the first error wins; the weight is read again for the
+ * record, errors being rare); returns the local expert, or -1 (held elsewhere, or bad:
+ * skipped). A pair with a bad weight alone keeps its place. */
+static __device__ __forceinline__ int32_t kc_align_verdict(int32_t id, bool w_ok, int32_t e, int64_t p, int32_t K,
+                                                           const float *w, int32_t E, int32_t n_local,
+                                                           kc_errsink err) {
+    const bool id_ok = id >= 0 && id < E;
+    const bool map_ok = id_ok && e >= -1 && e < n_local;
+    if (w_ok && map_ok)
+        return e;
     const int32_t t = (int32_t)(p / K), k = (int32_t)(p % K);
-    if (!isfinite(wt))
+    const float wt = w[p];
+    if (!w_ok)
         kc_record_err(err, KC_ERR_WEIGHT, t, k, id, wt);
-    if (id < 0 || id >= E) {
+    if (!id_ok) {
         kc_record_err(err, KC_ERR_ID, t, k, id, wt);
         return -1;
     }
-    const int32_t e = map ? map[id] : id;
-    if (e < -1 || e >= n_local) {
+    if (!map_ok) {
         kc_record_err(err, KC_ERR_MAP, t, k, e, wt);
         return -1;
     }
     return e;
+}
+
+/* kc_align_verdict for pair p, one pair's loads after another (the three-launch alignment). */
+static __device__ __forceinline__ int32_t kc_align_check(const int32_t *ids, const float *w, int64_t p, int32_t K,
+                                                         const int32_t *map, int32_t E, int32_t n_local,
+                                                         kc_errsink err) {
+    const int32_t id = ids[p];
+    const bool w_ok = isfinite(w[p]);
+    const int32_t e = id >= 0 && id < E ? (map ? map[id] : id) : -1;
+    return kc_align_verdict(id, w_ok, e, p, K, w, E, n_local, err);
 }
 
 /* One CTA, every pair's loads issued before any of its atomics: thread tid holds pairs
@@ -142,7 +157,7 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
     for (int e = tid; e < n_local; e += blockDim.x)
         cnt[e] = 0;
     int32_t id[PPT], ex[PPT];
-    uint32_t bad_w = 0, idok = 0; /* bit i: pair i's weight is not finite / its id is in range */
+    uint32_t bad_w = 0; /* bit i: pair i's weight is not finite */
 #pragma unroll
     for (int i = 0; i < PPT; i++) {
         const int64_t p = tid + (int64_t)i * KC_ALIGN_THREADS;
@@ -150,31 +165,15 @@ __global__ void __launch_bounds__(KC_ALIGN_THREADS)
         if (p < P && !isfinite(w[p]))
             bad_w |= 1u << i;
     }
-    /* the checks of kc_align_check, the map's loads all issued before their first use */
+    /* the map's loads all issued before the first verdict (kc_align_verdict) */
 #pragma unroll
-    for (int i = 0; i < PPT; i++) {
-        const bool ok = id[i] >= 0 && id[i] < E;
-        idok |= (uint32_t)ok << i;
-        ex[i] = ok ? (map ? map[id[i]] : id[i]) : -1;
-    }
+    for (int i = 0; i < PPT; i++)
+        ex[i] = id[i] >= 0 && id[i] < E ? (map ? map[id[i]] : id[i]) : -1;
 #pragma unroll
     for (int i = 0; i < PPT; i++) {
         const int64_t p = tid + (int64_t)i * KC_ALIGN_THREADS;
-        if (p >= P)
-            continue;
-        const bool bw = (bad_w >> i) & 1u, ok = (idok >> i) & 1u, bad_map = ok && (ex[i] < -1 || ex[i] >= n_local);
-        if (bw || !ok || bad_map) { /* rare: the weight is read again */
-            const int32_t t = (int32_t)(p / K), k = (int32_t)(p % K);
-            const float wt = w[p];
-            if (bw)
-                kc_record_err(err, KC_ERR_WEIGHT, t, k, id[i], wt);
-            if (!ok)
-                kc_record_err(err, KC_ERR_ID, t, k, id[i], wt);
-            else if (bad_map)
-                kc_record_err(err, KC_ERR_MAP, t, k, ex[i], wt);
-            if (!ok || bad_map)
-                ex[i] = -1;
-        }
+        if (p < P)
+            ex[i] = kc_align_verdict(id[i], !((bad_w >> i) & 1u), ex[i], p, K, w, E, n_local, err);
     }
     __syncthreads(); /* cnt zeroed */
 

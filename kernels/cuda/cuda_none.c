@@ -95,6 +95,16 @@ moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n) {
     return not_built();
 }
 
+moe_status kern_cuda_set_dyn_sched(kern_ctx_t *ctx, bool on) {
+    (void)ctx, (void)on;
+    return not_built();
+}
+
+moe_status kern_cuda_set_fit_n(kern_ctx_t *ctx, bool on) {
+    (void)ctx, (void)on;
+    return not_built();
+}
+
 moe_status kern_cuda_set_align(kern_ctx_t *ctx, int32_t mode) {
     (void)ctx, (void)mode;
     return not_built();

@@ -16,10 +16,12 @@
  * bytes in the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r & 7)), the layout
  * that wgmma descriptors (layout type 1) and conflict-free ldmatrix both read. Loads are
  * cp.async 16 B, issued S-2 blocks ahead; zero-filled past K, past M and for padding rows.
- * The large tile at large T on sm_90a is kc_gemm_tma_kernel (below, tile (5, 128)): the same
- * tile and stages, its weight stages written by the bulk tensor copy engine, with a producer
- * warpgroup and an mbarrier pipeline; above 256 rows per expert, kc_gemm_tmap_kernel (tile
- * (8, 128)), the same in a persistent grid.
+ * The large tile on sm_90a is kc_gemm_tma_kernel (below, tile (5, 128)): the same tile and
+ * stages, its weight stages written by the bulk tensor copy engine, with a producer warpgroup
+ * and an mbarrier pipeline; kc_gemm_tmap_kernel (tile (8, 128), chosen from 22-49 rows per
+ * expert up) is the same in a persistent grid whose tiles are handed out as CTAs ask. Both cut
+ * a tile's wgmma N to the columns it uses (kc_ws_consume): the padding columns of an expert's
+ * last block cost no tensor work, and a column's bits do not depend on N.
  *
  * Threads: 128 * NWG; warpgroup g owns weight rows [128 g, 128 g + 128) of the tile as two
  * 64-row accumulators (gate-up: gate rows j and up rows I + j, so that a thread holds both
@@ -163,12 +165,20 @@ template <typename T, int BN> struct kc_wgmma_op;
 KC_WG_OP(__nv_bfloat16, bf16, 8)
 KC_WG_OP(__nv_bfloat16, bf16, 16)
 KC_WG_OP(__nv_bfloat16, bf16, 32)
+KC_WG_OP(__nv_bfloat16, bf16, 48)
 KC_WG_OP(__nv_bfloat16, bf16, 64)
+KC_WG_OP(__nv_bfloat16, bf16, 80)
+KC_WG_OP(__nv_bfloat16, bf16, 96)
+KC_WG_OP(__nv_bfloat16, bf16, 112)
 KC_WG_OP(__nv_bfloat16, bf16, 128)
 KC_WG_OP(__half, f16, 8)
 KC_WG_OP(__half, f16, 16)
 KC_WG_OP(__half, f16, 32)
+KC_WG_OP(__half, f16, 48)
 KC_WG_OP(__half, f16, 64)
+KC_WG_OP(__half, f16, 80)
+KC_WG_OP(__half, f16, 96)
+KC_WG_OP(__half, f16, 112)
 KC_WG_OP(__half, f16, 128)
 #undef KC_WG_OP
 #endif
@@ -414,15 +424,19 @@ __host__ __device__ constexpr int kc_epi_rows(int mode, int nwg, int accb) {
 /* Warpgroup wg's accumulators to sC[n][r], rows padded to kc_epi_rows + 8 elements (16 B):
  * gate-up act(gate) x up, down scaled by s_scale[n]. Register 4 i + 2 hf + cb of a 64-row block
  * holds row 16 warp + lane/4 + 8 hf, column 8 i + 2 (lane % 4) + cb (the same layout for wgmma
- * and mma.sync). */
+ * and mma.sync). Columns from nv on (padding only; nv is the same for the whole tile) are
+ * left out. */
 template <typename T, int NWG, int BN, int ACCB, int MODE>
 static __device__ __forceinline__ void kc_epi_stage(const kc_gemm_args &a, const float (&acc)[ACCB][BN / 2],
-                                                    const float *s_scale, T *sC, int wg, int warp, int lane) {
+                                                    const float *s_scale, T *sC, int wg, int warp, int lane,
+                                                    int nv = BN) {
     typedef kc_tile<NWG, BN, ACCB> TL;
     constexpr int PITCH = kc_epi_rows(MODE, NWG, ACCB) + 8; /* elements; 16 B pad */
     static_assert(BN * PITCH * sizeof(T) <= (size_t)TL::stages * TL::stage_bytes, "epilogue tile exceeds the stages");
 #pragma unroll
     for (int i = 0; i < BN / 8; i++) {
+        if (8 * i >= nv)
+            break;
 #pragma unroll
         for (int cb = 0; cb < 2; cb++) {
             const int n = 8 * i + 2 * (lane & 3) + cb;
@@ -445,17 +459,17 @@ static __device__ __forceinline__ void kc_epi_stage(const kc_gemm_args &a, const
 }
 
 /* sC to the output: column n's rows of row block rb to output row s_orow[n] (none for a padding
- * column, nor past M), one 16-byte chunk per thread t (0 .. 128 NWG - 1) at a time. out and M
- * are (T *)a.out and a.M as the caller holds them (kc_gemm_tile reads them once, before its
- * chunk loop: read here, they would be read again per chunk). */
+ * column, nor past M, nor from nv on), one 16-byte chunk per thread t (0 .. 128 NWG - 1) at a
+ * time. out and M are (T *)a.out and a.M as the caller holds them (kc_gemm_tile reads them once,
+ * before its chunk loop: read here, they would be read again per chunk). */
 template <typename T, int NWG, int BN, int ACCB, int MODE>
 static __device__ __forceinline__ void kc_epi_store(const kc_gemm_args &a, T *out, int M, const T *sC,
-                                                    const int32_t *s_orow, int rb, int t) {
+                                                    const int32_t *s_orow, int rb, int t, int nv = BN) {
     constexpr int ROWS = kc_epi_rows(MODE, NWG, ACCB);
     constexpr int PITCH = ROWS + 8;
     constexpr int CPR = ROWS / 8; /* 16-byte chunks per output row segment */
     const int row0 = rb * ROWS;
-    for (int idx = t; idx < BN * CPR; idx += 128 * NWG) {
+    for (int idx = t; idx < nv * CPR; idx += 128 * NWG) {
         const int n = idx / CPR, c = idx % CPR;
         const int orow = s_orow[n];
         const int r = row0 + c * 8;
@@ -1054,31 +1068,18 @@ kc_tma_produce(const kc_gemm_args &a, const CUtensorMap *tmw, const char *const 
     }
 }
 
-/* A consumer warpgroup's k walk over one tile of the warp-specialized kernels (3, 128) ..
- * (8, 128): its two accumulators from +0.0 (pinned before the first wgmma), then for k block
- * kb at ring position gg = g + kb: wait on "full", the proxy fence where the routed rows came
- * through cp.async (FENCE), the block's four k16 steps in order on both 64-row blocks (A rows
- * at aoff0 and aoff1 of the stage), one wgmma group kept in flight, and the stage of block
- * kb - 1 released on "empty" unless it is one of the tile's last HOLD (kept for the epilogue).
- * Returns with every wgmma done. */
-template <typename T, int HOLD, bool FENCE, int CL = 1>
-static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32_t g, int nk, uint32_t sbase,
-                                                     uint32_t full0, uint32_t empty0, uint32_t aoff0, uint32_t aoff1,
-                                                     int lane, uint32_t peer_empty0 = 0, bool skip = false,
-                                                     int lab_break = 0) {
+/* The k walk of kc_ws_consume with wgmma N = N: the tile's columns [0, N) (the others are
+ * padding, whose accumulators stay +0.0 and are never stored). For k block kb at ring position
+ * gg = g + kb: wait on "full", the proxy fence where the routed rows came through cp.async
+ * (FENCE), the block's four k16 steps in order on both 64-row blocks (A rows at aoff0 and aoff1
+ * of the stage), one wgmma group kept in flight, and the stage of block kb - 1 released on
+ * "empty" unless it is one of the tile's last HOLD (kept for the epilogue). */
+template <typename T, int N, int HOLD, bool FENCE, int CL>
+static __device__ __forceinline__ void kc_ws_walk(float (&acc)[2][64], uint32_t g, int nk, uint32_t sbase,
+                                                  uint32_t full0, uint32_t empty0, uint32_t aoff0, uint32_t aoff1,
+                                                  int lane, uint32_t peer_empty0, bool skip, int lab_break) {
     typedef kc_tile<2, 128> TL;
-    constexpr int S = TL::stages, BN = 128, NACC = BN / 2;
-#pragma unroll
-    for (int b = 0; b < 2; b++)
-#pragma unroll
-        for (int i = 0; i < NACC; i++)
-            acc[b][i] = 0.0f;
-#pragma unroll
-    for (int b = 0; b < 2; b++)
-#pragma unroll
-        for (int i = 0; i < NACC; i++)
-            asm volatile("" : "+f"(acc[b][i])::"memory");
-    kc_wg_fence();
+    constexpr int S = TL::stages;
 #pragma unroll 1
     for (int kb = 0; kb < nk; kb++) {
         const uint32_t gg = g + (uint32_t)kb;
@@ -1093,8 +1094,8 @@ static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) {
                 const uint64_t db = kc_desc(sb + kk * 32);
-                kc_wgmma_op<T, BN>::run(acc[0], kc_desc(sa + aoff0 + kk * 32), db);
-                kc_wgmma_op<T, BN>::run(acc[1], kc_desc(sa + aoff1 + kk * 32), db);
+                kc_wgmma_op<T, N>::run(acc[0], kc_desc(sa + aoff0 + kk * 32), db);
+                kc_wgmma_op<T, N>::run(acc[1], kc_desc(sa + aoff1 + kk * 32), db);
             }
             kc_wg_commit();
             kc_wg_wait<1>();
@@ -1105,24 +1106,94 @@ static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32
                 kc_mbar_arrive_cluster(peer_empty0 + 8 * ((gg - 1) % S));
         }
     }
+}
+
+/* A consumer warpgroup's k walk over one tile of the warp-specialized kernels (3, 128) ..
+ * (9, 128): its two accumulators from +0.0 (pinned before the first wgmma), then kc_ws_walk
+ * with the least N of 16, 32, .., 128 that covers nv, the tile's columns in use (those past
+ * the last routed row are padding). A column's value does not depend on the N of the wgmma
+ * that computes it (every tile, BN 8 .. 128, gives the same bits), so this changes the time
+ * only: an expert's last block of a few rows costs its rows, not 128 columns (run 71,
+ * docs/PERF.md). Returns with every wgmma done. */
+template <typename T, int HOLD, bool FENCE, int CL = 1>
+static __device__ __forceinline__ void kc_ws_consume(float (&acc)[2][64], uint32_t g, int nk, uint32_t sbase,
+                                                     uint32_t full0, uint32_t empty0, uint32_t aoff0, uint32_t aoff1,
+                                                     int lane, int nv = 128, uint32_t peer_empty0 = 0,
+                                                     bool skip = false, int lab_break = 0) {
+    constexpr int NACC = 64;
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int i = 0; i < NACC; i++)
+            acc[b][i] = 0.0f;
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int i = 0; i < NACC; i++)
+            asm volatile("" : "+f"(acc[b][i])::"memory");
+    kc_wg_fence();
+#define KC_WS_WALK(N)                                                                                            \
+    kc_ws_walk<T, N, HOLD, FENCE, CL>(acc, g, nk, sbase, full0, empty0, aoff0, aoff1, lane, peer_empty0, skip, \
+                                      lab_break)
+    switch ((nv + 15) >> 4) {
+    case 0:
+    case 1:
+        KC_WS_WALK(16);
+        break;
+    case 2:
+        KC_WS_WALK(32);
+        break;
+    case 3:
+        KC_WS_WALK(48);
+        break;
+    case 4:
+        KC_WS_WALK(64);
+        break;
+    case 5:
+        KC_WS_WALK(80);
+        break;
+    case 6:
+        KC_WS_WALK(96);
+        break;
+    case 7:
+        KC_WS_WALK(112);
+        break;
+    default:
+        KC_WS_WALK(128);
+        break;
+    }
+#undef KC_WS_WALK
     kc_wg_wait<0>();
+}
+
+/* The columns in use of a 128-column tile from its sources (one per thread of the calling
+ * warp, column 32 w + lane): warp w's part, for kc_cols_in_use. Called by the four warps that
+ * filled the table, every lane. */
+static __device__ __forceinline__ int kc_cols_hi_of_warp(const void *src, int w) {
+    const unsigned m = __ballot_sync(0xffffffffu, src != nullptr);
+    return m ? 32 * w + 32 - __clz((int)m) : 0;
+}
+static __device__ __forceinline__ int kc_cols_in_use(const int32_t *hi4) {
+    const int a = hi4[0] > hi4[1] ? hi4[0] : hi4[1], b = hi4[2] > hi4[3] ? hi4[2] : hi4[3];
+    return a > b ? a : b;
 }
 
 /* The consumers' epilogue of the warp-specialized kernels (3, 128) and (5, 128), the one of
  * kc_gemm_tile (kc_epi_stage, kc_epi_store) with the consumer warpgroups' named barrier 1 (their
  * 256 threads) for the CTA's barrier: the stages are free once both are past their last wgmma.
  * cw: the consumer warpgroup (0, 1), ct: the thread among the consumers (0 .. 255), rb: the row
- * block. */
+ * block, nv: the tile's columns in use. */
 template <typename T, int MODE>
 static __device__ __forceinline__ void kc_ws_epilogue(const kc_gemm_args &a, const float (&acc)[2][64], int cw,
                                                       int ct, int rb, const int32_t *s_orow, const float *s_scale,
-                                                      char *smem_raw, uint32_t sbase, uint32_t sbase_raw) {
+                                                      char *smem_raw, uint32_t sbase, uint32_t sbase_raw,
+                                                      int nv = 128) {
     const int M = a.M;
     asm volatile("bar.sync 1, 256;\n" ::: "memory");
     T *sC = (T *)(smem_raw + (sbase - sbase_raw));
-    kc_epi_stage<T, 2, 128, 2, MODE>(a, acc, s_scale, sC, cw, (ct >> 5) & 3, ct & 31);
+    kc_epi_stage<T, 2, 128, 2, MODE>(a, acc, s_scale, sC, cw, (ct >> 5) & 3, ct & 31, nv);
     asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    kc_epi_store<T, 2, 128, 2, MODE>(a, (T *)a.out, M, sC, s_orow, rb, ct);
+    kc_epi_store<T, 2, 128, 2, MODE>(a, (T *)a.out, M, sC, s_orow, rb, ct, nv);
 }
 #endif
 
@@ -1307,6 +1378,7 @@ __global__ void __launch_bounds__(384, 1)
     __shared__ float s_scale[BN];
     __shared__ __align__(8) uint64_t s_full[S], s_empty[S];
     __shared__ int32_t s_brow[BN]; /* BT: the routed row of column n in tmb, or -1 */
+    __shared__ int32_t s_hi[4];    /* kc_cols_hi_of_warp of the table's four warps */
     extern __shared__ char smem_raw[];
 
     const int tid = threadIdx.x;
@@ -1334,12 +1406,16 @@ __global__ void __launch_bounds__(384, 1)
     }
     if (tid == 0)
         asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)&tmw) : "memory");
-    for (int n = tid; n < BN; n += 384) {
-        const kc_col cl = kc_col_of<T>(a, nb * BN + n, K);
-        s_bsrc[n] = cl.src;
-        s_brow[n] = cl.bi;
-        s_orow[n] = cl.orow;
-        s_scale[n] = cl.sc;
+    static_assert(BN == 128, "four warps fill the table");
+    if (tid < BN) {
+        const kc_col cl = kc_col_of<T>(a, nb * BN + tid, K);
+        s_bsrc[tid] = cl.src;
+        s_brow[tid] = cl.bi;
+        s_orow[tid] = cl.orow;
+        s_scale[tid] = cl.sc;
+        const int hi = kc_cols_hi_of_warp(cl.src, tid >> 5);
+        if ((tid & 31) == 0)
+            s_hi[tid >> 5] = hi;
     }
     const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
     const uint32_t sbase = (sbase_raw + 1023u) & ~1023u;
@@ -1413,13 +1489,14 @@ __global__ void __launch_bounds__(384, 1)
      * 64 cw and up rows at 128 + 64 cw; down, rows 128 cw and 128 cw + 64. */
     const uint32_t aoff0 = (uint32_t)((MODE == KC_MODE_GATE_UP ? 64 * cw : 128 * cw) * 128);
     const uint32_t aoff1 = (uint32_t)((MODE == KC_MODE_GATE_UP ? 128 + 64 * cw : 128 * cw + 64) * 128);
+    const int nv = a.fit_n ? kc_cols_in_use(s_hi) : BN; /* (the table was whole at __syncthreads) */
     float acc[2][NACC];
-    kc_ws_consume<T, 0, !BT>(acc, 0, nk, sbase, full0, empty0, aoff0, aoff1, lane);
+    kc_ws_consume<T, 0, !BT>(acc, 0, nk, sbase, full0, empty0, aoff0, aoff1, lane, nv);
     if (MODE == KC_MODE_DOWN)
         kc_pdl_wait(); /* (long satisfied: the producer waited before its first routed rows) */
 
     /* Epilogue through shared memory (kc_ws_epilogue). */
-    kc_ws_epilogue<T, MODE>(a, acc, cw, ct, rb, s_orow, s_scale, smem_raw, sbase, sbase_raw);
+    kc_ws_epilogue<T, MODE>(a, acc, cw, ct, rb, s_orow, s_scale, smem_raw, sbase, sbase_raw, nv);
 #endif
 }
 
@@ -1527,6 +1604,22 @@ static __device__ __forceinline__ void kc_stsm_x4_trans(uint32_t addr, const uin
 }
 #endif
 
+/* The next tile of a persistent launch whose tiles are handed out as CTAs ask (sc[0]: the next
+ * tile, sc[1]: the CTAs done; both +0 before the launch): the tile, or -1 when none is left.
+ * The last of the grid's CTAs to find none sets both back to 0 for the next launch that uses
+ * them (which starts after this one has completed: the launches of a context's stream wait on
+ * their predecessors before any counting, and each launch site has its own pair). */
+static __device__ __forceinline__ int kc_sched_next(unsigned int *sc, int n_tiles, unsigned int grid) {
+    const unsigned int v = atomicAdd(&sc[0], 1u);
+    if ((int)v < n_tiles)
+        return (int)v;
+    if (atomicAdd(&sc[1], 1u) == grid - 1u) { /* every CTA has drawn its last ticket */
+        atomicExch(&sc[0], 0u);
+        atomicExch(&sc[1], 0u);
+    }
+    return -1;
+}
+
 template <typename T, int MODE, int CL>
 __global__ void __launch_bounds__(384, 1)
     kc_gemm_tmap_kernel(const kc_gemm_args a, const __grid_constant__ CUtensorMap tmw) {
@@ -1542,6 +1635,8 @@ __global__ void __launch_bounds__(384, 1)
     __shared__ const char *s_bsrc[2][BN];
     __shared__ int32_t s_orow[2][BN];
     __shared__ float s_scale[2][BN];
+    __shared__ int32_t s_hi[2][4]; /* kc_cols_hi_of_warp of the producer's four warps */
+    __shared__ int32_t s_tile[2];  /* the tile of each table slot, -1: no more */
     __shared__ __align__(8) uint64_t s_full[S], s_empty[S], s_tfull[2], s_tempty[2];
     extern __shared__ char smem_raw[];
 
@@ -1566,7 +1661,12 @@ __global__ void __launch_bounds__(384, 1)
     const uint32_t rank = CL == 2 ? kc_cluster_rank() : 0;
     const int first = CL == 2 ? (int)kc_cluster_idx() : (int)blockIdx.x;
     const int stride = CL == 2 ? (int)kc_cluster_count() : (int)gridDim.x;
-    if (first >= n_tiles)
+    /* dyn: the tiles handed out in raster order as CTAs ask (kc_sched_next), so that the CTAs
+     * in flight stay on neighbouring tiles (sharing weights in the L2) whatever each tile
+     * costs; else CTA (cluster) i takes tiles i, i + stride, .. Every CTA of a dyn launch takes
+     * part in the counting, so none leaves here. */
+    const bool dyn = CL == 1 && a.sched != nullptr;
+    if (!dyn && first >= n_tiles)
         return; /* (both CTAs of a cluster alike) */
 
     const uint32_t sbase_raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
@@ -1602,16 +1702,31 @@ __global__ void __launch_bounds__(384, 1)
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(KC_WS_PROD_REGS));
         const int pt = tid; /* table column pt */
         uint32_t g = 0; /* k blocks issued so far, all tiles */
-        int it = 0;
 #pragma unroll 1
-        for (int v = first; v < n_tiles; v += stride, it++) {
+        for (int it = 0;; it++) {
+            const int slot = it & 1;
+            if (it >= 2)
+                kc_mbar_wait(tempty0 + 8 * slot, (uint32_t)(((it >> 1) - 1) & 1));
+            int v;
+            if (dyn) {
+                if (pt == 0)
+                    s_tile[slot] = kc_sched_next(a.sched, n_tiles, gridDim.x);
+                asm volatile("bar.sync 2, 128;\n" ::: "memory");
+                v = s_tile[slot];
+            } else {
+                v = first + it * stride;
+                v = v < n_tiles ? v : -1;
+                if (pt == 0)
+                    s_tile[slot] = v;
+            }
+            if (v < 0) { /* the consumers see the end in this slot */
+                kc_mbar_arrive(tfull0 + 8 * slot);
+                break;
+            }
             int nb, rb;
             kc_raster(v, n_rb, n_cols, nb, rb);
             const int nb0 = CL == 2 ? 2 * nb : nb; /* the block whose expert's weights the pair shares */
             nb = nb0 + (int)rank;
-            const int slot = it & 1;
-            if (it >= 2)
-                kc_mbar_wait(tempty0 + 8 * slot, (uint32_t)(((it >> 1) - 1) & 1));
             {
                 kc_col cl = {nullptr, -1, -1, 1.0f}; /* past the blocks in use (CL == 2): padding */
                 if (CL == 1 || nb < nbv)
@@ -1619,6 +1734,9 @@ __global__ void __launch_bounds__(384, 1)
                 s_bsrc[slot][pt] = cl.src;
                 s_orow[slot][pt] = cl.orow;
                 s_scale[slot][pt] = cl.sc;
+                const int hi = kc_cols_hi_of_warp(cl.src, pt >> 5);
+                if ((pt & 31) == 0)
+                    s_hi[slot][pt >> 5] = hi;
             }
             kc_mbar_arrive(tfull0 + 8 * slot);
             asm volatile("bar.sync 2, 128;\n" ::: "memory"); /* the producer's table is whole */
@@ -1652,29 +1770,32 @@ __global__ void __launch_bounds__(384, 1)
     char *const sgen = smem_raw - sbase_raw; /* + a shared address: its generic pointer */
     T *out = (T *)a.out;
     uint32_t g = 0;
-    int it = 0;
 #pragma unroll 1
-    for (int v = first; v < n_tiles; v += stride, it++) {
+    for (int it = 0;; it++) {
+        const int slot = it & 1;
+        /* the table first (the producer writes it before the tile's first stage): the tile (-1:
+         * no more), the columns in use, and (CL == 2) whether the column block is padding alone
+         * (an expert's even-count block, or past the blocks in use), which releases its stages
+         * without a wgmma */
+        kc_mbar_wait(tfull0 + 8 * slot, (uint32_t)((it >> 1) & 1));
+        const int v = s_tile[slot];
+        if (v < 0)
+            break;
         int nb, rb;
         kc_raster(v, n_rb, n_cols, nb, rb);
         (void)nb;
-        const int slot = it & 1;
-        bool skip = false;
-        if (CL == 2) {
-            /* the table first: a column block of padding alone (an expert's even-count block, or
-             * past the blocks in use) releases its stages without a wgmma */
-            kc_mbar_wait(tfull0 + 8 * slot, (uint32_t)((it >> 1) & 1));
-            skip = s_bsrc[slot][0] == nullptr;
-        }
+        const bool skip = CL == 2 && s_bsrc[slot][0] == nullptr;
+        /* the cut N only where the tiles are handed out as asked: with a fixed share per CTA,
+         * the CTAs that drew cheap tiles run ahead of the others and their weights are read
+         * again (run 71: Mixtral T = 1024 +30%) */
+        const int nv = a.fit_n && dyn ? kc_cols_in_use(s_hi[slot]) : BN;
         float acc[2][NACC];
-        kc_ws_consume<T, HOLD, true, CL>(acc, g, nk, sbase, full0, empty0, aoff0, aoff1, lane, peer_empty0, skip,
+        kc_ws_consume<T, HOLD, true, CL>(acc, g, nk, sbase, full0, empty0, aoff0, aoff1, lane, nv, peer_empty0, skip,
                                          a.lab_break);
         const uint32_t glast = g + (uint32_t)nk - 1;
         g += (uint32_t)nk;
         if (MODE == KC_MODE_DOWN && it == 0)
             kc_pdl_wait(); /* (long satisfied: the producer waited before its first routed rows) */
-        if (CL == 1)
-            kc_mbar_wait(tfull0 + 8 * slot, (uint32_t)((it >> 1) & 1));
 
         /* Epilogue into this warpgroup's rows of the held stage(s): region (blk, half) is 64
          * rows (columns n = 64 half ..) of 128 bytes (64 outputs). Register 4 i + 2 hf + cb of
@@ -1698,6 +1819,8 @@ __global__ void __launch_bounds__(384, 1)
             const int cq = 2 * warp + (q & 1);
 #pragma unroll
             for (int i = 0; i < BN / 8; i += 2) {
+                if (8 * i >= nv)
+                    break; /* padding columns only from here: never stored */
                 const int na = 8 * (i + (q >> 1)) + j;
                 const uint32_t roff = (uint32_t)((na & 63) * 128 + ((cq ^ j) << 4));
                 if (MODE == KC_MODE_GATE_UP) {
@@ -1742,7 +1865,7 @@ __global__ void __launch_bounds__(384, 1)
             constexpr int CPR = MODE == KC_MODE_GATE_UP ? 8 : 16; /* 16-byte chunks per column */
             const int row0 = rb * rows_per_cta + (MODE == KC_MODE_GATE_UP ? 64 : 128) * cw;
 #pragma unroll 2
-            for (int idx = wt; idx < ((a.lab_break & 9) ? 0 : BN * CPR); idx += 128) {
+            for (int idx = wt; idx < ((a.lab_break & 9) ? 0 : nv * CPR); idx += 128) {
                 const int n = idx / CPR, cc = idx % CPR;
                 const int orow = s_orow[slot][n];
                 const int r = row0 + cc * 8;

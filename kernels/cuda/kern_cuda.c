@@ -39,6 +39,14 @@
 /* The share of the L2 that the prefetched down weights may take (the gate-up stream and the
  * routed rows need the rest). */
 #define KC_PF_L2_SHARE 0.6
+/* The wgmma N cut to a tile's columns in use (kern_cuda_set_fit_n) only in products whose k
+ * walk is at most this long. Run 72 (lab --fit, H100): faster on Qwen3-30B-A3B and
+ * DeepSeek-V2-Lite (K = 768 .. 2048) at 48 .. 768 rows per expert (-3 to -6%), slower on
+ * Mixtral (K = 4096 and 14336) at 128 and 256 rows (+2 to +6%): there an expert's last, cut tile
+ * runs through its k walk ahead of the full tiles that read the same weight rows, which are
+ * then read from memory again (a weight stage's lifetime in the L2 is about the L2 over the
+ * streaming rate, ~15 us; a full tile's k walk at K = 4096 is about that). */
+#define KC_FIT_N_MAX_K 3072
 
 typedef struct kc_buf {
     void *p;
@@ -58,6 +66,8 @@ typedef struct kc_state {
     int32_t small_max; /* pairs up to which the alignment-free mode is used */
     bool fused;        /* small mode: both products in one persistent launch */
     unsigned long long *fuse_ctr; /* [KC_SMALL_MAX_PAIRS] device counters of the fused launch */
+    unsigned int *sched; /* [KC_SCHED_SITES][2] tile counters of the persistent tiles (kc_gemm_args.sched) */
+    bool dyn_sched;      /* kern_cuda_set_dyn_sched, on by default */
     uint32_t fuse_seq;            /* the last call's sequence number (never 0 after the first) */
     int pdl;           /* programmatic dependent launch (sm_90) */
     uint32_t small_opts; /* KERN_CUDA_SMALL_* (alignment-free mode only) */
@@ -67,6 +77,7 @@ typedef struct kc_state {
     int32_t router_tile; /* kern_cuda_set_router_tile: -1 automatic */
     int32_t lab_break;   /* MOE_CUDA_LAB_BREAK (kc_gemm_args.lab_break) */
     int32_t sm_reserve;  /* kern_cuda_set_sm_reserve */
+    bool fit_n;          /* kern_cuda_set_fit_n (kc_gemm_args.fit_n), on by default */
     kc_err *err_host; /* mapped pinned */
     kc_err *err_dev;  /* its device view */
     int32_t *claim;   /* device */
@@ -76,6 +87,11 @@ typedef struct kc_state {
 } kc_state;
 
 static kc_state *st_of(kern_ctx_t *ctx) { return (kc_state *)ctx->impl; }
+
+/* The launch sites of the persistent tiles, each with its own pair of tile counters (the shared
+ * expert's products may run on another stream beside the routed ones). */
+enum { KC_SCHED_GATE_UP, KC_SCHED_DOWN, KC_SCHED_SHARED_GATE_UP, KC_SCHED_SHARED_DOWN, KC_SCHED_SITES };
+static unsigned int *sched_of(const kc_state *s, int site) { return s->dyn_sched ? s->sched + 2 * site : NULL; }
 
 /* ------------------------------------------------------------------------------------------
  * Workspace.
@@ -197,6 +213,8 @@ static moe_status cuda_init(kern_ctx_t *ctx) {
     MOE_CUDA_CHECK_GOTO(cudaMemset(s->claim, 0, sizeof(int32_t)), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&s->fuse_ctr, KC_SMALL_MAX_PAIRS * sizeof(unsigned long long)), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaMemset(s->fuse_ctr, 0, KC_SMALL_MAX_PAIRS * sizeof(unsigned long long)), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&s->sched, KC_SCHED_SITES * 2 * sizeof(unsigned int)), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMemset(s->sched, 0, KC_SCHED_SITES * 2 * sizeof(unsigned int)), st, fail);
     s->fused = false; /* measured slower than two launches with PDL (docs/PERF.md, lab run 6) */
 
     s->path = (s->cc_major == 9 && s->cc_minor == 0) ? KERN_CUDA_PATH_WGMMA : KERN_CUDA_PATH_MMA;
@@ -204,6 +222,8 @@ static moe_status cuda_init(kern_ctx_t *ctx) {
     s->small_max = KC_SMALL_DEFAULT;
     s->small_opts = KC_SMALL_OPTS_DEFAULT;
     s->router_tile = -1;
+    s->fit_n = true;
+    s->dyn_sched = true;
     s->l2_bytes = prop.l2CacheSize;
     const char *env = getenv("MOE_CUDA_SMALL_OPTS"); /* the lab's and the bench's before/after */
     if (env && env[0]) {
@@ -280,6 +300,8 @@ static void cuda_free(kern_ctx_t *ctx) {
         (void)cudaFree(s->claim);
     if (s->fuse_ctr)
         (void)cudaFree(s->fuse_ctr);
+    if (s->sched)
+        (void)cudaFree(s->sched);
     free(s);
     ctx->impl = NULL;
 }
@@ -309,7 +331,10 @@ static moe_status cuda_sync(kern_ctx_t *ctx) {
  * Tile choice. Every tile gives the same bits (gemm.cuh), so the choice follows the rows per
  * expert alone: small tiles stream weights over many CTAs, the large one is compute-bound.
  * ---------------------------------------------------------------------------------------- */
-static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int32_t *nwg, int32_t *bn) {
+/* max_k: the longer k walk of the call's two products (the cut N of KC_FIT_N_MAX_K applies to
+ * both when it is at most that). */
+static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int64_t max_k, int32_t *nwg,
+                        int32_t *bn) {
     if (s->force_bn) {
         *nwg = s->force_nwg;
         *bn = s->force_bn;
@@ -320,6 +345,8 @@ static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int
     /* About 1.5 m columns: the rows per expert scatter around their mean m, and an expert
      * that overflows its block pays a second pass over its weights (lab run 1, docs/PERF.md). */
     const bool hopper = s->path == KERN_CUDA_PATH_WGMMA;
+    /* the persistent (8, 128) with its tiles handed out as asked and N cut to the columns in use */
+    const bool fit = s->fit_n && s->dyn_sched && max_k <= KC_FIT_N_MAX_K;
     if (m <= 5) {
         *nwg = 1, *bn = 8;
     } else if (m <= 10) {
@@ -328,32 +355,24 @@ static void choose_tile(const kc_state *s, int64_t n_pairs, int32_t n_local, int
         *nwg = 1, *bn = 32;
     } else if (m <= 42 && !hopper) {
         *nwg = 1, *bn = 64;
-    } else if (m <= 48 || (m <= 80 && !hopper)) {
+    } else if ((m <= 48 && !(hopper && fit)) || (m <= 80 && !hopper)) {
         /* lab run 52 (H100, --ab): Qwen3 T = 512 (32 rows per expert) 493 us against (1, 64)'s
-         * 562; DeepSeek-V2-Lite T = 512 (48) 457 against (8, 128)'s 484 */
+         * 562; DeepSeek-V2-Lite T = 512 (48) 457 against (8, 128)'s 484 (before the cut N) */
         *nwg = 2, *bn = 64;
-    } else if (hopper && (m <= 96 || (m > 160 && m <= 1024))) {
-        /* (8, 128): (5, 128) in a persistent grid, the producer running on into the next tile
-         * during the epilogue; the same bits. Above 256 rows per expert (labs of runs 12 and
-         * 13, docs/PERF.md): faster than (5, 128) at T = 8192 (512-2048 rows per expert) on all
-         * three models in both runs (1-3% on Mixtral, 1-9% on Qwen3 and DeepSeek). At 49-96
-         * rows (lab runs 52-62): the fastest of all tiles at 64 rows on all three models
-         * (Mixtral T = 256 1010 us against (2, 64)'s 1089, Qwen3 T = 1024 530 against 562) and
-         * at 96 (DeepSeek T = 1024 492 against (5, 128)'s 515). At 128-256 rows it was 10-21%
-         * slower than (5, 128) until run 61, because its SiLU fast path redid the epilogue
-         * wherever a padding column gave x = 0; since run 62 (SiLU by the SFU everywhere):
-         * Mixtral T = 1024 (256 rows) 1526 against 1592, T = 512 (128 rows) 1221 against
-         * 1186. Above 1024 rows (5, 128) again: lab --ab run 69, each round's order rotated,
-         * Mixtral T = 8192 (2048 rows) 8798 against 10039 (Qwen3 T = 8192, 512 rows: 1331
-         * against 1394; DeepSeek-V2-Lite, 768: 1630 against 1626). (7, 128) is the same
-         * kernel. */
-        *nwg = 8, *bn = 128;
     } else if (hopper) {
-        /* (5, 128) (97-160 rows, and above 1024): the (2, 128) tile fed by the bulk tensor copy
-         * engine, the same bits; lab
-         * run 9 (docs/PERF.md): 16-26% faster than (2, 128) at T = 1024 and 8192 on all three
-         * models. (3, 128), the cp.async warp-specialized kernel, ran 20-30% slower (run 4). */
-        *nwg = 5, *bn = 128;
+        /* (8, 128): (5, 128) in a persistent grid, the producer running on into the next tile
+         * during the epilogue; the same bits. Since run 72 its tiles are handed out in raster
+         * order as CTAs ask (kc_sched_next) and, where the k walks are short, each tile's N is
+         * cut to its columns in use. Lab runs 72 (--ab and --fit, H100), against (5, 128):
+         * Mixtral T = 8192 (2048 rows per expert) 9056 us against 9607 (the fixed share of
+         * tiles per CTA was 9807: the cause of (5, 128)'s lead there since run 69), T = 512 (128
+         * rows) 1151 against 1178; Qwen3 T = 8192 (512) 1241 against 1360, T = 2048 (128) 562
+         * against 572; DeepSeek-V2-Lite T = 8192 (768) 1528 against 1606. With the cut it also
+         * beats (2, 64) at 32-48 rows on Qwen3 and DeepSeek (T = 512: 451 against 472, 422
+         * against 440; DeepSeek T = 352 (33 rows) 412 against 434); Mixtral there keeps (2, 64)
+         * (no cut at K = 4096). Before run 72: (5, 128) at 97-160 rows and above 1024
+         * (docs/PERF.md, runs 9-70). (7, 128) is the same kernel. */
+        *nwg = 8, *bn = 128;
     } else {
         *nwg = 2, *bn = 128;
     }
@@ -427,7 +446,7 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     /* The tile follows the rows per local expert: with an expert map only about P n_local /
      * n_experts of the pairs are held here (expert parallelism), not all P. */
     const int64_t P_held = p->expert_map && p->n_experts > 0 ? P * p->n_local / p->n_experts : P;
-    choose_tile(s, P_held > 0 ? P_held : 1, p->n_local, &nwg, &bn);
+    choose_tile(s, P_held > 0 ? P_held : 1, p->n_local, H > I ? H : I, &nwg, &bn);
     const bool small = P <= s->small_max && P <= KC_SMALL_MAX_PAIRS;
     if (small && nwg >= 3)
         nwg = 2; /* the (3 .. 6, 128) variants have no small mode; (2, 128) gives the same bits */
@@ -506,6 +525,8 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     a.pdl = s->pdl;
     a.lab_break = s->lab_break;
     a.grid_cap = s->sm_reserve > 0 ? s->n_sm - s->sm_reserve : 0;
+    a.fit_n = s->fit_n && a.K <= KC_FIT_N_MAX_K;
+    a.sched = sched_of(s, KC_SCHED_GATE_UP);
     kc_gemm_args gu = a;
     const bool fused = small && s->fused && nwg == 1;
     const bool hopper = s->cc_major >= 9;
@@ -544,10 +565,12 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     a.pf_rows = a.pf_row_bytes = a.pf_tail = 0;
 
     a.mode = KC_MODE_DOWN;
+    a.sched = sched_of(s, KC_SCHED_DOWN);
     a.w = w2->data;
     a.w_rows = H;
     a.M = (int32_t)H;
     a.K = (int32_t)I;
+    a.fit_n = s->fit_n && a.K <= KC_FIT_N_MAX_K;
     a.b = s->abuf.p;
     a.b_div = 1;
     a.b_by_pos = 1;
@@ -593,7 +616,7 @@ static moe_status shared_run(kc_state *s, const kern_shared_expert *se, const mo
     const moe_dtype dt = x->dtype;
     const int64_t T = x->shape[0], H = x->shape[1], Is = se->w13->shape[0] / 2;
     int32_t nwg, bn;
-    choose_tile(s, T, 1, &nwg, &bn);
+    choose_tile(s, T, 1, H > Is ? H : Is, &nwg, &bn);
     if (se->gate)
         KC_LAUNCH(kc_launch_gate_dot(dt, x->data, se->gate->data, s->gate.p, T, H, s->pdl, stream), "shared gate");
     kc_gemm_args a;
@@ -611,16 +634,20 @@ static moe_status shared_run(kc_state *s, const kern_shared_expert *se, const mo
     a.out = s->sh_abuf.p;
     a.out_ld = (int32_t)Is;
     a.pdl = s->pdl;
+    a.fit_n = s->fit_n && a.K <= KC_FIT_N_MAX_K;
+    a.sched = sched_of(s, KC_SCHED_SHARED_GATE_UP);
     MOE_CHECK(launch_gemm(s, &a, nwg, bn, stream, "shared gate-up"));
     a.mode = KC_MODE_DOWN;
     a.w = se->w2->data;
     a.w_rows = H;
     a.M = (int32_t)H;
     a.K = (int32_t)Is;
+    a.fit_n = s->fit_n && a.K <= KC_FIT_N_MAX_K;
     a.b = s->sh_abuf.p;
     a.out = out;
     a.out_ld = (int32_t)H;
     a.row_scale = se->gate ? s->gate.p : NULL;
+    a.sched = sched_of(s, KC_SCHED_SHARED_DOWN);
     MOE_CHECK(launch_gemm(s, &a, nwg, bn, stream, "shared down"));
     return MOE_OK;
 }
@@ -899,6 +926,18 @@ moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n) {
                 "kern_cuda_set_sm_reserve: %d not in [0, %d] (this device has %d SMs)", (int)n, (int)(s->n_sm - 8),
                 (int)s->n_sm);
     s->sm_reserve = n;
+    return MOE_OK;
+}
+
+moe_status kern_cuda_set_dyn_sched(kern_ctx_t *ctx, bool on) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    st_of(ctx)->dyn_sched = on;
+    return MOE_OK;
+}
+
+moe_status kern_cuda_set_fit_n(kern_ctx_t *ctx, bool on) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    st_of(ctx)->fit_n = on;
     return MOE_OK;
 }
 

@@ -116,6 +116,19 @@ moe_status kern_cuda_set_align(kern_ctx_t *ctx, int32_t mode);
  * device's SMs - 8. */
 moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n);
 
+/* The kernel lab and the tests: whether the 128-column tiles fed by the bulk tensor copy engine
+ * ((5, 128) .. (9, 128)) cut each tile's wgmma N to the columns it uses (on, the default: an
+ * expert's last block of a few rows then costs about those rows instead of 128 columns). The
+ * same bits either way. */
+moe_status kern_cuda_set_fit_n(kern_ctx_t *ctx, bool on);
+
+/* The kernel lab and the tests: how the persistent tiles ((7, 128), (8, 128)) share out their
+ * tiles: on (the default), in raster order as CTAs ask (a device counter per launch site), so
+ * that the CTAs in flight stay on neighbouring tiles whatever each costs; off, a fixed share per
+ * CTA (tiles i, i + grid, ..). The cut N of kern_cuda_set_fit_n applies to these tiles only
+ * when on. The same bits either way. */
+moe_status kern_cuda_set_dyn_sched(kern_ctx_t *ctx, bool on);
+
 /* The kernel lab only: the router logits' warp tile (kern_router_logits): -1 (the default) picks
  * by the batch's size, 0 .. n-1 forces the n-th tile of kern_cuda_router_tiles, which writes the
  * (tokens, experts) pairs of the tiles into out[2 i], out[2 i + 1] and returns how many there are

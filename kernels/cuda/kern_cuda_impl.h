@@ -136,6 +136,15 @@ typedef struct kc_gemm_args {
     /* The persistent tiles ((7 .. 9, 128)): at most this many CTAs (0: one per SM); the SMs
      * left over run other streams' kernels meanwhile (kern_cuda_set_sm_reserve). */
     int32_t grid_cap;
+    /* The 128-column TMA-fed tiles ((5, 128) .. (9, 128)): each tile's wgmma N cut to its columns
+     * in use, rounded up to 16 (an expert's last block of a few rows costs those rows, not 128
+     * columns); the same bits either way (kern_cuda_set_fit_n; 0 for the lab's A/B). */
+    int32_t fit_n;
+    /* The persistent tiles ((7, 128), (8, 128)): sched != NULL hands the tiles out in raster
+     * order as CTAs ask (two device counters, 0 before the launch and left 0 after it; one pair
+     * per launch site of a context: see kc_sched_next); NULL: a fixed share per CTA. fit_n takes
+     * effect in these tiles only with sched (kern_cuda_set_dyn_sched). */
+    unsigned int *sched;
 } kc_gemm_args;
 
 /* Tile configurations: NWG consumer warpgroups (128 weight rows each), BN routed rows. */

@@ -25,6 +25,9 @@
  * --align: the alignments (one CTA, three launches; kern_cuda_set_align) timed against each
  * other on nine cases, their outputs compared bit for bit (align_compare).
  *
+ * --fit: the 128-column tiles with their wgmma N cut to each tile's columns in use and without
+ * (kern_cuda_set_fit_n), on nine cases, outputs compared bit for bit (fit_compare).
+ *
  * --small: the alignment-free mode's options (kern_cuda_set_small_opts), numbered variants in
  * the same manner: variant 3.M is the automatic tile with option mask M (bit 1: the sum over
  * top-k folded into the down product; 2: the gate-up CTAs prefetch the down weights into the
@@ -39,7 +42,8 @@
  * the lowest mean ratio to mask 0 over the cases ("best mask", small_compare).
  *
  * Build: bazel build //kernels/dev:lab_experts; run on a GPU host:
- *   lab_experts [--check-only | --from-T N | --one MODEL T [NWG BN] | --ep W | --ab | --align | --small]
+ *   lab_experts [--check-only | --from-T N | --one MODEL T [NWG BN] | --ep W | --ab | --align | --fit |
+ *                --small]
  */
 #include <math.h>
 #include <stdio.h>
@@ -534,10 +538,36 @@ static void ab_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     lab_timer_free(&tm);
 }
 
+/* Each variant of lab_rounds once (set(gpu, v, arg)), outputs poisoned first: whether every
+ * variant's output has the bits of variant 0's (--align, --fit). */
+static bool lab_same_bits(kern_ctx_t *gpu, lab_case *lc, int nv, lab_set_fn set, const void *arg) {
+    const size_t nbytes = (size_t)moe_tensor_numel(&lc->y) * 2;
+    uint16_t *first = malloc(nbytes), *got = malloc(nbytes);
+    if (!first || !got) {
+        fprintf(stderr, "lab: out of host memory\n");
+        exit(2);
+    }
+    bool same = true;
+    for (int v = 0; v < nv; v++) {
+        set(gpu, v, arg);
+        LB_CUDA(cudaMemset(lc->y.data, 0xFF, nbytes));
+        LB_CUDA(cudaDeviceSynchronize());
+        LB_CHECK(kern_fused_experts(gpu, &lc->p, &lc->x, &lc->w13, &lc->w2, &lc->ids, &lc->w, &lc->y));
+        LB_CHECK(kern_ctx_sync(gpu));
+        LB_CUDA(cudaMemcpy(v ? got : first, lc->y.data, nbytes, cudaMemcpyDeviceToHost));
+        if (v && memcmp(first, got, nbytes) != 0)
+            same = false;
+    }
+    free(first);
+    free(got);
+    return same;
+}
+
 /* ---- --align: the alignments against each other ----------------------------------------
- * Each case in lab_rounds of (auto, one CTA, three launches); the outputs of every mode must have the bits of the first (the alignment only orders rows
- * inside an expert). Run 64 also had a one-launch many-CTA form (the last CTA to count scans,
- * the others wait for it): slower than three launches everywhere, removed (docs/PERF.md). */
+ * Each case in lab_rounds of (auto, one CTA, three launches); the outputs of every mode must
+ * have the bits of the first (the alignment only orders rows inside an expert). Run 64 also had
+ * a one-launch many-CTA form (the last CTA to count scans, the others wait for it): slower than
+ * three launches everywhere, removed (docs/PERF.md). */
 static int align_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     static const struct {
         int mi;
@@ -554,21 +584,9 @@ static int align_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
     lab_bufs b;
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         const int mi = cases[c].mi;
-        const int64_t T = cases[c].T, H = lab_models[mi].H;
+        const int64_t T = cases[c].T;
         lab_case lc = lab_case_of(&b, &last_mi, gpu, mi, 8192, T);
-        const size_t nbytes = (size_t)(T * H) * 2;
-        uint16_t *first = malloc(nbytes), *got = malloc(nbytes);
-        bool same = true;
-        for (int m = 0; m < NM; m++) {
-            LB_CHECK(kern_cuda_set_align(gpu, m));
-            LB_CUDA(cudaMemset(lc.y.data, 0xFF, nbytes));
-            LB_CUDA(cudaDeviceSynchronize());
-            LB_CHECK(kern_fused_experts(gpu, &lc.p, &lc.x, &lc.w13, &lc.w2, &lc.ids, &lc.w, &lc.y));
-            LB_CHECK(kern_ctx_sync(gpu));
-            LB_CUDA(cudaMemcpy(m ? got : first, lc.y.data, nbytes, cudaMemcpyDeviceToHost));
-            if (m && memcmp(first, got, nbytes) != 0)
-                same = false;
-        }
+        const bool same = lab_same_bits(gpu, &lc, NM, lab_set_align, NULL);
         bad += !same;
         double med[NM];
         lab_rounds(&tm, gpu, &lc, NM, lab_set_align, NULL, med);
@@ -577,12 +595,96 @@ static int align_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
             printf(" %.1f |", med[m]);
         printf(" %s |\n", same ? "yes" : "NO");
         fflush(stdout);
-        free(first);
-        free(got);
     }
     if (last_mi >= 0)
         lab_bufs_free(&b);
     LB_CHECK(kern_cuda_set_align(gpu, 0));
+    lab_timer_free(&tm);
+    return bad;
+}
+
+/* ---- --fit: the 128-column tiles with and without the wgmma N cut to the columns in use ----
+ * (kern_cuda_set_fit_n). Napkin math: with the bench's routing an expert's rows scatter about
+ * their mean m by about sqrt(m); where m is a multiple of 128 half of the experts spill a few
+ * rows into one more block, which without the cut costs a whole 128-column tile: Mixtral
+ * T = 1024 (256 rows per expert) ~20 blocks of work for 16 blocks of rows (+24%), Qwen3 T = 8192
+ * (512) +11%, DeepSeek-V2-Lite T = 8192 (768) +8%, Mixtral T = 8192 (2048) +3%; at T = 1024
+ * Qwen3 (64 rows) and DeepSeek (96) use half and three quarters of their one block. "pad": the
+ * share of the 128-column blocks' columns that are padding in this routing. Variants: the
+ * automatic tile, (5, 128) and (8, 128), with the cut (fit) and without (full), the persistent
+ * (8, 128) with its tiles handed out as asked (dyn, kern_cuda_set_dyn_sched) or a fixed share
+ * per CTA (fixed; run 71 measured the cut with a fixed share: the CTAs that drew cheap tiles ran
+ * ahead, Mixtral T = 1024 +30%); in "auto full fixed" the automatic choice sees neither (so
+ * (2, 64) at 22-48 rows). The cut applies only to products whose k walk is at most
+ * KC_FIT_N_MAX_K (3072; not Mixtral's): there "fit" and "full" run the same code. Every
+ * variant's output must have the bits of the first. */
+typedef struct lab_fit {
+    int32_t nwg, bn;
+    bool fit, dyn;
+} lab_fit;
+static void lab_set_fit(kern_ctx_t *gpu, int v, const void *arg) {
+    const lab_fit *f = (const lab_fit *)arg + v;
+    LB_CHECK(kern_cuda_set_tile(gpu, f->nwg, f->bn));
+    LB_CHECK(kern_cuda_set_fit_n(gpu, f->fit));
+    LB_CHECK(kern_cuda_set_dyn_sched(gpu, f->dyn));
+}
+static int fit_compare(kern_ctx_t *gpu, const struct cudaDeviceProp *prop) {
+    static const struct {
+        int mi;
+        int64_t T;
+    } cases[] = {{0, 1024}, {0, 512}, {0, 8192}, {1, 1024}, {1, 2048}, {1, 8192}, {2, 1024}, {2, 512}, {2, 8192}};
+    static const lab_fit vars[] = {{0, 0, true, true},      {0, 0, false, false},    {5, 128, true, true},
+                                   {5, 128, false, true},   {8, 128, true, true},    {8, 128, false, true},
+                                   {8, 128, false, false}};
+    enum { NV = sizeof vars / sizeof vars[0] };
+    lab_timer tm;
+    lab_timer_init(&tm);
+    LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_WGMMA));
+    int bad = 0;
+    printf("\n--fit: wgmma N cut to the columns in use (fit) or not (full) (%d rounds of median-of-3, order "
+           "rotated, L2 flushed, %s; us, whole call)\n",
+           LAB_ROUNDS, prop->name);
+    printf("| model | T | rows per expert | pad | auto fit dyn | auto full fixed | 5x128 fit | 5x128 full | 8x128 fit dyn "
+           "| 8x128 full dyn | 8x128 full fixed | same bits |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    int last_mi = -1;
+    lab_bufs b;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const int mi = cases[c].mi;
+        const int64_t T = cases[c].T, E = lab_models[mi].E, K = lab_models[mi].K;
+        lab_case lc = lab_case_of(&b, &last_mi, gpu, mi, 8192, T);
+        /* the padding share of 128-column blocks in this routing */
+        int32_t *ids = malloc(sizeof(int32_t) * (size_t)(T * K));
+        int64_t *cnt = calloc((size_t)E, sizeof(int64_t));
+        if (!ids || !cnt) {
+            fprintf(stderr, "lab: out of host memory\n");
+            exit(2);
+        }
+        LB_CUDA(cudaMemcpy(ids, lc.ids.data, sizeof(int32_t) * (size_t)(T * K), cudaMemcpyDeviceToHost));
+        for (int64_t q = 0; q < T * K; q++)
+            if (ids[q] >= 0 && ids[q] < E)
+                cnt[ids[q]]++;
+        int64_t cols = 0;
+        for (int64_t e = 0; e < E; e++)
+            cols += (cnt[e] + 127) / 128 * 128;
+        free(ids);
+        free(cnt);
+        const bool same = lab_same_bits(gpu, &lc, NV, lab_set_fit, vars);
+        bad += !same;
+        double med[NV];
+        lab_rounds(&tm, gpu, &lc, NV, lab_set_fit, vars, med);
+        printf("| %s | %lld | %lld | %.0f%% |", lab_models[mi].name, (long long)T, (long long)(T * K / E),
+               cols ? 100.0 * (double)(cols - T * K) / (double)cols : 0.0);
+        for (int v = 0; v < NV; v++)
+            printf(" %.1f |", med[v]);
+        printf(" %s |\n", same ? "yes" : "NO");
+        fflush(stdout);
+    }
+    if (last_mi >= 0)
+        lab_bufs_free(&b);
+    LB_CHECK(kern_cuda_set_tile(gpu, 0, 0));
+    LB_CHECK(kern_cuda_set_fit_n(gpu, true));
+    LB_CHECK(kern_cuda_set_dyn_sched(gpu, true));
+    LB_CHECK(kern_cuda_set_path(gpu, KERN_CUDA_PATH_AUTO));
     lab_timer_free(&tm);
     return bad;
 }
@@ -776,6 +878,13 @@ int main(int argc, char **argv) {
         kern_ctx_free(gpu);
         kern_ctx_free(cpu);
         printf("--align: %s\n", rc ? "FAILED (bits differ)" : "every alignment the same bits");
+        return rc ? 1 : 0;
+    }
+    if (argc > 1 && strcmp(argv[1], "--fit") == 0) {
+        int rc = fit_compare(gpu, &prop);
+        kern_ctx_free(gpu);
+        kern_ctx_free(cpu);
+        printf("--fit: %s\n", rc ? "FAILED (bits differ)" : "every variant the same bits");
         return rc ? 1 : 0;
     }
     if (argc > 1 && strcmp(argv[1], "--ab") == 0) {

@@ -57,6 +57,10 @@ typedef struct prob {
 } prob;
 
 /* Random ids: K distinct experts per token; weights softmax-like positive, renormalized. */
+/* When set (test_partial_blocks; K = 1): expert e gets exactly g_counts[e] of the T tokens, in a
+ * shuffled order, instead of random ids. */
+static const int32_t *g_counts;
+
 static void prob_init(prob *pr, moe_rng *r, moe_dtype dt, int64_t T, int32_t E, int32_t K, int64_t H, int64_t I,
                       const int32_t *map, int32_t n_local) {
     memset(pr, 0, sizeof *pr);
@@ -87,6 +91,20 @@ static void prob_init(prob *pr, moe_rng *r, moe_dtype dt, int64_t T, int32_t E, 
         }
         for (int32_t k = 0; k < K; k++)
             wt[t * K + k] /= s;
+    }
+    if (g_counts) {
+        assert_int_equal(K, 1);
+        int64_t t = 0;
+        for (int32_t e = 0; e < E; e++)
+            for (int32_t c = 0; c < g_counts[e]; c++)
+                id[t++] = e;
+        assert_int_equal(t, T);
+        for (int64_t i = T - 1; i > 0; i--) { /* Fisher-Yates */
+            const int64_t j = (int64_t)moe_rng_below(r, (uint32_t)(i + 1));
+            const int32_t tmp = id[i];
+            id[i] = id[j];
+            id[j] = tmp;
+        }
     }
     pr->p.n_experts = E;
     pr->p.n_local = pr->n_local;
@@ -391,6 +409,37 @@ static void test_fused_sum_f16(void **state) {
         check_fused_all_tiles(MOE_DTYPE_F16, KERN_ACT_SILU, false, false, NULL, 0, &shapes[i], 0x20 + i);
 }
 
+/* Each expert's last block of 128 columns holds 1 .. 128 rows: the 128-column tiles cut their
+ * wgmma N to the columns in use (kern_cuda_set_fit_n), in steps of 16. Every remainder class and
+ * both sides of each step boundary, one to three blocks per expert, every tile against the CPU
+ * reference and against the path's first tile bit for bit, with the cut on and off and the
+ * persistent tiles' tiles handed out as asked or in a fixed share (kern_cuda_set_dyn_sched). */
+static void test_partial_blocks(void **state) {
+    (void)state;
+    static const int32_t rem[] = {1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65,
+                                  79, 80, 81, 95, 96, 97, 111, 112, 113, 120, 127, 128};
+    enum { NE = sizeof rem / sizeof rem[0] };
+    int32_t counts[NE];
+    int64_t T = 0;
+    for (int e = 0; e < NE; e++) {
+        counts[e] = 128 * (e % 3) + rem[e];
+        T += counts[e];
+    }
+    const shape shp = {T, NE, 1, 192, 160}; /* M tails on both products */
+    g_counts = counts;
+    /* (the cut, the persistent tiles' tiles as asked): both on (the default), both off (the
+     * code before run 71), the cut with a fixed share (where the persistent tiles ignore it) */
+    static const bool modes[][2] = {{true, true}, {false, false}, {true, false}};
+    for (int m = 0; m < 3; m++) {
+        CT_OK(kern_cuda_set_fit_n(g_gpu, modes[m][0]));
+        CT_OK(kern_cuda_set_dyn_sched(g_gpu, modes[m][1]));
+        check_fused_all_tiles(MOE_DTYPE_BF16, KERN_ACT_SILU, false, false, NULL, 0, &shp, 0x70 + (uint64_t)m);
+    }
+    g_counts = NULL;
+    CT_OK(kern_cuda_set_fit_n(g_gpu, true));
+    CT_OK(kern_cuda_set_dyn_sched(g_gpu, true));
+}
+
 static void test_fused_acts_and_weight_on_input(void **state) {
     (void)state;
     const shape s1 = {20, 8, 2, 256, 128};
@@ -682,8 +731,10 @@ static void test_shared_and_forward(void **state) {
     moe_rng_seed(&r, g_seed ^ 0x70);
     const int64_t Is = 320;
     for (int gated = 0; gated < 2; gated++) {
-        for (int ti = 0; ti < 2; ti++) {
-            const int64_t T = ti ? 150 : 3;
+        /* T = 300: the shared expert's products and the routed ones both on the persistent
+         * (8, 128), on two streams at once, each launch site with its own tile counters */
+        for (int ti = 0; ti < 3; ti++) {
+            const int64_t T = ti == 2 ? 300 : ti ? 150 : 3;
             prob pr;
             prob_init(&pr, &r, MOE_DTYPE_BF16, T, 16, 4, 256, 128, NULL, 0);
             moe_tensor sw13, sw2, sg;
@@ -1008,6 +1059,7 @@ int main(void) {
         cmocka_unit_test(test_route),
         cmocka_unit_test(test_fused_sum_bf16),
         cmocka_unit_test(test_fused_sum_f16),
+        cmocka_unit_test(test_partial_blocks),
         cmocka_unit_test(test_fused_acts_and_weight_on_input),
         cmocka_unit_test(test_fused_slot_mode_expert_map),
         cmocka_unit_test(test_small_opts),
