@@ -58,7 +58,9 @@ const eng_cfg_entry eng_cfg_table[] = {
      "measured: none up to 27k on 4x H200, docs/PERF.md)"},
     {"dbo-sm-reserve", I(dbo_sm_reserve), "0", 0, 112, NULL,
      "with DBO: SMs that the products' persistent grid leaves free for the other micro-batch's exchange (NCCL "
-     "kernels); 16 and 32 measured no faster than 0 on 2x H100 (docs/PERF.md, run 67)"},
+     "kernels; the products then launch without PDL, whose early CTAs would take those SMs). 2x H200, run 80: "
+     "the exchange then runs beside the products, but the step gains little (the products lose the SMs for their "
+     "whole run; docs/PERF.md)"},
     {"log-level", E(log_level), "info", 0, 0, "error|warn|info|debug|trace|none", "the lowest level of log lines written"},
     {"log-subsys", S(log_subsys), "all", 0, 0, NULL, "log subsystems: all, or a list of base,kern,par,ipc,eng,tool (^ excludes)"},
 };

@@ -75,6 +75,7 @@ struct eng_gpu {
     cudaStream_t s_main, s_side, s_comm, s_copy;
     cudaEvent_t ev_in, ev_side[2], ev_mb[2], ev_red[2], ev_done;
     cudaEvent_t tm_start, tm_x, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
+    cudaEvent_t tm_pd[2], tm_pk[2], tm_a2[2]; /* timing of each micro-batch: products done, packed, exchanged */
     gpu_inputs in[2];
     int32_t next;                 /* the set the next step uses */
     uint64_t hmark[6];            /* host clock marks of the step (timing.host_split_us) */
@@ -96,6 +97,7 @@ struct eng_gpu {
     uint64_t min_step_ns; /* MOE_GPU_MIN_STEP_US (a test knob): a step returns no sooner, the hook
                              running meanwhile, so a test can count on the next STEP arriving
                              while one computes (the inputs staged ahead) */
+    bool pdl_ok;     /* the products' kernels launch early (programmatic dependent launch, sm_90) */
     bool dbo_serial; /* MOE_DBO_SERIAL=1 (a diagnostic): the exchanges wait for every micro-batch's
                         products, so DBO's step shows the split's own cost without the overlap */
     int64_t *cnt;                 /* [E + 1] scratch of count_experts */
@@ -228,7 +230,8 @@ void eng_gpu_free(eng_gpu_t *g) {
     cudaEvent_t evs[] = {g->ev_in,     g->ev_side[0], g->ev_side[1], g->ev_mb[0],  g->ev_mb[1],
                          g->ev_red[0], g->ev_red[1],  g->ev_done,    g->tm_start,  g->tm_compute,
                          g->tm_end,    g->tm_cs[0],   g->tm_cs[1],   g->tm_ce[0],  g->tm_ce[1],
-                         g->tm_x};
+                         g->tm_x,      g->tm_pd[0],   g->tm_pd[1],   g->tm_pk[0],  g->tm_pk[1],
+                         g->tm_a2[0],  g->tm_a2[1]};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i])
             cudaEventDestroy(evs[i]);
@@ -276,8 +279,9 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
                           &g->ev_red[0], &g->ev_red[1],  &g->ev_done};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), st, fail);
-    cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end,   &g->tm_cs[0],
-                          &g->tm_cs[1], &g->tm_ce[0],   &g->tm_ce[1], &g->tm_x};
+    cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end,   &g->tm_cs[0], &g->tm_cs[1],
+                          &g->tm_ce[0], &g->tm_ce[1],   &g->tm_x,     &g->tm_pd[0], &g->tm_pd[1],
+                          &g->tm_pk[0], &g->tm_pk[1],   &g->tm_a2[0], &g->tm_a2[1]};
     for (size_t i = 0; i < sizeof tms / sizeof tms[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreate(tms[i]), st, fail);
     kern_ctx_params kp = {.device = p->device, .stream = g->s_main};
@@ -289,6 +293,7 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     /* --dbo-sm-reserve against this device's SMs, now rather than at the first DBO step */
     MOE_CHECK_GOTO(kern_cuda_set_sm_reserve(g->k, p->dbo_sm_reserve), st, fail);
     MOE_CHECK_GOTO(kern_cuda_set_sm_reserve(g->k, 0), st, fail);
+    g->pdl_ok = kern_cuda_set_pdl(g->k, true) == MOE_OK; /* (on by default where the device has it) */
 
     /* Weights. */
     g->layers = calloc((size_t)(n_layers ? n_layers : 1), sizeof(gpu_layer));
@@ -698,6 +703,7 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
     int ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
     if (ce)
         return moe_fail(MOE_ERR_CUDA, "combine: pack: %s", cudaGetErrorString((cudaError_t)ce));
+    MOE_CUDA_CHECK(cudaEventRecord(g->tm_pk[mb], s));
     size_t *sbp = g->a2a, *sop = g->a2a + W, *rbp = g->a2a + 2 * W, *rop = g->a2a + 3 * W;
     *sent = 0;
     for (int32_t q = 0; q < W; q++) {
@@ -708,6 +714,7 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
         *sent += sbp[q];
     }
     MOE_CHECK(par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s));
+    MOE_CUDA_CHECK(cudaEventRecord(g->tm_a2[mb], s));
     const int64_t lo = pl->bound[r], hi = pl->bound[r + 1];
     if (!sum) { /* split by experts, first half: into the slots, summed after the second exchange */
         ce = eng_gpu_copy_rows(g->slots_d, ridx_d, g->recv_d, NULL, pl->n_recv, row, s);
@@ -895,6 +902,11 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
          * kernels on s_comm) can run beside micro-batch 1's products (run 67: no gain at 16
          * or 32 SMs on 2x H100). */
         MOE_CHECK(kern_cuda_set_sm_reserve(g->k, dbo ? g->p.dbo_sm_reserve : 0));
+        /* SMs left free stay free only if the next product kernel does not launch early: its CTAs
+         * would take them to wait there for their predecessor (run 79: with 32 SMs reserved,
+         * micro-batch 0's all-to-all still finished only after micro-batch 1's products) */
+        if (g->pdl_ok)
+            MOE_CHECK(kern_cuda_set_pdl(g->k, !(dbo && g->p.dbo_sm_reserve > 0)));
         for (int mb = 0; mb < parts; mb++) {
             int64_t a, b;
             mb_rows(g, parts, bounds, mb, &a, &b);
@@ -906,6 +918,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             moe_tensor sv = moe_tensor_view3((char *)g->slots_d + (size_t)(a * K * H) * es, m->dtype, nt, K, H);
             MOE_CHECK(kern_fused_experts(g->k, &ep, &xv, &l->w13, &l->w2, &iv, &wv, &sv));
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[mb], g->s_main));
+            MOE_CUDA_CHECK(cudaEventRecord(g->tm_pd[mb], g->s_main));
         }
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
         g->hmark[3] = moe_now_ns();
@@ -971,9 +984,14 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         for (int i = 0; i < 5; i++)
             timing->host_split_us[i] = g->hmark[i + 1] >= g->hmark[i] ? (float)((double)(g->hmark[i + 1] - g->hmark[i]) * 1e-3) : 0.0f;
         if (W > 1) {
-            for (int mb = 0; mb < parts; mb++)
+            for (int mb = 0; mb < parts; mb++) {
                 if (cudaEventElapsedTime(&ms, g->tm_cs[mb], g->tm_ce[mb]) == cudaSuccess)
                     timing->combine_us += ms * 1e3f;
+                const cudaEvent_t at[5] = {g->tm_pd[mb], g->tm_cs[mb], g->tm_pk[mb], g->tm_a2[mb], g->tm_ce[mb]};
+                for (int i = 0; i < 5; i++)
+                    if (cudaEventElapsedTime(&ms, ev_x, at[i]) == cudaSuccess)
+                        timing->mb_us[mb][i] = ms * 1e3f;
+            }
             timing->combine_bytes = (float)sent_bytes;
         }
         (void)cudaGetLastError();

@@ -80,6 +80,10 @@ typedef struct eng_gpu_timing {
     float host_split_us[5]; /* host_us and the input copy at entry split: copying the inputs (when
                                not staged ahead), enqueueing the x all-gather, the products, the
                                plans (= plan_us), the exchanges and copies (worker debug log only) */
+    float mb_us[2][5];      /* W > 1, each micro-batch (one without DBO), from the whole x on the device:
+                               its products done (main stream), its exchange begun (after them and the
+                               micro-batch before's exchange), its rows packed, its all-to-all done, its
+                               exchange done (worker debug log only) */
 } eng_gpu_timing;
 
 /* The step's inputs and outputs in host memory registered with CUDA (the shared-memory data

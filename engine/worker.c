@@ -676,13 +676,18 @@ static moe_status run_step(worker *w, job *j) {
         MOE_DEBUG(MOE_SUB_ENG,
                   "gpu step %llu: %u tokens, entered at %.6f s, left after %.1f us; inputs %s (h2d %.1f us), "
                   "x gather %.1f us, step %.1f us (compute %.1f, combine %.1f), host %.1f us (inputs %.0f, "
-                  "gather %.0f, products %.0f, plan %.0f, exchanges %.0f)",
+                  "gather %.0f, products %.0f, plan %.0f, exchanges %.0f); micro-batches at (products done, "
+                  "exchange begun, packed, all-to-all done, exchange done) %.0f %.0f %.0f %.0f %.0f | %.0f %.0f "
+                  "%.0f %.0f %.0f us",
                   (unsigned long long)hdr->request_id, (unsigned)hdr->n_tokens, t_in, (moe_now_s() - t_in) * 1e6,
                   timing.staged > 0.5f ? "staged ahead" : "copied at entry", (double)timing.h2d_us,
                   (double)timing.gather_us, (double)timing.step_us, (double)timing.compute_us,
                   (double)timing.combine_us, (double)timing.host_us, (double)timing.host_split_us[0],
                   (double)timing.host_split_us[1], (double)timing.host_split_us[2], (double)timing.host_split_us[3],
-                  (double)timing.host_split_us[4]);
+                  (double)timing.host_split_us[4], (double)timing.mb_us[0][0], (double)timing.mb_us[0][1],
+                  (double)timing.mb_us[0][2], (double)timing.mb_us[0][3], (double)timing.mb_us[0][4],
+                  (double)timing.mb_us[1][0], (double)timing.mb_us[1][1], (double)timing.mb_us[1][2],
+                  (double)timing.mb_us[1][3], (double)timing.mb_us[1][4]);
         have_timing = true;
         counts64 = gpu_counts;
         goto answer;

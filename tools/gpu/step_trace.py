@@ -6,7 +6,10 @@ then:   step_trace.py LOG [LOG...]
 For each world size found it prints, over the steps every rank logged: how far apart the ranks
 entered the step (max - min of the entry times: the skew the x all-gather waits for), the share
 of steps staged ahead, and the means of h2d, gather, step and host times, with the p50/p90/max
-of the skew, and the median host time of a step split in its parts. Standard library only.
+of the skew, and the median host time of a step split in its parts. Then, for W > 1 and each
+step size, every rank's median timeline of its micro-batches (two with DBO, one without), from
+the whole x on the device: products done, exchange begun, rows packed, all-to-all done, exchange
+done (us). Standard library only.
 """
 import re
 import statistics
@@ -15,7 +18,8 @@ import sys
 LINE = re.compile(r"worker r(\d+) p(\d+)\] gpu step (\d+): (\d+) tokens, entered at ([0-9.]+) s, left after ([0-9.]+) us; "
                   r"inputs (staged ahead|copied at entry) \(h2d ([0-9.]+) us\), x gather ([0-9.]+) us, step ([0-9.]+) us "
                   r"\(compute ([0-9.]+), combine ([0-9.]+)\), host ([0-9.]+) us"
-                  r"(?: \(inputs ([0-9.]+), gather ([0-9.]+), products ([0-9.]+), plan ([0-9.]+), exchanges ([0-9.]+)\))?")
+                  r"(?: \(inputs ([0-9.]+), gather ([0-9.]+), products ([0-9.]+), plan ([0-9.]+), exchanges ([0-9.]+)\))?"
+                  r"(?:; micro-batches at \([^)]*\) ((?:[0-9.]+ ){5}\| (?:[0-9.]+ ?){5}))?")
 
 
 def pct(v, q):
@@ -35,7 +39,8 @@ def main(paths):
                 rec = dict(tokens=int(m.group(4)), entry=float(m.group(5)), left=float(m.group(6)),
                            staged=m.group(7) == "staged ahead", h2d=float(m.group(8)), gather=float(m.group(9)),
                            step=float(m.group(10)), host=float(m.group(13)),
-                           split=[float(m.group(i)) for i in range(14, 19)] if m.group(14) else None)
+                           split=[float(m.group(i)) for i in range(14, 19)] if m.group(14) else None,
+                           mb=[float(v) for v in m.group(19).replace("|", " ").split()] if m.group(19) else None)
                 runs.setdefault(path, {}).setdefault(step, {})[rank] = rec
     if not runs:
         print("step_trace: no 'gpu step' lines (run the engine with MOE_LOG_LEVEL=debug)")
@@ -60,6 +65,23 @@ def main(paths):
                 pct(skew, 0.5), pct(skew, 0.9), max(skew), statistics.mean(x["h2d"] for x in allr),
                 statistics.mean(x["gather"] for x in allr), statistics.mean(x["step"] for x in allr),
                 statistics.mean(x["left"] for x in allr), pct([x["host"] for x in allr], 0.5), split))
+    print("\nmicro-batch timelines (median over steps, us from the whole x on the device): products done, "
+          "exchange begun, packed, all-to-all done, exchange done")
+    for path, steps in runs.items():
+        groups = {}  # (W, tokens, rank) -> [mb lists]
+        for sid, ranks in steps.items():
+            w = max(ranks) + 1
+            if w < 2 or len(ranks) != w:
+                continue
+            for rk, x in ranks.items():
+                if x["mb"]:
+                    groups.setdefault((w, x["tokens"], rk), []).append(x["mb"])
+        for (w, t, rk), lst in sorted(groups.items()):
+            med = [pct([v[i] for v in lst], 0.5) for i in range(10)]
+            two = any(v[5] > 0 for v in lst)
+            print("%-28s W %d T %6d rank %d (%3d steps): mb0 %s%s" % (
+                path[-28:], w, t, rk, len(lst), " ".join("%6.0f" % v for v in med[:5]),
+                ("  | mb1 " + " ".join("%6.0f" % v for v in med[5:])) if two else ""))
     return 0
 
 
