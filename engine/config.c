@@ -56,11 +56,10 @@ const eng_cfg_entry eng_cfg_table[] = {
     {"dbo-min-tokens", I(dbo_min_tokens), "65536", 1, 1 << 22, NULL,
      "with --dbo auto: overlap at and above this many tokens per step (default: above every size where a gain was "
      "measured: none up to 27k on 4x H200, docs/PERF.md)"},
-    {"dbo-sm-reserve", I(dbo_sm_reserve), "0", 0, 112, NULL,
-     "with DBO: SMs that the products' persistent grid leaves free for the other micro-batch's exchange (NCCL "
-     "kernels; the products then launch without PDL, whose early CTAs would take those SMs). 2x H200, run 80: "
-     "the exchange then runs beside the products, but the step gains little (the products lose the SMs for their "
-     "whole run; docs/PERF.md)"},
+    {"dbo-sm-reserve", I(dbo_sm_reserve), "16", 0, 112, NULL,
+     "with DBO: SMs that micro-batch 1's products lend to micro-batch 0's exchange (NCCL kernels) while it runs "
+     "(0: none, the exchange then waits for the products to end; 2x H200, run 81: 16 took a DBO step at 4096 "
+     "tokens per GPU from 1958 to 1723 us; docs/PERF.md)"},
     {"log-level", E(log_level), "info", 0, 0, "error|warn|info|debug|trace|none", "the lowest level of log lines written"},
     {"log-subsys", S(log_subsys), "all", 0, 0, NULL, "log subsystems: all, or a list of base,kern,par,ipc,eng,tool (^ excludes)"},
 };

@@ -98,6 +98,11 @@ struct eng_gpu {
                              running meanwhile, so a test can count on the next STEP arriving
                              while one computes (the inputs staged ahead) */
     bool pdl_ok;     /* the products' kernels launch early (programmatic dependent launch, sm_90) */
+    bool sm_cap;     /* MOE_DBO_SM_MODE=cap (a diagnostic): --dbo-sm-reserve caps the products' grid for the
+                        whole DBO step (session 8, run 80) instead of lending the SMs while the exchange
+                        runs (yield_d) */
+    int32_t *yield_d;   /* device word: nonzero while micro-batch 0's exchange wants SMs (kern_cuda_set_yield) */
+    int32_t *flag01_h;  /* pinned {0, 1}: copied into yield_d on the exchange's stream (a copy engine, no SM) */
     bool dbo_serial; /* MOE_DBO_SERIAL=1 (a diagnostic): the exchanges wait for every micro-batch's
                         products, so DBO's step shows the split's own cost without the overlap */
     int64_t *cnt;                 /* [E + 1] scratch of count_experts */
@@ -195,8 +200,8 @@ void eng_gpu_free(eng_gpu_t *g) {
     kern_ctx_free(g->k);
     kern_ctx_free(g->kside);
     kern_ctx_free(g->kcomm);
-    void *dev[] = {g->slots_d,        g->sh_d,          g->y_d,          g->map_d,     g->send_d,
-                   g->recv_d,         g->map_half_d[0], g->map_half_d[1], g->recv_of_d};
+    void *dev[] = {g->slots_d,        g->sh_d,          g->y_d,           g->map_d,      g->send_d,
+                   g->recv_d,         g->map_half_d[0], g->map_half_d[1], g->recv_of_d,  g->yield_d};
     free(g->in_set[0]);
     free(g->in_set[1]);
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
@@ -219,7 +224,7 @@ void eng_gpu_free(eng_gpu_t *g) {
     }
     if (g->reg_h)
         (void)cudaHostUnregister(g->reg_h);
-    void *host[] = {g->y_h};
+    void *host[] = {g->y_h, g->flag01_h};
     free(g->a2a);
     free(g->cnt);
     free(g->gv_ptr);
@@ -294,6 +299,19 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_CHECK_GOTO(kern_cuda_set_sm_reserve(g->k, p->dbo_sm_reserve), st, fail);
     MOE_CHECK_GOTO(kern_cuda_set_sm_reserve(g->k, 0), st, fail);
     g->pdl_ok = kern_cuda_set_pdl(g->k, true) == MOE_OK; /* (on by default where the device has it) */
+    {
+        const char *mode = getenv("MOE_DBO_SM_MODE");
+        g->sm_cap = mode && strcmp(mode, "cap") == 0;
+    }
+    MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->yield_d, sizeof(int32_t)), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMemset(g->yield_d, 0, sizeof(int32_t)), st, fail);
+    MOE_CUDA_CHECK_GOTO(cudaHostAlloc((void **)&g->flag01_h, 2 * sizeof(int32_t), cudaHostAllocDefault), st, fail);
+    g->flag01_h[0] = 0;
+    g->flag01_h[1] = 1;
+    if (p->dbo_sm_reserve > 0) { /* against this device's SMs, now */
+        MOE_CHECK_GOTO(kern_cuda_set_yield(g->k, g->yield_d, p->dbo_sm_reserve), st, fail);
+        MOE_CHECK_GOTO(kern_cuda_set_yield(g->k, NULL, 0), st, fail);
+    }
 
     /* Weights. */
     g->layers = calloc((size_t)(n_layers ? n_layers : 1), sizeof(gpu_layer));
@@ -699,6 +717,11 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
     if (pl->n_recv)
         MOE_CUDA_CHECK(cudaMemcpyAsync(ridx_d, ridx_h, sizeof(int32_t) * (size_t)pl->n_recv, cudaMemcpyHostToDevice, s));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_mb[g->dbo_serial ? parts - 1 : mb], 0));
+    /* micro-batch 0's exchange borrows --dbo-sm-reserve SMs from micro-batch 1's products while
+     * it runs: the flag goes up on this stream now, by a copy (no SM needed), and down after */
+    const bool lend = parts == 2 && mb == 0 && g->p.dbo_sm_reserve > 0 && !g->sm_cap;
+    if (lend)
+        MOE_CUDA_CHECK(cudaMemcpyAsync(g->yield_d, g->flag01_h + 1, sizeof(int32_t), cudaMemcpyHostToDevice, s));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_cs[mb], s));
     int ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
     if (ce)
@@ -715,6 +738,8 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
     }
     MOE_CHECK(par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_a2[mb], s));
+    if (lend)
+        MOE_CUDA_CHECK(cudaMemcpyAsync(g->yield_d, g->flag01_h, sizeof(int32_t), cudaMemcpyHostToDevice, s));
     const int64_t lo = pl->bound[r], hi = pl->bound[r + 1];
     if (!sum) { /* split by experts, first half: into the slots, summed after the second exchange */
         ce = eng_gpu_copy_rows(g->slots_d, ridx_d, g->recv_d, NULL, pl->n_recv, row, s);
@@ -901,12 +926,17 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
          * leave --dbo-sm-reserve SMs free (default 0), so that micro-batch 0's exchange (NCCL
          * kernels on s_comm) can run beside micro-batch 1's products (run 67: no gain at 16
          * or 32 SMs on 2x H100). */
-        MOE_CHECK(kern_cuda_set_sm_reserve(g->k, dbo ? g->p.dbo_sm_reserve : 0));
-        /* SMs left free stay free only if the next product kernel does not launch early: its CTAs
-         * would take them to wait there for their predecessor (run 79: with 32 SMs reserved,
-         * micro-batch 0's all-to-all still finished only after micro-batch 1's products) */
+        /* --dbo-sm-reserve N: the last N CTAs of the persistent products leave while micro-batch
+         * 0's exchange has its flag up (kern_cuda_set_yield), so that its NCCL kernels find SMs;
+         * MOE_DBO_SM_MODE=cap instead caps the grid for the whole step. Either way the products
+         * launch without PDL in such steps: a next kernel launched early would put its CTAs on
+         * the SMs set free, to wait there for its predecessor (runs 79-80: with 32 SMs capped
+         * but PDL on, micro-batch 0's all-to-all still ended after micro-batch 1's products). */
+        const bool lend_sms = dbo && g->p.dbo_sm_reserve > 0;
+        MOE_CHECK(kern_cuda_set_sm_reserve(g->k, lend_sms && g->sm_cap ? g->p.dbo_sm_reserve : 0));
+        MOE_CHECK(kern_cuda_set_yield(g->k, lend_sms && !g->sm_cap ? g->yield_d : NULL, g->p.dbo_sm_reserve));
         if (g->pdl_ok)
-            MOE_CHECK(kern_cuda_set_pdl(g->k, !(dbo && g->p.dbo_sm_reserve > 0)));
+            MOE_CHECK(kern_cuda_set_pdl(g->k, !lend_sms));
         for (int mb = 0; mb < parts; mb++) {
             int64_t a, b;
             mb_rows(g, parts, bounds, mb, &a, &b);

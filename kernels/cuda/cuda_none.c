@@ -95,6 +95,11 @@ moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n) {
     return not_built();
 }
 
+moe_status kern_cuda_set_yield(kern_ctx_t *ctx, const int32_t *flag, int32_t n) {
+    (void)ctx, (void)flag, (void)n;
+    return not_built();
+}
+
 moe_status kern_cuda_set_dyn_sched(kern_ctx_t *ctx, bool on) {
     (void)ctx, (void)on;
     return not_built();

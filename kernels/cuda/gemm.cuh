@@ -1604,20 +1604,32 @@ static __device__ __forceinline__ void kc_stsm_x4_trans(uint32_t addr, const uin
 }
 #endif
 
-/* The next tile of a persistent launch whose tiles are handed out as CTAs ask (sc[0]: the next
- * tile, sc[1]: the CTAs done; both +0 before the launch): the tile, or -1 when none is left.
- * The last of the grid's CTAs to find none sets both back to 0 for the next launch that uses
+/* A CTA of a persistent launch whose tiles are handed out as CTAs ask (sc[0]: the next tile,
+ * sc[1]: the CTAs done; both +0 before the launch) takes no more tiles: it counts itself done,
+ * and the last of the grid's CTAs to do so sets both back to 0 for the next launch that uses
  * them (which starts after this one has completed: the launches of a context's stream wait on
- * their predecessors before any counting, and each launch site has its own pair). */
-static __device__ __forceinline__ int kc_sched_next(unsigned int *sc, int n_tiles, unsigned int grid) {
-    const unsigned int v = atomicAdd(&sc[0], 1u);
-    if ((int)v < n_tiles)
-        return (int)v;
+ * their predecessors before any counting, and each launch site has its own pair). Every CTA
+ * comes here exactly once, after its last draw. Returns -1 (no tile). */
+static __device__ __forceinline__ int kc_sched_done(unsigned int *sc, unsigned int grid) {
     if (atomicAdd(&sc[1], 1u) == grid - 1u) { /* every CTA has drawn its last ticket */
         atomicExch(&sc[0], 0u);
         atomicExch(&sc[1], 0u);
     }
     return -1;
+}
+/* The next tile, or -1 when none is left (kc_sched_done). A CTA among the last a.yield_n of the
+ * grid (never CTA 0) also stops while the word at a.yield_flag is nonzero (another stream's
+ * kernels want its SM: the GPU worker's exchange during dual-batch overlap); the others take the
+ * tiles left. */
+static __device__ __forceinline__ int kc_sched_next(const kc_gemm_args &a, int n_tiles) {
+    const unsigned int grid = gridDim.x;
+    if (a.yield_flag && blockIdx.x > 0 && (int)blockIdx.x >= (int)grid - a.yield_n &&
+        *(const volatile int32_t *)a.yield_flag)
+        return kc_sched_done(a.sched, grid);
+    const unsigned int v = atomicAdd(&a.sched[0], 1u);
+    if ((int)v < n_tiles)
+        return (int)v;
+    return kc_sched_done(a.sched, grid);
 }
 
 template <typename T, int MODE, int CL>
@@ -1710,7 +1722,7 @@ __global__ void __launch_bounds__(384, 1)
             int v;
             if (dyn) {
                 if (pt == 0)
-                    s_tile[slot] = kc_sched_next(a.sched, n_tiles, gridDim.x);
+                    s_tile[slot] = kc_sched_next(a, n_tiles);
                 asm volatile("bar.sync 2, 128;\n" ::: "memory");
                 v = s_tile[slot];
             } else {

@@ -68,6 +68,8 @@ typedef struct kc_state {
     unsigned long long *fuse_ctr; /* [KC_SMALL_MAX_PAIRS] device counters of the fused launch */
     unsigned int *sched; /* [KC_SCHED_SITES][2] tile counters of the persistent tiles (kc_gemm_args.sched) */
     bool dyn_sched;      /* kern_cuda_set_dyn_sched, on by default */
+    const int32_t *yield_flag; /* kern_cuda_set_yield (kc_gemm_args.yield_flag, yield_n) */
+    int32_t yield_n;
     uint32_t fuse_seq;            /* the last call's sequence number (never 0 after the first) */
     int pdl;           /* programmatic dependent launch (sm_90) */
     uint32_t small_opts; /* KERN_CUDA_SMALL_* (alignment-free mode only) */
@@ -527,6 +529,8 @@ static moe_status routed(kc_state *s, const kern_experts_params *p, const moe_te
     a.grid_cap = s->sm_reserve > 0 ? s->n_sm - s->sm_reserve : 0;
     a.fit_n = s->fit_n && a.K <= KC_FIT_N_MAX_K;
     a.sched = sched_of(s, KC_SCHED_GATE_UP);
+    a.yield_flag = s->yield_flag;
+    a.yield_n = s->yield_n;
     kc_gemm_args gu = a;
     const bool fused = small && s->fused && nwg == 1;
     const bool hopper = s->cc_major >= 9;
@@ -926,6 +930,19 @@ moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n) {
                 "kern_cuda_set_sm_reserve: %d not in [0, %d] (this device has %d SMs)", (int)n, (int)(s->n_sm - 8),
                 (int)s->n_sm);
     s->sm_reserve = n;
+    return MOE_OK;
+}
+
+moe_status kern_cuda_set_yield(kern_ctx_t *ctx, const int32_t *flag, int32_t n) {
+    MOE_CHECK(require_cuda_ctx(ctx));
+    kc_state *s = st_of(ctx);
+    MOE_REQUIRE(!flag || (n >= 1 && n <= s->n_sm - 8), MOE_ERR_INVALID_ARG,
+                "kern_cuda_set_yield: %d SMs not in [1, %d] (this device has %d SMs)", (int)n, (int)(s->n_sm - 8),
+                (int)s->n_sm);
+    MOE_REQUIRE(!flag || ((uintptr_t)flag & 3) == 0, MOE_ERR_INVALID_ARG,
+                "kern_cuda_set_yield: the flag must be a 4-byte aligned device word");
+    s->yield_flag = flag;
+    s->yield_n = flag ? n : 0;
     return MOE_OK;
 }
 

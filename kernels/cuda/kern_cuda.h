@@ -129,6 +129,14 @@ moe_status kern_cuda_set_fit_n(kern_ctx_t *ctx, bool on);
  * when on. The same bits either way. */
 moe_status kern_cuda_set_dyn_sched(kern_ctx_t *ctx, bool on);
 
+/* SMs lent to other streams while they ask (the GPU worker's exchange during dual-batch overlap):
+ * while the device word *flag (4-byte aligned; the other stream sets it, e.g. by
+ * cudaMemsetAsync, and clears it) is nonzero, the last n CTAs (never the first) of a routed
+ * product's persistent grid take no more tiles and leave, the others take the tiles left (with
+ * kern_cuda_set_dyn_sched on, the default). A CTA that has left does not come back in that
+ * launch. n in [1, SMs - 8]; flag NULL: off (the default). The same tiles: the same bits. */
+moe_status kern_cuda_set_yield(kern_ctx_t *ctx, const int32_t *flag, int32_t n);
+
 /* The kernel lab only: the router logits' warp tile (kern_router_logits): -1 (the default) picks
  * by the batch's size, 0 .. n-1 forces the n-th tile of kern_cuda_router_tiles, which writes the
  * (tokens, experts) pairs of the tiles into out[2 i], out[2 i + 1] and returns how many there are

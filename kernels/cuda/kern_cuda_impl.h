@@ -145,6 +145,10 @@ typedef struct kc_gemm_args {
      * per launch site of a context: see kc_sched_next); NULL: a fixed share per CTA. fit_n takes
      * effect in these tiles only with sched (kern_cuda_set_dyn_sched). */
     unsigned int *sched;
+    /* With sched: while the word at yield_flag is nonzero, the last yield_n CTAs of the grid take
+     * no more tiles (kern_cuda_set_yield; NULL: never). The same tiles, the same bits. */
+    const int32_t *yield_flag;
+    int32_t yield_n;
 } kc_gemm_args;
 
 /* Tile configurations: NWG consumer warpgroups (128 weight rows each), BN routed rows. */

@@ -440,6 +440,60 @@ static void test_partial_blocks(void **state) {
     CT_OK(kern_cuda_set_dyn_sched(g_gpu, true));
 }
 
+/* kern_cuda_set_yield: with the flag up, the last n CTAs of the persistent products take no
+ * tile and leave, and the others take every tile: the same bits as with the flag down (which
+ * match the CPU reference), call after call (the tile counters are left ready for the next
+ * launch whoever leaves), for n = 1, 64 and the most allowed; then the flag down again. */
+static void test_yield(void **state) {
+    (void)state;
+    if (kern_cuda_set_path(g_gpu, KERN_CUDA_PATH_WGMMA) != MOE_OK) {
+        print_message("[ skip ] test_yield: the persistent tiles need sm_90a\n");
+        return;
+    }
+    CT_OK(kern_cuda_set_tile(g_gpu, 8, 128));
+    moe_rng r;
+    moe_rng_seed(&r, g_seed ^ 0x90);
+    prob pr;
+    prob_init(&pr, &r, MOE_DTYPE_BF16, 2048, 16, 4, 256, 192, NULL, 0); /* 512 rows per expert */
+    moe_tensor ref, cpu, got;
+    run_cpu(&pr, false, &cpu);
+    run_gpu(&pr, false, &ref);
+    ct_compare(&ref, &cpu, 1e-2, "yield: flag down");
+    int32_t *flag = NULL;
+    CT_CUDA(cudaMalloc((void **)&flag, 2 * sizeof(int32_t)));
+    CT_CUDA(cudaMemset(flag, 1, sizeof(int32_t)));
+    int n_sm = 0;
+    CT_CUDA(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, 0));
+    const int32_t ns[] = {1, 64 < n_sm - 8 ? 64 : n_sm - 8, n_sm - 8};
+    for (int i = 0; i < 3; i++) {
+        CT_OK(kern_cuda_set_yield(g_gpu, flag, ns[i]));
+        for (int rep = 0; rep < 2; rep++) {
+            run_gpu(&pr, false, &got);
+            if (!bits_equal(&got, &ref))
+                fail_msg("yield: flag up, %d SMs lent, call %d: bits differ from the flag down", (int)ns[i], rep);
+            moe_tensor_free(&got);
+        }
+    }
+    CT_CUDA(cudaMemset(flag, 0, sizeof(int32_t)));
+    run_gpu(&pr, false, &got);
+    assert_true(bits_equal(&got, &ref));
+    moe_tensor_free(&got);
+    /* bad arguments */
+    assert_int_equal(kern_cuda_set_yield(g_gpu, flag, 0), MOE_ERR_INVALID_ARG);
+    assert_int_equal(kern_cuda_set_yield(g_gpu, flag, n_sm), MOE_ERR_INVALID_ARG);
+    assert_int_equal(kern_cuda_set_yield(g_gpu, (const int32_t *)((const char *)flag + 2), 4), MOE_ERR_INVALID_ARG);
+    CT_OK(kern_cuda_set_yield(g_gpu, NULL, 0));
+    run_gpu(&pr, false, &got);
+    assert_true(bits_equal(&got, &ref));
+    moe_tensor_free(&got);
+    CT_CUDA(cudaFree(flag));
+    CT_OK(kern_cuda_set_tile(g_gpu, 0, 0));
+    CT_OK(kern_cuda_set_path(g_gpu, KERN_CUDA_PATH_AUTO));
+    moe_tensor_free(&ref);
+    moe_tensor_free(&cpu);
+    prob_free(&pr);
+}
+
 static void test_fused_acts_and_weight_on_input(void **state) {
     (void)state;
     const shape s1 = {20, 8, 2, 256, 128};
@@ -1060,6 +1114,7 @@ int main(void) {
         cmocka_unit_test(test_fused_sum_bf16),
         cmocka_unit_test(test_fused_sum_f16),
         cmocka_unit_test(test_partial_blocks),
+        cmocka_unit_test(test_yield),
         cmocka_unit_test(test_fused_acts_and_weight_on_input),
         cmocka_unit_test(test_fused_slot_mode_expert_map),
         cmocka_unit_test(test_small_opts),

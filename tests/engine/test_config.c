@@ -23,7 +23,7 @@ static void test_defaults(void **state) {
     assert_string_equal(c.bind, "tcp://127.0.0.1:5555");
     assert_string_equal(c.placement, "contiguous");
     assert_int_equal(c.max_msg_bytes, 268435456);
-    assert_int_equal(c.dbo_sm_reserve, 0); /* no SMs held back unless asked (run 67: no gain) */
+    assert_int_equal(c.dbo_sm_reserve, 16); /* SMs lent to DBO's first exchange while it runs (run 81) */
     assert_int_equal(eng_config_validate(&c), MOE_OK);
     /* every entry has a doc and a default that validates */
     for (size_t i = 0; i < eng_cfg_table_len; i++) {
