@@ -724,8 +724,11 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
         MOE_CUDA_CHECK(cudaMemcpyAsync(g->yield_d, g->flag01_h + 1, sizeof(int32_t), cudaMemcpyHostToDevice, s));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_cs[mb], s));
     int ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
-    if (ce)
+    if (ce) {
+        if (lend) /* down again whatever failed (else later products would keep lending) */
+            (void)cudaMemcpyAsync(g->yield_d, g->flag01_h, sizeof(int32_t), cudaMemcpyHostToDevice, s);
         return moe_fail(MOE_ERR_CUDA, "combine: pack: %s", cudaGetErrorString((cudaError_t)ce));
+    }
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_pk[mb], s));
     size_t *sbp = g->a2a, *sop = g->a2a + W, *rbp = g->a2a + 2 * W, *rop = g->a2a + 3 * W;
     *sent = 0;
@@ -736,10 +739,15 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
         rop[q] = (size_t)pl->recv_off[q] * row;
         *sent += sbp[q];
     }
-    MOE_CHECK(par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s));
+    const moe_status ast =
+        par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s);
+    if (lend) { /* the all-to-all done (or failed): the SMs go back to the products */
+        const cudaError_t le = cudaMemcpyAsync(g->yield_d, g->flag01_h, sizeof(int32_t), cudaMemcpyHostToDevice, s);
+        if (ast == MOE_OK && le != cudaSuccess)
+            return moe_fail(MOE_ERR_CUDA, "combine: the exchange's SM flag: %s", cudaGetErrorString(le));
+    }
+    MOE_CHECK(ast);
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_a2[mb], s));
-    if (lend)
-        MOE_CUDA_CHECK(cudaMemcpyAsync(g->yield_d, g->flag01_h, sizeof(int32_t), cudaMemcpyHostToDevice, s));
     const int64_t lo = pl->bound[r], hi = pl->bound[r + 1];
     if (!sum) { /* split by experts, first half: into the slots, summed after the second exchange */
         ce = eng_gpu_copy_rows(g->slots_d, ridx_d, g->recv_d, NULL, pl->n_recv, row, s);
