@@ -60,6 +60,10 @@ const eng_cfg_entry eng_cfg_table[] = {
      "with DBO: SMs that micro-batch 1's products lend to micro-batch 0's exchange (NCCL kernels) while it runs "
      "(0: none, the exchange then waits for the products to end; 2x H200, run 81: 16 took a DBO step at 4096 "
      "tokens per GPU from 1958 to 1723 us; docs/PERF.md)"},
+    {"dbo-first-share", I(dbo_first_share), "50", 10, 90, NULL,
+     "with DBO split by experts: the percent of each rank's experts in the first micro-batch (its exchange runs "
+     "beside the second's products; the second's exchange runs alone, so a larger first part leaves less of the "
+     "exchange exposed)"},
     {"log-level", E(log_level), "info", 0, 0, "error|warn|info|debug|trace|none", "the lowest level of log lines written"},
     {"log-subsys", S(log_subsys), "all", 0, 0, NULL, "log subsystems: all, or a list of base,kern,par,ipc,eng,tool (^ excludes)"},
 };

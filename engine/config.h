@@ -56,6 +56,7 @@ typedef struct eng_config {
     char dbo_split[8];             /* tokens | experts: how DBO halves a step */
     int32_t dbo_min_tokens;        /* auto: DBO at and above this many tokens per step */
     int32_t dbo_sm_reserve;        /* with DBO: SMs the persistent products leave to the exchange */
+    int32_t dbo_first_share;       /* DBO by experts: percent of each rank's experts in the first part */
     /* logging */
     char log_level[16];
     char log_subsys[64];

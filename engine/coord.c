@@ -183,6 +183,7 @@ typedef struct coord {
     char worker_threads[16];
     char hb_str[16], step_to_str[16], start_to_str[16], step_tokens_str[16], dbo_min_str[16], busy_str[16];
     char dbo_sm_str[16];
+    char dbo_share_str[16];
     uv_idle_t spin;      /* --busy-poll-us: active while hot, so the loop polls without sleeping */
     uint64_t t_active;   /* the last step dispatched or answered */
     int32_t gpu_ids[MAX_WORKERS];
@@ -1239,6 +1240,8 @@ static void spawn_group(coord *co) {
                         co->dbo_min_str,
                         "--dbo-sm-reserve",
                         co->dbo_sm_str,
+                        "--dbo-first-share",
+                        co->dbo_share_str,
                         "--dbo-split",
                         co->cfg.dbo_split,
                         "--busy-poll-us",
@@ -1779,6 +1782,7 @@ static moe_status coord_init(coord *co) {
     snprintf(co->step_tokens_str, sizeof co->step_tokens_str, "%d", (int)co->cfg.max_step_tokens);
     snprintf(co->dbo_min_str, sizeof co->dbo_min_str, "%d", (int)co->cfg.dbo_min_tokens);
     snprintf(co->dbo_sm_str, sizeof co->dbo_sm_str, "%d", (int)co->cfg.dbo_sm_reserve);
+    snprintf(co->dbo_share_str, sizeof co->dbo_share_str, "%d", (int)co->cfg.dbo_first_share);
     if (co->cfg.busy_poll_us < 0) /* auto */
         co->cfg.busy_poll_us = co->cfg.gpus[0] ? 1000 : 0;
     snprintf(co->busy_str, sizeof co->busy_str, "%d", (int)co->cfg.busy_poll_us);

@@ -355,8 +355,10 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         st = upload(&mh, &md);
         g->map_d = md.data;
     }
-    /* The halves of DBO split by experts: the first (n_local + 1) / 2 local slots of every
-     * rank, and the rest; each rank's map of a half leaves the other half's experts out (-1). */
+    /* The parts of DBO split by experts: the first dbo_first_share percent of the local slots of
+     * every rank (rounded, at least one and at most all but one), and the rest; each rank's map
+     * of a part leaves the other part's experts out (-1). */
+    const int32_t share = p->dbo_first_share > 0 ? p->dbo_first_share : 50;
     for (int h = 0; h < 2 && st == MOE_OK && g->world > 1; h++) {
         const par_placement *pl = g->m.placement;
         g->in_set[h] = calloc((size_t)E, 1);
@@ -366,7 +368,10 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
         }
         for (int64_t e = 0; e < E; e++) {
             const int32_t o = pl->owner[e];
-            g->in_set[h][e] = (uint8_t)((pl->local_slot[e] < (pl->n_local[o] + 1) / 2) == (h == 0));
+            const int32_t nl = pl->n_local[o];
+            int32_t first = (int32_t)(((int64_t)nl * share + 50) / 100);
+            first = first < 1 ? 1 : first > nl - 1 ? (nl > 1 ? nl - 1 : 1) : first;
+            g->in_set[h][e] = (uint8_t)((pl->local_slot[e] < first) == (h == 0));
             map[e] = o == p->rank && g->in_set[h][e] ? pl->local_slot[e] : -1;
         }
         moe_tensor mh = moe_tensor_view1(map, MOE_DTYPE_I32, E), md;

@@ -51,6 +51,8 @@ typedef struct eng_gpu_params {
     int32_t dbo_split;           /* 0: the micro-batches are the two halves of the tokens; 1: every
                                     token, each half of every rank's experts */
     int32_t dbo_sm_reserve;      /* with DBO: SMs the products' persistent grid leaves to the exchange */
+    int32_t dbo_first_share;     /* DBO by experts: percent (10-90; 0 = 50) of each rank's experts in
+                                    the first micro-batch */
 } eng_gpu_params;
 
 /* Uploads the layers (host weights as the loader gives them; the host copies may be freed

@@ -50,6 +50,7 @@ typedef struct worker_args {
     int32_t dbo_min_tokens;
     int32_t dbo_split;      /* 0 tokens, 1 experts */
     int32_t dbo_sm_reserve; /* SMs left to the exchange while a DBO step's products run */
+    int32_t dbo_first_share; /* DBO by experts: percent of each rank's experts in the first part */
     int64_t max_step_tokens;
     int32_t start_timeout_ms;
     int32_t shm_fd;    /* the shared-memory data path's descriptor (-1: ZeroMQ data path) */
@@ -87,7 +88,8 @@ static void usage_worker(void) {
                     "flags: --rank R --world W --epoch N --coord ENDPOINT --comm-dir DIR --model DIR\n"
                     "       --backend cpu|cpu-ref|cuda --placement P --layers L --threads N\n"
                     "       --heartbeat-ms N --busy-poll-us N --step-timeout-ms N --device N --dbo on|off|auto\n"
-                    "       --dbo-min-tokens N --dbo-split tokens|experts --dbo-sm-reserve N --max-step-tokens N\n"
+                    "       --dbo-min-tokens N --dbo-split tokens|experts --dbo-sm-reserve N --dbo-first-share PCT\n"
+                    "       --max-step-tokens N\n"
                     "       --start-timeout-ms N\n");
 }
 
@@ -113,6 +115,7 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
     a->dbo_min_tokens = 65536;
     a->dbo_split = 1;
     a->dbo_sm_reserve = 0;
+    a->dbo_first_share = 50;
     a->max_step_tokens = 16384;
     a->start_timeout_ms = 120000;
     a->shm_fd = -1;
@@ -172,6 +175,9 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
         } else if (strcmp(f, "--dbo-sm-reserve") == 0) {
             MOE_CHECK(parse_int(f, v, 0, 112, &x));
             a->dbo_sm_reserve = (int32_t)x;
+        } else if (strcmp(f, "--dbo-first-share") == 0) {
+            MOE_CHECK(parse_int(f, v, 10, 90, &x));
+            a->dbo_first_share = (int32_t)x;
         } else if (strcmp(f, "--max-step-tokens") == 0) {
             MOE_CHECK(parse_int(f, v, 1, 1 << 24, &x));
             a->max_step_tokens = x;
@@ -353,7 +359,8 @@ static moe_status worker_gpu_setup(worker *w) {
                          .dbo = w->a.dbo,
                          .dbo_min_tokens = w->a.dbo_min_tokens,
                          .dbo_split = w->a.dbo_split,
-                         .dbo_sm_reserve = w->a.dbo_sm_reserve};
+                         .dbo_sm_reserve = w->a.dbo_sm_reserve,
+                         .dbo_first_share = w->a.dbo_first_share};
     MOE_CHECK(eng_gpu_init(&w->g, &gp, w->layers, w->weights.n_layers));
     eng_gpu_set_hook(w->g, worker_hook, w); /* the next step received and staged while one computes */
     if (w->shm.base) /* copies to and from the device straight from the data path */

@@ -24,6 +24,7 @@ static void test_defaults(void **state) {
     assert_string_equal(c.placement, "contiguous");
     assert_int_equal(c.max_msg_bytes, 268435456);
     assert_int_equal(c.dbo_sm_reserve, 16); /* SMs lent to DBO's first exchange while it runs (run 81) */
+    assert_int_equal(c.dbo_first_share, 50); /* DBO by experts: halves unless asked */
     assert_int_equal(eng_config_validate(&c), MOE_OK);
     /* every entry has a doc and a default that validates */
     for (size_t i = 0; i < eng_cfg_table_len; i++) {
@@ -80,6 +81,8 @@ static void test_errors(void **state) {
     expect_error(2, (char *[]){"--busy-poll-us", "-2"}, "outside [-1, 10000000]");
     expect_error(2, (char *[]){"--dbo-sm-reserve", "113"}, "outside [0, 112]");
     expect_error(2, (char *[]){"--dbo-sm-reserve", "-1"}, "outside [0, 112]");
+    expect_error(2, (char *[]){"--dbo-first-share", "95"}, "outside [10, 90]");
+    expect_error(2, (char *[]){"--dbo-first-share", "9"}, "outside [10, 90]");
     expect_error(4, (char *[]){"--max-tokens", "100", "--max-step-tokens", "50"}, "must be >= max-tokens");
     expect_error(2, (char *[]){"--gpus", "0,a"}, "comma list of GPU ordinals");
     expect_error(2, (char *[]){"--layers", "1;2"}, "comma list of layer indices");
