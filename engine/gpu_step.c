@@ -674,9 +674,8 @@ static void mb_rows(const eng_gpu_t *g, int parts, const int64_t bounds[3], int 
     *b = xs ? bounds[parts] : bounds[mb + 1];
 }
 
-/* W > 1: the exchange plans of the set's step from its ids (in->ids_h, this rank's private
- * copy). */
-/* The exchange plan of micro-batch mb of the step in `in` (its time added to in->plan_ns). */
+/* W > 1: the exchange plan of micro-batch mb of the set's step from its ids (in->ids_h, this
+ * rank's private copy), its time added to in->plan_ns; plan_step: every micro-batch's. */
 static moe_status plan_part(eng_gpu_t *g, gpu_inputs *in, int mb) {
     int64_t bounds[3];
     const int parts = step_bounds(g, in->T, bounds);
@@ -943,11 +942,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             }
         }
         /* The routed experts of every micro-batch on s_main, enqueued first so that the GPU
-         * starts while the host builds the exchange plans. With DBO the persistent product tiles
-         * leave --dbo-sm-reserve SMs free (default 0), so that micro-batch 0's exchange (NCCL
-         * kernels on s_comm) can run beside micro-batch 1's products (run 67: no gain at 16
-         * or 32 SMs on 2x H100). */
-        /* --dbo-sm-reserve N: the last N CTAs of the persistent products leave while micro-batch
+         * starts while the host builds the exchange plans. --dbo-sm-reserve N: the last N CTAs of the persistent products leave while micro-batch
          * 0's exchange has its flag up (kern_cuda_set_yield), so that its NCCL kernels find SMs;
          * MOE_DBO_SM_MODE=cap instead caps the grid for the whole step. Either way the products
          * launch without PDL in such steps: a next kernel launched early would put its CTAs on
@@ -999,7 +994,8 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         if (plan_here)
             in->planned = true;
         t_plan = in->plan_ns;
-        g->hmark[4] = g->hmark[3] + t_plan; /* the host split: the plans, then the exchanges' enqueueing */
+        /* the host split: the plans built here, then the exchanges' enqueueing */
+        g->hmark[4] = g->hmark[3] + (plan_here ? in->plan_ns : 0);
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[0], g->s_comm));
         MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[0], 0));
         if (!io && r == 0)
