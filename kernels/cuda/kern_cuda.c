@@ -923,12 +923,17 @@ moe_status kern_cuda_set_router_tile(kern_ctx_t *ctx, int32_t tile) {
 
 int32_t kern_cuda_router_tiles(int32_t *out, int32_t cap) { return kc_router_logits_tiles(out, cap); }
 
+/* SMs that the persistent products may give to other streams: lo .. all but 8 of the device's. */
+static moe_status check_sms_lent(const kc_state *s, int32_t n, int32_t lo, const char *what) {
+    MOE_REQUIRE(n >= lo && n <= s->n_sm - 8, MOE_ERR_INVALID_ARG, "%s: %d SMs not in [%d, %d] (this device has %d SMs)",
+                what, (int)n, (int)lo, (int)(s->n_sm - 8), (int)s->n_sm);
+    return MOE_OK;
+}
+
 moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n) {
     MOE_CHECK(require_cuda_ctx(ctx));
     kc_state *s = st_of(ctx);
-    MOE_REQUIRE(n >= 0 && n <= s->n_sm - 8, MOE_ERR_INVALID_ARG,
-                "kern_cuda_set_sm_reserve: %d not in [0, %d] (this device has %d SMs)", (int)n, (int)(s->n_sm - 8),
-                (int)s->n_sm);
+    MOE_CHECK(check_sms_lent(s, n, 0, "kern_cuda_set_sm_reserve"));
     s->sm_reserve = n;
     return MOE_OK;
 }
@@ -936,9 +941,8 @@ moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n) {
 moe_status kern_cuda_set_yield(kern_ctx_t *ctx, const int32_t *flag, int32_t n) {
     MOE_CHECK(require_cuda_ctx(ctx));
     kc_state *s = st_of(ctx);
-    MOE_REQUIRE(!flag || (n >= 1 && n <= s->n_sm - 8), MOE_ERR_INVALID_ARG,
-                "kern_cuda_set_yield: %d SMs not in [1, %d] (this device has %d SMs)", (int)n, (int)(s->n_sm - 8),
-                (int)s->n_sm);
+    if (flag)
+        MOE_CHECK(check_sms_lent(s, n, 1, "kern_cuda_set_yield"));
     MOE_REQUIRE(!flag || ((uintptr_t)flag & 3) == 0, MOE_ERR_INVALID_ARG,
                 "kern_cuda_set_yield: the flag must be a 4-byte aligned device word");
     s->yield_flag = flag;
