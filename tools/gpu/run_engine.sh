@@ -19,10 +19,15 @@
 #             taking turns: this bundle's and the one in $BUNDLE_B (an older build: copy just its
 #             bin/moe-engine and lib/ there), AB_REPS rounds over tcp and ipc; the
 #             p50 rows of each side, the full outputs                          -> ab.log
+#   timeline  (not in the default list) DBO's timeline: bench_scaleout at --log-level debug with
+#             DBO off, by experts and by tokens (TL_DBO), each worker's micro-batches (products
+#             done, exchange begun, packed, all-to-all done, exchange done), summarized per rank
+#             by tools/gpu/step_trace.py; the env of the run applies (MOE_DBO_SM_RESERVE,
+#             MOE_DBO_FIRST_SHARE, MOE_DBO_SM_MODE)                           -> timeline_*.log.gz
 #   ncu       (not in the default list) Nsight Compute: each kernel's time of the in-process
 #             call at T = 1 (cold L2; gpu__time_duration, the busiest SM's cycles) -> ncu_t1.log
 # Output in $OUT (default /tmp/moe-gpu-engine); a summary is printed last.
-# Environment: BUNDLE (default .bundle/engine), OUT, GPUS (default: every GPU), TOKENS, CLIENTS, SCALE_DBO,
+# Environment: BUNDLE (default .bundle/engine), OUT, GPUS (default: every GPU), TOKENS, CLIENTS, SCALE_DBO, TL_DBO,
 # TEST_TIMEOUT, SCALE_TIMEOUT, DSV3_TIMEOUT, E2E_TIMEOUT (seconds), E2E_TOKENS, E2E_ITERS, BUNDLE_B, AB_REPS.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -124,6 +129,17 @@ if want scaleout; then
     >"$OUT/scaleout.log" 2>&1 || rc=1
   grep -v "^20.*Z [IW]" "$OUT/scaleout.log" | tail -16
   bare_compare "$OUT/scaleout.log" "$OUT/scaleout_bare.log"
+fi
+if want timeline; then
+  for d in ${TL_DBO:-off experts on}; do
+    echo "== timeline: DBO $d"
+    timeout "${SCALE_TIMEOUT:-240}" "$BUNDLE/bin/bench_scaleout" --engine "$MOE_ENGINE" --gpus "$GPUS" \
+      --tokens "${TOKENS:-1024,4096}" --clients "${CLIENTS:-4}" --requests 12 --dbo "$d" --log-level debug \
+      >"$OUT/timeline_$d.log" 2>&1 || rc=1
+    grep -E "^ +[0-9]+ +(-|off|on|exp) " "$OUT/timeline_$d.log"
+    python3 "$ROOT/tools/gpu/step_trace.py" "$OUT/timeline_$d.log" | sed -n '/micro-batch timelines/,$p'
+    gzip -f -9 "$OUT/timeline_$d.log"
+  done
 fi
 if want dsv3; then
   echo "== bench_scaleout --shape dsv3"
