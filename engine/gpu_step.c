@@ -366,13 +366,13 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
             st = moe_fail(MOE_ERR_NOMEM, "gpu expert halves");
             break;
         }
+        st = par_placement_first_part(pl, share, g->in_set[h]);
+        if (st != MOE_OK)
+            break;
         for (int64_t e = 0; e < E; e++) {
-            const int32_t o = pl->owner[e];
-            const int32_t nl = pl->n_local[o];
-            int32_t first = (int32_t)(((int64_t)nl * share + 50) / 100);
-            first = first < 1 ? 1 : first > nl - 1 ? (nl > 1 ? nl - 1 : 1) : first;
-            g->in_set[h][e] = (uint8_t)((pl->local_slot[e] < first) == (h == 0));
-            map[e] = o == p->rank && g->in_set[h][e] ? pl->local_slot[e] : -1;
+            if (h == 1)
+                g->in_set[h][e] = (uint8_t)!g->in_set[h][e];
+            map[e] = pl->owner[e] == p->rank && g->in_set[h][e] ? pl->local_slot[e] : -1;
         }
         moe_tensor mh = moe_tensor_view1(map, MOE_DTYPE_I32, E), md;
         st = upload(&mh, &md);

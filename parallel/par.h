@@ -43,6 +43,11 @@ moe_status par_placement_init(par_placement *pl, int32_t n_experts, int32_t worl
 void par_placement_free(par_placement *pl);
 /* The expert map of rank r for kern_experts_params: map[e] = local slot or -1; [E] int32. */
 moe_status par_placement_expert_map(const par_placement *pl, int32_t rank, int32_t *map);
+/* The first part of a step split by experts (dual-batch overlap): in_first[e] = 1 where expert e
+ * is among the first round(n_local share_pct / 100) local slots of its rank (at least one; at
+ * most all but one where the rank holds two or more), else 0; [E] bytes. share_pct in
+ * [1, 99]. */
+moe_status par_placement_first_part(const par_placement *pl, int32_t share_pct, uint8_t *in_first);
 
 /* ------------------------------------------------------------------------------------------
  * Communicators. One per worker process (rank r of W), used by its step loop only.

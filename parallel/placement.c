@@ -90,6 +90,20 @@ moe_status par_placement_init(par_placement *pl, int32_t n_experts, int32_t worl
     return MOE_OK;
 }
 
+moe_status par_placement_first_part(const par_placement *pl, int32_t share_pct, uint8_t *in_first) {
+    MOE_REQUIRE(pl && in_first, MOE_ERR_INVALID_ARG, "placement: NULL");
+    MOE_REQUIRE(share_pct >= 1 && share_pct <= 99, MOE_ERR_INVALID_ARG, "placement: first part %d%% not in [1, 99]",
+                (int)share_pct);
+    for (int32_t e = 0; e < pl->n_experts; e++) {
+        const int32_t nl = pl->n_local[pl->owner[e]];
+        int32_t first = (int32_t)(((int64_t)nl * share_pct + 50) / 100);
+        const int32_t hi = nl > 1 ? nl - 1 : 1;
+        first = first < 1 ? 1 : first > hi ? hi : first;
+        in_first[e] = (uint8_t)(pl->local_slot[e] < first);
+    }
+    return MOE_OK;
+}
+
 moe_status par_placement_expert_map(const par_placement *pl, int32_t rank, int32_t *map) {
     MOE_REQUIRE(pl && map, MOE_ERR_INVALID_ARG, "placement: NULL");
     MOE_REQUIRE(rank >= 0 && rank < pl->world_size, MOE_ERR_INVALID_ARG, "placement: rank %d not in [0, %d)",

@@ -17,6 +17,50 @@
 
 #include "parallel/par.h"
 
+/* The first part of a step split by experts (DBO, --dbo-first-share): on every rank the lowest
+ * local slots, as many as the share of its experts rounded, at least one and at most all but
+ * one; the rest form the second part. Checked against a count per rank for every W and E up to
+ * 20, both policies and several shares; bad arguments refused. */
+static void test_placement_first_part(void **state) {
+    (void)state;
+    static const int32_t shares[] = {1, 10, 34, 50, 67, 75, 90, 99};
+    for (int policy = 0; policy < 2; policy++)
+        for (int32_t E = 1; E <= 20; E++)
+            for (int32_t W = 1; W <= E && W <= 8; W++) {
+                par_placement pl;
+                assert_int_equal(par_placement_init(&pl, E, W, (par_place_policy)policy), MOE_OK);
+                uint8_t in_first[20];
+                for (size_t si = 0; si < sizeof shares / sizeof shares[0]; si++) {
+                    const int32_t sh = shares[si];
+                    assert_int_equal(par_placement_first_part(&pl, sh, in_first), MOE_OK);
+                    for (int32_t r = 0; r < W; r++) {
+                        const int32_t nl = pl.n_local[r];
+                        /* the expected count: the share rounded half up, clamped */
+                        int32_t want = (nl * sh * 2 + 100) / 200;
+                        if (want < 1)
+                            want = 1;
+                        if (nl > 1 && want > nl - 1)
+                            want = nl - 1;
+                        if (nl == 1)
+                            want = 1;
+                        int32_t got = 0;
+                        for (int32_t j = 0; j < nl; j++) {
+                            const int32_t e = pl.experts[r][j]; /* slot j of rank r */
+                            got += in_first[e];
+                            /* the lowest slots: a slot in the first part has every lower one in it */
+                            if (j > 0 && in_first[e])
+                                assert_true(in_first[pl.experts[r][j - 1]]);
+                        }
+                        assert_int_equal(got, want);
+                    }
+                }
+                assert_int_equal(par_placement_first_part(&pl, 0, in_first), MOE_ERR_INVALID_ARG);
+                assert_int_equal(par_placement_first_part(&pl, 100, in_first), MOE_ERR_INVALID_ARG);
+                assert_int_equal(par_placement_first_part(NULL, 50, in_first), MOE_ERR_INVALID_ARG);
+                par_placement_free(&pl);
+            }
+}
+
 static void test_placement_policies(void **state) {
     (void)state;
     for (int policy = 0; policy < 2; policy++) {
@@ -349,6 +393,7 @@ static void test_gather_bad_args(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_placement_policies),
+        cmocka_unit_test(test_placement_first_part),
         cmocka_unit_test(test_combine_plan),
         cmocka_unit_test(test_exchange_plan),
         cmocka_unit_test(test_gather_processes),
