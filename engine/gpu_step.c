@@ -97,7 +97,6 @@ struct eng_gpu {
     uint64_t min_step_ns; /* MOE_GPU_MIN_STEP_US (a test knob): a step returns no sooner, the hook
                              running meanwhile, so a test can count on the next STEP arriving
                              while one computes (the inputs staged ahead) */
-    bool pdl_ok;     /* the products' kernels launch early (programmatic dependent launch, sm_90) */
     bool sm_cap;     /* MOE_DBO_SM_MODE=cap (a diagnostic): --dbo-sm-reserve caps the products' grid for the
                         whole DBO step (session 8, run 80) instead of lending the SMs while the exchange
                         runs (yield_d) */
@@ -298,7 +297,6 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     /* --dbo-sm-reserve against this device's SMs, now rather than at the first DBO step */
     MOE_CHECK_GOTO(kern_cuda_set_sm_reserve(g->k, p->dbo_sm_reserve), st, fail);
     MOE_CHECK_GOTO(kern_cuda_set_sm_reserve(g->k, 0), st, fail);
-    g->pdl_ok = kern_cuda_set_pdl(g->k, true) == MOE_OK; /* (on by default where the device has it) */
     {
         const char *mode = getenv("MOE_DBO_SM_MODE");
         g->sm_cap = mode && strcmp(mode, "cap") == 0;
@@ -944,15 +942,12 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         /* The routed experts of every micro-batch on s_main, enqueued first so that the GPU
          * starts while the host builds the exchange plans. --dbo-sm-reserve N: the last N CTAs of the persistent products leave while micro-batch
          * 0's exchange has its flag up (kern_cuda_set_yield), so that its NCCL kernels find SMs;
-         * MOE_DBO_SM_MODE=cap instead caps the grid for the whole step. Either way the products
-         * launch without PDL in such steps: a next kernel launched early would put its CTAs on
-         * the SMs set free, to wait there for its predecessor (runs 79-80: with 32 SMs capped
-         * but PDL on, micro-batch 0's all-to-all still ended after micro-batch 1's products). */
+         * MOE_DBO_SM_MODE=cap instead caps the grid for the whole step. Either way the backend
+         * launches such steps' kernels without PDL (runs 79-80: with PDL a next kernel's CTAs,
+         * launched early, sat on the SMs set free). */
         const bool lend_sms = dbo && g->p.dbo_sm_reserve > 0;
         MOE_CHECK(kern_cuda_set_sm_reserve(g->k, lend_sms && g->sm_cap ? g->p.dbo_sm_reserve : 0));
         MOE_CHECK(kern_cuda_set_yield(g->k, lend_sms && !g->sm_cap ? g->yield_d : NULL, g->p.dbo_sm_reserve));
-        if (g->pdl_ok)
-            MOE_CHECK(kern_cuda_set_pdl(g->k, !lend_sms));
         for (int mb = 0; mb < parts; mb++) {
             int64_t a, b;
             mb_rows(g, parts, bounds, mb, &a, &b);

@@ -71,7 +71,9 @@ typedef struct kc_state {
     const int32_t *yield_flag; /* kern_cuda_set_yield (kc_gemm_args.yield_flag, yield_n) */
     int32_t yield_n;
     uint32_t fuse_seq;            /* the last call's sequence number (never 0 after the first) */
-    int pdl;           /* programmatic dependent launch (sm_90) */
+    int pdl;           /* programmatic dependent launch (sm_90), as the launches use it: pdl_want, and
+                          no SMs lent (pdl_update) */
+    bool pdl_want;     /* kern_cuda_set_pdl (on by default on sm_90) */
     uint32_t small_opts; /* KERN_CUDA_SMALL_* (alignment-free mode only) */
     int64_t l2_bytes;    /* the device's L2 */
     uint32_t fold_seq;   /* the last folded call's sequence number (never 0 after the first) */
@@ -89,6 +91,11 @@ typedef struct kc_state {
 } kc_state;
 
 static kc_state *st_of(kern_ctx_t *ctx) { return (kc_state *)ctx->impl; }
+
+/* Kernels launch early (PDL) unless SMs are lent to other streams (kern_cuda_set_sm_reserve,
+ * kern_cuda_set_yield): a kernel launched early puts its CTAs on the SMs set free, to wait there
+ * for its predecessor, and the other stream finds none (engine runs 79-80, docs/PERF.md). */
+static void pdl_update(kc_state *s) { s->pdl = s->pdl_want && !s->yield_flag && s->sm_reserve == 0; }
 
 /* The launch sites of the persistent tiles, each with its own pair of tile counters (the shared
  * expert's products may run on another stream beside the routed ones). */
@@ -220,7 +227,8 @@ static moe_status cuda_init(kern_ctx_t *ctx) {
     s->fused = false; /* measured slower than two launches with PDL (docs/PERF.md, lab run 6) */
 
     s->path = (s->cc_major == 9 && s->cc_minor == 0) ? KERN_CUDA_PATH_WGMMA : KERN_CUDA_PATH_MMA;
-    s->pdl = s->cc_major >= 9;
+    s->pdl_want = s->cc_major >= 9;
+    pdl_update(s);
     s->small_max = KC_SMALL_DEFAULT;
     s->small_opts = KC_SMALL_OPTS_DEFAULT;
     s->router_tile = -1;
@@ -935,6 +943,7 @@ moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n) {
     kc_state *s = st_of(ctx);
     MOE_CHECK(check_sms_lent(s, n, 0, "kern_cuda_set_sm_reserve"));
     s->sm_reserve = n;
+    pdl_update(s);
     return MOE_OK;
 }
 
@@ -947,6 +956,7 @@ moe_status kern_cuda_set_yield(kern_ctx_t *ctx, const int32_t *flag, int32_t n) 
                 "kern_cuda_set_yield: the flag must be a 4-byte aligned device word");
     s->yield_flag = flag;
     s->yield_n = flag ? n : 0;
+    pdl_update(s);
     return MOE_OK;
 }
 
@@ -981,7 +991,8 @@ moe_status kern_cuda_set_pdl(kern_ctx_t *ctx, bool on) {
     MOE_CHECK(require_cuda_ctx(ctx));
     kc_state *s = st_of(ctx);
     MOE_REQUIRE(!on || s->cc_major >= 9, MOE_ERR_UNSUPPORTED, "cuda backend: programmatic dependent launch needs sm_90");
-    s->pdl = on;
+    s->pdl_want = on;
+    pdl_update(s);
     return MOE_OK;
 }
 

@@ -113,7 +113,8 @@ moe_status kern_cuda_set_align(kern_ctx_t *ctx, int32_t mode);
 /* SMs that the persistent product tiles leave free (0, the default: one CTA per SM), so that a
  * kernel on another stream (the GPU worker's exchange during dual-batch overlap) runs beside
  * them instead of after them. The same tiles in the same order: the same bits. At most the
- * device's SMs - 8. */
+ * device's SMs - 8. While n > 0 the kernels launch without PDL (kern_cuda_set_pdl): a kernel
+ * launched early would put its CTAs on the free SMs to wait for its predecessor. */
 moe_status kern_cuda_set_sm_reserve(kern_ctx_t *ctx, int32_t n);
 
 /* The kernel lab and the tests: whether the 128-column tiles fed by the bulk tensor copy engine
@@ -134,7 +135,8 @@ moe_status kern_cuda_set_dyn_sched(kern_ctx_t *ctx, bool on);
  * cudaMemsetAsync, and clears it) is nonzero, the last n CTAs (never the first) of a routed
  * product's persistent grid take no more tiles and leave, the others take the tiles left (with
  * kern_cuda_set_dyn_sched on, the default). A CTA that has left does not come back in that
- * launch. n in [1, SMs - 8]; flag NULL: off (the default). The same tiles: the same bits. */
+ * launch. n in [1, SMs - 8]; flag NULL: off (the default). The same tiles: the same bits. While
+ * a flag is set the kernels launch without PDL, as with kern_cuda_set_sm_reserve. */
 moe_status kern_cuda_set_yield(kern_ctx_t *ctx, const int32_t *flag, int32_t n);
 
 /* The kernel lab only: the router logits' warp tile (kern_router_logits): -1 (the default) picks

@@ -866,25 +866,21 @@ int main(int argc, char **argv) {
     struct cudaDeviceProp prop;
     LB_CUDA(cudaGetDeviceProperties(&prop, 0));
     printf("lab_experts on %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
-    if (argc > 1 && strcmp(argv[1], "--small") == 0) {
-        int rc = small_compare(gpu, &prop);
+    /* the modes that compare variants for their bits and times: a count of failures back */
+    static const struct {
+        const char *flag;
+        int (*run)(kern_ctx_t *, const struct cudaDeviceProp *);
+        const char *fail, *ok;
+    } modes[] = {{"--small", small_compare, "FAILED", "all masks the same bits"},
+                 {"--align", align_compare, "FAILED (bits differ)", "every alignment the same bits"},
+                 {"--fit", fit_compare, "FAILED (bits differ)", "every variant the same bits"}};
+    for (size_t mi = 0; argc > 1 && mi < sizeof modes / sizeof modes[0]; mi++) {
+        if (strcmp(argv[1], modes[mi].flag) != 0)
+            continue;
+        const int rc = modes[mi].run(gpu, &prop);
         kern_ctx_free(gpu);
         kern_ctx_free(cpu);
-        printf("--small: %s\n", rc ? "FAILED" : "all masks the same bits");
-        return rc ? 1 : 0;
-    }
-    if (argc > 1 && strcmp(argv[1], "--align") == 0) {
-        int rc = align_compare(gpu, &prop);
-        kern_ctx_free(gpu);
-        kern_ctx_free(cpu);
-        printf("--align: %s\n", rc ? "FAILED (bits differ)" : "every alignment the same bits");
-        return rc ? 1 : 0;
-    }
-    if (argc > 1 && strcmp(argv[1], "--fit") == 0) {
-        int rc = fit_compare(gpu, &prop);
-        kern_ctx_free(gpu);
-        kern_ctx_free(cpu);
-        printf("--fit: %s\n", rc ? "FAILED (bits differ)" : "every variant the same bits");
+        printf("%s: %s\n", modes[mi].flag, rc ? modes[mi].fail : modes[mi].ok);
         return rc ? 1 : 0;
     }
     if (argc > 1 && strcmp(argv[1], "--ab") == 0) {
