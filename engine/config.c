@@ -50,12 +50,17 @@ const eng_cfg_entry eng_cfg_table[] = {
     {"drain-timeout-ms", I(drain_timeout_ms), "10000", 0, 3600000, NULL, "on SIGTERM: time to finish the work in flight"},
     {"max-restarts", I(max_restarts), "100", 0, 1000000, NULL, "worker group restarts before the engine gives up"},
     {"dbo", E(dbo), "auto", 0, 0, "on|off|auto", "dual-batch overlap (GPU workers)"},
-    {"dbo-split", E(dbo_split), "experts", 0, 0, "tokens|experts",
+    {"dbo-split", E(dbo_split), "tokens", 0, 0, "tokens|experts",
      "how DBO halves a step: the first and second half of the tokens (each half reads every local expert's "
-     "weights), or every token with the first and second half of each rank's experts (the weights read once)"},
-    {"dbo-min-tokens", I(dbo_min_tokens), "65536", 1, 1 << 22, NULL,
-     "with --dbo auto: overlap at and above this many tokens per step (default: above every size where a gain was "
-     "measured: none up to 27k on 4x H200, docs/PERF.md)"},
+     "weights; the first half's rows go to the host while the second computes), or every token with the first "
+     "and second half of each rank's experts (the weights read once; no gain measured: runs 81-87)"},
+    {"dbo-min-tokens", I(dbo_min_tokens), "8192", 1, 1 << 22, NULL,
+     "with --dbo auto: overlap only at and above this many tokens per step (and --dbo-min-rows)"},
+    {"dbo-min-rows", I(dbo_min_rows), "256", 0, 1 << 22, NULL,
+     "with --dbo auto: overlap only where each micro-batch has at least this many rows per expert (T K / E / 2 "
+     "split by tokens, T K / E by experts): there the second read of the weights costs little (2x H200, runs "
+     "86-87, Qwen3 shape at W = 2, split by tokens: 128 rows slower than off, 192 even, 256 and 512 5-16% "
+     "faster; DeepSeek-V3 shape at 32 rows 49% slower, run 6)"},
     {"dbo-sm-reserve", I(dbo_sm_reserve), "16", 0, 112, NULL,
      "with DBO: SMs that micro-batch 1's products lend to micro-batch 0's exchange (NCCL kernels) while it runs "
      "(0: none, the exchange then waits for the products to end; 2x H200, run 81: 16 took a DBO step at 4096 "
@@ -64,6 +69,15 @@ const eng_cfg_entry eng_cfg_table[] = {
      "with DBO split by experts: the percent of each rank's experts in the first micro-batch (its exchange runs "
      "beside the second's products; the second's exchange runs alone, so a larger first part leaves less of the "
      "exchange exposed)"},
+    {"combine-parts", E(combine_parts), "auto", 0, 0, "auto|1|2|3|4",
+     "GPU workers at W > 1 without DBO: the exchange, the sum and the copy of the rows out in this many parts by "
+     "tokens (the products stay one call), so that each part's copy to the host runs beside the next part's "
+     "exchange; auto: 2 where a rank's output rows of the step are at least 8 MiB, else 1 (2x H200, run 87: "
+     "Qwen3 shape, W = 2, 5-8% off the step from 4096 tokens a step, 7% more at 2048)"},
+    {"exchange", E(exchange), "p2p", 0, 0, "p2p|ce",
+     "GPU workers at W > 1: how the slot rows are exchanged: p2p, NCCL's grouped send/recv (SM kernels); ce, "
+     "ncclAlltoAll on symmetric windows with NCCL's zero-CTA policy (the copy engines, no SM: a DBO step lends "
+     "none; NCCL 2.28 and newer), parts padded to the largest pair's rows"},
     {"log-level", E(log_level), "info", 0, 0, "error|warn|info|debug|trace|none", "the lowest level of log lines written"},
     {"log-subsys", S(log_subsys), "all", 0, 0, NULL, "log subsystems: all, or a list of base,kern,par,ipc,eng,tool (^ excludes)"},
 };

@@ -181,7 +181,8 @@ typedef struct coord {
     char rundir[ENG_PATH_MAX];
     char worker_ep[ENG_PATH_MAX + 16];
     char worker_threads[16];
-    char hb_str[16], step_to_str[16], start_to_str[16], step_tokens_str[16], dbo_min_str[16], busy_str[16];
+    char hb_str[16], step_to_str[16], start_to_str[16], step_tokens_str[16], dbo_min_str[16], busy_str[16],
+        dbo_rows_str[16];
     char dbo_sm_str[16];
     char dbo_share_str[16];
     uv_idle_t spin;      /* --busy-poll-us: active while hot, so the loop polls without sleeping */
@@ -1238,12 +1239,18 @@ static void spawn_group(coord *co) {
                         co->cfg.dbo,
                         "--dbo-min-tokens",
                         co->dbo_min_str,
+                        "--dbo-min-rows",
+                        co->dbo_rows_str,
                         "--dbo-sm-reserve",
                         co->dbo_sm_str,
                         "--dbo-first-share",
                         co->dbo_share_str,
                         "--dbo-split",
                         co->cfg.dbo_split,
+                        "--exchange",
+                        co->cfg.exchange,
+                        "--combine-parts",
+                        co->cfg.combine_parts,
                         "--busy-poll-us",
                         co->busy_str,
                         co->use_shm ? "--shm-fd" : NULL,
@@ -1781,6 +1788,7 @@ static moe_status coord_init(coord *co) {
     snprintf(co->start_to_str, sizeof co->start_to_str, "%d", (int)co->cfg.start_timeout_ms);
     snprintf(co->step_tokens_str, sizeof co->step_tokens_str, "%d", (int)co->cfg.max_step_tokens);
     snprintf(co->dbo_min_str, sizeof co->dbo_min_str, "%d", (int)co->cfg.dbo_min_tokens);
+    snprintf(co->dbo_rows_str, sizeof co->dbo_rows_str, "%d", (int)co->cfg.dbo_min_rows);
     snprintf(co->dbo_sm_str, sizeof co->dbo_sm_str, "%d", (int)co->cfg.dbo_sm_reserve);
     snprintf(co->dbo_share_str, sizeof co->dbo_share_str, "%d", (int)co->cfg.dbo_first_share);
     if (co->cfg.busy_poll_us < 0) /* auto */

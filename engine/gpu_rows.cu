@@ -28,13 +28,13 @@ static int launch(void *dst, const int32_t *dst_idx, const void *src, const int3
     return (int)cudaGetLastError();
 }
 
-__global__ void index_of_kernel(int32_t *inv, const int32_t *idx, int64_t n, int64_t base) {
+__global__ void index_of_kernel(int32_t *inv, const int32_t *idx, int64_t n, int64_t base, int64_t add) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        inv[idx[i] - base] = (int32_t)i;
+        inv[idx[i] - base] = (int32_t)(i + add);
 }
 
 extern "C" int eng_gpu_index_of(int32_t *inv, int64_t n_inv, const int32_t *idx, int64_t n, int64_t base,
-                                void *stream) {
+                                int64_t add, void *stream) {
     cudaStream_t s = (cudaStream_t)stream;
     if (n_inv > 0) {
         cudaError_t e = cudaMemsetAsync(inv, 0xff, sizeof(int32_t) * (size_t)n_inv, s); /* -1 */
@@ -44,7 +44,7 @@ extern "C" int eng_gpu_index_of(int32_t *inv, int64_t n_inv, const int32_t *idx,
     if (n <= 0)
         return 0;
     const int64_t blocks = (n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096;
-    index_of_kernel<<<(unsigned)blocks, 256, 0, s>>>(inv, idx, n, base);
+    index_of_kernel<<<(unsigned)blocks, 256, 0, s>>>(inv, idx, n, base, add);
     return (int)cudaGetLastError();
 }
 

@@ -22,11 +22,13 @@ int eng_gpu_copy_rows(void *dst, const int32_t *dst_idx, const void *src, const 
                       size_t row_bytes, void *stream);
 
 /*
- * The inverse of an index list: inv[j] = -1 for j < n_inv, then inv[idx[i] - base] = i for
- * i < n (each idx[i] - base in [0, n_inv), no two equal). Device memory; enqueued on `stream`;
- * returns 0 or the CUDA error code.
+ * The inverse of an index list: inv[j] = -1 for j < n_inv, then inv[idx[i] - base] = i + add for
+ * i < n (each idx[i] - base in the n_inv entries set to -1 by this or an earlier call, no two
+ * equal; n_inv = 0 sets nothing to -1: a list in parts, each with its own add). Device memory;
+ * enqueued on `stream`; returns 0 or the CUDA error code.
  */
-int eng_gpu_index_of(int32_t *inv, int64_t n_inv, const int32_t *idx, int64_t n, int64_t base, void *stream);
+int eng_gpu_index_of(int32_t *inv, int64_t n_inv, const int32_t *idx, int64_t n, int64_t base, int64_t add,
+                     void *stream);
 
 #ifdef __cplusplus
 }

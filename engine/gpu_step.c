@@ -36,6 +36,13 @@ typedef struct gpu_layer {
 /* One set of a step's inputs on the device, and its staging in pinned memory (used when the
  * inputs are not in registered memory). Two sets: the next step's inputs are copied into one
  * (eng_gpu_stage, on s_copy) while the current step computes from the other. */
+/* The parts of a step's combine at most: 2 with DBO, up to 4 with --combine-parts. */
+#define GPU_MAX_PARTS 4
+/* --combine-parts auto: two parts from this many bytes of a rank's output rows (2x H200, run 87,
+ * Qwen3 shape at W = 2: a step of 4096 tokens (8 MiB a rank) 744 -> 709 us, 16384 2331 -> 2154; of
+ * 2048 tokens 465 -> 497: the second part's fixed costs, ~30-45 us, over the overlap it buys) */
+#define GPU_COMBINE_AUTO_BYTES ((uint64_t)8 << 20)
+
 typedef struct gpu_inputs {
     void *x_h, *lg_h;
     int32_t *ids_h;
@@ -59,7 +66,9 @@ typedef struct gpu_inputs {
      * ids came with the requests (their indices in idx_h, sent to idx_d by the combine) */
     cudaEvent_t gathered, tm_g0, tm_g1;
     bool gather_enqueued;
-    par_exchange_plan plan[2];
+    par_exchange_plan plan[GPU_MAX_PARTS];
+    int64_t part[GPU_MAX_PARTS]; /* --exchange ce: each part's pairs to each rank, the plan's largest */
+    bool idx_up[GPU_MAX_PARTS];  /* the part's plan indices are on their way to idx_d (this step) */
     int32_t *idx_h, *idx_d;
     bool planned;
     uint64_t plan_ns;
@@ -72,10 +81,11 @@ struct eng_gpu {
     int32_t n_layers;
     gpu_layer *layers;
     kern_ctx_t *k, *kside, *kcomm;
-    cudaStream_t s_main, s_side, s_comm, s_copy;
-    cudaEvent_t ev_in, ev_side[2], ev_mb[2], ev_red[2], ev_done;
-    cudaEvent_t tm_start, tm_x, tm_compute, tm_end, tm_cs[2], tm_ce[2]; /* timing */
-    cudaEvent_t tm_pd[2], tm_pk[2], tm_a2[2]; /* timing of each micro-batch: products done, packed, exchanged */
+    cudaStream_t s_main, s_side, s_comm, s_copy, s_out;
+    cudaEvent_t ev_in, ev_side[GPU_MAX_PARTS], ev_mb[GPU_MAX_PARTS], ev_red[2], ev_done, ev_sum[GPU_MAX_PARTS], ev_out;
+    cudaEvent_t tm_start, tm_x, tm_compute, tm_end, tm_cs[GPU_MAX_PARTS], tm_ce[GPU_MAX_PARTS]; /* timing */
+    /* timing of each part: products done, packed, exchanged */
+    cudaEvent_t tm_pd[GPU_MAX_PARTS], tm_pk[GPU_MAX_PARTS], tm_a2[GPU_MAX_PARTS];
     gpu_inputs in[2];
     int32_t next;                 /* the set the next step uses */
     uint64_t hmark[6];            /* host clock marks of the step (timing.host_split_us) */
@@ -105,8 +115,11 @@ struct eng_gpu {
     bool dbo_serial; /* MOE_DBO_SERIAL=1 (a diagnostic): the exchanges wait for every micro-batch's
                         products, so DBO's step shows the split's own cost without the overlap */
     int64_t *cnt;                 /* [E + 1] scratch of count_experts */
-    /* the combine (W > 1): the packed rows sent and received (the plans are per input set) */
+    /* the combine (W > 1): the packed rows sent and received (the plans are per input set);
+     * with --exchange ce symmetric windows of the communicator, rank q's part at q x part rows */
     void *send_d, *recv_d;
+    bool ce;
+    int64_t sym_pairs; /* --exchange ce: the windows' rows */
     int32_t *recv_of_d; /* [max_tokens K]: for the sum, each own pair's received row or -1 */
     /* the per-peer sizes and offsets of the all-to-alls ([4][W]: send bytes, send offsets,
      * receive bytes, receive offsets) and of the gather to rank 0 ([W] pointers, [W] bytes) */
@@ -199,6 +212,11 @@ void eng_gpu_free(eng_gpu_t *g) {
     kern_ctx_free(g->k);
     kern_ctx_free(g->kside);
     kern_ctx_free(g->kcomm);
+    if (g->ce) { /* the communicator's windows (freed before the communicator is) */
+        par_comm_sym_free(g->p.comm, g->send_d);
+        par_comm_sym_free(g->p.comm, g->recv_d);
+        g->send_d = g->recv_d = NULL;
+    }
     void *dev[] = {g->slots_d,        g->sh_d,          g->y_d,           g->map_d,      g->send_d,
                    g->recv_d,         g->map_half_d[0], g->map_half_d[1], g->recv_of_d,  g->yield_d};
     free(g->in_set[0]);
@@ -207,8 +225,8 @@ void eng_gpu_free(eng_gpu_t *g) {
         dfree(dev[i]);
     for (int b = 0; b < 2; b++) {
         gpu_inputs *in = &g->in[b];
-        par_exchange_plan_free(&in->plan[0]);
-        par_exchange_plan_free(&in->plan[1]);
+        for (int q = 0; q < GPU_MAX_PARTS; q++)
+            par_exchange_plan_free(&in->plan[q]);
         void *d[] = {in->x_d, in->lg_d, in->ids_d, in->w_d, in->idx_d};
         for (size_t i = 0; i < 5; i++)
             dfree(d[i]);
@@ -231,16 +249,20 @@ void eng_gpu_free(eng_gpu_t *g) {
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
         if (host[i])
             cudaFreeHost(host[i]);
-    cudaEvent_t evs[] = {g->ev_in,     g->ev_side[0], g->ev_side[1], g->ev_mb[0],  g->ev_mb[1],
-                         g->ev_red[0], g->ev_red[1],  g->ev_done,    g->tm_start,  g->tm_compute,
-                         g->tm_end,    g->tm_cs[0],   g->tm_cs[1],   g->tm_ce[0],  g->tm_ce[1],
-                         g->tm_x,      g->tm_pd[0],   g->tm_pd[1],   g->tm_pk[0],  g->tm_pk[1],
-                         g->tm_a2[0],  g->tm_a2[1]};
+    cudaEvent_t evs[] = {g->ev_in,    g->ev_red[0], g->ev_red[1], g->ev_done, g->tm_start,
+                         g->tm_compute, g->tm_end,  g->tm_x,      g->ev_out};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i])
             cudaEventDestroy(evs[i]);
-    cudaStream_t ss[] = {g->s_main, g->s_side, g->s_comm, g->s_copy};
-    for (size_t i = 0; i < 4; i++)
+    for (int q = 0; q < GPU_MAX_PARTS; q++) {
+        cudaEvent_t pe[] = {g->ev_side[q], g->ev_mb[q], g->ev_sum[q], g->tm_cs[q],
+                            g->tm_ce[q],   g->tm_pd[q], g->tm_pk[q],  g->tm_a2[q]};
+        for (size_t i = 0; i < sizeof pe / sizeof pe[0]; i++)
+            if (pe[i])
+                cudaEventDestroy(pe[i]);
+    }
+    cudaStream_t ss[] = {g->s_main, g->s_side, g->s_comm, g->s_copy, g->s_out};
+    for (size_t i = 0; i < sizeof ss / sizeof ss[0]; i++)
         if (ss[i])
             cudaStreamDestroy(ss[i]);
     free(g);
@@ -250,6 +272,12 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_REQUIRE(out && p && p->model && (layers || n_layers == 0), MOE_ERR_INVALID_ARG, "gpu: NULL argument");
     *out = NULL;
     MOE_REQUIRE(p->max_tokens >= 1, MOE_ERR_INVALID_ARG, "gpu: max_tokens %lld", (long long)p->max_tokens);
+    MOE_REQUIRE(p->exchange == 0 || p->exchange == 1, MOE_ERR_INVALID_ARG, "gpu: exchange %d is not 0 (p2p) or 1 (ce)",
+                (int)p->exchange);
+    MOE_REQUIRE(p->combine_parts >= 0 && p->combine_parts <= GPU_MAX_PARTS, MOE_ERR_INVALID_ARG,
+                "gpu: combine parts %d not in [0 (auto), %d]", (int)p->combine_parts, GPU_MAX_PARTS);
+    MOE_REQUIRE(p->exchange == 0 || p->model->placement->world_size == 1 || p->comm, MOE_ERR_INVALID_ARG,
+                "gpu: --exchange ce needs the NCCL communicator");
     eng_gpu_t *g = calloc(1, sizeof *g);
     if (!g)
         return moe_fail(MOE_ERR_NOMEM, "gpu");
@@ -279,15 +307,21 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
     MOE_CUDA_CHECK_GOTO(cudaDeviceGetStreamPriorityRange(&prio_lo, &prio_hi), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithPriority(&g->s_comm, cudaStreamNonBlocking, prio_hi), st, fail);
     MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_copy, cudaStreamNonBlocking), st, fail);
-    cudaEvent_t *evs[] = {&g->ev_in,    &g->ev_side[0], &g->ev_side[1], &g->ev_mb[0], &g->ev_mb[1],
-                          &g->ev_red[0], &g->ev_red[1],  &g->ev_done};
+    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&g->s_out, cudaStreamNonBlocking), st, fail);
+    cudaEvent_t *evs[] = {&g->ev_in, &g->ev_red[0], &g->ev_red[1], &g->ev_done, &g->ev_out};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), st, fail);
-    cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end,   &g->tm_cs[0], &g->tm_cs[1],
-                          &g->tm_ce[0], &g->tm_ce[1],   &g->tm_x,     &g->tm_pd[0], &g->tm_pd[1],
-                          &g->tm_pk[0], &g->tm_pk[1],   &g->tm_a2[0], &g->tm_a2[1]};
+    cudaEvent_t *tms[] = {&g->tm_start, &g->tm_compute, &g->tm_end, &g->tm_x};
     for (size_t i = 0; i < sizeof tms / sizeof tms[0]; i++)
         MOE_CUDA_CHECK_GOTO(cudaEventCreate(tms[i]), st, fail);
+    for (int q = 0; q < GPU_MAX_PARTS; q++) {
+        cudaEvent_t *pe[] = {&g->ev_side[q], &g->ev_mb[q], &g->ev_sum[q]};
+        for (size_t i = 0; i < sizeof pe / sizeof pe[0]; i++)
+            MOE_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(pe[i], cudaEventDisableTiming), st, fail);
+        cudaEvent_t *pt[] = {&g->tm_cs[q], &g->tm_ce[q], &g->tm_pd[q], &g->tm_pk[q], &g->tm_a2[q]};
+        for (size_t i = 0; i < sizeof pt / sizeof pt[0]; i++)
+            MOE_CUDA_CHECK_GOTO(cudaEventCreate(pt[i]), st, fail);
+    }
     kern_ctx_params kp = {.device = p->device, .stream = g->s_main};
     MOE_CHECK_GOTO(kern_ctx_init(&g->k, KERN_BACKEND_CUDA, &kp), st, fail);
     kern_ctx_params kps = {.device = p->device, .stream = g->s_side};
@@ -416,15 +450,26 @@ moe_status eng_gpu_init(eng_gpu_t **out, const eng_gpu_params *p, const eng_laye
             goto fail;
         }
         MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->slots_d, pairs * (size_t)H * es), st, fail);
-        MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->send_d, pairs * (size_t)H * es), st, fail);
-        MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->recv_d, pairs * (size_t)H * es), st, fail);
+        if (p->exchange == 1) {
+            /* a collective of the communicator: every rank the same bytes. W parts of at most
+             * a rank's rows x K pairs each (a part holds pairs of the destination's rows). */
+            g->sym_pairs = (int64_t)g->world * ((TM + g->world - 1) / g->world) * K;
+            MOE_CHECK_GOTO(par_comm_sym_alloc(p->comm, (size_t)g->sym_pairs * (size_t)H * es, &g->send_d), st, fail);
+            g->ce = true;
+            MOE_CHECK_GOTO(par_comm_sym_alloc(p->comm, (size_t)g->sym_pairs * (size_t)H * es, &g->recv_d), st, fail);
+        } else {
+            MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->send_d, pairs * (size_t)H * es), st, fail);
+            MOE_CUDA_CHECK_GOTO(cudaMalloc(&g->recv_d, pairs * (size_t)H * es), st, fail);
+        }
         MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&g->recv_of_d, pairs * sizeof(int32_t)), st, fail);
         for (int b = 0; b < 2; b++) {
             gpu_inputs *in = &g->in[b];
             MOE_CUDA_CHECK_GOTO(
-                cudaHostAlloc((void **)&in->idx_h, 4 * (pairs + 1) * sizeof(int32_t), cudaHostAllocDefault), st, fail);
-            MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&in->idx_d, 4 * (pairs + 1) * sizeof(int32_t)), st, fail);
-            for (int mb = 0; mb < 2; mb++)
+                cudaHostAlloc((void **)&in->idx_h, 2 * GPU_MAX_PARTS * (pairs + 1) * sizeof(int32_t), cudaHostAllocDefault),
+                st, fail);
+            MOE_CUDA_CHECK_GOTO(cudaMalloc((void **)&in->idx_d, 2 * GPU_MAX_PARTS * (pairs + 1) * sizeof(int32_t)), st,
+                                fail);
+            for (int mb = 0; mb < GPU_MAX_PARTS; mb++)
                 MOE_CHECK_GOTO(par_exchange_plan_init(&in->plan[mb], g->world, p->rank, (int64_t)pairs,
                                                       in->idx_h + (2 * mb) * (pairs + 1),
                                                       in->idx_h + (2 * mb + 1) * (pairs + 1)),
@@ -652,22 +697,37 @@ static moe_status gather_x(eng_gpu_t *g, gpu_inputs *in, int64_t T) {
 static bool use_dbo(const eng_gpu_t *g, int64_t T);
 
 /* DBO halves the step's experts (every token in both micro-batches), not its tokens. */
-static bool split_experts(const eng_gpu_t *g, int parts) { return parts == 2 && g->p.dbo_split == 1; }
+static bool split_experts(const eng_gpu_t *g, int64_t T) { return use_dbo(g, T) && g->p.dbo_split == 1; }
 
-/* The micro-batches' row bounds of a step of T tokens (2 parts with DBO, else 1): rows
- * [bounds[mb], bounds[mb + 1]) split by tokens; every micro-batch has all T rows when split by
- * experts (then only bounds[0] and bounds[2] apply). */
-static int step_bounds(const eng_gpu_t *g, int64_t T, int64_t bounds[3]) {
-    const bool dbo = use_dbo(g, T);
-    bounds[0] = 0;
-    bounds[1] = dbo ? T / 2 : T;
-    bounds[2] = T;
-    return dbo ? 2 : 1;
+/* The parts of a step of T tokens and their row bounds: rows [bounds[mb], bounds[mb + 1]) split
+ * by tokens, 2 parts with DBO (the micro-batches), else --combine-parts (W > 1: the products in
+ * one call, the exchange, sum and copy-out in up to 4 parts, so that each part's copy to the
+ * host runs beside the next part's exchange; at most T), else 1; every micro-batch has all T
+ * rows when DBO splits by experts (then only bounds[0] and bounds[2] apply). Returns the number
+ * of parts. */
+static int step_bounds(const eng_gpu_t *g, int64_t T, int64_t bounds[GPU_MAX_PARTS + 1]) {
+    int parts = 1;
+    int32_t want = g->p.combine_parts;
+    if (want == 0) /* auto: two parts where a rank's rows are worth copying out beside an exchange */
+        want = (uint64_t)(T / (g->world > 0 ? g->world : 1)) * (uint64_t)g->m.hidden * moe_dtype_size(g->m.dtype) >=
+                       GPU_COMBINE_AUTO_BYTES
+                   ? 2
+                   : 1;
+    if (use_dbo(g, T))
+        parts = 2;
+    else if (g->world > 1 && want > 1)
+        parts = (int)(T < want ? T : want);
+    if (parts < 1)
+        parts = 1;
+    for (int q = 0; q <= parts; q++)
+        bounds[q] = T * q / parts;
+    return parts;
 }
 
 /* Micro-batch mb's rows: [*a, *b). */
-static void mb_rows(const eng_gpu_t *g, int parts, const int64_t bounds[3], int mb, int64_t *a, int64_t *b) {
-    const bool xs = split_experts(g, parts);
+static void mb_rows(const eng_gpu_t *g, int64_t T, int parts, const int64_t bounds[GPU_MAX_PARTS + 1], int mb, int64_t *a,
+                    int64_t *b) {
+    const bool xs = split_experts(g, T);
     *a = xs ? bounds[0] : bounds[mb];
     *b = xs ? bounds[parts] : bounds[mb + 1];
 }
@@ -675,19 +735,22 @@ static void mb_rows(const eng_gpu_t *g, int parts, const int64_t bounds[3], int 
 /* W > 1: the exchange plan of micro-batch mb of the set's step from its ids (in->ids_h, this
  * rank's private copy), its time added to in->plan_ns; plan_step: every micro-batch's. */
 static moe_status plan_part(eng_gpu_t *g, gpu_inputs *in, int mb) {
-    int64_t bounds[3];
+    int64_t bounds[GPU_MAX_PARTS + 1];
     const int parts = step_bounds(g, in->T, bounds);
     const uint64_t t0 = moe_now_ns();
     int64_t a, b;
-    mb_rows(g, parts, bounds, mb, &a, &b);
-    MOE_CHECK(par_exchange_plan_build_set(&in->plan[mb], g->m.placement, in->ids_h, a, b, (int32_t)g->m.top_k,
-                                          split_experts(g, parts) ? g->in_set[mb] : NULL));
+    mb_rows(g, in->T, parts, bounds, mb, &a, &b);
+    const uint8_t *set = split_experts(g, in->T) ? g->in_set[mb] : NULL;
+    MOE_CHECK(par_exchange_plan_build_set(&in->plan[mb], g->m.placement, in->ids_h, a, b, (int32_t)g->m.top_k, set));
+    if (g->ce)
+        MOE_CHECK(par_exchange_plan_max_part(&in->plan[mb], g->m.placement, in->ids_h, (int32_t)g->m.top_k, set,
+                                             &in->part[mb]));
     in->plan_ns += moe_now_ns() - t0;
     return MOE_OK;
 }
 
 static moe_status plan_step(eng_gpu_t *g, gpu_inputs *in) {
-    int64_t bounds[3];
+    int64_t bounds[GPU_MAX_PARTS + 1];
     const int parts = step_bounds(g, in->T, bounds);
     in->plan_ns = 0;
     for (int mb = 0; mb < parts; mb++)
@@ -697,7 +760,34 @@ static moe_status plan_step(eng_gpu_t *g, gpu_inputs *in) {
 }
 
 static bool use_dbo(const eng_gpu_t *g, int64_t T) {
-    return g->world > 1 && T >= 2 && (g->p.dbo == 1 || (g->p.dbo == 2 && T >= g->p.dbo_min_tokens));
+    if (g->world <= 1 || T < 2)
+        return false;
+    if (g->p.dbo != 2)
+        return g->p.dbo == 1;
+    /* auto: where the step is large, and each micro-batch's products so dense in rows per expert
+     * that split by tokens, the second read of every weight costs little (config.c) */
+    const int64_t rows = T * g->m.top_k / ((int64_t)g->m.n_experts * (g->p.dbo_split == 1 ? 1 : 2));
+    return T >= g->p.dbo_min_tokens && rows >= g->p.dbo_min_rows;
+}
+
+/* Part mb's plan indices to the device on s_comm, once a step (the part's plan built): while
+ * the products run, before any copy the next steps queue on the same copy engine (a staging copy
+ * of the next step's inputs ahead of them delayed a later part's exchange by ~45 us, run 86). */
+static moe_status upload_idx(eng_gpu_t *g, gpu_inputs *in, int mb) {
+    if (in->idx_up[mb])
+        return MOE_OK;
+    const par_exchange_plan *pl = &in->plan[mb];
+    const size_t stride = (size_t)(g->p.max_tokens * g->m.top_k) + 1; /* the plan's capacity + 1 */
+    const int32_t *sidx_h = in->idx_h + (2 * mb) * stride, *ridx_h = in->idx_h + (2 * mb + 1) * stride;
+    int32_t *sidx_d = in->idx_d + (2 * mb) * stride, *ridx_d = in->idx_d + (2 * mb + 1) * stride;
+    if (pl->n_send)
+        MOE_CUDA_CHECK(
+            cudaMemcpyAsync(sidx_d, sidx_h, sizeof(int32_t) * (size_t)pl->n_send, cudaMemcpyHostToDevice, g->s_comm));
+    if (pl->n_recv)
+        MOE_CUDA_CHECK(
+            cudaMemcpyAsync(ridx_d, ridx_h, sizeof(int32_t) * (size_t)pl->n_recv, cudaMemcpyHostToDevice, g->s_comm));
+    in->idx_up[mb] = true;
+    return MOE_OK;
 }
 
 /*
@@ -711,29 +801,38 @@ static bool use_dbo(const eng_gpu_t *g, int64_t T) {
 static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb, int parts, const eng_step_req *reqs,
                              int32_t n, const eng_gpu_io *io, size_t *sent) {
     /* split by experts, the rows are summed after the last half's exchange only */
-    const bool sum = !split_experts(g, parts) || mb == parts - 1;
+    const bool sum = !split_experts(g, in->T) || mb == parts - 1;
     const eng_step_model *m = &g->m;
     const int64_t H = m->hidden, K = m->top_k;
     const size_t es = moe_dtype_size(m->dtype), row = (size_t)H * es;
     const int32_t W = g->world, r = g->p.rank;
     par_exchange_plan *pl = &in->plan[mb];
     const size_t stride = (size_t)(g->p.max_tokens * K) + 1; /* the plan's capacity + 1 */
-    int32_t *sidx_h = in->idx_h + (2 * mb) * stride, *ridx_h = in->idx_h + (2 * mb + 1) * stride;
     int32_t *sidx_d = in->idx_d + (2 * mb) * stride, *ridx_d = in->idx_d + (2 * mb + 1) * stride;
     cudaStream_t s = g->s_comm;
-    /* the indices go up while the products run */
-    if (pl->n_send)
-        MOE_CUDA_CHECK(cudaMemcpyAsync(sidx_d, sidx_h, sizeof(int32_t) * (size_t)pl->n_send, cudaMemcpyHostToDevice, s));
-    if (pl->n_recv)
-        MOE_CUDA_CHECK(cudaMemcpyAsync(ridx_d, ridx_h, sizeof(int32_t) * (size_t)pl->n_recv, cudaMemcpyHostToDevice, s));
+    MOE_CHECK(upload_idx(g, in, mb)); /* (unless they went up at the step's start) */
     MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_mb[g->dbo_serial ? parts - 1 : mb], 0));
     /* micro-batch 0's exchange borrows --dbo-sm-reserve SMs from micro-batch 1's products while
-     * it runs: the flag goes up on this stream now, by a copy (no SM needed), and down after */
-    const bool lend = parts == 2 && mb == 0 && g->p.dbo_sm_reserve > 0 && !g->sm_cap;
+     * it runs: the flag goes up on this stream now, by a copy (no SM needed), and down after
+     * (not with --exchange ce: the copy engines need no SM) */
+    const bool lend = use_dbo(g, in->T) && parts == 2 && mb == 0 && g->p.dbo_sm_reserve > 0 && !g->sm_cap && !g->ce;
+    /* --exchange ce: rank q's rows at q x part rows of the windows (the same part on every rank) */
+    const int64_t part = g->ce ? in->part[mb] : 0;
+    const size_t part_bytes = (size_t)part * row;
+    MOE_REQUIRE(part * W <= g->sym_pairs || !g->ce, MOE_ERR_INTERNAL,
+                "combine: a part of %lld rows over the exchange windows' %lld", (long long)part, (long long)g->sym_pairs);
     if (lend)
         MOE_CUDA_CHECK(cudaMemcpyAsync(g->yield_d, g->flag01_h + 1, sizeof(int32_t), cudaMemcpyHostToDevice, s));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_cs[mb], s));
-    int ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
+    int ce = 0;
+    if (g->ce) {
+        for (int32_t q = 0; q < W && !ce; q++)
+            if (q != r)
+                ce = eng_gpu_copy_rows((char *)g->send_d + (size_t)q * part_bytes, NULL, g->slots_d,
+                                       sidx_d + pl->send_off[q], pl->send_count[q], row, s);
+    } else {
+        ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
+    }
     if (ce) {
         if (lend) /* down again whatever failed (else later products would keep lending) */
             (void)cudaMemcpyAsync(g->yield_d, g->flag01_h, sizeof(int32_t), cudaMemcpyHostToDevice, s);
@@ -750,7 +849,8 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
         *sent += sbp[q];
     }
     const moe_status ast =
-        par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s);
+        g->ce ? (part ? par_comm_alltoall(g->p.comm, g->send_d, g->recv_d, part_bytes, g->p.timeout_ms, s) : MOE_OK)
+              : par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s);
     if (lend) { /* the all-to-all done (or failed): the SMs go back to the products */
         const cudaError_t le = cudaMemcpyAsync(g->yield_d, g->flag01_h, sizeof(int32_t), cudaMemcpyHostToDevice, s);
         if (ast == MOE_OK && le != cudaSuccess)
@@ -760,7 +860,14 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_a2[mb], s));
     const int64_t lo = pl->bound[r], hi = pl->bound[r + 1];
     if (!sum) { /* split by experts, first half: into the slots, summed after the second exchange */
-        ce = eng_gpu_copy_rows(g->slots_d, ridx_d, g->recv_d, NULL, pl->n_recv, row, s);
+        if (g->ce) {
+            for (int32_t q = 0; q < W && !ce; q++)
+                if (q != r)
+                    ce = eng_gpu_copy_rows(g->slots_d, ridx_d + pl->recv_off[q], (char *)g->recv_d + (size_t)q * part_bytes,
+                                           NULL, pl->recv_count[q], row, s);
+        } else {
+            ce = eng_gpu_copy_rows(g->slots_d, ridx_d, g->recv_d, NULL, pl->n_recv, row, s);
+        }
         if (ce)
             return moe_fail(MOE_ERR_CUDA, "combine: unpack: %s", cudaGetErrorString((cudaError_t)ce));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_ce[mb], s));
@@ -768,7 +875,15 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
     }
     /* The rows received stay where they landed: the sum reads each own pair from its received
      * row or its slot (recv_of), the same values in the same order as after an unpack. */
-    ce = eng_gpu_index_of(g->recv_of_d, (hi - lo) * K, ridx_d, pl->n_recv, lo * K, s);
+    if (g->ce) { /* each part where it landed: received row i of rank q at q x part + i */
+        ce = eng_gpu_index_of(g->recv_of_d, (hi - lo) * K, NULL, 0, lo * K, 0, s);
+        for (int32_t q = 0; q < W && !ce; q++)
+            if (q != r)
+                ce = eng_gpu_index_of(g->recv_of_d, 0, ridx_d + pl->recv_off[q], pl->recv_count[q], lo * K,
+                                      (int64_t)q * part, s);
+    } else {
+        ce = eng_gpu_index_of(g->recv_of_d, (hi - lo) * K, ridx_d, pl->n_recv, lo * K, 0, s);
+    }
     if (ce)
         return moe_fail(MOE_ERR_CUDA, "combine: received rows' index: %s", cudaGetErrorString((cudaError_t)ce));
     MOE_CUDA_CHECK(cudaEventRecord(g->tm_ce[mb], s));
@@ -780,8 +895,11 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
         moe_tensor yv = moe_tensor_view2((char *)g->y_d + (size_t)lo * row, m->dtype, hi - lo, H);
         MOE_CHECK(kern_cuda_moe_sum_recv(g->kcomm, &sv, g->recv_of_d, g->recv_d, l->has_shared ? &shv : NULL, &yv));
     }
-    if (io)
-        return copy_out(g, reqs, n, lo, hi, io, s);
+    if (io) { /* on its own stream: the next part's exchange goes on meanwhile */
+        MOE_CUDA_CHECK(cudaEventRecord(g->ev_sum[mb], s));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_out, g->ev_sum[mb], 0));
+        return copy_out(g, reqs, n, lo, hi, io, g->s_out);
+    }
     /* ZeroMQ data path: rank 0 answers for every row, so the owners' rows go to it */
     for (int32_t q = 0; q < W; q++) {
         g->gv_ptr[q] = (char *)g->y_d + (size_t)pl->bound[q] * row;
@@ -880,7 +998,7 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
     moe_tensor wt = moe_tensor_view2(in->w_d, MOE_DTYPE_F32, T, K);
     moe_tensor yd = moe_tensor_view2(g->y_d, m->dtype, T, H);
     const bool dbo = use_dbo(g, T);
-    const int parts = dbo ? 2 : 1;
+    int parts = 1; /* the combine's parts (W > 1) */
     size_t sent_bytes = 0;
 
     if (W == 1) {
@@ -914,8 +1032,8 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
                                    * or received; other rows' slots are never read (a bad id
                                    * fails the step) */
                                   .slots_local_only = true};
-        int64_t bounds[3];
-        step_bounds(g, T, bounds);
+        int64_t bounds[GPU_MAX_PARTS + 1];
+        parts = step_bounds(g, T, bounds);
         if (routed) /* the routed ids reach in->ids_h: the plan waits for this below */
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
         /* The shared expert of the rows this rank owns (the same blocks as the plan's), on its
@@ -925,9 +1043,9 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_side, g->ev_done, 0));
             for (int mb = 0; mb < parts; mb++) {
                 int64_t a, b;
-                mb_rows(g, parts, bounds, mb, &a, &b);
+                mb_rows(g, T, parts, bounds, mb, &a, &b);
                 const int64_t nt = b - a, lo = a + nt * r / W, hi = a + nt * (r + 1) / W;
-                if (split_experts(g, parts) && mb > 0) { /* the rows were done with the first half */
+                if (split_experts(g, T) && mb > 0) { /* the rows were done with the first half */
                     MOE_CUDA_CHECK(cudaEventRecord(g->ev_side[mb], g->s_side));
                     continue;
                 }
@@ -945,21 +1063,26 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
          * MOE_DBO_SM_MODE=cap instead caps the grid for the whole step. Either way the backend
          * launches such steps' kernels without PDL (runs 79-80: with PDL a next kernel's CTAs,
          * launched early, sat on the SMs set free). */
-        const bool lend_sms = dbo && g->p.dbo_sm_reserve > 0;
+        const bool lend_sms = dbo && g->p.dbo_sm_reserve > 0 && !g->ce; /* ce: the copy engines need none */
         MOE_CHECK(kern_cuda_set_sm_reserve(g->k, lend_sms && g->sm_cap ? g->p.dbo_sm_reserve : 0));
         MOE_CHECK(kern_cuda_set_yield(g->k, lend_sms && !g->sm_cap ? g->yield_d : NULL, g->p.dbo_sm_reserve));
-        for (int mb = 0; mb < parts; mb++) {
+        /* (without DBO the products are one call over every row, whatever the combine's parts) */
+        for (int mb = 0; mb < (dbo ? parts : 1); mb++) {
             int64_t a, b;
-            mb_rows(g, parts, bounds, mb, &a, &b);
+            mb_rows(g, T, parts, bounds, mb, &a, &b);
+            if (!dbo)
+                a = 0, b = T;
             const int64_t nt = b - a;
-            ep.expert_map = split_experts(g, parts) ? g->map_half_d[mb] : g->map_d;
+            ep.expert_map = split_experts(g, T) ? g->map_half_d[mb] : g->map_d;
             moe_tensor xv = moe_tensor_view2((char *)in->x_d + (size_t)(a * H) * es, m->dtype, nt, H);
             moe_tensor iv = moe_tensor_view2(in->ids_d + a * K, MOE_DTYPE_I32, nt, K);
             moe_tensor wv = moe_tensor_view2(in->w_d + a * K, MOE_DTYPE_F32, nt, K);
             moe_tensor sv = moe_tensor_view3((char *)g->slots_d + (size_t)(a * K * H) * es, m->dtype, nt, K, H);
             MOE_CHECK(kern_fused_experts(g->k, &ep, &xv, &l->w13, &l->w2, &iv, &wv, &sv));
-            MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[mb], g->s_main));
-            MOE_CUDA_CHECK(cudaEventRecord(g->tm_pd[mb], g->s_main));
+            for (int q = dbo ? mb : 0; q < (dbo ? mb + 1 : parts); q++) {
+                MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[q], g->s_main));
+                MOE_CUDA_CHECK(cudaEventRecord(g->tm_pd[q], g->s_main));
+            }
         }
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_compute, g->s_main));
         g->hmark[3] = moe_now_ns();
@@ -977,6 +1100,11 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             in->plan_ns = 0;
         }
         ids_host = in->ids_h;
+        for (int mb = 0; mb < parts; mb++) /* each part's indices: none up yet this step */
+            in->idx_up[mb] = false;
+        if (!plan_here) /* the plans were built with the copies: every part's indices go up now */
+            for (int mb = 0; mb < parts; mb++)
+                MOE_CHECK(upload_idx(g, in, mb));
         /* The exchange and sum of each micro-batch on s_comm, once its products are done: that
          * of micro-batch 0 runs while micro-batch 1 computes. */
         for (int mb = 0; mb < parts; mb++) {
@@ -993,6 +1121,10 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         g->hmark[4] = g->hmark[3] + (plan_here ? in->plan_ns : 0);
         MOE_CUDA_CHECK(cudaEventRecord(g->ev_red[0], g->s_comm));
         MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_red[0], 0));
+        if (io) { /* the rows' copies out, on s_out (combine_mb) */
+            MOE_CUDA_CHECK(cudaEventRecord(g->ev_out, g->s_out));
+            MOE_CUDA_CHECK(cudaStreamWaitEvent(g->s_main, g->ev_out, 0));
+        }
         if (!io && r == 0)
             MOE_CHECK(copy_out(g, reqs, n, 0, T, NULL, g->s_main));
         MOE_CUDA_CHECK(cudaEventRecord(g->tm_end, g->s_main));
@@ -1036,10 +1168,12 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
             for (int mb = 0; mb < parts; mb++) {
                 if (cudaEventElapsedTime(&ms, g->tm_cs[mb], g->tm_ce[mb]) == cudaSuccess)
                     timing->combine_us += ms * 1e3f;
+                if (mb > 0 && mb < parts - 1)
+                    continue; /* the timeline: the first part and the last */
                 const cudaEvent_t at[5] = {g->tm_pd[mb], g->tm_cs[mb], g->tm_pk[mb], g->tm_a2[mb], g->tm_ce[mb]};
                 for (int i = 0; i < 5; i++)
                     if (cudaEventElapsedTime(&ms, ev_x, at[i]) == cudaSuccess)
-                        timing->mb_us[mb][i] = ms * 1e3f;
+                        timing->mb_us[mb ? 1 : 0][i] = ms * 1e3f;
             }
             timing->combine_bytes = (float)sent_bytes;
         }
@@ -1085,6 +1219,8 @@ moe_status eng_gpu_step(eng_gpu_t *g, uint64_t tag, int32_t layer, const eng_ste
         (void)cudaStreamWaitEvent(g->s_main, g->ev_red[1], 0);
         (void)cudaEventRecord(g->ev_side[1], g->s_side);
         (void)cudaStreamWaitEvent(g->s_main, g->ev_side[1], 0);
+        (void)cudaEventRecord(g->ev_out, g->s_out); /* the rows' copies out (a failed step's too) */
+        (void)cudaStreamWaitEvent(g->s_main, g->ev_out, 0);
     } else if (st != MOE_OK) { /* W = 1: a failed step's routed ids may still be on their way
                                   back on the copy stream (a step that ends well waited for them) */
         (void)cudaEventRecord(g->ev_red[1], g->s_copy);

@@ -48,11 +48,18 @@ typedef struct eng_gpu_params {
     int32_t timeout_ms;          /* a step's deadline */
     int32_t dbo;                 /* 0 off, 1 on, 2 auto */
     int32_t dbo_min_tokens;      /* auto: DBO at and above this many tokens (W > 1) */
+    int32_t dbo_min_rows;        /* auto: ... where a micro-batch has this many rows per expert */
     int32_t dbo_split;           /* 0: the micro-batches are the two halves of the tokens; 1: every
                                     token, each half of every rank's experts */
     int32_t dbo_sm_reserve;      /* with DBO: SMs the products' persistent grid leaves to the exchange */
     int32_t dbo_first_share;     /* DBO by experts: percent (10-90; 0 = 50) of each rank's experts in
                                     the first micro-batch */
+    int32_t combine_parts;       /* W > 1 without DBO: the exchange, sum and copy-out in 1 .. 4 parts by
+                                    tokens (the products in one call); 0 = auto: 2 where a rank's
+                                    output rows are at least GPU_COMBINE_AUTO_BYTES, else 1 */
+    int32_t exchange;            /* W > 1: 0 grouped send/recv (p2p); 1 ncclAlltoAll on symmetric windows
+                                    (ce: the communicator made with PAR_NCCL_CTA_ZERO), parts padded
+                                    to the step's largest pair */
 } eng_gpu_params;
 
 /* Uploads the layers (host weights as the loader gives them; the host copies may be freed
@@ -82,7 +89,8 @@ typedef struct eng_gpu_timing {
     float host_split_us[5]; /* host_us and the input copy at entry split: copying the inputs (when
                                not staged ahead), enqueueing the x all-gather, the products, the
                                plans (= plan_us), the exchanges and copies (worker debug log only) */
-    float mb_us[2][5];      /* W > 1, each micro-batch (one without DBO), from the whole x on the device:
+    float mb_us[2][5];      /* W > 1, the first micro-batch or part of the combine and the last (one
+                               without DBO and --combine-parts), from the whole x on the device:
                                its products done (main stream), its exchange begun (after them and the
                                micro-batch before's exchange), its rows packed, its all-to-all done, its
                                exchange done (worker debug log only) */

@@ -48,9 +48,12 @@ typedef struct worker_args {
     int32_t device;         /* GPU ordinal (backend cuda) */
     int32_t dbo;            /* 0 off, 1 on, 2 auto */
     int32_t dbo_min_tokens;
+    int32_t dbo_min_rows;   /* auto: rows per expert and micro-batch at least */
     int32_t dbo_split;      /* 0 tokens, 1 experts */
     int32_t dbo_sm_reserve; /* SMs left to the exchange while a DBO step's products run */
     int32_t dbo_first_share; /* DBO by experts: percent of each rank's experts in the first part */
+    int32_t exchange;       /* 0 p2p (grouped send/recv), 1 ce (ncclAlltoAll, zero-CTA policy) */
+    int32_t combine_parts;  /* W > 1 without DBO: the exchange and copy-out in 1 .. 4 parts (0: auto) */
     int64_t max_step_tokens;
     int32_t start_timeout_ms;
     int32_t shm_fd;    /* the shared-memory data path's descriptor (-1: ZeroMQ data path) */
@@ -88,8 +91,8 @@ static void usage_worker(void) {
                     "flags: --rank R --world W --epoch N --coord ENDPOINT --comm-dir DIR --model DIR\n"
                     "       --backend cpu|cpu-ref|cuda --placement P --layers L --threads N\n"
                     "       --heartbeat-ms N --busy-poll-us N --step-timeout-ms N --device N --dbo on|off|auto\n"
-                    "       --dbo-min-tokens N --dbo-split tokens|experts --dbo-sm-reserve N --dbo-first-share PCT\n"
-                    "       --max-step-tokens N\n"
+                    "       --dbo-min-tokens N --dbo-min-rows N --dbo-split tokens|experts --dbo-sm-reserve N --dbo-first-share PCT\n"
+                    "       --exchange p2p|ce --combine-parts auto|1..4 --max-step-tokens N\n"
                     "       --start-timeout-ms N\n");
 }
 
@@ -112,8 +115,9 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
     a->heartbeat_ms = 200;
     a->step_timeout_ms = 30000;
     a->dbo = 2;
-    a->dbo_min_tokens = 65536;
-    a->dbo_split = 1;
+    a->dbo_min_tokens = 8192;
+    a->dbo_min_rows = 256;
+    a->dbo_split = 0;
     a->dbo_sm_reserve = 0;
     a->dbo_first_share = 50;
     a->max_step_tokens = 16384;
@@ -169,6 +173,23 @@ static moe_status parse_args(worker_args *a, int argc, char **argv) {
                 a->dbo_split = 1;
             else
                 return moe_fail(MOE_ERR_INVALID_ARG, "worker: --dbo-split '%s' is not tokens or experts", v);
+        } else if (strcmp(f, "--exchange") == 0) {
+            if (strcmp(v, "p2p") == 0)
+                a->exchange = 0;
+            else if (strcmp(v, "ce") == 0)
+                a->exchange = 1;
+            else
+                return moe_fail(MOE_ERR_INVALID_ARG, "worker: --exchange '%s' is not p2p or ce", v);
+        } else if (strcmp(f, "--combine-parts") == 0) {
+            if (strcmp(v, "auto") == 0) {
+                a->combine_parts = 0;
+            } else {
+                MOE_CHECK(parse_int(f, v, 1, 4, &x));
+                a->combine_parts = (int32_t)x;
+            }
+        } else if (strcmp(f, "--dbo-min-rows") == 0) {
+            MOE_CHECK(parse_int(f, v, 0, 1 << 22, &x));
+            a->dbo_min_rows = (int32_t)x;
         } else if (strcmp(f, "--dbo-min-tokens") == 0) {
             MOE_CHECK(parse_int(f, v, 1, INT32_MAX, &x));
             a->dbo_min_tokens = (int32_t)x;
@@ -346,7 +367,8 @@ static moe_status worker_gpu_setup(worker *w) {
         par_comm_nccl_params np = {.rank = w->a.rank,
                                    .world_size = w->a.world,
                                    .device = w->a.device,
-                                   .init_timeout_ms = w->a.start_timeout_ms};
+                                   .init_timeout_ms = w->a.start_timeout_ms,
+                                   .cta_policy = w->a.exchange == 1 ? PAR_NCCL_CTA_ZERO : PAR_NCCL_CTA_DEFAULT};
         memcpy(np.unique_id, w->nccl_id, PAR_NCCL_ID_BYTES);
         MOE_CHECK(par_comm_nccl_init(&w->comm, &np));
     }
@@ -358,9 +380,12 @@ static moe_status worker_gpu_setup(worker *w) {
                          .timeout_ms = w->a.step_timeout_ms,
                          .dbo = w->a.dbo,
                          .dbo_min_tokens = w->a.dbo_min_tokens,
+                         .dbo_min_rows = w->a.dbo_min_rows,
                          .dbo_split = w->a.dbo_split,
                          .dbo_sm_reserve = w->a.dbo_sm_reserve,
-                         .dbo_first_share = w->a.dbo_first_share};
+                         .dbo_first_share = w->a.dbo_first_share,
+                         .exchange = w->a.exchange,
+                         .combine_parts = w->a.combine_parts};
     MOE_CHECK(eng_gpu_init(&w->g, &gp, w->layers, w->weights.n_layers));
     eng_gpu_set_hook(w->g, worker_hook, w); /* the next step received and staged while one computes */
     if (w->shm.base) /* copies to and from the device straight from the data path */

@@ -98,3 +98,33 @@ moe_status par_comm_alltoallv(par_comm_t *c, const void *send, const size_t *sen
         MOE_WARN(MOE_SUB_PAR, "rank %d: alltoallv failed: %s: %s", (int)c->rank, moe_status_str(st), moe_errmsg());
     return st;
 }
+
+moe_status par_comm_alltoall(par_comm_t *c, const void *send, void *recv, size_t bytes, int32_t timeout_ms,
+                             void *stream) {
+    MOE_REQUIRE(c, MOE_ERR_INVALID_ARG, "alltoall: NULL communicator");
+    MOE_REQUIRE((send && recv) || bytes == 0, MOE_ERR_INVALID_ARG, "alltoall: NULL buffer");
+    MOE_REQUIRE(timeout_ms > 0, MOE_ERR_INVALID_ARG, "alltoall: timeout %d ms", (int)timeout_ms);
+    MOE_REQUIRE(c->ops->alltoall, MOE_ERR_UNSUPPORTED, "alltoall: the %s communicator has none", c->ops->name);
+    if (atomic_load(&c->aborted))
+        return moe_fail(MOE_ERR_SHUTDOWN, "communicator aborted");
+    moe_status st = c->ops->alltoall(c, send, recv, bytes, timeout_ms, stream);
+    if (st != MOE_OK && st != MOE_ERR_SHUTDOWN)
+        MOE_WARN(MOE_SUB_PAR, "rank %d: alltoall failed: %s: %s", (int)c->rank, moe_status_str(st), moe_errmsg());
+    return st;
+}
+
+moe_status par_comm_sym_alloc(par_comm_t *c, size_t bytes, void **ptr) {
+    MOE_REQUIRE(c && ptr, MOE_ERR_INVALID_ARG, "sym_alloc: NULL argument");
+    *ptr = NULL;
+    MOE_REQUIRE(bytes > 0, MOE_ERR_INVALID_ARG, "sym_alloc: 0 bytes");
+    MOE_REQUIRE(c->ops->sym_alloc, MOE_ERR_UNSUPPORTED, "sym_alloc: the %s communicator has no symmetric memory",
+                c->ops->name);
+    if (atomic_load(&c->aborted))
+        return moe_fail(MOE_ERR_SHUTDOWN, "communicator aborted");
+    return c->ops->sym_alloc(c, bytes, ptr);
+}
+
+void par_comm_sym_free(par_comm_t *c, void *ptr) {
+    if (c && ptr && c->ops->sym_free)
+        c->ops->sym_free(c, ptr);
+}

@@ -18,6 +18,10 @@ typedef struct par_comm_ops {
     moe_status (*alltoallv)(par_comm_t *c, const void *send, const size_t *send_bytes, const size_t *send_off,
                             void *recv, const size_t *recv_bytes, const size_t *recv_off, int32_t timeout_ms,
                             void *stream); /* NULL: not supported */
+    moe_status (*alltoall)(par_comm_t *c, const void *send, void *recv, size_t bytes, int32_t timeout_ms,
+                           void *stream); /* NULL: not supported */
+    moe_status (*sym_alloc)(par_comm_t *c, size_t bytes, void **ptr); /* NULL: not supported */
+    void (*sym_free)(par_comm_t *c, void *ptr);
     void (*abort)(par_comm_t *c);
     moe_status (*wait)(par_comm_t *c, void *stream, int32_t timeout_ms, void (*idle)(void *),
                        void *idle_arg); /* NULL: synchronous */

@@ -29,6 +29,19 @@
 
 #include "parallel/comm_impl.h"
 
+#if NCCL_VERSION_CODE >= 22800
+#define PAR_NCCL_HAS_SYM 1 /* ncclAlltoAll, windows, CTA policies */
+#endif
+
+#define PAR_NCCL_MAX_SYM 16 /* symmetric buffers a communicator holds at once */
+
+typedef struct nccl_sym {
+    void *ptr;
+#ifdef PAR_NCCL_HAS_SYM
+    ncclWindow_t win;
+#endif
+} nccl_sym;
+
 typedef struct nccl_comm {
     ncclComm_t comm;    /* the collectives' communicator: `split`, or `base` */
     ncclComm_t base;    /* the non-blocking one */
@@ -36,7 +49,25 @@ typedef struct nccl_comm {
     int32_t device;
     cudaEvent_t done;
     bool nccl_aborted;
+    int32_t cta_policy; /* PAR_NCCL_CTA_* of both communicators */
+    nccl_sym sym[PAR_NCCL_MAX_SYM];
 } nccl_comm;
+
+/* The CTA policy into a communicator's config (NCCL 2.28; older: only the default). */
+static moe_status set_cta_policy(ncclConfig_t *cfg, int32_t policy) {
+#ifdef PAR_NCCL_HAS_SYM
+    static const int map[] = {NCCL_CTA_POLICY_DEFAULT, NCCL_CTA_POLICY_EFFICIENCY, NCCL_CTA_POLICY_ZERO};
+    MOE_REQUIRE(policy >= 0 && policy <= 2, MOE_ERR_INVALID_ARG, "nccl: CTA policy %d not in [0, 2]", (int)policy);
+    if (policy != PAR_NCCL_CTA_DEFAULT)
+        cfg->CTAPolicy = map[policy];
+    return MOE_OK;
+#else
+    (void)cfg;
+    MOE_REQUIRE(policy == PAR_NCCL_CTA_DEFAULT, MOE_ERR_UNSUPPORTED,
+                "nccl: CTA policies need NCCL 2.28 or newer (built with %d)", NCCL_VERSION_CODE);
+    return MOE_OK;
+#endif
+}
 
 int par_comm_nccl_version(void) {
     int v = 0;
@@ -186,6 +217,66 @@ fail:
     return st;
 }
 
+#ifdef PAR_NCCL_HAS_SYM
+static moe_status nccl_alltoall(par_comm_t *c, const void *send, void *recv, size_t bytes, int32_t timeout_ms,
+                                void *stream) {
+    nccl_comm *n = c->impl;
+    moe_status st = MOE_OK;
+    MOE_NCCL_CHECK_GOTO(ncclAlltoAll(send, recv, bytes, ncclUint8, n->comm, (cudaStream_t)stream), st, fail);
+    return poll_until(c, moe_now_ns() + (uint64_t)timeout_ms * 1000000ull, NULL, "alltoall enqueue", NULL, NULL);
+fail:
+    abort_nccl(c);
+    return st;
+}
+
+/* ncclMemAlloc, then the window (a collective of the communicator the collectives use). */
+static moe_status nccl_sym_alloc(par_comm_t *c, size_t bytes, void **ptr) {
+    nccl_comm *n = c->impl;
+    int slot = -1;
+    for (int i = 0; i < PAR_NCCL_MAX_SYM && slot < 0; i++)
+        if (!n->sym[i].ptr)
+            slot = i;
+    MOE_REQUIRE(slot >= 0, MOE_ERR_LIMIT, "sym_alloc: more than %d symmetric buffers", PAR_NCCL_MAX_SYM);
+    MOE_CUDA_CHECK(cudaSetDevice(n->device));
+    void *p = NULL;
+    MOE_NCCL_CHECK(ncclMemAlloc(&p, bytes));
+    ncclWindow_t win = NULL;
+    ncclResult_t r = ncclCommWindowRegister(n->comm, p, bytes, &win, NCCL_WIN_COLL_SYMMETRIC);
+    if (r == ncclInProgress) { /* the non-blocking parent (no split): poll it */
+        moe_status st = poll_until(c, moe_now_ns() + 60000000000ull, NULL, "window registration", NULL, NULL);
+        if (st != MOE_OK) {
+            ncclMemFree(p);
+            return st;
+        }
+    } else if (r != ncclSuccess) {
+        moe_status st = moe_fail(MOE_ERR_NCCL, "rank %d: window registration of %zu bytes: %s (%s)", (int)c->rank,
+                                 bytes, ncclGetErrorString(r), ncclGetLastError(n->comm));
+        ncclMemFree(p);
+        return st;
+    }
+    n->sym[slot].ptr = p;
+    n->sym[slot].win = win;
+    *ptr = p;
+    return MOE_OK;
+}
+
+static void sym_release(nccl_comm *n, nccl_sym *y) {
+    if (!n->nccl_aborted && y->win)
+        ncclCommWindowDeregister(n->comm, y->win);
+    ncclMemFree(y->ptr);
+    y->ptr = NULL;
+    y->win = NULL;
+}
+
+static void nccl_sym_free(par_comm_t *c, void *ptr) {
+    nccl_comm *n = c->impl;
+    (void)cudaSetDevice(n->device);
+    for (int i = 0; i < PAR_NCCL_MAX_SYM; i++)
+        if (n->sym[i].ptr == ptr)
+            sym_release(n, &n->sym[i]);
+}
+#endif
+
 static moe_status nccl_wait(par_comm_t *c, void *stream, int32_t timeout_ms, void (*idle)(void *), void *idle_arg) {
     nccl_comm *n = c->impl;
     MOE_CUDA_CHECK(cudaEventRecord(n->done, (cudaStream_t)stream));
@@ -213,6 +304,11 @@ static void close_comm(ncclComm_t comm) {
 static void nccl_free(par_comm_t *c) {
     nccl_comm *n = c->impl;
     if (n) {
+#ifdef PAR_NCCL_HAS_SYM
+        for (int i = 0; i < PAR_NCCL_MAX_SYM; i++)
+            if (n->sym[i].ptr)
+                sym_release(n, &n->sym[i]);
+#endif
         if (!n->nccl_aborted) {
             if (n->split)
                 close_comm(n->split);
@@ -231,6 +327,11 @@ static const par_comm_ops nccl_ops = {
     .gatherv = nccl_gatherv,
     .reduce_sum = nccl_reduce_sum,
     .alltoallv = nccl_alltoallv,
+#ifdef PAR_NCCL_HAS_SYM
+    .alltoall = nccl_alltoall,
+    .sym_alloc = nccl_sym_alloc,
+    .sym_free = nccl_sym_free,
+#endif
     .abort = nccl_abort_op,
     .wait = nccl_wait,
     .free = nccl_free,
@@ -243,6 +344,7 @@ static moe_status make_split(par_comm_t *c, uint64_t deadline) {
     nccl_comm *n = c->impl;
     ncclConfig_t bc = NCCL_CONFIG_INITIALIZER;
     bc.blocking = 1;
+    MOE_CHECK(set_cta_policy(&bc, n->cta_policy));
     ncclComm_t child = NULL;
     ncclResult_t r = ncclCommSplit(n->base, 0, c->rank, &child, &bc);
     if (r == ncclInProgress || r == ncclSuccess) {
@@ -335,6 +437,8 @@ moe_status par_comm_nccl_init(par_comm_t **out, const par_comm_nccl_params *p) {
     memcpy(id.internal, p->unique_id, PAR_NCCL_ID_BYTES);
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
+    n->cta_policy = p->cta_policy;
+    MOE_CHECK_GOTO(set_cta_policy(&cfg, p->cta_policy), st, fail);
     const uint64_t deadline = moe_now_ns() + (uint64_t)p->init_timeout_ms * 1000000ull;
     MOE_NCCL_CHECK_GOTO(ncclCommInitRankConfig(&n->base, p->world_size, id, p->rank, &cfg), st, fail);
     n->comm = n->base;
@@ -342,9 +446,9 @@ moe_status par_comm_nccl_init(par_comm_t **out, const par_comm_nccl_params *p) {
     const char *sp = getenv("MOE_NCCL_SPLIT");
     if (p->world_size > 1 && !(sp && strcmp(sp, "0") == 0))
         MOE_CHECK_GOTO(make_split(c, deadline), st, fail);
-    MOE_INFO(MOE_SUB_PAR, "rank %d of %d: NCCL %d communicator on device %d (%s)", (int)p->rank, (int)p->world_size,
-             par_comm_nccl_version(), (int)p->device,
-             n->split ? "collectives on a blocking child, connections made" : "non-blocking");
+    MOE_INFO(MOE_SUB_PAR, "rank %d of %d: NCCL %d communicator on device %d (%s, CTA policy %d)", (int)p->rank,
+             (int)p->world_size, par_comm_nccl_version(), (int)p->device,
+             n->split ? "collectives on a blocking child, connections made" : "non-blocking", (int)p->cta_policy);
     *out = c;
     return MOE_OK;
 fail:

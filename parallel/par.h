@@ -110,6 +110,24 @@ moe_status par_comm_alltoallv(par_comm_t *c, const void *send, const size_t *sen
                               void *recv, const size_t *recv_bytes, const size_t *recv_off, int32_t timeout_ms,
                               void *stream);
 
+/*
+ * All-to-all of equal parts: the `bytes` at send + q * bytes go to rank q, where they land at
+ * recv + r * bytes (r = this rank); this rank's own part is copied too. NCCL backend only
+ * (ncclAlltoAll, NCCL 2.28 and newer). With buffers from par_comm_sym_alloc on every rank and
+ * the communicator made with PAR_NCCL_CTA_ZERO, NCCL runs it on the copy engines (no SM).
+ */
+moe_status par_comm_alltoall(par_comm_t *c, const void *send, void *recv, size_t bytes, int32_t timeout_ms,
+                             void *stream);
+
+/*
+ * Device memory registered with the communicator as a symmetric window (ncclMemAlloc, then
+ * ncclCommWindowRegister with NCCL_WIN_COLL_SYMMETRIC): a collective call, every rank asks for
+ * the same bytes in the same order. Freed with par_comm_sym_free (deregistered first) before
+ * the communicator is. MOE_ERR_UNSUPPORTED on the host backend or before NCCL 2.28.
+ */
+moe_status par_comm_sym_alloc(par_comm_t *c, size_t bytes, void **ptr);
+void par_comm_sym_free(par_comm_t *c, void *ptr);
+
 /* Marks the communicator failed: waits in progress return, later operations fail at once.
  * The NCCL backend also aborts the NCCL communicator (ncclCommAbort), which ends the
  * collectives in flight on every rank that does the same. */
@@ -141,7 +159,14 @@ typedef struct par_comm_nccl_params {
     int32_t device;                                /* CUDA device ordinal of this rank */
     uint8_t unique_id[PAR_NCCL_ID_BYTES];          /* from par_comm_nccl_unique_id on rank 0 */
     int32_t init_timeout_ms;                       /* the communicator's creation deadline */
+    int32_t cta_policy; /* PAR_NCCL_CTA_*: NCCL's CTA policy for the collectives (ncclConfig_t.CTAPolicy) */
 } par_comm_nccl_params;
+
+/* NCCL's CTA policies (NCCL 2.28): DEFAULT as NCCL chooses, EFFICIENCY fewer CTAs, ZERO no CTA
+ * where NCCL can (the copy engines: ncclAlltoAll on symmetric windows). */
+#define PAR_NCCL_CTA_DEFAULT 0
+#define PAR_NCCL_CTA_EFFICIENCY 1
+#define PAR_NCCL_CTA_ZERO 2
 
 /* MOE_ERR_UNSUPPORTED when the build has no NCCL. */
 moe_status par_comm_nccl_unique_id(uint8_t out[PAR_NCCL_ID_BYTES]);
@@ -209,6 +234,11 @@ moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl
  * the exchange of one half of the experts (DBO split by experts). */
 moe_status par_exchange_plan_build_set(par_exchange_plan *p, const par_placement *pl, const int32_t *ids, int64_t a,
                                        int64_t b, int32_t top_k, const uint8_t *in_set);
+/* After a build: the pairs of the largest part any rank sends to any other in that exchange
+ * (every rank gets the same value from the same ids and set): the part size of an all-to-all
+ * of equal parts. W = 2 reads it off the plan; larger W counts every pair of ranks once more. */
+moe_status par_exchange_plan_max_part(const par_exchange_plan *p, const par_placement *pl, const int32_t *ids,
+                                      int32_t top_k, const uint8_t *in_set, int64_t *out);
 void par_exchange_plan_free(par_exchange_plan *p);
 
 #ifdef __cplusplus

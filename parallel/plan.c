@@ -236,3 +236,47 @@ moe_status par_exchange_plan_build_set(par_exchange_plan *p, const par_placement
     p->n_send = so;
     return MOE_OK;
 }
+
+moe_status par_exchange_plan_max_part(const par_exchange_plan *p, const par_placement *pl, const int32_t *ids,
+                                      int32_t top_k, const uint8_t *in_set, int64_t *out) {
+    MOE_REQUIRE(p && pl && out && p->bound, MOE_ERR_INVALID_ARG, "exchange plan max part: NULL argument");
+    MOE_REQUIRE(pl->world_size == p->world_size && top_k >= 1, MOE_ERR_INVALID_ARG,
+                "exchange plan max part: placement of %d ranks, plan of %d, K %d", (int)pl->world_size,
+                (int)p->world_size, (int)top_k);
+    const int32_t W = p->world_size, E = pl->n_experts;
+    int64_t best = 0;
+    if (W <= 2) { /* the one pair each way: what this rank sends and receives */
+        for (int32_t q = 0; q < W; q++) {
+            if (p->send_count[q] > best)
+                best = p->send_count[q];
+            if (p->recv_count[q] > best)
+                best = p->recv_count[q];
+        }
+        *out = best;
+        return MOE_OK;
+    }
+    MOE_REQUIRE(ids || p->bound[W] == p->bound[0], MOE_ERR_INVALID_ARG, "exchange plan max part: NULL ids");
+    /* cnt[s]: the pairs of destination q's rows that rank s computes (s = W: none, as in the build) */
+    int64_t *cnt = calloc((size_t)W + 1, sizeof(int64_t));
+    int32_t *who = malloc(sizeof(int32_t) * ((size_t)E + 1));
+    if (!cnt || !who) {
+        free(cnt);
+        free(who);
+        return moe_fail(MOE_ERR_NOMEM, "exchange plan max part");
+    }
+    for (int32_t e = 0; e < E; e++)
+        who[e] = in_set && !in_set[e] ? W : pl->owner[e];
+    who[E] = W;
+    for (int32_t q = 0; q < W; q++) {
+        memset(cnt, 0, sizeof(int64_t) * ((size_t)W + 1));
+        for (int64_t i = p->bound[q] * top_k; i < p->bound[q + 1] * top_k; i++)
+            cnt[who[(uint32_t)ids[i] < (uint32_t)E ? (uint32_t)ids[i] : (uint32_t)E]]++;
+        for (int32_t s = 0; s < W; s++)
+            if (s != q && cnt[s] > best)
+                best = cnt[s];
+    }
+    free(cnt);
+    free(who);
+    *out = best;
+    return MOE_OK;
+}

@@ -25,6 +25,11 @@ static void test_defaults(void **state) {
     assert_int_equal(c.max_msg_bytes, 268435456);
     assert_int_equal(c.dbo_sm_reserve, 16); /* SMs lent to DBO's first exchange while it runs (run 81) */
     assert_int_equal(c.dbo_first_share, 50); /* DBO by experts: halves unless asked */
+    assert_string_equal(c.exchange, "p2p"); /* NCCL's grouped send/recv unless asked */
+    assert_string_equal(c.combine_parts, "auto"); /* 2 parts where a rank's rows are >= 8 MiB */
+    assert_string_equal(c.dbo_split, "tokens");     /* the split that measured a gain (runs 83-87) */
+    assert_int_equal(c.dbo_min_tokens, 8192);
+    assert_int_equal(c.dbo_min_rows, 256);
     assert_int_equal(eng_config_validate(&c), MOE_OK);
     /* every entry has a doc and a default that validates */
     for (size_t i = 0; i < eng_cfg_table_len; i++) {
@@ -83,6 +88,10 @@ static void test_errors(void **state) {
     expect_error(2, (char *[]){"--dbo-sm-reserve", "-1"}, "outside [0, 112]");
     expect_error(2, (char *[]){"--dbo-first-share", "95"}, "outside [10, 90]");
     expect_error(2, (char *[]){"--dbo-first-share", "9"}, "outside [10, 90]");
+    expect_error(2, (char *[]){"--exchange", "dma"}, "not one of p2p|ce");
+    expect_error(2, (char *[]){"--dbo-min-rows", "-1"}, "outside [0, 4194304]");
+    expect_error(2, (char *[]){"--combine-parts", "5"}, "not one of auto|1|2|3|4");
+    expect_error(2, (char *[]){"--combine-parts", "two"}, "not one of auto|1|2|3|4");
     expect_error(4, (char *[]){"--max-tokens", "100", "--max-step-tokens", "50"}, "must be >= max-tokens");
     expect_error(2, (char *[]){"--gpus", "0,a"}, "comma list of GPU ordinals");
     expect_error(2, (char *[]){"--layers", "1;2"}, "comma list of layer indices");

@@ -212,26 +212,34 @@ static void test_gpu_against_reference_and_bits(void **state) {
             snprintf(list + strlen(list), sizeof list - strlen(list), "%s%.*s", q ? "," : "", (int)n, p);
             p += n + (p[n] == ',');
         }
-        /* DBO split by tokens and by experts (each half of every rank's experts) */
-        const char *cfg[][8] = {
-            {"--dbo", "off", "--placement", "contiguous", "--data-path", "shm", "--dbo-split", "tokens"},
-            {"--dbo", "on", "--placement", "round-robin", "--data-path", "shm", "--dbo-split", "tokens"},
-            {"--dbo", "on", "--placement", "contiguous", "--data-path", "shm", "--dbo-split", "experts"},
-            {"--dbo", "on", "--placement", "contiguous", "--data-path", "shm", "--dbo-split", "tokens"},
-            {"--dbo", "auto", "--placement", "round-robin", "--data-path", "zmq", "--dbo-split", "experts"}};
+        /* DBO split by tokens and by experts (each half of every rank's experts); the exchange
+         * by NCCL's grouped send/recv (p2p) or by ncclAlltoAll on symmetric windows (ce); without
+         * DBO the combine in one part or up to four (--combine-parts) */
+        const char *cfg[][12] = {
+            {"--dbo", "off", "--placement", "contiguous", "--data-path", "shm", "--dbo-split", "tokens", "--exchange", "p2p", "--combine-parts", "1"},
+            {"--dbo", "on", "--placement", "round-robin", "--data-path", "shm", "--dbo-split", "tokens", "--exchange", "p2p", "--combine-parts", "1"},
+            {"--dbo", "on", "--placement", "contiguous", "--data-path", "shm", "--dbo-split", "experts", "--exchange", "p2p", "--combine-parts", "2"},
+            {"--dbo", "off", "--placement", "round-robin", "--data-path", "shm", "--dbo-split", "tokens", "--exchange", "ce", "--combine-parts", "2"},
+            {"--dbo", "on", "--placement", "contiguous", "--data-path", "zmq", "--dbo-split", "experts", "--exchange", "ce", "--combine-parts", "1"},
+            {"--dbo", "off", "--placement", "contiguous", "--data-path", "zmq", "--dbo-split", "tokens", "--exchange", "p2p", "--combine-parts", "4"},
+            {"--dbo", "auto", "--placement", "round-robin", "--data-path", "zmq", "--dbo-split", "experts", "--exchange", "p2p", "--combine-parts", "1"},
+            {"--dbo", "off", "--placement", "round-robin", "--data-path", "shm", "--dbo-split", "tokens", "--exchange", "ce", "--combine-parts", "3"}};
         for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
-            if (c >= 3 && ws != n_gpus)
+            if (c >= 6 && ws != n_gpus)
                 continue;
             uint8_t *o = run_all((const char *[]){"--model", model_dir, "--gpus", list, cfg[c][0], cfg[c][1], cfg[c][2],
-                                                  cfg[c][3], cfg[c][4], cfg[c][5], cfg[c][6], cfg[c][7],
-                                                  "--dbo-min-tokens", "2", NULL},
+                                                  cfg[c][3], cfg[c][4], cfg[c][5], cfg[c][6], cfg[c][7], cfg[c][8],
+                                                  cfg[c][9], cfg[c][10], cfg[c][11], "--dbo-min-tokens", "2",
+                                                  "--dbo-min-rows", "0", NULL},
                                  &t2);
             assert_int_equal(t2, total);
             size_t diff = 0;
             for (size_t b = 0; b < total; b++)
                 diff += o[b] != base[b];
-            fprintf(stderr, "GPUs %s, dbo %s (split by %s), %s, data path %s: %zu bytes differ from 1 GPU\n", list,
-                    cfg[c][1], cfg[c][7], cfg[c][3], cfg[c][5], diff);
+            fprintf(stderr,
+                    "GPUs %s, dbo %s (split by %s), %s, data path %s, exchange %s, combine parts %s: %zu bytes differ "
+                    "from 1 GPU\n",
+                    list, cfg[c][1], cfg[c][7], cfg[c][3], cfg[c][5], cfg[c][9], cfg[c][11], diff);
             assert_int_equal(diff, 0);
             free(o);
         }

@@ -304,6 +304,19 @@ static void test_exchange_plan(void **state) {
                                 }
                             }
                         }
+                        /* the largest part of the exchange (an all-to-all of equal parts), as
+                         * every rank computes it, against the send counts of all the plans */
+                        int64_t want = 0;
+                        for (int32_t q = 0; q < W; q++)
+                            for (int32_t r = 0; r < W; r++)
+                                if (q != r && pp[q].send_count[r] > want)
+                                    want = pp[q].send_count[r];
+                        for (int32_t r = 0; r < W; r++) {
+                            int64_t got = -1;
+                            assert_int_equal(
+                                par_exchange_plan_max_part(&pp[r], &pl, ids, K, split ? set : NULL, &got), MOE_OK);
+                            assert_int_equal(got, want);
+                        }
                     }
                     /* every valid pair of rank r's rows is now on r; rows are split in blocks */
                     for (int32_t r = 0; r < W; r++) {
@@ -343,6 +356,10 @@ static void test_exchange_plan(void **state) {
     assert_int_equal(par_exchange_plan_init(&q, 2, 1, 7, NULL, NULL), MOE_OK);
     assert_int_equal(par_exchange_plan_build(&q, &pl, ids, 0, 4, 2), MOE_ERR_LIMIT); /* 8 pairs > 7 */
     assert_int_equal(par_exchange_plan_build(&q, &pl, ids, 0, 3, 2), MOE_OK);
+    int64_t mp = -1;
+    assert_int_equal(par_exchange_plan_max_part(&q, &pl, ids, 2, NULL, &mp), MOE_OK);
+    assert_int_equal(mp, 2); /* row 0 is rank 0's: its 2 pairs go there; rows 1..2 stay on rank 1 */
+    assert_int_equal(par_exchange_plan_max_part(&q, &pl, ids, 2, NULL, NULL), MOE_ERR_INVALID_ARG);
     assert_int_equal(q.n_send, 2); /* row 0 of rank 0: 2 pairs; row 1 and 2 are rank 1's */
     par_exchange_plan_free(&q);
     par_exchange_plan_free(&p);
@@ -382,6 +399,15 @@ static void test_gather_bad_args(void **state) {
     assert_int_equal(par_comm_alltoallv(c, b, ab, ao, b, ab, ao, 0, NULL), MOE_ERR_INVALID_ARG);
     assert_int_equal(par_comm_alltoallv(c, b, NULL, ao, b, ab, ao, 100, NULL), MOE_ERR_INVALID_ARG);
     assert_int_equal(par_comm_alltoallv(c, b, ab, ao, b, ab, ao, 100, NULL), MOE_ERR_UNSUPPORTED);
+    /* equal parts and symmetric windows: NCCL only */
+    assert_int_equal(par_comm_alltoall(c, b, NULL, 4, 100, NULL), MOE_ERR_INVALID_ARG);
+    assert_int_equal(par_comm_alltoall(c, b, b, 4, 0, NULL), MOE_ERR_INVALID_ARG);
+    assert_int_equal(par_comm_alltoall(c, b, b, 4, 100, NULL), MOE_ERR_UNSUPPORTED);
+    void *sym = b;
+    assert_int_equal(par_comm_sym_alloc(c, 64, &sym), MOE_ERR_UNSUPPORTED);
+    assert_null(sym);
+    assert_int_equal(par_comm_sym_alloc(c, 0, &sym), MOE_ERR_INVALID_ARG);
+    par_comm_sym_free(c, NULL);
     par_comm_free(c);
     p.rank = 2;
     assert_int_equal(par_comm_host_init(&c, &p), MOE_ERR_INVALID_ARG);

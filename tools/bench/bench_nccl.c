@@ -3,7 +3,8 @@
  * communicator code (parallel/comm_nccl.c), one process per GPU, printed in nccl-tests'
  * columns so the numbers compare with everyone's:
  *
- *   bench_nccl --gpus 0,1 [--op alltoall|reduce] [--sizes 1048576,16777216,...] [--iters 20]
+ *   bench_nccl --gpus 0,1 [--op alltoall|alltoall-sym|reduce] [--cta-policy default|efficiency|zero]
+ *              [--sizes 1048576,16777216,...] [--iters 20]
  *
  *   size (bytes)  count (elements)  type  redop  root  time (us)  algbw (GB/s)  busbw (GB/s)  #wrong  sent/rank (B)
  *
@@ -12,6 +13,9 @@
  *   place, as in the combine); busbw = algbw * (W - 1) / W = the bytes that leave a rank / time,
  *   the figure to set beside bench_scaleout's "comb GB/s" (bytes a rank sent / its duration).
  *   #wrong counts received elements that are not (sender + 1).
+ * alltoall-sym: ncclAlltoAll (equal parts, the own part copied too) on buffers registered as
+ *   symmetric windows (par_comm_sym_alloc); with --cta-policy zero NCCL 2.28 runs it on the copy
+ *   engines, without SMs. The same columns.
  * reduce (the earlier combine, kept for comparison): bus bandwidth = algorithm bandwidth =
  *   bytes / time; #wrong counts elements of the root's result that differ from the exact sum
  *   (each rank sends (rank + 1) at even positions and 0 elsewhere, so the sum is exact in bf16).
@@ -35,9 +39,10 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 static int run_rank(int rank, int world, int device, const uint8_t *id, const size_t *sizes, int n_sizes, int iters,
-                    int out_fd, bool a2a) {
+                    int out_fd, bool a2a, bool sym, int cta_policy) {
     par_comm_t *c = NULL;
-    par_comm_nccl_params p = {.rank = rank, .world_size = world, .device = device, .init_timeout_ms = 60000};
+    par_comm_nccl_params p = {
+        .rank = rank, .world_size = world, .device = device, .init_timeout_ms = 60000, .cta_policy = cta_policy};
     memcpy(p.unique_id, id, PAR_NCCL_ID_BYTES);
     if (par_comm_nccl_init(&c, &p) != MOE_OK) {
         fprintf(stderr, "rank %d: %s\n", rank, moe_errmsg());
@@ -60,14 +65,27 @@ static int run_rank(int rank, int world, int device, const uint8_t *id, const si
         for (size_t i = 0; i < count; i++)
             h[i] = a2a ? moe_f32_to_bf16((float)(rank + 1)) : (i % 2 == 0) ? moe_f32_to_bf16((float)(rank + 1)) : 0;
         void *send = NULL, *recv = NULL;
-        cudaMalloc(&send, bytes);
-        cudaMalloc(&recv, bytes);
+        int ok = 1;
+        if (sym) {
+            ok = par_comm_sym_alloc(c, bytes, &send) == MOE_OK && par_comm_sym_alloc(c, bytes, &recv) == MOE_OK;
+            if (!ok) {
+                fprintf(stderr, "rank %d: %s\n", rank, moe_errmsg());
+                par_comm_sym_free(c, send);
+                free(h);
+                par_comm_free(c);
+                return 1;
+            }
+        } else {
+            cudaMalloc(&send, bytes);
+            cudaMalloc(&recv, bytes);
+        }
         cudaMemcpy(send, h, bytes, cudaMemcpyHostToDevice);
         double *t = calloc((size_t)iters, sizeof *t);
-        int ok = 1;
         for (int it = -3; it < iters && ok; it++) {
             cudaEventRecord(e0, s);
-            if (a2a)
+            if (sym)
+                ok = par_comm_alltoall(c, send, recv, chunk, 30000, s) == MOE_OK;
+            else if (a2a)
                 ok = par_comm_alltoallv(c, send, sb, so, recv, rb, ro, 30000, s) == MOE_OK;
             else
                 ok = par_comm_reduce_sum(c, send, rank == 0 ? recv : NULL, count, MOE_DTYPE_BF16, 0, 30000, s) ==
@@ -83,7 +101,7 @@ static int run_rank(int rank, int world, int device, const uint8_t *id, const si
         if (a2a && ok) {
             cudaMemcpy(h, recv, bytes, cudaMemcpyDeviceToHost);
             for (int q = 0; q < world; q++)
-                for (size_t i = 0; q != rank && i < chunk / 2; i++)
+                for (size_t i = 0; (q != rank || sym) && i < chunk / 2; i++)
                     wrong += moe_bf16_to_f32(h[so[q] / 2 + i]) != (float)(q + 1);
         } else if (rank == 0 && ok) {
             cudaMemcpy(h, recv, bytes, cudaMemcpyDeviceToHost);
@@ -106,8 +124,13 @@ static int run_rank(int rank, int world, int device, const uint8_t *id, const si
         }
         free(t);
         free(h);
-        cudaFree(send);
-        cudaFree(recv);
+        if (sym) {
+            par_comm_sym_free(c, send);
+            par_comm_sym_free(c, recv);
+        } else {
+            cudaFree(send);
+            cudaFree(recv);
+        }
         if (!ok) {
             fprintf(stderr, "rank %d: %s\n", rank, moe_errmsg());
             par_comm_free(c);
@@ -121,20 +144,34 @@ static int run_rank(int rank, int world, int device, const uint8_t *id, const si
 int main(int argc, char **argv) {
     const char *gpus = "0,1", *sizes_s = "1048576,4194304,16777216,67108864,268435456";
     int iters = 20;
-    bool a2a = true;
+    bool a2a = true, sym = false;
+    int cta_policy = PAR_NCCL_CTA_DEFAULT;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--gpus") == 0 && i + 1 < argc)
             gpus = argv[++i];
-        else if (strcmp(argv[i], "--op") == 0 && i + 1 < argc && (strcmp(argv[i + 1], "alltoall") == 0 ||
-                                                                    strcmp(argv[i + 1], "reduce") == 0))
-            a2a = strcmp(argv[++i], "alltoall") == 0;
+        else if (strcmp(argv[i], "--op") == 0 && i + 1 < argc &&
+                 (strcmp(argv[i + 1], "alltoall") == 0 || strcmp(argv[i + 1], "alltoall-sym") == 0 ||
+                  strcmp(argv[i + 1], "reduce") == 0)) {
+            a2a = strcmp(argv[++i], "reduce") != 0;
+            sym = strcmp(argv[i], "alltoall-sym") == 0;
+        } else if (strcmp(argv[i], "--cta-policy") == 0 && i + 1 < argc &&
+                   (strcmp(argv[i + 1], "default") == 0 || strcmp(argv[i + 1], "efficiency") == 0 ||
+                    strcmp(argv[i + 1], "zero") == 0)) {
+            i++;
+            cta_policy = strcmp(argv[i], "zero") == 0         ? PAR_NCCL_CTA_ZERO
+                         : strcmp(argv[i], "efficiency") == 0 ? PAR_NCCL_CTA_EFFICIENCY
+                                                              : PAR_NCCL_CTA_DEFAULT;
+        }
         else if (strcmp(argv[i], "--sizes") == 0 && i + 1 < argc)
             sizes_s = argv[++i];
         else if (strcmp(argv[i], "--iters") == 0 && i + 1 < argc)
             iters = atoi(argv[++i]);
         else {
-            fprintf(stderr, "usage: bench_nccl --gpus 0,1 [--op alltoall|reduce] [--sizes B,B,...] [--iters N]\n"
-                            "  alltoall (default): the GPU workers' combine; reduce: the reduce to rank 0\n");
+            fprintf(stderr,
+                    "usage: bench_nccl --gpus 0,1 [--op alltoall|alltoall-sym|reduce] [--cta-policy "
+                    "default|efficiency|zero] [--sizes B,B,...] [--iters N]\n"
+                    "  alltoall (default): the GPU workers' combine (grouped send/recv); alltoall-sym: ncclAlltoAll on\n"
+                    "  symmetric windows (the copy engines with --cta-policy zero); reduce: the reduce to rank 0\n");
             return 2;
         }
     }
@@ -164,9 +201,15 @@ int main(int argc, char **argv) {
     for (int r = 1; r < world; r++)
         if (pipe(pipes[r]) != 0)
             return 1;
-    if (a2a)
-        printf("NCCL %d, %d ranks (GPUs %s), all-to-all (grouped send/recv, own part in place), bf16; median of %d\n",
-               par_comm_nccl_version(), world, gpus, iters);
+    static const char *pol[] = {"default", "efficiency", "zero"};
+    if (sym)
+        printf("NCCL %d, %d ranks (GPUs %s), all-to-all (ncclAlltoAll on symmetric windows, own part copied), CTA "
+               "policy %s, bf16; median of %d\n",
+               par_comm_nccl_version(), world, gpus, pol[cta_policy], iters);
+    else if (a2a)
+        printf("NCCL %d, %d ranks (GPUs %s), all-to-all (grouped send/recv, own part in place), CTA policy %s, bf16; "
+               "median of %d\n",
+               par_comm_nccl_version(), world, gpus, pol[cta_policy], iters);
     else
         printf("NCCL %d, %d ranks (GPUs %s), reduce to rank 0, bf16 sum; median of %d\n", par_comm_nccl_version(),
                world, gpus, iters);
@@ -189,7 +232,7 @@ int main(int argc, char **argv) {
             } else if (read(pipes[r][0], id, sizeof id) != (ssize_t)sizeof id) {
                 _exit(1);
             }
-            _exit(run_rank(r, world, dev[r], id, sizes, n_sizes, iters, 1, a2a));
+            _exit(run_rank(r, world, dev[r], id, sizes, n_sizes, iters, 1, a2a, sym, cta_policy));
         }
     }
     int rc = 0;

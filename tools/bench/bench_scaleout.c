@@ -4,7 +4,8 @@
  * the GPUs.
  *
  *   bench_scaleout --engine PATH --gpus 0,1,2,3 [--shape qwen3|dsv3] [--model DIR]
- *                  [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on,experts] [--log-level warn]
+ *                  [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on,experts,auto] [--log-level warn]
+ *                  [--exchange p2p|ce] [--combine-parts auto|1..4]
  *
  * Shapes (without --model, a synthetic checkpoint of one MoE layer is written once into
  * /tmp/moe-scaleout-SHAPE):
@@ -138,16 +139,20 @@ static int parse_list(const char *s, int64_t *out, int cap) {
 static void usage(void) {
     fprintf(stderr,
             "usage: bench_scaleout --engine PATH --gpus 0,1[,..] [--shape qwen3|dsv3] [--model DIR]\n"
-            "                      [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on,experts]\n"
+            "                      [--tokens 1024,4096] [--requests 30] [--clients 4] [--dbo off,on,experts,auto]\n"
             "                      [--log-level warn]   (debug: one line per GPU step and rank, for\n"
             "                                            tools/gpu/step_trace.py)\n"
+            "                      [--exchange p2p|ce]  (the engine's --exchange: NCCL send/recv, or ncclAlltoAll\n"
+            "                                            on the copy engines)\n"
+            "                      [--combine-parts auto|1..4] (the engine's: without DBO, the exchange and the copy\n"
+            "                                            out in parts)\n"
             "  weak scaling of the engine's GPU workers at world sizes 1, 2, 4, .. up to the GPUs given;\n"
             "  --tokens are tokens per GPU and step; see the head of tools/bench/bench_scaleout.c.\n");
 }
 
 int main(int argc, char **argv) {
     const char *engine = NULL, *model = NULL, *gpus = "0", *tokens_s = "1024,4096", *shape = "qwen3", *dbo_s = "off,on",
-               *log_level = "warn";
+               *log_level = "warn", *exchange = "p2p", *cparts = "auto";
     int requests = 30, clients = 4;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -173,6 +178,11 @@ int main(int argc, char **argv) {
             clients = atoi(v);
         else if (strcmp(a, "--log-level") == 0)
             log_level = v;
+        else if (strcmp(a, "--exchange") == 0 && (strcmp(v, "p2p") == 0 || strcmp(v, "ce") == 0))
+            exchange = v;
+        else if (strcmp(a, "--combine-parts") == 0 &&
+                 ((v[0] >= '1' && v[0] <= '4' && v[1] == '\0') || strcmp(v, "auto") == 0))
+            cparts = v;
         else {
             usage();
             return 2;
@@ -185,7 +195,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     const bool dbo_off = strstr(dbo_s, "off") != NULL, dbo_on = strstr(dbo_s, "on") != NULL,
-               dbo_exp = strstr(dbo_s, "experts") != NULL;
+               dbo_exp = strstr(dbo_s, "experts") != NULL, dbo_auto = strstr(dbo_s, "auto") != NULL;
     moe_log_init_from_env();
     char model_dir[256];
     if (model) {
@@ -244,9 +254,9 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nt; i++)
         tmax = tg[i] > tmax ? tg[i] : tmax;
     char desc[512];
-    printf("model: %s\nGPUs: %s; %d clients x 2 requests in flight, %d requests per client and row; device times from "
-           "the workers' CUDA events (slowest rank)\n\n",
-           eng_model_desc_str(d, desc, sizeof desc), gpus, clients, requests);
+    printf("model: %s\nGPUs: %s; %d clients x 2 requests in flight, %d requests per client and row; exchange %s, combine "
+           "parts %s; device times from the workers' CUDA events (slowest rank)\n\n",
+           eng_model_desc_str(d, desc, sizeof desc), gpus, clients, requests, exchange, cparts);
     printf("%3s %4s %7s %8s %12s %6s %8s %10s %11s %11s %11s %10s %10s %9s %8s %8s %8s %6s %9s\n", "W", "dbo", "T/GPU",
            "T/step", "tok/s", "eff", "dev eff", "step us", "compute us", "combine us", "bytes/rank", "comb GB/s",
            "ideal us", "step/ideal", "h2d us", "host us", "plan us", "ahead", "gather us");
@@ -264,19 +274,20 @@ int main(int argc, char **argv) {
             size_t n = strcspn(p, ",");
             snprintf(gl + strlen(gl), sizeof gl - strlen(gl), "%s%.*s", r ? "," : "", (int)n, p);
         }
-        for (int dbo = 0; dbo <= 2; dbo++) { /* off, on (split by tokens), on split by experts */
+        for (int dbo = 0; dbo <= 3; dbo++) { /* off, on (split by tokens), on split by experts, auto */
             if (W == 1 && dbo >= 1)
                 continue;
-            if (W > 1 && ((dbo == 0 && !dbo_off) || (dbo == 1 && !dbo_on) || (dbo == 2 && !dbo_exp)))
+            if (W > 1 &&
+                ((dbo == 0 && !dbo_off) || (dbo == 1 && !dbo_on) || (dbo == 2 && !dbo_exp) || (dbo == 3 && !dbo_auto)))
                 continue;
             engine_proc e;
             char mst[32];
             snprintf(mst, sizeof mst, "%lld", (long long)(W * tmax * 2));
             const char *flags[] = {"--model",     model_dir, "--gpus",      gl,
-                                   "--dbo",       dbo ? "on" : "off",
+                                   "--dbo",       dbo == 3 ? "auto" : dbo ? "on" : "off",
                                    "--dbo-split", dbo == 2 ? "experts" : "tokens",
                                    "--max-tokens", mst,     "--max-step-tokens", mst, "--io-threads", "4",
-                                   "--log-level", log_level, NULL};
+                                   "--log-level", log_level, "--exchange", exchange, "--combine-parts", cparts, NULL};
             if (!engine_start(&e, engine, flags))
                 return 1;
             moec_client_t *c = NULL;
@@ -370,7 +381,7 @@ int main(int argc, char **argv) {
                        gather = steps ? (s1.gather_us - s0.gather_us) / steps : 0;
                 printf("%3d %4s %7lld %8.0f %12.0f %5.0f%% %7.0f%% %10.1f %11.1f %11.1f %11.0f %10.1f %10.1f %9.2f %8.1f "
                        "%8.1f %8.1f %5.0f%% %9.1f\n",
-                       W, W > 1 ? (dbo == 2 ? "exp" : dbo ? "on" : "off") : "-", (long long)tg[ti], tsteps, tps, 100 * eff, 100 * deff, step,
+                       W, W > 1 ? (dbo == 3 ? "auto" : dbo == 2 ? "exp" : dbo ? "on" : "off") : "-", (long long)tg[ti], tsteps, tps, 100 * eff, 100 * deff, step,
                        comp, comb, bytes, comb > 0 ? bytes / comb * 1e-3 : 0.0, ideal, ideal > 0 ? step / ideal : 0.0,
                        h2d, host, plan, 100 * ahead, gather);
                 fflush(stdout);

@@ -7,9 +7,10 @@ For each world size found it prints, over the steps every rank logged: how far a
 entered the step (max - min of the entry times: the skew the x all-gather waits for), the share
 of steps staged ahead, and the means of h2d, gather, step and host times, with the p50/p90/max
 of the skew, and the median host time of a step split in its parts. Then, for W > 1 and each
-step size, every rank's median timeline of its micro-batches (two with DBO, one without), from
-the whole x on the device: products done, exchange begun, rows packed, all-to-all done, exchange
-done (us). Standard library only.
+step size, every rank's median timeline of its micro-batches (two with DBO, one without; with
+--combine-parts the first part and the last), from the whole x on the device: products done,
+exchange begun, rows packed, all-to-all done, exchange done (us), and its median step (us, to the
+rows copied out). Standard library only.
 """
 import re
 import statistics
@@ -66,7 +67,7 @@ def main(paths):
                 statistics.mean(x["gather"] for x in allr), statistics.mean(x["step"] for x in allr),
                 statistics.mean(x["left"] for x in allr), pct([x["host"] for x in allr], 0.5), split))
     print("\nmicro-batch timelines (median over steps, us from the whole x on the device): products done, "
-          "exchange begun, packed, all-to-all done, exchange done")
+          "exchange begun, packed, all-to-all done, exchange done; mb1: the last part; step: to the rows copied out")
     for path, steps in runs.items():
         groups = {}  # (W, tokens, rank) -> [mb lists]
         for sid, ranks in steps.items():
@@ -75,13 +76,13 @@ def main(paths):
                 continue
             for rk, x in ranks.items():
                 if x["mb"]:
-                    groups.setdefault((w, x["tokens"], rk), []).append(x["mb"])
+                    groups.setdefault((w, x["tokens"], rk), []).append(x["mb"] + [x["step"]])
         for (w, t, rk), lst in sorted(groups.items()):
-            med = [pct([v[i] for v in lst], 0.5) for i in range(10)]
+            med = [pct([v[i] for v in lst], 0.5) for i in range(11)]
             two = any(v[5] > 0 for v in lst)
-            print("%-28s W %d T %6d rank %d (%3d steps): mb0 %s%s" % (
+            print("%-28s W %d T %6d rank %d (%3d steps): mb0 %s%s  | step %6.0f" % (
                 path[-28:], w, t, rk, len(lst), " ".join("%6.0f" % v for v in med[:5]),
-                ("  | mb1 " + " ".join("%6.0f" % v for v in med[5:])) if two else ""))
+                ("  | mb1 " + " ".join("%6.0f" % v for v in med[5:10])) if two else "", med[10]))
     return 0
 
 
