@@ -3,6 +3,8 @@
 
 Run the engine with MOE_LOG_LEVEL=debug (every worker then logs one "gpu step" line per step),
 then:   step_trace.py LOG [LOG...]
+A log holding several engines one after the other (bench_scaleout with several --dbo settings)
+is split at each engine's config line: LOG#2, LOG#3, .. for the second, third, ..
 For each world size found it prints, over the steps every rank logged: how far apart the ranks
 entered the step (max - min of the entry times: the skew the x all-gather waits for), the share
 of steps staged ahead, and the means of h2d, gather, step and host times, with the p50/p90/max
@@ -29,10 +31,13 @@ def pct(v, q):
 
 
 def main(paths):
-    runs = {}  # (world, file, pid set) -> step -> rank -> fields
+    runs = {}  # log (file, and engine start within it) -> step -> rank -> fields
     for path in paths:
+        inst = 0
         with open(path, errors="replace") as f:
             for ln in f:
+                if "eng[coord" in ln and "] config: " in ln:
+                    inst += 1  # a new engine in the same log: its steps count from 1 again
                 m = LINE.search(ln)
                 if not m:
                     continue
@@ -42,7 +47,8 @@ def main(paths):
                            step=float(m.group(10)), host=float(m.group(13)),
                            split=[float(m.group(i)) for i in range(14, 19)] if m.group(14) else None,
                            mb=[float(v) for v in m.group(19).replace("|", " ").split()] if m.group(19) else None)
-                runs.setdefault(path, {}).setdefault(step, {})[rank] = rec
+                label = path if inst <= 1 else "%s#%d" % (path, inst)
+                runs.setdefault(label, {}).setdefault(step, {})[rank] = rec
     if not runs:
         print("step_trace: no 'gpu step' lines (run the engine with MOE_LOG_LEVEL=debug)")
         return 1
