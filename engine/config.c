@@ -70,10 +70,11 @@ const eng_cfg_entry eng_cfg_table[] = {
      "beside the second's products; the second's exchange runs alone, so a larger first part leaves less of the "
      "exchange exposed)"},
     {"combine-parts", E(combine_parts), "auto", 0, 0, "auto|1|2|3|4",
-     "GPU workers at W > 1 without DBO: the exchange, the sum and the copy of the rows out in this many parts by "
-     "tokens (the products stay one call), so that each part's copy to the host runs beside the next part's "
-     "exchange; auto: 2 where a rank's output rows of the step are at least 8 MiB, else 1 (2x H200, run 87: "
-     "Qwen3 shape, W = 2, 5-8% off the step from 4096 tokens a step, 7% more at 2048)"},
+     "GPU workers at W > 1: the exchange, the sum and the copy of the rows out in this many parts by tokens (the "
+     "products stay one call; with DBO by tokens each micro-batch's, at most 2 each), so that each part's copy to "
+     "the host runs beside the next part's exchange; auto: 2 where a rank's output rows of the call are at least "
+     "8 MiB (16 with DBO), else 1 (2x H200, runs 87 and 92: Qwen3 shape, W = 2, 5-8% off the step from 4096 "
+     "tokens a step, 7% more at 2048; with DBO 1-4% off from 16384 tokens, 2-3% more at 8192)"},
     {"exchange", E(exchange), "p2p", 0, 0, "p2p|ce",
      "GPU workers at W > 1: how the slot rows are exchanged: p2p, NCCL's grouped send/recv (SM kernels); ce, "
      "ncclAlltoAll on symmetric windows with NCCL's zero-CTA policy (the copy engines, no SM: a DBO step lends "

@@ -42,6 +42,10 @@ typedef struct gpu_layer {
  * Qwen3 shape at W = 2: a step of 4096 tokens (8 MiB a rank) 744 -> 709 us, 16384 2331 -> 2154; of
  * 2048 tokens 465 -> 497: the second part's fixed costs, ~30-45 us, over the overlap it buys) */
 #define GPU_COMBINE_AUTO_BYTES ((uint64_t)8 << 20)
+/* (With DBO by tokens, a micro-batch's combine in two parts from twice that, 16 MiB of a rank's
+ * rows: run 92, 2x H200, Qwen3 shape at W = 2, DBO by tokens with 2 parts a micro-batch against
+ * 1 (run 90): 8192 tokens a step (8 MiB a call) 1161-1178 against 1136-1149 us, 16384 (16 MiB)
+ * 1927-1953 against 1964-1977, 32768 3489-3526 against 3625-3643.) */
 
 typedef struct gpu_inputs {
     void *x_h, *lg_h;
@@ -699,32 +703,41 @@ static bool use_dbo(const eng_gpu_t *g, int64_t T);
 /* DBO halves the step's experts (every token in both micro-batches), not its tokens. */
 static bool split_experts(const eng_gpu_t *g, int64_t T) { return use_dbo(g, T) && g->p.dbo_split == 1; }
 
-/* The parts of a step of T tokens and their row bounds: rows [bounds[mb], bounds[mb + 1]) split
- * by tokens, 2 parts with DBO (the micro-batches), else --combine-parts (W > 1: the products in
- * one call, the exchange, sum and copy-out in up to 4 parts, so that each part's copy to the
- * host runs beside the next part's exchange; at most T), else 1; every micro-batch has all T
- * rows when DBO splits by experts (then only bounds[0] and bounds[2] apply). Returns the number
- * of parts. */
-static int step_bounds(const eng_gpu_t *g, int64_t T, int64_t bounds[GPU_MAX_PARTS + 1]) {
-    int parts = 1;
+/* The parts of a step of T tokens, the combine's, and their row bounds: rows [bounds[mb],
+ * bounds[mb + 1]) split by tokens. The products run in *calls calls (2 with DBO: the
+ * micro-batches; else 1), call c over parts [c parts / calls, (c + 1) parts / calls); each
+ * call's rows have their exchange, sum and copy-out in --combine-parts parts (W > 1; auto: 2
+ * where a rank's rows of the call are at least GPU_COMBINE_AUTO_BYTES, else 1; at most 2 a
+ * call with DBO, 4 without, and at most the call's tokens), so that each part's copy to the
+ * host runs beside the next part's exchange. DBO split by experts: 2 parts (the halves of the
+ * experts), every one of all T rows (then only bounds[0] and bounds[2] apply). Returns the
+ * number of parts. */
+static int step_bounds(const eng_gpu_t *g, int64_t T, int64_t bounds[GPU_MAX_PARTS + 1], int *calls) {
+    const bool dbo = use_dbo(g, T);
+    const int nc = dbo ? 2 : 1;
+    const int64_t Tc = T / nc; /* a call's tokens (the first's, with DBO) */
     int32_t want = g->p.combine_parts;
-    if (want == 0) /* auto: two parts where a rank's rows are worth copying out beside an exchange */
-        want = (uint64_t)(T / (g->world > 0 ? g->world : 1)) * (uint64_t)g->m.hidden * moe_dtype_size(g->m.dtype) >=
-                       GPU_COMBINE_AUTO_BYTES
+    if (want == 0) /* auto: two parts where a rank's rows are worth copying out beside an exchange
+                      (a DBO call's, from twice that: run 92) */
+        want = (uint64_t)(Tc / (g->world > 0 ? g->world : 1)) * (uint64_t)g->m.hidden * moe_dtype_size(g->m.dtype) >=
+                       GPU_COMBINE_AUTO_BYTES * (uint64_t)nc
                    ? 2
                    : 1;
-    if (use_dbo(g, T))
-        parts = 2;
-    else if (g->world > 1 && want > 1)
-        parts = (int)(T < want ? T : want);
-    if (parts < 1)
-        parts = 1;
+    if (want > GPU_MAX_PARTS / nc)
+        want = GPU_MAX_PARTS / nc;
+    if (g->world <= 1 || split_experts(g, T) || want < 1)
+        want = 1;
+    if (want > Tc)
+        want = Tc > 0 ? (int32_t)Tc : 1;
+    const int parts = nc * want;
     for (int q = 0; q <= parts; q++)
         bounds[q] = T * q / parts;
+    if (calls)
+        *calls = nc;
     return parts;
 }
 
-/* Micro-batch mb's rows: [*a, *b). */
+/* Part mb's rows: [*a, *b). */
 static void mb_rows(const eng_gpu_t *g, int64_t T, int parts, const int64_t bounds[GPU_MAX_PARTS + 1], int mb, int64_t *a,
                     int64_t *b) {
     const bool xs = split_experts(g, T);
@@ -736,7 +749,7 @@ static void mb_rows(const eng_gpu_t *g, int64_t T, int parts, const int64_t boun
  * rank's private copy), its time added to in->plan_ns; plan_step: every micro-batch's. */
 static moe_status plan_part(eng_gpu_t *g, gpu_inputs *in, int mb) {
     int64_t bounds[GPU_MAX_PARTS + 1];
-    const int parts = step_bounds(g, in->T, bounds);
+    const int parts = step_bounds(g, in->T, bounds, NULL);
     const uint64_t t0 = moe_now_ns();
     int64_t a, b;
     mb_rows(g, in->T, parts, bounds, mb, &a, &b);
@@ -751,7 +764,7 @@ static moe_status plan_part(eng_gpu_t *g, gpu_inputs *in, int mb) {
 
 static moe_status plan_step(eng_gpu_t *g, gpu_inputs *in) {
     int64_t bounds[GPU_MAX_PARTS + 1];
-    const int parts = step_bounds(g, in->T, bounds);
+    const int parts = step_bounds(g, in->T, bounds, NULL);
     in->plan_ns = 0;
     for (int mb = 0; mb < parts; mb++)
         MOE_CHECK(plan_part(g, in, mb));
@@ -812,10 +825,14 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
     cudaStream_t s = g->s_comm;
     MOE_CHECK(upload_idx(g, in, mb)); /* (unless they went up at the step's start) */
     MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_mb[g->dbo_serial ? parts - 1 : mb], 0));
-    /* micro-batch 0's exchange borrows --dbo-sm-reserve SMs from micro-batch 1's products while
-     * it runs: the flag goes up on this stream now, by a copy (no SM needed), and down after
-     * (not with --exchange ce: the copy engines need no SM) */
-    const bool lend = use_dbo(g, in->T) && parts == 2 && mb == 0 && g->p.dbo_sm_reserve > 0 && !g->sm_cap && !g->ce;
+    /* micro-batch 0's exchange (its parts') borrows --dbo-sm-reserve SMs from micro-batch 1's
+     * products while it runs: the flag goes up on this stream at its first part, by a copy (no
+     * SM needed), and down after its last part's all-to-all (not with --exchange ce: the copy
+     * engines need no SM) */
+    const bool dbo = use_dbo(g, in->T);
+    const int per_call = dbo ? parts / 2 : parts; /* the parts of each product call */
+    const bool lending = dbo && mb < per_call && g->p.dbo_sm_reserve > 0 && !g->sm_cap && !g->ce;
+    const bool lend = lending && mb == 0, lend_down = lending && mb == per_call - 1;
     /* --exchange ce: rank q's rows at q x part rows of the windows (the same part on every rank) */
     const int64_t part = g->ce ? in->part[mb] : 0;
     const size_t part_bytes = (size_t)part * row;
@@ -834,7 +851,7 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
         ce = eng_gpu_copy_rows(g->send_d, NULL, g->slots_d, sidx_d, pl->n_send, row, s);
     }
     if (ce) {
-        if (lend) /* down again whatever failed (else later products would keep lending) */
+        if (lending) /* down again whatever failed (else later products would keep lending) */
             (void)cudaMemcpyAsync(g->yield_d, g->flag01_h, sizeof(int32_t), cudaMemcpyHostToDevice, s);
         return moe_fail(MOE_ERR_CUDA, "combine: pack: %s", cudaGetErrorString((cudaError_t)ce));
     }
@@ -851,7 +868,7 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
     const moe_status ast =
         g->ce ? (part ? par_comm_alltoall(g->p.comm, g->send_d, g->recv_d, part_bytes, g->p.timeout_ms, s) : MOE_OK)
               : par_comm_alltoallv(g->p.comm, g->send_d, sbp, sop, g->recv_d, rbp, rop, g->p.timeout_ms, s);
-    if (lend) { /* the all-to-all done (or failed): the SMs go back to the products */
+    if (lend_down || (lending && ast != MOE_OK)) { /* the all-to-all done (or failed): the SMs go back */
         const cudaError_t le = cudaMemcpyAsync(g->yield_d, g->flag01_h, sizeof(int32_t), cudaMemcpyHostToDevice, s);
         if (ast == MOE_OK && le != cudaSuccess)
             return moe_fail(MOE_ERR_CUDA, "combine: the exchange's SM flag: %s", cudaGetErrorString(le));
@@ -1033,7 +1050,9 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
                                    * fails the step) */
                                   .slots_local_only = true};
         int64_t bounds[GPU_MAX_PARTS + 1];
-        parts = step_bounds(g, T, bounds);
+        int calls = 1;
+        parts = step_bounds(g, T, bounds, &calls);
+        const int per_call = parts / calls; /* the combine's parts of each product call */
         if (routed) /* the routed ids reach in->ids_h: the plan waits for this below */
             MOE_CUDA_CHECK(cudaEventRecord(g->ev_in, g->s_main));
         /* The shared expert of the rows this rank owns (the same blocks as the plan's), on its
@@ -1066,20 +1085,19 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         const bool lend_sms = dbo && g->p.dbo_sm_reserve > 0 && !g->ce; /* ce: the copy engines need none */
         MOE_CHECK(kern_cuda_set_sm_reserve(g->k, lend_sms && g->sm_cap ? g->p.dbo_sm_reserve : 0));
         MOE_CHECK(kern_cuda_set_yield(g->k, lend_sms && !g->sm_cap ? g->yield_d : NULL, g->p.dbo_sm_reserve));
-        /* (without DBO the products are one call over every row, whatever the combine's parts) */
-        for (int mb = 0; mb < (dbo ? parts : 1); mb++) {
-            int64_t a, b;
-            mb_rows(g, T, parts, bounds, mb, &a, &b);
-            if (!dbo)
-                a = 0, b = T;
+        /* the product calls (2 with DBO, else 1), each over its parts' rows (every row when DBO
+         * splits by experts: then the call's half of the experts) */
+        for (int mb = 0; mb < calls; mb++) {
+            const bool xs = split_experts(g, T);
+            const int64_t a = xs ? 0 : bounds[mb * per_call], b = xs ? T : bounds[(mb + 1) * per_call];
             const int64_t nt = b - a;
-            ep.expert_map = split_experts(g, T) ? g->map_half_d[mb] : g->map_d;
+            ep.expert_map = xs ? g->map_half_d[mb] : g->map_d;
             moe_tensor xv = moe_tensor_view2((char *)in->x_d + (size_t)(a * H) * es, m->dtype, nt, H);
             moe_tensor iv = moe_tensor_view2(in->ids_d + a * K, MOE_DTYPE_I32, nt, K);
             moe_tensor wv = moe_tensor_view2(in->w_d + a * K, MOE_DTYPE_F32, nt, K);
             moe_tensor sv = moe_tensor_view3((char *)g->slots_d + (size_t)(a * K * H) * es, m->dtype, nt, K, H);
             MOE_CHECK(kern_fused_experts(g->k, &ep, &xv, &l->w13, &l->w2, &iv, &wv, &sv));
-            for (int q = dbo ? mb : 0; q < (dbo ? mb + 1 : parts); q++) {
+            for (int q = mb * per_call; q < (mb + 1) * per_call; q++) {
                 MOE_CUDA_CHECK(cudaEventRecord(g->ev_mb[q], g->s_main));
                 MOE_CUDA_CHECK(cudaEventRecord(g->tm_pd[q], g->s_main));
             }
@@ -1108,10 +1126,15 @@ static moe_status step_run(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int32_t l
         /* The exchange and sum of each micro-batch on s_comm, once its products are done: that
          * of micro-batch 0 runs while micro-batch 1 computes. */
         for (int mb = 0; mb < parts; mb++) {
-            if (plan_here)
-                MOE_CHECK(plan_part(g, in, mb));
             size_t sent = 0;
-            MOE_CHECK(combine_mb(g, l, in, mb, parts, reqs, n, io, &sent));
+            moe_status cst = plan_here ? plan_part(g, in, mb) : MOE_OK;
+            if (cst == MOE_OK)
+                cst = combine_mb(g, l, in, mb, parts, reqs, n, io, &sent);
+            if (cst != MOE_OK) {
+                if (lend_sms && !g->sm_cap) /* a part's failure between the flag's up and down */
+                    (void)cudaMemcpyAsync(g->yield_d, g->flag01_h, sizeof(int32_t), cudaMemcpyHostToDevice, g->s_comm);
+                return cst;
+            }
             sent_bytes += sent;
         }
         if (plan_here)

@@ -54,9 +54,10 @@ typedef struct eng_gpu_params {
     int32_t dbo_sm_reserve;      /* with DBO: SMs the products' persistent grid leaves to the exchange */
     int32_t dbo_first_share;     /* DBO by experts: percent (10-90; 0 = 50) of each rank's experts in
                                     the first micro-batch */
-    int32_t combine_parts;       /* W > 1 without DBO: the exchange, sum and copy-out in 1 .. 4 parts by
-                                    tokens (the products in one call); 0 = auto: 2 where a rank's
-                                    output rows are at least GPU_COMBINE_AUTO_BYTES, else 1 */
+    int32_t combine_parts;       /* W > 1: each product call's exchange, sum and copy-out in 1 .. 4 parts
+                                    by tokens (at most 2 with DBO by tokens; 1 by experts); 0 = auto:
+                                    2 where a rank's output rows of the call are at least
+                                    GPU_COMBINE_AUTO_BYTES, else 1 */
     int32_t exchange;            /* W > 1: 0 grouped send/recv (p2p); 1 ncclAlltoAll on symmetric windows
                                     (ce: the communicator made with PAR_NCCL_CTA_ZERO), parts padded
                                     to the step's largest pair */

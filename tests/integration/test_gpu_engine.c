@@ -214,7 +214,8 @@ static void test_gpu_against_reference_and_bits(void **state) {
         }
         /* DBO split by tokens and by experts (each half of every rank's experts); the exchange
          * by NCCL's grouped send/recv (p2p) or by ncclAlltoAll on symmetric windows (ce); without
-         * DBO the combine in one part or up to four (--combine-parts) */
+         * DBO the combine in one part or up to four (--combine-parts), with DBO by tokens each
+         * micro-batch's in two */
         const char *cfg[][12] = {
             {"--dbo", "off", "--placement", "contiguous", "--data-path", "shm", "--dbo-split", "tokens", "--exchange", "p2p", "--combine-parts", "1"},
             {"--dbo", "on", "--placement", "round-robin", "--data-path", "shm", "--dbo-split", "tokens", "--exchange", "p2p", "--combine-parts", "1"},
@@ -222,10 +223,11 @@ static void test_gpu_against_reference_and_bits(void **state) {
             {"--dbo", "off", "--placement", "round-robin", "--data-path", "shm", "--dbo-split", "tokens", "--exchange", "ce", "--combine-parts", "2"},
             {"--dbo", "on", "--placement", "contiguous", "--data-path", "zmq", "--dbo-split", "experts", "--exchange", "ce", "--combine-parts", "1"},
             {"--dbo", "off", "--placement", "contiguous", "--data-path", "zmq", "--dbo-split", "tokens", "--exchange", "p2p", "--combine-parts", "4"},
+            {"--dbo", "on", "--placement", "contiguous", "--data-path", "shm", "--dbo-split", "tokens", "--exchange", "p2p", "--combine-parts", "2"},
             {"--dbo", "auto", "--placement", "round-robin", "--data-path", "zmq", "--dbo-split", "experts", "--exchange", "p2p", "--combine-parts", "1"},
             {"--dbo", "off", "--placement", "round-robin", "--data-path", "shm", "--dbo-split", "tokens", "--exchange", "ce", "--combine-parts", "3"}};
         for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
-            if (c >= 6 && ws != n_gpus)
+            if (c >= 7 && ws != n_gpus)
                 continue;
             uint8_t *o = run_all((const char *[]){"--model", model_dir, "--gpus", list, cfg[c][0], cfg[c][1], cfg[c][2],
                                                   cfg[c][3], cfg[c][4], cfg[c][5], cfg[c][6], cfg[c][7], cfg[c][8],
