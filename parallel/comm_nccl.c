@@ -229,7 +229,10 @@ fail:
     return st;
 }
 
-/* ncclMemAlloc, then the window (a collective of the communicator the collectives use). */
+/* ncclMemAlloc, then the window (a collective of the communicator the collectives use). On the
+ * blocking child the registration waits for every rank to register: a peer that dies meanwhile
+ * leaves this worker waiting until the coordinator's start deadline (--start-timeout-ms) ends
+ * the group and restarts it, as for a peer lost during the communicator's creation. */
 static moe_status nccl_sym_alloc(par_comm_t *c, size_t bytes, void **ptr) {
     nccl_comm *n = c->impl;
     int slot = -1;
