@@ -53,7 +53,7 @@ typedef struct worker_args {
     int32_t dbo_sm_reserve; /* SMs left to the exchange while a DBO step's products run */
     int32_t dbo_first_share; /* DBO by experts: percent of each rank's experts in the first part */
     int32_t exchange;       /* 0 p2p (grouped send/recv), 1 ce (ncclAlltoAll, zero-CTA policy) */
-    int32_t combine_parts;  /* W > 1 without DBO: the exchange and copy-out in 1 .. 4 parts (0: auto) */
+    int32_t combine_parts;  /* W > 1: each product call's exchange and copy-out in 1 .. 4 parts (0: auto) */
     int64_t max_step_tokens;
     int32_t start_timeout_ms;
     int32_t shm_fd;    /* the shared-memory data path's descriptor (-1: ZeroMQ data path) */
