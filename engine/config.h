@@ -55,7 +55,7 @@ typedef struct eng_config {
     char dbo[8];                   /* on | off | auto */
     char dbo_split[8];             /* tokens | experts: how DBO halves a step */
     char exchange[8];              /* p2p | ce: how GPU workers exchange slot rows (W > 1) */
-    char combine_parts[8];         /* auto | 1 .. 4: a non-DBO step's exchange and copy-out in parts (W > 1) */
+    char combine_parts[8];         /* auto | 1 .. 4: each product call's exchange and copy-out in parts (W > 1) */
     int32_t dbo_min_tokens;        /* auto: DBO at and above this many tokens per step */
     int32_t dbo_min_rows;          /* auto: ... and this many rows per expert and micro-batch */
     int32_t dbo_sm_reserve;        /* with DBO: SMs the persistent products leave to the exchange */
