@@ -756,8 +756,7 @@ static moe_status plan_part(eng_gpu_t *g, gpu_inputs *in, int mb) {
     const uint8_t *set = split_experts(g, in->T) ? g->in_set[mb] : NULL;
     MOE_CHECK(par_exchange_plan_build_set(&in->plan[mb], g->m.placement, in->ids_h, a, b, (int32_t)g->m.top_k, set));
     if (g->ce)
-        MOE_CHECK(par_exchange_plan_max_part(&in->plan[mb], g->m.placement, in->ids_h, (int32_t)g->m.top_k, set,
-                                             &in->part[mb]));
+        MOE_CHECK(par_exchange_plan_max_part(&in->plan[mb], in->ids_h, (int32_t)g->m.top_k, &in->part[mb]));
     in->plan_ns += moe_now_ns() - t0;
     return MOE_OK;
 }
@@ -786,19 +785,19 @@ static bool use_dbo(const eng_gpu_t *g, int64_t T) {
 /* Part mb's plan indices to the device on s_comm, once a step (the part's plan built): while
  * the products run, before any copy the next steps queue on the same copy engine (a staging copy
  * of the next step's inputs ahead of them delayed a later part's exchange by ~45 us, run 86). */
+/* The device copy of a plan's index array (idx_d mirrors idx_h, where the plans keep theirs). */
+static int32_t *dev_idx(const gpu_inputs *in, const int32_t *host) { return in->idx_d + (host - in->idx_h); }
+
 static moe_status upload_idx(eng_gpu_t *g, gpu_inputs *in, int mb) {
     if (in->idx_up[mb])
         return MOE_OK;
     const par_exchange_plan *pl = &in->plan[mb];
-    const size_t stride = (size_t)(g->p.max_tokens * g->m.top_k) + 1; /* the plan's capacity + 1 */
-    const int32_t *sidx_h = in->idx_h + (2 * mb) * stride, *ridx_h = in->idx_h + (2 * mb + 1) * stride;
-    int32_t *sidx_d = in->idx_d + (2 * mb) * stride, *ridx_d = in->idx_d + (2 * mb + 1) * stride;
     if (pl->n_send)
-        MOE_CUDA_CHECK(
-            cudaMemcpyAsync(sidx_d, sidx_h, sizeof(int32_t) * (size_t)pl->n_send, cudaMemcpyHostToDevice, g->s_comm));
+        MOE_CUDA_CHECK(cudaMemcpyAsync(dev_idx(in, pl->send_idx), pl->send_idx, sizeof(int32_t) * (size_t)pl->n_send,
+                                       cudaMemcpyHostToDevice, g->s_comm));
     if (pl->n_recv)
-        MOE_CUDA_CHECK(
-            cudaMemcpyAsync(ridx_d, ridx_h, sizeof(int32_t) * (size_t)pl->n_recv, cudaMemcpyHostToDevice, g->s_comm));
+        MOE_CUDA_CHECK(cudaMemcpyAsync(dev_idx(in, pl->recv_idx), pl->recv_idx, sizeof(int32_t) * (size_t)pl->n_recv,
+                                       cudaMemcpyHostToDevice, g->s_comm));
     in->idx_up[mb] = true;
     return MOE_OK;
 }
@@ -820,8 +819,7 @@ static moe_status combine_mb(eng_gpu_t *g, gpu_layer *l, gpu_inputs *in, int mb,
     const size_t es = moe_dtype_size(m->dtype), row = (size_t)H * es;
     const int32_t W = g->world, r = g->p.rank;
     par_exchange_plan *pl = &in->plan[mb];
-    const size_t stride = (size_t)(g->p.max_tokens * K) + 1; /* the plan's capacity + 1 */
-    int32_t *sidx_d = in->idx_d + (2 * mb) * stride, *ridx_d = in->idx_d + (2 * mb + 1) * stride;
+    int32_t *sidx_d = dev_idx(in, pl->send_idx), *ridx_d = dev_idx(in, pl->recv_idx);
     cudaStream_t s = g->s_comm;
     MOE_CHECK(upload_idx(g, in, mb)); /* (unless they went up at the step's start) */
     MOE_CUDA_CHECK(cudaStreamWaitEvent(s, g->ev_mb[g->dbo_serial ? parts - 1 : mb], 0));

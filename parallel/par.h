@@ -234,11 +234,11 @@ moe_status par_exchange_plan_build(par_exchange_plan *p, const par_placement *pl
  * the exchange of one half of the experts (DBO split by experts). */
 moe_status par_exchange_plan_build_set(par_exchange_plan *p, const par_placement *pl, const int32_t *ids, int64_t a,
                                        int64_t b, int32_t top_k, const uint8_t *in_set);
-/* After a build: the pairs of the largest part any rank sends to any other in that exchange
- * (every rank gets the same value from the same ids and set): the part size of an all-to-all
- * of equal parts. W = 2 reads it off the plan; larger W counts every pair of ranks once more. */
-moe_status par_exchange_plan_max_part(const par_exchange_plan *p, const par_placement *pl, const int32_t *ids,
-                                      int32_t top_k, const uint8_t *in_set, int64_t *out);
+/* After a build, of the same ids: the pairs of the largest part any rank sends to any other in
+ * that exchange (every rank gets the same value from the same ids and set): the part size of an
+ * all-to-all of equal parts. W = 2 reads it off the plan; larger W counts every pair of ranks
+ * once more, with the build's table of who computes each expert. */
+moe_status par_exchange_plan_max_part(const par_exchange_plan *p, const int32_t *ids, int32_t top_k, int64_t *out);
 void par_exchange_plan_free(par_exchange_plan *p);
 
 #ifdef __cplusplus

@@ -143,7 +143,7 @@ moe_status par_exchange_plan_build_set(par_exchange_plan *p, const par_placement
     MOE_REQUIRE(n * K <= p->cap, MOE_ERR_LIMIT, "exchange plan: %lld pairs over the capacity %lld",
                 (long long)(n * K), (long long)p->cap);
     if (p->tab_n != E) {
-        int32_t *t = realloc(p->tab, sizeof(int32_t) * 2 * (size_t)(E + 1));
+        int32_t *t = realloc(p->tab, sizeof(int32_t) * 3 * (size_t)(E + 1));
         if (!t)
             return moe_fail(MOE_ERR_NOMEM, "exchange plan");
         p->tab = t;
@@ -153,14 +153,16 @@ moe_status par_exchange_plan_build_set(par_exchange_plan *p, const par_placement
      * time): mine[c] is 1 where expert c is here (c = E stands for an invalid id: 0); from[c]
      * is the rank that computes expert c for this rank's rows, W (a group past the real ones)
      * where nothing is received: this rank's own experts and invalid ids. */
-    int32_t *mine = p->tab, *from = p->tab + E + 1;
+    int32_t *mine = p->tab, *from = p->tab + E + 1, *who = p->tab + 2 * (E + 1);
     for (int32_t e = 0; e < E; e++) {
         const bool in = !in_set || in_set[e]; /* pairs of experts outside the set: no one's here */
         mine[e] = in && pl->owner[e] == r;
         from[e] = !in || pl->owner[e] == r ? W : pl->owner[e];
+        who[e] = in ? pl->owner[e] : W; /* the rank that computes it (par_exchange_plan_max_part) */
     }
     mine[E] = 0;
     from[E] = W;
+    who[E] = W;
     for (int32_t q = 0; q <= W; q++)
         p->bound[q] = a + n * q / W;
     int64_t *rcnt = p->scratch, *cu = p->scratch + W + 1; /* receive counts, then cursors, per group */
@@ -237,13 +239,11 @@ moe_status par_exchange_plan_build_set(par_exchange_plan *p, const par_placement
     return MOE_OK;
 }
 
-moe_status par_exchange_plan_max_part(const par_exchange_plan *p, const par_placement *pl, const int32_t *ids,
-                                      int32_t top_k, const uint8_t *in_set, int64_t *out) {
-    MOE_REQUIRE(p && pl && out && p->bound, MOE_ERR_INVALID_ARG, "exchange plan max part: NULL argument");
-    MOE_REQUIRE(pl->world_size == p->world_size && top_k >= 1, MOE_ERR_INVALID_ARG,
-                "exchange plan max part: placement of %d ranks, plan of %d, K %d", (int)pl->world_size,
-                (int)p->world_size, (int)top_k);
-    const int32_t W = p->world_size, E = pl->n_experts;
+moe_status par_exchange_plan_max_part(const par_exchange_plan *p, const int32_t *ids, int32_t top_k, int64_t *out) {
+    MOE_REQUIRE(p && out && p->bound && p->tab, MOE_ERR_INVALID_ARG,
+                "exchange plan max part: NULL argument, or no build before it");
+    MOE_REQUIRE(top_k >= 1, MOE_ERR_INVALID_ARG, "exchange plan max part: K %d", (int)top_k);
+    const int32_t W = p->world_size, E = p->tab_n;
     int64_t best = 0;
     if (W <= 2) { /* the one pair each way: what this rank sends and receives */
         for (int32_t q = 0; q < W; q++) {
@@ -256,17 +256,10 @@ moe_status par_exchange_plan_max_part(const par_exchange_plan *p, const par_plac
         return MOE_OK;
     }
     MOE_REQUIRE(ids || p->bound[W] == p->bound[0], MOE_ERR_INVALID_ARG, "exchange plan max part: NULL ids");
-    /* cnt[s]: the pairs of destination q's rows that rank s computes (s = W: none, as in the build) */
-    int64_t *cnt = calloc((size_t)W + 1, sizeof(int64_t));
-    int32_t *who = malloc(sizeof(int32_t) * ((size_t)E + 1));
-    if (!cnt || !who) {
-        free(cnt);
-        free(who);
-        return moe_fail(MOE_ERR_NOMEM, "exchange plan max part");
-    }
-    for (int32_t e = 0; e < E; e++)
-        who[e] = in_set && !in_set[e] ? W : pl->owner[e];
-    who[E] = W;
+    /* who: the build's table of the rank computing each expert of its set (W: none);
+     * cnt[s]: the pairs of destination q's rows that rank s computes */
+    const int32_t *who = p->tab + 2 * (E + 1);
+    int64_t *cnt = p->scratch; /* [2 (W + 1)], free after the build */
     for (int32_t q = 0; q < W; q++) {
         memset(cnt, 0, sizeof(int64_t) * ((size_t)W + 1));
         for (int64_t i = p->bound[q] * top_k; i < p->bound[q + 1] * top_k; i++)
@@ -275,8 +268,6 @@ moe_status par_exchange_plan_max_part(const par_exchange_plan *p, const par_plac
             if (s != q && cnt[s] > best)
                 best = cnt[s];
     }
-    free(cnt);
-    free(who);
     *out = best;
     return MOE_OK;
 }

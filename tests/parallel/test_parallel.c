@@ -314,7 +314,7 @@ static void test_exchange_plan(void **state) {
                         for (int32_t r = 0; r < W; r++) {
                             int64_t got = -1;
                             assert_int_equal(
-                                par_exchange_plan_max_part(&pp[r], &pl, ids, K, split ? set : NULL, &got), MOE_OK);
+                                par_exchange_plan_max_part(&pp[r], ids, K, &got), MOE_OK);
                             assert_int_equal(got, want);
                         }
                     }
@@ -357,9 +357,9 @@ static void test_exchange_plan(void **state) {
     assert_int_equal(par_exchange_plan_build(&q, &pl, ids, 0, 4, 2), MOE_ERR_LIMIT); /* 8 pairs > 7 */
     assert_int_equal(par_exchange_plan_build(&q, &pl, ids, 0, 3, 2), MOE_OK);
     int64_t mp = -1;
-    assert_int_equal(par_exchange_plan_max_part(&q, &pl, ids, 2, NULL, &mp), MOE_OK);
+    assert_int_equal(par_exchange_plan_max_part(&q, ids, 2, &mp), MOE_OK);
     assert_int_equal(mp, 2); /* row 0 is rank 0's: its 2 pairs go there; rows 1..2 stay on rank 1 */
-    assert_int_equal(par_exchange_plan_max_part(&q, &pl, ids, 2, NULL, NULL), MOE_ERR_INVALID_ARG);
+    assert_int_equal(par_exchange_plan_max_part(&q, ids, 2, NULL), MOE_ERR_INVALID_ARG);
     assert_int_equal(q.n_send, 2); /* row 0 of rank 0: 2 pairs; row 1 and 2 are rank 1's */
     par_exchange_plan_free(&q);
     par_exchange_plan_free(&p);
